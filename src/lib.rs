@@ -1,0 +1,12 @@
+//! pct: page-cache teleportation for live migration of Linux VMs.
+//!
+//! The crate follows the pipeline, left to right:
+//!
+//! ```text
+//! vmlinux ─▶ profile ─┐
+//! guest RAM ─▶ memory ─▶ kernel (locate) ─▶ walk ─▶ blockmap ─▶ cachemap ─▶ migrate ─▶ report
+//! ```
+//!
+//! Modules appear here as they land; each owns one stage and says so at its top.
+
+pub mod qmp;

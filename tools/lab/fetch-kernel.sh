@@ -33,6 +33,9 @@ version=$(apt-cache show "$img" 2>/dev/null | awk '/^Version:/ {print $2; exit}'
 [ -n "$version" ] || die "no version found for $img"
 
 kdir=$PCT_CACHE/kernels/$release
+mkdir -p "$PCT_CACHE/kernels"
+exec 9>"$PCT_CACHE/kernels/.lock-$release"
+flock 9
 if [ -f "$kdir/.complete" ] && [ "$(cat "$kdir/version")" = "$version" ]; then
 	echo "$kdir"
 	exit 0

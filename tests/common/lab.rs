@@ -1,0 +1,285 @@
+//! Lab helpers for the integration tests: boot real Debian guests under QEMU.
+//!
+//! A [`Guest`] owns its QEMU process and its RAM file in /dev/shm: dropping it
+//! (also while a failing test unwinds) kills QEMU and removes both, and QEMU is
+//! started with a parent-death signal so it dies with the test process too.
+//! The QEMU command line itself lives in `tools/lab/run-guest.sh`.
+
+#![allow(dead_code)]
+
+use pct::qmp::Qmp;
+use serde_json::json;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    pub workload: &'static str,
+    pub fileset: Option<&'static str>,
+    pub layout: &'static str,
+    pub flavour: &'static str,
+    pub mem_mib: u32,
+    /// Use this disk image instead of a fresh copy of the lab master.
+    pub disk: Option<PathBuf>,
+    /// Wait for an incoming migration (`-incoming defer`).
+    pub incoming: bool,
+    /// Start with the CPUs stopped (`-S`).
+    pub paused: bool,
+}
+
+impl GuestSpec {
+    pub fn new(workload: &'static str) -> GuestSpec {
+        GuestSpec {
+            workload,
+            fileset: None,
+            layout: "plain",
+            flavour: "cloud-amd64",
+            mem_mib: 1024,
+            disk: None,
+            incoming: false,
+            paused: false,
+        }
+    }
+    pub fn layout(mut self, fileset: &'static str, layout: &'static str) -> GuestSpec {
+        self.fileset = Some(fileset);
+        self.layout = layout;
+        self
+    }
+}
+
+/// A running lab guest.
+pub struct Guest {
+    pub spec: GuestSpec,
+    pub dir: tempfile::TempDir,
+    pub ram_path: PathBuf,
+    child: Child,
+    pub qmp: Qmp,
+    booted: Instant,
+}
+
+fn accel() -> String {
+    std::env::var("PCT_ACCEL").unwrap_or_else(|_| "tcg".into())
+}
+
+impl Guest {
+    pub fn start(spec: GuestSpec) -> Guest {
+        let dir = tempfile::Builder::new()
+            .prefix("pct-lab-")
+            .tempdir()
+            .expect("temporary directory for the guest");
+        let name = format!(
+            "pct-lab-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("tools/lab/run-guest.sh"))
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--workload", spec.workload, "--layout", spec.layout])
+            .args([
+                "--flavour",
+                spec.flavour,
+                "--accel",
+                &accel(),
+                "--name",
+                &name,
+            ])
+            .args(["--mem", &spec.mem_mib.to_string()]);
+        if let Some(fs) = spec.fileset {
+            cmd.args(["--fileset", fs]);
+        }
+        if let Some(d) = &spec.disk {
+            cmd.arg("--disk").arg(d);
+        }
+        if spec.incoming {
+            cmd.arg("--incoming");
+        }
+        if spec.paused {
+            cmd.arg("--paused");
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("qemu.out")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("qemu.err")).unwrap());
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let ram_path = PathBuf::from(format!("/dev/shm/{name}"));
+        let child = cmd.spawn().expect("spawn tools/lab/run-guest.sh");
+        let started = Instant::now();
+        // The first start may build the kernel, initramfs and disk (minutes).
+        let qmp_path = dir.path().join("qmp.sock");
+        let mut guard = Partial {
+            child: Some(child),
+            ram: ram_path.clone(),
+        };
+        let qmp = loop {
+            if qmp_path.exists() {
+                match Qmp::connect(&qmp_path, Duration::from_secs(5)) {
+                    Ok(q) => break q,
+                    Err(e) if started.elapsed() > Duration::from_secs(900) => {
+                        panic!("QMP: {e}\n{}", log_tail(dir.path()))
+                    }
+                    Err(_) => {}
+                }
+            }
+            if let Some(st) = guard.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "QEMU/run-guest.sh exited with {st}\n{}",
+                    log_tail(dir.path())
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(900),
+                "no QMP socket after 900 s\n{}",
+                log_tail(dir.path())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let child = guard.child.take().unwrap();
+        Guest {
+            spec,
+            dir,
+            ram_path,
+            child,
+            qmp,
+            booted: Instant::now(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn serial_log(&self) -> String {
+        std::fs::read_to_string(self.path("serial.log")).unwrap_or_default()
+    }
+
+    /// Waits until the serial log holds a line starting with `marker` (after `skip` bytes).
+    pub fn wait_serial_from(&mut self, skip: usize, marker: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.serial_log();
+            if let Some(tail) = log.get(skip..) {
+                if let Some(line) = tail.lines().find(|l| l.starts_with(marker)) {
+                    return line.to_owned();
+                }
+                if let Some(err) = tail.lines().find(|l| l.starts_with("PCT-ERROR")) {
+                    panic!("guest reported: {err}\n{}", log_tail(self.dir.path()));
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("QEMU exited with {st}\n{}", log_tail(self.dir.path()));
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no '{marker}' within {timeout:?}\n{}",
+                log_tail(self.dir.path())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the ready marker; returns the time since QEMU started.
+    pub fn wait_ready(&mut self) -> Duration {
+        self.wait_serial_from(0, "PCT-READY", Duration::from_secs(300));
+        self.booted.elapsed()
+    }
+
+    /// Sends a command line to the guest init and waits for its answer marker.
+    pub fn command(&mut self, cmd: &str, answer: &str, timeout: Duration) -> String {
+        let skip = self.serial_log().len();
+        let mut s = UnixStream::connect(self.path("serial.sock")).expect("serial socket");
+        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        let line = self.wait_serial_from(skip, answer, timeout);
+        drop(s);
+        line
+    }
+
+    pub fn stop(&mut self) {
+        self.qmp.execute("stop", None).expect("QMP stop");
+    }
+
+    pub fn cont(&mut self) {
+        self.qmp.execute("cont", None).expect("QMP cont");
+    }
+
+    /// Writes an ELF core with QEMU's `dump-guest-memory` (synchronous).
+    pub fn dump_elf(&mut self, path: &Path, paging: bool) {
+        self.qmp
+            .execute(
+                "dump-guest-memory",
+                Some(json!({ "paging": paging, "protocol": format!("file:{}", path.display()) })),
+            )
+            .expect("dump-guest-memory");
+    }
+
+    /// Copies the raw guest RAM file (the memory-backend-file) to `path`.
+    pub fn copy_ram(&self, path: &Path) {
+        std::fs::copy(&self.ram_path, path).expect("copy guest RAM file");
+    }
+
+    /// Reads what the guest's pct-oracle last wrote.
+    pub fn oracle(&self) -> crate::common::oracle::Oracle {
+        let raw = std::fs::read(self.path("oracle.img")).expect("oracle.img");
+        crate::common::oracle::Oracle::parse(&raw).expect("parse oracle output")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Kills QEMU and removes its RAM file if `Guest::start` fails half-way.
+struct Partial {
+    child: Option<Child>,
+    ram: PathBuf,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = std::fs::remove_file(&self.ram);
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ram_path);
+        if std::env::var_os("PCT_KEEP_LAB").is_some() {
+            let kept = self.dir.path().to_owned();
+            eprintln!("lab: keeping {}", kept.display());
+            let _ = std::mem::replace(&mut self.dir, tempfile::Builder::new().tempdir().unwrap())
+                .keep();
+        }
+    }
+}
+
+fn log_tail(dir: &Path) -> String {
+    let mut s = String::new();
+    for f in ["qemu.err", "qemu.out", "serial.log"] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("HEARTBEAT")).collect();
+        let from = lines.len().saturating_sub(25);
+        s += &format!("--- {f} ---\n{}\n", lines[from..].join("\n"));
+    }
+    s
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Start one lab guest under QEMU (exec: the caller owns the QEMU process).
+#
+#   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|idle|db] [--fileset web|mini|db]
+#       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
+#       [--mem MiB] [--accel tcg|kvm] [--disk IMG] [--incoming] [--paused] [--name NAME]
+#
+# RUNDIR receives: disk.img (a copy of the pristine lab disk, unless --disk names one),
+# oracle.img (where the guest's pct-oracle writes), qmp.sock, serial.sock (write
+# commands here), serial.log (everything the guest printed), ram.path (the path of the
+# guest RAM file in /dev/shm, memory-backend-file share=on), qemu.pid.
+# With --incoming the guest waits for a migration (-incoming defer) instead of booting.
+#
+# Ready marker: the line "PCT-READY" in serial.log. Kill the QEMU process and remove
+# the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
+source "$(dirname "$0")/common.sh"
+
+dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg disk= incoming= paused= name=
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--dir) dir=$2; shift ;;
+	--workload) workload=$2; shift ;;
+	--fileset) fileset=$2; shift ;;
+	--layout) layout=$2; shift ;;
+	--flavour) flavour=$2; shift ;;
+	--mem) mem=$2; shift ;;
+	--accel) accel=$2; shift ;;
+	--disk) disk=$2; shift ;;
+	--incoming) incoming=1 ;;
+	--paused) paused=1 ;;
+	--name) name=$2; shift ;;
+	*) die "unknown argument '$1' (see the header of $0)" ;;
+	esac
+	shift
+done
+[ -n "$dir" ] || die "--dir RUNDIR is required"
+case "$workload" in apache | idle | db) ;; *) die "unknown workload '$workload' (apache, idle, db)" ;; esac
+[ -n "$fileset" ] || fileset=$([ "$workload" = db ] && echo db || echo web)
+case "$accel" in
+tcg) ;;
+kvm) [ -w /dev/kvm ] || die "--accel kvm needs a writable /dev/kvm" ;;
+*) die "unknown accelerator '$accel' (tcg or kvm)" ;;
+esac
+
+bash "$LAB_DIR/ensure-host.sh"
+kdir=$(bash "$LAB_DIR/fetch-kernel.sh" "$flavour" | tail -1)
+initrd=$(bash "$LAB_DIR/build-initramfs.sh" "$kdir" | tail -1)
+master=$(bash "$LAB_DIR/build-disk.sh" "$fileset" "$layout" | tail -1)
+
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+if [ -z "$disk" ]; then
+	disk=$dir/disk.img
+	[ -f "$disk" ] || cp --sparse=always "$master" "$disk"
+fi
+[ -f "$dir/oracle.img" ] || truncate -s 64M "$dir/oracle.img"
+root=/dev/vda
+[ "$layout" = part ] && root=/dev/vda1
+
+# Guest RAM in /dev/shm: check room first, a full tmpfs kills QEMU with SIGBUS later.
+avail_kb=$(df -k --output=avail /dev/shm | tail -1)
+[ "$avail_kb" -ge $((mem * 1024)) ] ||
+	die "/dev/shm has $((avail_kb / 1024)) MiB free, the guest needs $mem MiB: remove stale /dev/shm/pct-* files or enlarge /dev/shm"
+name=${name:-pct-lab-$$}
+ram=/dev/shm/$name
+echo "$ram" >"$dir/ram.path"
+rm -f "$dir/qmp.sock" "$dir/serial.sock"
+
+args=(
+	-name "$name" -accel "$accel" -machine pc-i440fx-7.2,memory-backend=ram0
+	-m "${mem}M" -object "memory-backend-file,id=ram0,size=${mem}M,mem-path=$ram,share=on"
+	-smp 1 -nodefaults -display none -no-reboot -no-user-config
+	-kernel "$kdir/vmlinuz" -initrd "$initrd"
+	-append "console=ttyS0 quiet panic=-1 pct.workload=$workload pct.root=$root pct.oracle=/dev/vdb"
+	-drive "file=$disk,format=raw,if=virtio,cache=writeback"
+	-drive "file=$dir/oracle.img,format=raw,if=virtio"
+	-device vmcoreinfo
+	-chardev "socket,id=s0,path=$dir/serial.sock,server=on,wait=off,logfile=$dir/serial.log,logappend=on"
+	-serial chardev:s0
+	-qmp "unix:$dir/qmp.sock,server=on,wait=off"
+)
+[ -n "$incoming" ] && args+=(-incoming defer)
+[ -n "$paused" ] && args+=(-S)
+echo $$ >"$dir/qemu.pid"
+exec qemu-system-x86_64 "${args[@]}"

@@ -68,7 +68,8 @@ rand 131072 | dd of="$f" bs=4096 seek=128 conv=notrunc status=none
 rand 4096 | dd of="$f" bs=4096 seek=511 conv=notrunc status=none
 rand 1048576 >"$src/special/delme"
 rand 1048576 >"$src/special/totmpfs"
-(cd "$src" && find www special -type f \( -path 'www/*' -o -name sparse \) -print0 | sort -z | xargs -0 -r sha256sum) >"$src/SHA256SUMS"
+# The database file changes while the guest runs: only static files are checksummed.
+(cd "$src" && find . -type f \( -path './www/*' -o -path ./special/sparse \) -printf '%P\0' | sort -z | xargs -0 -r sha256sum) >"$src/SHA256SUMS"
 
 fs=$tmp/fs.img
 truncate -s "${size_mb}M" "$fs"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a used one (run as root on a fresh one:
+# it installs QEMU, busybox, pahole and the Debian guest kernel it needs, then caches them).
+#
+#   bash tools/test.sh [extra cargo test arguments]
+#
+# Afterwards it checks that no QEMU process and no guest RAM file was left behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash tools/lab/ensure-host.sh
+bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
+
+status=0
+# Release mode: the tests parse a 590 MB vmlinux and 1 GiB guest images.
+cargo test --release --all-targets "$@" || status=$?
+
+left_qemu=$(pgrep -f 'qemu-system-x86_64 -name pct-' || true)
+left_shm=$(ls /dev/shm | grep '^pct-' || true)
+if [ -n "$left_qemu" ] || [ -n "$left_shm" ]; then
+	echo "test.sh: the suite left things behind: QEMU pids [$left_qemu] /dev/shm [$left_shm]" >&2
+	status=1
+fi
+exit $status

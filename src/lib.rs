@@ -10,4 +10,5 @@
 //! Modules appear here as they land; each owns one stage and says so at its top.
 
 pub mod migrate;
+pub mod profile;
 pub mod qmp;

@@ -1,0 +1,259 @@
+//! Shared helpers for the profile tests: kernels from the lab's fetch script, pahole as the
+//! independent oracle, and the reference data in `../shared`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `$CARGO_MANIFEST_DIR/../shared`.
+pub fn shared() -> PathBuf {
+    repo().join("..").join("shared")
+}
+
+static FETCHED: OnceLock<Mutex<BTreeMap<String, Option<PathBuf>>>> = OnceLock::new();
+
+/// The kernel directory for a flavour, fetched with tools/lab/fetch-kernel.sh if needed.
+/// `None` (with a message) when it cannot be fetched here.
+pub fn kernel_dir(flavour: &str) -> Option<PathBuf> {
+    let m = FETCHED.get_or_init(|| Mutex::new(BTreeMap::new()));
+    let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = m.get(flavour) {
+        return d.clone();
+    }
+    let out = Command::new("bash")
+        .arg(repo().join("tools/lab/fetch-kernel.sh"))
+        .arg(flavour)
+        .output();
+    let dir = match out {
+        Ok(o) if o.status.success() => {
+            let d = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_owned());
+            d.join("vmlinux").exists().then_some(d)
+        }
+        Ok(o) => {
+            eprintln!(
+                "SKIP: tools/lab/fetch-kernel.sh {flavour} failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIP: cannot run tools/lab/fetch-kernel.sh: {e}");
+            None
+        }
+    };
+    m.insert(flavour.to_owned(), dir.clone());
+    dir
+}
+
+/// One flattened member as pahole prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaholeField {
+    pub offset: u64,
+    pub size: u64,
+    pub bit: Option<u64>,
+}
+
+/// A struct layout as pahole prints it: size and members by dotted path.
+#[derive(Debug, Default, Clone)]
+pub struct PaholeStruct {
+    pub size: u64,
+    pub fields: BTreeMap<String, PaholeField>,
+}
+
+/// Run `pahole -F <format> -C a,b,c FILE` and parse every printed struct/union.
+pub fn pahole(file: &Path, format: &str, types: &[&str]) -> BTreeMap<String, PaholeStruct> {
+    let out = Command::new("pahole")
+        .arg("-F")
+        .arg(format)
+        .arg("-C")
+        .arg(types.join(","))
+        .arg(file)
+        .output()
+        .expect("pahole runs (Debian package dwarves)");
+    assert!(
+        out.status.success(),
+        "pahole failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_pahole(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Name of a declared member in a pahole line's declaration part (before the `;`).
+fn member_name(decl: &str) -> Option<String> {
+    let mut d = decl.trim();
+    if let Some(i) = d.find("__attribute__") {
+        d = d[..i].trim();
+    }
+    if let Some(i) = d.find("(*") {
+        // function pointer: `void (*name)(args)`
+        let rest = &d[i + 2..];
+        let end = rest.find(')')?;
+        return Some(rest[..end].trim().to_owned());
+    }
+    if let Some(i) = d.rfind(':') {
+        d = d[..i].trim(); // bitfield width
+    }
+    while d.ends_with(']') {
+        d = d[..d.rfind('[')?].trim();
+    }
+    let name = d.rsplit(|c: char| c.is_whitespace() || c == '*').next()?;
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// `/* 24: 0  4 */` or `/*     0     8 */` → (offset, bit, size).
+fn comment_numbers(c: &str) -> Option<(u64, Option<u64>, u64)> {
+    let toks: Vec<&str> = c.split_whitespace().collect();
+    match toks.as_slice() {
+        [off, size] => Some((off.parse().ok()?, None, size.parse().ok()?)),
+        [off, bit, size] if off.ends_with(':') => Some((
+            off.trim_end_matches(':').parse().ok()?,
+            Some(bit.parse().ok()?),
+            size.parse().ok()?,
+        )),
+        _ => None,
+    }
+}
+
+pub fn parse_pahole(text: &str) -> BTreeMap<String, PaholeStruct> {
+    let mut out = BTreeMap::new();
+    // Frames of (members) for nested anonymous/named aggregates.
+    let mut stack: Vec<Vec<(String, PaholeField)>> = Vec::new();
+    let mut current: Option<(String, PaholeStruct)> = None;
+    for line in text.lines() {
+        let t = line.trim();
+        if current.is_none() {
+            for kw in ["struct ", "union "] {
+                if let Some(rest) = line.strip_prefix(kw) {
+                    if let Some(name) = rest.strip_suffix(" {") {
+                        current = Some((name.to_owned(), PaholeStruct::default()));
+                        stack = vec![Vec::new()];
+                    }
+                }
+            }
+            continue;
+        }
+        if let Some(rest) = t.strip_prefix("/* size: ") {
+            if stack.len() == 1 {
+                if let (Some((_, s)), Some(n)) = (current.as_mut(), rest.split(',').next()) {
+                    s.size = n.trim().parse().unwrap_or(0);
+                }
+            }
+            continue;
+        }
+        if line.starts_with('}') {
+            let (name, mut s) = current.take().expect("inside a struct");
+            for (k, f) in stack.pop().unwrap_or_default() {
+                s.fields.entry(k).or_insert(f);
+            }
+            out.insert(name, s);
+            continue;
+        }
+        if t.ends_with('{') {
+            stack.push(Vec::new());
+            continue;
+        }
+        let Some(ci) = t.find("/*") else { continue };
+        let (decl, comment) = (&t[..ci], &t[ci + 2..]);
+        let Some(semi) = decl.rfind(';') else {
+            continue;
+        };
+        let decl = &decl[..semi];
+        let Some((off, bit, size)) = comment_numbers(comment.trim_end_matches("*/")) else {
+            continue;
+        };
+        let field = PaholeField {
+            offset: off,
+            size,
+            bit,
+        };
+        if decl.starts_with('}') {
+            // end of a nested aggregate: named → prefix its members, anonymous → merge up
+            let members = stack.pop().unwrap_or_default();
+            let name = member_name(decl.trim_start_matches('}'));
+            let top = stack.last_mut().expect("nested frame has a parent");
+            match name {
+                Some(n) => {
+                    top.push((n.clone(), field));
+                    for (k, f) in members {
+                        top.push((format!("{n}.{k}"), f));
+                    }
+                }
+                None => top.extend(members),
+            }
+            continue;
+        }
+        if let Some(n) = member_name(decl) {
+            stack.last_mut().expect("frame").push((n, field));
+        }
+    }
+    out
+}
+
+/// Compare every field of every type in `profile` against pahole's layouts; returns the
+/// number of fields compared.
+pub fn compare_with_pahole(
+    profile: &pct::profile::Profile,
+    pahole: &BTreeMap<String, PaholeStruct>,
+    only: Option<&[&str]>,
+) -> usize {
+    let mut compared = 0;
+    let mut errors = Vec::new();
+    for (key, layout) in &profile.types {
+        if only.is_some_and(|o| !o.contains(&key.as_str())) {
+            continue;
+        }
+        let name = layout.name.as_deref().unwrap_or(key);
+        let Some(ps) = pahole.get(name) else {
+            errors.push(format!("pahole printed no layout for {name}"));
+            continue;
+        };
+        if ps.size != layout.size {
+            errors.push(format!(
+                "sizeof({name}): profile {} pahole {}",
+                layout.size, ps.size
+            ));
+        }
+        for (fkey, f) in &layout.fields {
+            let path = f.name.as_deref().unwrap_or(fkey);
+            match ps.fields.get(path) {
+                None => errors.push(format!("{name}.{path}: not in pahole output")),
+                Some(pf) => {
+                    if pf.offset != f.offset || pf.size != f.size {
+                        errors.push(format!(
+                            "{name}.{path}: profile offset {} size {}, pahole offset {} size {}",
+                            f.offset, f.size, pf.offset, pf.size
+                        ));
+                    }
+                    if let (Some(bit), Some(pbit)) = (f.bit_offset, pf.bit) {
+                        if bit != f.offset * 8 + pbit {
+                            errors
+                                .push(format!("{name}.{path}: bit offset {bit} vs pahole {pbit}"));
+                        }
+                    }
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "profile disagrees with pahole:\n{}",
+        errors.join("\n")
+    );
+    compared
+}
+
+/// Names (as the kernel spells them) of the types in a profile.
+pub fn type_names(profile: &pct::profile::Profile) -> Vec<String> {
+    profile
+        .types
+        .iter()
+        .map(|(k, t)| t.name.clone().unwrap_or_else(|| k.clone()))
+        .collect()
+}

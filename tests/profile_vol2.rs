@@ -1,0 +1,116 @@
+//! Volatility 2 profiles (Debian 6.0.8 / 7.3 / 9.4) import into profiles the radix-tree
+//! walker can use; the shipped `profiles/debian-*.json` are exactly what the importer makes.
+
+mod profile_common;
+
+use pct::profile::{vol2, PageCacheTree, Profile};
+use profile_common::{repo, shared};
+
+/// (zip, shipped profile, expected generation, release)
+const CASES: &[(&str, &str, PageCacheTree, &str)] = &[
+    (
+        "Debian608.zip",
+        "debian-2.6.32.json",
+        PageCacheTree::RadixHeight,
+        "2.6.32-5-amd64",
+    ),
+    (
+        "Debian73.zip",
+        "debian-3.2.json",
+        PageCacheTree::RadixHeight,
+        "3.2.0-4-amd64",
+    ),
+    (
+        "Debian94.zip",
+        "debian-4.9.json",
+        PageCacheTree::RadixShift,
+        "4.9.0-6-amd64",
+    ),
+];
+
+fn import(zip: &str) -> Option<Profile> {
+    let path = shared().join("volatility2-profiles").join(zip);
+    if !path.exists() {
+        eprintln!("SKIP: {} is not there", path.display());
+        return None;
+    }
+    Some(vol2::import_zip(&path).unwrap_or_else(|e| panic!("{zip}: {e}")))
+}
+
+#[test]
+fn volatility2_imports_have_radix_tree_walker_fields() {
+    for (zip, _, generation, release) in CASES {
+        let Some(p) = import(zip) else { return };
+        assert_eq!(p.kernel.release.as_deref(), Some(*release));
+        assert_eq!(p.page_cache_tree(), Some(*generation), "{zip}");
+        // Chunk size from the DWARF slots[] array length.
+        let slots = p.tree_slots().expect("radix_tree_node.slots has a length");
+        assert!(
+            slots.is_power_of_two() && slots >= 16,
+            "{zip}: slots {slots}"
+        );
+        let node = p.layout("radix_tree_node").unwrap();
+        assert!(node.fields["count"].size > 0);
+        assert_eq!(node.fields["slots"].size, slots * 8);
+        assert!(p.field("radix_tree_root", "rnode").is_some(), "{zip}");
+        let i_pages = p.field("address_space", "i_pages").expect("page tree");
+        assert_eq!(
+            i_pages.name.as_deref(),
+            Some("page_tree"),
+            "{zip}: pre-4.17 name"
+        );
+        assert!(i_pages.type_name.contains("radix_tree_root"));
+        for f in ["host", "nrpages"] {
+            assert!(
+                p.field("address_space", f).is_some(),
+                "{zip}: address_space.{f}"
+            );
+        }
+        for f in ["flags", "mapping", "index"] {
+            assert!(p.field("page", f).is_some(), "{zip}: page.{f}");
+        }
+        for f in ["i_mapping", "i_size", "i_sb_list", "i_sb", "i_ino"] {
+            assert!(p.field("inode", f).is_some(), "{zip}: inode.{f}");
+        }
+        for f in ["s_list", "s_inodes", "s_bdev", "s_blocksize_bits"] {
+            assert!(
+                p.field("super_block", f).is_some(),
+                "{zip}: super_block.{f}"
+            );
+        }
+        for s in ["init_task", "super_blocks", "linux_banner", "init_top_pgt"] {
+            assert!(p.symbol(s).is_some(), "{zip}: symbol {s}");
+        }
+        // Generation-specific node fields agree with the generation.
+        let has = |f: &str| node.fields.contains_key(f);
+        match generation {
+            PageCacheTree::RadixHeight => assert!(has("height") && !has("shift")),
+            PageCacheTree::RadixShift => assert!(has("shift") && !has("height")),
+            _ => unreachable!(),
+        }
+        // The dumps carry no `enum pageflags`: said so, not invented.
+        if !p.enums.contains_key("pageflags") {
+            assert!(
+                p.absent
+                    .iter()
+                    .any(|a| a.kind == "enum" && a.key == "pageflags"),
+                "{zip}: missing pageflags must be listed as absent"
+            );
+        }
+    }
+}
+
+#[test]
+fn shipped_volatility2_profiles_are_current() {
+    for (zip, shipped, _, _) in CASES {
+        let Some(mut fresh) = import(zip) else { return };
+        let mut on_disk = Profile::load(&repo().join("profiles").join(shipped))
+            .unwrap_or_else(|e| panic!("{shipped}: {e}"));
+        fresh.source.generator.clear();
+        on_disk.source.generator.clear();
+        assert_eq!(
+            fresh, on_disk,
+            "profiles/{shipped} is stale: re-run the import"
+        );
+    }
+}

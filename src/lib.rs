@@ -9,6 +9,9 @@
 //!
 //! Modules appear here as they land; each owns one stage and says so at its top.
 
+pub mod kernel;
+pub mod memory;
 pub mod migrate;
 pub mod profile;
 pub mod qmp;
+pub mod walk;

@@ -1,0 +1,341 @@
+//! Locating the guest kernel in its memory with no CPU registers: KASLR offsets,
+//! `phys_base`, the direct-map and vmemmap bases, and the kernel page tables; then
+//! reading kernel virtual addresses.
+//!
+//! Primary route: the VMCOREINFO note (from an ELF core, or found in RAM).
+//! Fallback for kernels without one: the profile's `linux_banner` bytes, then
+//! `init_task`, whose `files` pointer gives the virtual shift
+//! (`init_task.files - &init_files`).
+
+pub mod pagetable;
+pub mod vmcoreinfo;
+
+use crate::memory::{GuestMemory, MemError};
+use crate::profile::Profile;
+use std::borrow::Cow;
+use vmcoreinfo::VmcoreInfo;
+
+/// `__START_KERNEL_map`: where the kernel image is linked.
+pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+/// Pre-4.8 fixed bases (4-level paging).
+const FIXED_PAGE_OFFSET: u64 = 0xffff_8800_0000_0000;
+const FIXED_VMEMMAP: u64 = 0xffff_ea00_0000_0000;
+
+/// Why the kernel could not be located.
+#[derive(Debug, thiserror::Error)]
+pub enum LocateError {
+    #[error(transparent)]
+    Memory(#[from] MemError),
+    #[error("the profile is for {profile} but the memory image holds {image}{hint}")]
+    WrongProfile {
+        profile: String,
+        image: String,
+        hint: String,
+    },
+    #[error("the kernel could not be found in guest memory: {0}")]
+    NotFound(String),
+    #[error("the profile lacks {0}, which locating the kernel needs")]
+    ProfileLacks(String),
+    #[error("kernel virtual address {va:#x} ({what}) is not mapped")]
+    Unmapped { va: u64, what: String },
+}
+
+/// How the kernel was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    VmcoreinfoNote,
+    VmcoreinfoInRam,
+    BannerAndInitTask,
+}
+
+/// Where the kernel is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Location {
+    pub method: Method,
+    pub release: Option<String>,
+    pub build_id: Option<String>,
+    /// Runtime VA − link-time VA of kernel image symbols.
+    pub virt_offset: u64,
+    /// Physical load shift: image PA = VA − `__START_KERNEL_map` + phys_base.
+    pub phys_base: u64,
+    pub page_offset_base: u64,
+    pub vmemmap_base: u64,
+    /// Guest-physical address of the kernel's top-level page table.
+    pub pgd: u64,
+    pub levels: u8,
+}
+
+/// A located kernel: translates and reads kernel virtual addresses.
+pub struct Kernel<'a> {
+    pub mem: &'a GuestMemory,
+    pub profile: &'a Profile,
+    pub loc: Location,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memmem::find(hay, needle)
+}
+
+impl<'a> Kernel<'a> {
+    /// Finds the kernel described by `profile` in `mem`.
+    pub fn locate(mem: &'a GuestMemory, profile: &'a Profile) -> Result<Kernel<'a>, LocateError> {
+        if let Some(text) = mem.vmcoreinfo() {
+            let info = VmcoreInfo::parse(text);
+            return Self::from_vmcoreinfo(mem, profile, &info, Method::VmcoreinfoNote);
+        }
+        for (gpa, bytes) in mem.chunks() {
+            let mut from = 0;
+            while let Some(i) = find(&bytes[from..], vmcoreinfo::NOTE_MARKER) {
+                let at = from + i;
+                if let Some(info) = VmcoreInfo::from_note_bytes(&bytes[at..]) {
+                    if info.kernel_offset().is_some() && info.number("phys_base").is_some() {
+                        return Self::from_vmcoreinfo(mem, profile, &info, Method::VmcoreinfoInRam);
+                    }
+                }
+                from = at + 1;
+            }
+            let _ = gpa;
+        }
+        Self::from_banner(mem, profile)
+    }
+
+    fn check_identity(
+        profile: &Profile,
+        release: Option<&str>,
+        build_id: Option<&str>,
+    ) -> Result<(), LocateError> {
+        let same = match (profile.kernel.build_id.as_deref(), build_id) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            _ => match (profile.kernel.release.as_deref(), release) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            },
+        };
+        if same {
+            return Ok(());
+        }
+        let image = format!(
+            "{} (build-id {})",
+            release.unwrap_or("an unknown release"),
+            build_id.unwrap_or("unknown")
+        );
+        let key = build_id.or(release).unwrap_or_default();
+        let hint = match crate::profile::find_matching(key) {
+            Ok(Some((path, _, _))) => {
+                format!("; the shipped profile {} matches it", path.display())
+            }
+            _ => "; no shipped profile matches it: build one with `pct-introspect build-profile` \
+                  from that kernel's -dbg vmlinux"
+                .to_owned(),
+        };
+        Err(LocateError::WrongProfile {
+            profile: format!(
+                "{} (build-id {})",
+                profile.kernel.release.as_deref().unwrap_or("?"),
+                profile.kernel.build_id.as_deref().unwrap_or("?")
+            ),
+            image,
+            hint,
+        })
+    }
+
+    fn from_vmcoreinfo(
+        mem: &'a GuestMemory,
+        profile: &'a Profile,
+        info: &VmcoreInfo,
+        method: Method,
+    ) -> Result<Kernel<'a>, LocateError> {
+        Self::check_identity(profile, info.release(), info.build_id())?;
+        let virt_offset = info
+            .kernel_offset()
+            .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no KERNELOFFSET".into()))?;
+        let phys_base = info
+            .number("phys_base")
+            .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no NUMBER(phys_base)".into()))?
+            as u64;
+        let levels = if info.number("pgtable_l5_enabled") == Some(1) {
+            5
+        } else {
+            4
+        };
+        let pgd_va = info
+            .symbol("init_top_pgt")
+            .or_else(|| info.symbol("swapper_pg_dir"))
+            .ok_or_else(|| LocateError::NotFound("VMCOREINFO names no init_top_pgt".into()))?;
+        let loc = Location {
+            method,
+            release: info.release().map(str::to_owned),
+            build_id: info.build_id().map(str::to_owned),
+            virt_offset,
+            phys_base,
+            page_offset_base: 0,
+            vmemmap_base: 0,
+            pgd: pgd_va
+                .wrapping_sub(START_KERNEL_MAP)
+                .wrapping_add(phys_base),
+            levels,
+        };
+        Self::finish(mem, profile, loc)
+    }
+
+    fn from_banner(mem: &'a GuestMemory, profile: &'a Profile) -> Result<Kernel<'a>, LocateError> {
+        let banner = profile
+            .kernel
+            .banner
+            .as_deref()
+            .ok_or_else(|| LocateError::ProfileLacks("the linux_banner text".into()))?;
+        let sym = |n: &str| {
+            profile
+                .symbol(n)
+                .ok_or_else(|| LocateError::ProfileLacks(format!("symbol {n}")))
+        };
+        let (banner_va, init_task, init_files) =
+            (sym("linux_banner")?, sym("init_task")?, sym("init_files")?);
+        let files_off = profile
+            .offset("task_struct", "files")
+            .ok_or_else(|| LocateError::ProfileLacks("task_struct.files".into()))?;
+        let mut needle = banner.as_bytes().to_vec();
+        needle.push(0);
+        for (gpa, bytes) in mem.chunks() {
+            let mut from = 0;
+            while let Some(i) = find(&bytes[from..], &needle) {
+                let banner_pa = gpa + (from + i) as u64;
+                from += i + 1;
+                // init_task lies at the same distance from linux_banner as at link time.
+                let task_pa = banner_pa.wrapping_add(init_task.wrapping_sub(banner_va));
+                let Ok(files) = mem.read_u64(task_pa + files_off) else {
+                    continue;
+                };
+                let virt_offset = files.wrapping_sub(init_files);
+                if virt_offset % 0x20_0000 != 0 || virt_offset >= 0x4000_0000 {
+                    continue; // not a plausible KASLR shift: a stray copy of the banner
+                }
+                let phys_base = banner_pa.wrapping_sub(
+                    banner_va
+                        .wrapping_add(virt_offset)
+                        .wrapping_sub(START_KERNEL_MAP),
+                );
+                let pgd_va = ["init_top_pgt", "init_level4_pgt", "swapper_pg_dir"]
+                    .iter()
+                    .find_map(|n| profile.symbol(n))
+                    .ok_or_else(|| LocateError::ProfileLacks("symbol init_top_pgt".into()))?;
+                let loc = Location {
+                    method: Method::BannerAndInitTask,
+                    release: profile.kernel.release.clone(),
+                    build_id: None,
+                    virt_offset,
+                    phys_base,
+                    page_offset_base: 0,
+                    vmemmap_base: 0,
+                    pgd: pgd_va
+                        .wrapping_add(virt_offset)
+                        .wrapping_sub(START_KERNEL_MAP)
+                        .wrapping_add(phys_base),
+                    levels: 4,
+                };
+                return Self::finish(mem, profile, loc);
+            }
+        }
+        Err(LocateError::NotFound(
+            "no VMCOREINFO note and the profile's linux_banner is not in this image: \
+             wrong profile, or not a Linux guest's memory"
+                .into(),
+        ))
+    }
+
+    /// Reads the randomised bases (or takes the fixed ones of older kernels).
+    fn finish(
+        mem: &'a GuestMemory,
+        profile: &'a Profile,
+        loc: Location,
+    ) -> Result<Kernel<'a>, LocateError> {
+        let mut k = Kernel { mem, profile, loc };
+        let base = |name: &str, fixed: u64| -> Result<u64, LocateError> {
+            match profile.symbol(name) {
+                Some(link) => {
+                    let pa = k.image_pa(link + k.loc.virt_offset);
+                    Ok(mem.read_u64(pa)?)
+                }
+                None => Ok(fixed),
+            }
+        };
+        let pob = base("page_offset_base", FIXED_PAGE_OFFSET)?;
+        let vmb = base("vmemmap_base", FIXED_VMEMMAP)?;
+        k.loc.page_offset_base = pob;
+        k.loc.vmemmap_base = vmb;
+        // Sanity: the direct map must translate through the page tables like the formula says.
+        let probe = pob + 0x100_0000;
+        match pagetable::translate(mem, k.loc.pgd, k.loc.levels, probe) {
+            Some(pa) if pa == 0x100_0000 => Ok(k),
+            other => Err(LocateError::NotFound(format!(
+                "page tables at {:#x} do not map the direct map base {pob:#x} as expected (got {other:x?}): \
+                 wrong profile or corrupt image",
+                k.loc.pgd
+            ))),
+        }
+    }
+
+    /// Physical address of a runtime kernel-image VA.
+    pub fn image_pa(&self, va: u64) -> u64 {
+        va.wrapping_sub(START_KERNEL_MAP)
+            .wrapping_add(self.loc.phys_base)
+    }
+
+    /// Runtime VA of a profile symbol.
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        Some(
+            self.profile
+                .symbol(name)?
+                .wrapping_add(self.loc.virt_offset),
+        )
+    }
+
+    /// Guest-physical address of kernel VA `va`.
+    pub fn va_to_pa(&self, va: u64) -> Option<u64> {
+        let end = self.mem.end_gpa();
+        if va >= self.loc.page_offset_base && va - self.loc.page_offset_base < end {
+            return Some(va - self.loc.page_offset_base);
+        }
+        if va >= START_KERNEL_MAP {
+            let pa = self.image_pa(va);
+            if pa < end {
+                return Some(pa);
+            }
+        }
+        pagetable::translate(self.mem, self.loc.pgd, self.loc.levels, va)
+    }
+
+    /// `len` bytes at kernel VA `va` (copied only when they span discontiguous pages).
+    pub fn read(&self, va: u64, len: u64, what: &str) -> Result<Cow<'a, [u8]>, LocateError> {
+        let unmapped = || LocateError::Unmapped {
+            va,
+            what: what.to_owned(),
+        };
+        let first = self.va_to_pa(va).ok_or_else(unmapped)?;
+        let in_page = 4096 - (va & 4095);
+        if len <= in_page {
+            return Ok(Cow::Borrowed(self.mem.slice(first, len)?));
+        }
+        // Spans pages: contiguous in the direct map, otherwise gather page by page.
+        if va >= self.loc.page_offset_base && va < START_KERNEL_MAP {
+            if let Ok(s) = self.mem.slice(first, len) {
+                return Ok(Cow::Borrowed(s));
+            }
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        let mut cur = va;
+        while (out.len() as u64) < len {
+            let pa = self.va_to_pa(cur).ok_or_else(unmapped)?;
+            let n = (4096 - (cur & 4095)).min(len - out.len() as u64);
+            out.extend_from_slice(self.mem.slice(pa, n)?);
+            cur += n;
+        }
+        Ok(Cow::Owned(out))
+    }
+
+    pub fn read_u64(&self, va: u64, what: &str) -> Result<u64, LocateError> {
+        let b = self.read(va, 8, what)?;
+        Ok(u64::from_le_bytes(b[..8].try_into().expect("8 bytes")))
+    }
+}

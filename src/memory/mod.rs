@@ -1,0 +1,190 @@
+//! Guest physical memory: one read-only, zero-copy view over wherever guest RAM is.
+//!
+//! Sources: a raw RAM file (QEMU `memory-backend-file`, a /dev/shm path or a copy),
+//! an ELF core written by QEMU's `dump-guest-memory` (its PT_LOAD segments give the
+//! guest-physical layout, its PT_NOTE may carry VMCOREINFO), or a live QEMU found
+//! through QMP (see [`qemu`]). Everything above this module asks for guest-physical
+//! ranges and gets byte slices or an error naming the address.
+
+pub mod elfcore;
+pub mod qemu;
+
+use memmap2::Mmap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Why a read of guest memory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    #[error("cannot open guest memory {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("guest-physical {gpa:#x}+{len:#x} is outside guest RAM")]
+    NotPresent { gpa: u64, len: u64 },
+}
+
+/// One contiguous piece of guest-physical memory and where it lies in the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub gpa: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A read-only view of a guest's physical memory.
+pub struct GuestMemory {
+    map: Mmap,
+    /// Sorted by `gpa`, non-overlapping, each inside the mapping.
+    regions: Vec<Region>,
+    vmcoreinfo: Option<String>,
+    description: String,
+}
+
+/// How a raw RAM file maps to guest-physical addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RawLayout {
+    /// The file is guest-physical memory from 0, in one piece (pc machines up to ~3 GiB).
+    #[default]
+    Identity,
+    /// A pc machine's RAM block split at `below_4g`: the rest sits at 4 GiB and up.
+    SplitAt4G { below_4g: u64 },
+}
+
+impl GuestMemory {
+    /// Opens an ELF core (detected by its magic) or a raw RAM file.
+    pub fn open(path: &Path) -> Result<GuestMemory, MemError> {
+        Self::open_with(path, RawLayout::Identity)
+    }
+
+    /// Like [`open`](Self::open), with an explicit layout for raw files.
+    pub fn open_with(path: &Path, layout: RawLayout) -> Result<GuestMemory, MemError> {
+        let file = File::open(path).map_err(|source| MemError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        // SAFETY: the mapping is read-only and private to this process. Guest RAM may be
+        // changed underneath by a running QEMU or truncated by someone else; every read
+        // goes through `slice`, which bounds-checks against the length taken here, and
+        // callers treat all contents as untrusted (torn reads are expected and checked).
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| MemError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        if map.len() >= 4 && &map[..4] == b"\x7fELF" {
+            let (regions, vmcoreinfo) = elfcore::parse(&map, path)?;
+            return Ok(GuestMemory {
+                regions,
+                vmcoreinfo,
+                description: format!("ELF core {}", path.display()),
+                map,
+            });
+        }
+        let len = map.len() as u64;
+        if len == 0 || len % 4096 != 0 {
+            return Err(MemError::Format {
+                path: path.to_owned(),
+                msg: format!(
+                    "{len} bytes is not a whole number of 4 KiB pages: not a raw guest RAM file \
+                     (truncated copy?)"
+                ),
+            });
+        }
+        let regions = match layout {
+            RawLayout::SplitAt4G { below_4g } if below_4g < len => vec![
+                Region {
+                    gpa: 0,
+                    offset: 0,
+                    len: below_4g,
+                },
+                Region {
+                    gpa: 1 << 32,
+                    offset: below_4g,
+                    len: len - below_4g,
+                },
+            ],
+            _ => vec![Region {
+                gpa: 0,
+                offset: 0,
+                len,
+            }],
+        };
+        Ok(GuestMemory {
+            map,
+            regions,
+            vmcoreinfo: None,
+            description: format!("raw RAM file {}", path.display()),
+        })
+    }
+
+    /// The guest-physical regions present.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Bytes of guest RAM in this view.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// One past the highest guest-physical address present.
+    pub fn end_gpa(&self) -> u64 {
+        self.regions.last().map(|r| r.gpa + r.len).unwrap_or(0)
+    }
+
+    /// VMCOREINFO text carried by the source itself (an ELF core's note), if any.
+    pub fn vmcoreinfo(&self) -> Option<&str> {
+        self.vmcoreinfo.as_deref()
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    fn region_of(&self, gpa: u64) -> Option<&Region> {
+        let i = self.regions.partition_point(|r| r.gpa <= gpa);
+        let r = self.regions.get(i.checked_sub(1)?)?;
+        (gpa - r.gpa < r.len).then_some(r)
+    }
+
+    /// `len` bytes at guest-physical `gpa`, without copying. Fails if any byte is absent.
+    pub fn slice(&self, gpa: u64, len: u64) -> Result<&[u8], MemError> {
+        let absent = MemError::NotPresent { gpa, len };
+        let r = self.region_of(gpa).ok_or(absent)?;
+        let rel = gpa - r.gpa;
+        if len > r.len - rel {
+            return Err(MemError::NotPresent { gpa, len });
+        }
+        let start = (r.offset + rel) as usize;
+        self.map
+            .get(start..start + len as usize)
+            .ok_or(MemError::NotPresent { gpa, len })
+    }
+
+    /// The 4 KiB page at page frame number `pfn`.
+    pub fn page(&self, pfn: u64) -> Result<&[u8], MemError> {
+        self.slice(
+            pfn.checked_mul(4096).ok_or(MemError::NotPresent {
+                gpa: u64::MAX,
+                len: 4096,
+            })?,
+            4096,
+        )
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        let b = self.slice(gpa, 8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8-byte slice")))
+    }
+
+    /// Every present region's bytes, for scans.
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.regions.iter().filter_map(|r| {
+            let s = r.offset as usize;
+            Some((r.gpa, self.map.get(s..s + r.len as usize)?))
+        })
+    }
+}

@@ -1,0 +1,157 @@
+//! Guest RAM of a live QEMU, found through its QMP socket, read-only.
+//!
+//! QEMU is asked for its `memory-backend-file` objects (`qom-list`/`qom-get`): the
+//! backend's file (shared, e.g. in /dev/shm) is mapped read-only, and the flat memory
+//! map (`info mtree -f`) says which guest-physical ranges show which offsets of it.
+
+use super::{GuestMemory, MemError, Region};
+use crate::qmp::Qmp;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A memory backend object of a running QEMU.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub id: String,
+    pub mem_path: PathBuf,
+    pub size: u64,
+    pub share: bool,
+}
+
+fn qmp_err(e: crate::qmp::QmpError) -> MemError {
+    MemError::Format {
+        path: PathBuf::from("QMP"),
+        msg: e.to_string(),
+    }
+}
+
+/// Lists QEMU's `memory-backend-file` objects.
+pub fn backends(qmp: &mut Qmp) -> Result<Vec<Backend>, MemError> {
+    let list = qmp
+        .execute("qom-list", Some(json!({ "path": "/objects" })))
+        .map_err(qmp_err)?;
+    let mut out = Vec::new();
+    for o in list.as_array().into_iter().flatten() {
+        let (Some(name), Some(ty)) = (o["name"].as_str(), o["type"].as_str()) else {
+            continue;
+        };
+        if ty != "child<memory-backend-file>" {
+            continue;
+        }
+        let path = format!("/objects/{name}");
+        let get = |qmp: &mut Qmp, prop: &str| -> Result<Value, MemError> {
+            qmp.execute("qom-get", Some(json!({ "path": path, "property": prop })))
+                .map_err(qmp_err)
+        };
+        let mem_path = get(qmp, "mem-path")?;
+        let size = get(qmp, "size")?;
+        let share = get(qmp, "share")?;
+        out.push(Backend {
+            id: name.to_owned(),
+            mem_path: PathBuf::from(mem_path.as_str().unwrap_or_default()),
+            size: size.as_u64().unwrap_or(0),
+            share: share.as_bool().unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+/// Parses `info mtree -f` lines `START-END (prio P, ram): NAME [@OFFSET]` for `name`.
+pub fn parse_mtree(text: &str, name: &str) -> Vec<Region> {
+    let mut regions: Vec<Region> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some((range, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
+            continue;
+        };
+        let Some((attrs, target)) = rest.split_once("): ") else {
+            continue;
+        };
+        if !attrs.ends_with("ram") {
+            continue;
+        }
+        let mut words = target.split_whitespace();
+        if words.next() != Some(name) {
+            continue;
+        }
+        let offset = words
+            .next()
+            .and_then(|w| w.strip_prefix('@'))
+            .and_then(|o| u64::from_str_radix(o, 16).ok())
+            .unwrap_or(start);
+        let len = end.wrapping_sub(start).wrapping_add(1);
+        if regions.iter().any(|r| r.gpa == start) || len == 0 {
+            continue;
+        }
+        regions.push(Region {
+            gpa: start,
+            offset,
+            len,
+        });
+    }
+    regions.sort_by_key(|r| r.gpa);
+    // Merge pieces that continue each other in both spaces.
+    let mut merged: Vec<Region> = Vec::new();
+    for r in regions {
+        match merged.last_mut() {
+            Some(m) if m.gpa + m.len == r.gpa && m.offset + m.len == r.offset => m.len += r.len,
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// Maps the RAM of the QEMU behind `socket`.
+pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
+    let mut qmp = Qmp::connect(socket, Duration::from_secs(5)).map_err(qmp_err)?;
+    let backends = backends(&mut qmp)?;
+    let Some(b) = backends.iter().max_by_key(|b| b.size) else {
+        return Err(MemError::Format {
+            path: socket.to_owned(),
+            msg: "this QEMU has no memory-backend-file: start it with \
+                  -object memory-backend-file,id=ram0,mem-path=/dev/shm/NAME,share=on \
+                  -machine memory-backend=ram0"
+                .into(),
+        });
+    };
+    if !b.share {
+        return Err(MemError::Format {
+            path: b.mem_path.clone(),
+            msg: format!(
+                "memory backend '{}' is not share=on: its file does not show guest RAM",
+                b.id
+            ),
+        });
+    }
+    let mtree = qmp.hmp("info mtree -f").map_err(qmp_err)?;
+    let mut regions = parse_mtree(&mtree, &b.id);
+    if regions.is_empty() {
+        regions = vec![Region {
+            gpa: 0,
+            offset: 0,
+            len: b.size,
+        }];
+    }
+    let mut mem = GuestMemory::open(&b.mem_path)?;
+    mem.regions = regions
+        .into_iter()
+        .filter(|r| {
+            r.offset
+                .checked_add(r.len)
+                .is_some_and(|e| e <= mem.map.len() as u64)
+        })
+        .collect();
+    mem.description = format!(
+        "live QEMU {} (RAM file {})",
+        socket.display(),
+        b.mem_path.display()
+    );
+    Ok(mem)
+}

@@ -1,0 +1,313 @@
+//! From `super_blocks` to page-cache pages: every superblock, its inodes (`s_inodes`
+//! linked by `i_sb_list`), each inode's `i_mapping` tree, and each block device's own
+//! page cache (`bd_inode`). Returns what it found even when parts of a walk fail.
+
+use super::list::list_for_each_entry;
+use super::page::{PageState, Pages};
+use super::xarray::xa_for_each;
+use super::{need, u16_at, u32_at, u64_at, u8_at, WalkError};
+use crate::kernel::Kernel;
+
+/// Caps that bound a walk over hostile memory.
+pub const MAX_SUPER_BLOCKS: usize = 4096;
+pub const MAX_INODES_PER_SB: usize = 4 << 20;
+
+/// A mounted filesystem.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SuperBlockInfo {
+    pub va: u64,
+    /// `s_type->name`, sanitised.
+    pub fs_type: String,
+    /// `s_id` (the device name, e.g. `vda1`), sanitised.
+    pub id: String,
+    pub dev: u32,
+    pub blocksize_bits: u8,
+    /// `struct block_device *` (0 for filesystems without one: tmpfs, proc…).
+    pub bdev: u64,
+    /// Byte offset of the filesystem's partition on its disk.
+    pub part_start: u64,
+}
+
+/// One cached page of an inode.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct CachedPage {
+    pub index: u64,
+    pub pfn: u64,
+    pub state: PageState,
+}
+
+/// An inode with page cache.
+#[derive(Debug, Clone)]
+pub struct InodeCache {
+    pub va: u64,
+    /// Index into [`CacheWalk::super_blocks`].
+    pub sb: usize,
+    pub ino: u64,
+    pub mode: u16,
+    pub size: u64,
+    pub mapping: u64,
+    /// The block device's own inode (raw disk blocks: ext4 metadata, directories…).
+    pub is_bdev: bool,
+    /// ext4 only: the in-memory `i_data` (extent root or block pointers) and `i_flags`.
+    pub ext4: Option<Ext4Inode>,
+    pub pages: Vec<CachedPage>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Ext4Inode {
+    pub i_data: [u8; 60],
+    pub i_flags: u32,
+}
+
+/// Everything one walk found.
+#[derive(Debug, Default)]
+pub struct CacheWalk {
+    pub super_blocks: Vec<SuperBlockInfo>,
+    pub inodes: Vec<InodeCache>,
+    /// Parts of the walk that failed (corrupt or changing structures), with context.
+    pub problems: Vec<String>,
+    pub struct_page_size: u64,
+}
+
+/// Makes a guest string safe for a terminal: printable ASCII kept, the rest escaped.
+pub fn sanitize(raw: &[u8]) -> String {
+    let mut s = String::new();
+    for &b in raw {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    s
+}
+
+fn c_string(b: &[u8]) -> &[u8] {
+    b.split(|&c| c == 0).next().unwrap_or(b)
+}
+
+struct Offsets {
+    s_list: u64,
+    s_inodes: u64,
+    s_type: u64,
+    s_id: u64,
+    s_dev: u64,
+    s_blocksize_bits: u64,
+    s_bdev: u64,
+    fst_name: u64,
+    i_sb_list: u64,
+    i_ino: u64,
+    i_mode: u64,
+    i_size: u64,
+    i_mapping: u64,
+    a_i_pages: u64,
+    a_nrpages: u64,
+    xa_head: u64,
+    bd_start_sect: Option<u64>,
+    bd_inode: Option<u64>,
+    ext4_vfs_inode: Option<u64>,
+    ext4_i_data: Option<u64>,
+    ext4_i_flags: Option<u64>,
+    sb_size: u64,
+    inode_size: u64,
+}
+
+impl Offsets {
+    fn new(k: &Kernel) -> Result<Offsets, WalkError> {
+        let p = k.profile;
+        let o = |t: &str, f: &str| p.offset(t, f);
+        Ok(Offsets {
+            s_list: need(p, "super_block", "s_list")?,
+            s_inodes: need(p, "super_block", "s_inodes")?,
+            s_type: need(p, "super_block", "s_type")?,
+            s_id: need(p, "super_block", "s_id")?,
+            s_dev: need(p, "super_block", "s_dev")?,
+            s_blocksize_bits: need(p, "super_block", "s_blocksize_bits")?,
+            s_bdev: need(p, "super_block", "s_bdev")?,
+            fst_name: need(p, "file_system_type", "name")?,
+            i_sb_list: need(p, "inode", "i_sb_list")?,
+            i_ino: need(p, "inode", "i_ino")?,
+            i_mode: need(p, "inode", "i_mode")?,
+            i_size: need(p, "inode", "i_size")?,
+            i_mapping: need(p, "inode", "i_mapping")?,
+            a_i_pages: need(p, "address_space", "i_pages")?,
+            a_nrpages: need(p, "address_space", "nrpages")?,
+            xa_head: need(p, "xarray", "xa_head")?,
+            bd_start_sect: o("block_device", "bd_start_sect"),
+            bd_inode: o("block_device", "bd_inode"),
+            ext4_vfs_inode: o("ext4_inode_info", "vfs_inode"),
+            ext4_i_data: o("ext4_inode_info", "i_data"),
+            ext4_i_flags: o("ext4_inode_info", "i_flags"),
+            sb_size: p
+                .size_of("super_block")
+                .unwrap_or(0)
+                .max(need(p, "super_block", "s_inodes")? + 16),
+            inode_size: p
+                .size_of("inode")
+                .unwrap_or(0)
+                .max(need(p, "inode", "i_sb_list")? + 16),
+        })
+    }
+}
+
+/// Walks every superblock's inodes and their page cache.
+pub fn walk_page_cache(k: &Kernel) -> Result<CacheWalk, WalkError> {
+    let o = Offsets::new(k)?;
+    let pages = Pages::new(k)?;
+    let head = k
+        .symbol("super_blocks")
+        .ok_or_else(|| WalkError::ProfileLacks("symbol super_blocks".into()))?;
+    let mut out = CacheWalk {
+        struct_page_size: pages.struct_size(),
+        ..Default::default()
+    };
+    let mut sbs = Vec::new();
+    list_for_each_entry(k, head, o.s_list, MAX_SUPER_BLOCKS, "super_blocks", |sb| {
+        sbs.push(sb);
+        Ok(())
+    })?;
+    for sb in sbs {
+        let b = match k.read(sb, o.sb_size, "super_block") {
+            Ok(b) => b,
+            Err(e) => {
+                out.problems.push(format!("super_block {sb:#x}: {e}"));
+                continue;
+            }
+        };
+        let fs_type = k
+            .read(u64_at(&b, o.s_type), o.fst_name + 8, "file_system_type")
+            .ok()
+            .and_then(|t| {
+                k.read(u64_at(&t, o.fst_name), 32, "file_system_type.name")
+                    .ok()
+                    .map(|n| sanitize(c_string(&n)))
+            })
+            .unwrap_or_else(|| "?".into());
+        let bdev = u64_at(&b, o.s_bdev);
+        let mut part_start = 0;
+        let mut bd_inode = 0;
+        if bdev != 0 {
+            if let (Some(ss), Ok(bd)) = (o.bd_start_sect, k.read(bdev, 64, "block_device")) {
+                part_start = u64_at(&bd, ss).saturating_mul(512);
+                if let Some(bi) = o.bd_inode {
+                    bd_inode = u64_at(&bd, bi);
+                }
+            }
+        }
+        let sbi = out.super_blocks.len();
+        out.super_blocks.push(SuperBlockInfo {
+            va: sb,
+            fs_type: fs_type.clone(),
+            id: sanitize(c_string(
+                b.get(o.s_id as usize..o.s_id as usize + 32)
+                    .unwrap_or_default(),
+            )),
+            dev: u32_at(&b, o.s_dev),
+            blocksize_bits: u8_at(&b, o.s_blocksize_bits),
+            bdev,
+            part_start,
+        });
+        // The bdev pseudo-filesystem's inodes are the block devices: each mounted
+        // filesystem reaches its own through `s_bdev->bd_inode` below.
+        if fs_type == "bdev" {
+            continue;
+        }
+        let is_ext4 = fs_type == "ext4";
+        let mut inodes = Vec::new();
+        let r = list_for_each_entry(
+            k,
+            sb + o.s_inodes,
+            o.i_sb_list,
+            MAX_INODES_PER_SB,
+            "s_inodes",
+            |inode| {
+                inodes.push(inode);
+                Ok(())
+            },
+        );
+        if let Err(e) = r {
+            out.problems
+                .push(format!("inodes of super_block {sb:#x} ({fs_type}): {e}"));
+        }
+        for inode in inodes {
+            match walk_inode(k, &o, &pages, inode, sbi, is_ext4, false) {
+                Ok(Some(ic)) => out.inodes.push(ic),
+                Ok(None) => {}
+                Err(e) => out
+                    .problems
+                    .push(format!("inode {inode:#x} on {fs_type}: {e}")),
+            }
+        }
+        if bd_inode != 0 {
+            match walk_inode(k, &o, &pages, bd_inode, sbi, false, true) {
+                Ok(Some(ic)) => out.inodes.push(ic),
+                Ok(None) => {}
+                Err(e) => out
+                    .problems
+                    .push(format!("block device inode {bd_inode:#x}: {e}")),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn walk_inode(
+    k: &Kernel,
+    o: &Offsets,
+    pages: &Pages,
+    inode: u64,
+    sb: usize,
+    is_ext4: bool,
+    is_bdev: bool,
+) -> Result<Option<InodeCache>, WalkError> {
+    let b = k.read(inode, o.inode_size, "inode")?;
+    let mapping = u64_at(&b, o.i_mapping);
+    if mapping == 0 {
+        return Ok(None);
+    }
+    let a = k.read(mapping, o.a_nrpages + 8, "address_space")?;
+    if u64_at(&a, o.a_nrpages) == 0 {
+        return Ok(None);
+    }
+    let head = u64_at(&a, o.a_i_pages + o.xa_head);
+    let mut ic = InodeCache {
+        va: inode,
+        sb,
+        ino: u64_at(&b, o.i_ino),
+        mode: u16_at(&b, o.i_mode),
+        size: u64_at(&b, o.i_size),
+        mapping,
+        is_bdev,
+        ext4: None,
+        pages: Vec::new(),
+    };
+    if is_ext4 {
+        if let (Some(vfs), Some(d), Some(fl)) = (o.ext4_vfs_inode, o.ext4_i_data, o.ext4_i_flags) {
+            let ei = inode.wrapping_sub(vfs);
+            let e = k.read(ei, d.max(fl) + 60, "ext4_inode_info")?;
+            let mut i_data = [0u8; 60];
+            i_data.copy_from_slice(&e[d as usize..d as usize + 60]);
+            ic.ext4 = Some(Ext4Inode {
+                i_data,
+                i_flags: u32_at(&e, fl),
+            });
+        }
+    }
+    let what = format!("page cache of inode {}", ic.ino);
+    xa_for_each(k, head, &what, |index, entry| {
+        let Some(pfn) = pages.page_to_pfn(entry) else {
+            return Err(WalkError::Corrupt {
+                what: what.clone(),
+                msg: format!("entry {entry:#x} at index {index} is not a struct page"),
+            });
+        };
+        let state = match k.read(entry, pages.struct_size(), "struct page") {
+            Ok(pb) => pages.state_of(&pb, mapping, index),
+            Err(_) => PageState::Inconsistent,
+        };
+        ic.pages.push(CachedPage { index, pfn, state });
+        Ok(())
+    })?;
+    ic.pages.sort_by_key(|p| p.index);
+    Ok(Some(ic))
+}

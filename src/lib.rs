@@ -9,6 +9,7 @@
 //!
 //! Modules appear here as they land; each owns one stage and says so at its top.
 
+pub mod blockmap;
 pub mod kernel;
 pub mod memory;
 pub mod migrate;

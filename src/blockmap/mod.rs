@@ -1,0 +1,36 @@
+//! Block mapping: where on the guest's disk the bytes of a cached file page lie.
+//!
+//! Given what a walker read of an ext4 inode (`ext4_inode_info.i_data`, `i_flags`,
+//! `i_size`) and of its filesystem (block size, partition start), this stage says for
+//! each 4 KiB page of the file whether its bytes are one contiguous byte range of the
+//! disk, and where: `partition start + physical block × block size` (DESIGN.md, "ext4").
+//!
+//! - [`extent`]: extent trees (`ext4_extent_header` / `_idx` / `ext4_extent`), validated.
+//! - [`indirect`]: direct / indirect / double / triple indirect block maps.
+//! - [`inode`]: the inputs ([`Ext4Inode`], [`Ext4Volume`], `i_flags` bits) and
+//!   [`BlockMapper`], logical block → physical run.
+//! - [`pages`]: page-level rules and [`PageMapper`] / [`map_file_pages`], page runs.
+//! - [`source`]: [`BlockSource`], how index and indirect blocks are read.
+//! - [`ondisk`]: superblock, group descriptors, inodes and directories read from a disk
+//!   image (for tests, and for guests whose profile lacks the ext4 types).
+//!
+//! Guest and disk data are hostile: every node is validated, every walk is bounded (tree
+//! depth ≤ 5, a cap on block reads per inode), failures are [`BlockMapError`] values.
+
+pub mod error;
+pub mod extent;
+pub mod indirect;
+pub mod inode;
+mod meta;
+pub mod ondisk;
+pub mod pages;
+pub mod source;
+
+pub use error::{BlockMapError, NodeAt, OnDiskError};
+pub use inode::{BlockMapper, Ext4Inode, Ext4Volume};
+pub use meta::{BlockExtent, MapKind, DEFAULT_MAX_BLOCK_READS};
+pub use pages::{
+    map_file_pages, FileMap, MapOptions, PageMapper, PageRun, PageState, TailPage, Unrestorable,
+    PAGE_SIZE,
+};
+pub use source::{BlockSource, DiskBytes, ImageFile};

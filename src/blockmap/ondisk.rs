@@ -1,0 +1,410 @@
+//! A small reader of ext4 as it lies on the disk: the MBR partition table, the
+//! superblock, group descriptors, inodes by number, and path lookup through directory
+//! blocks. It lets the lab tests check the mapper against real images, and lets pct
+//! resolve a file's block map from the disk image when the guest's profile lacks the
+//! ext4 in-memory types.
+//!
+//! Facts used (all little-endian). MBR: sector 0, signature 0x55 0xAA at byte 510, four
+//! 16-byte partition entries from byte 446 (type at +4, first LBA at +8, sectors at
+//! +12). Superblock: 1024 bytes at byte 1024 of the filesystem; `s_magic` 0xEF53 at
+//! 0x38. Group descriptors start in the block after `s_first_data_block`, 32 bytes each
+//! (or `s_desc_size` with the 64bit feature), `bg_inode_table` lo at 0x08, hi at 0x28.
+//! Inode `ino` is entry `(ino - 1) % s_inodes_per_group` of the inode table of group
+//! `(ino - 1) / s_inodes_per_group`, `s_inode_size` bytes each. Directory blocks are
+//! chains of `ext4_dir_entry_2` (`inode` u32, `rec_len` u16, `name_len` u8,
+//! `file_type` u8, name); htree interior blocks read as one empty entry, so a linear
+//! scan sees every name.
+
+use super::error::OnDiskError;
+use super::inode::{BlockMapper, Ext4Inode, Ext4Volume, EXT4_INLINE_DATA_FL};
+use super::meta::MapKind;
+use super::source::{BlockSource, ImageFile};
+use std::path::Path;
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// One primary MBR partition entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MbrPartition {
+    /// 1..=4, as in `/dev/sda1`.
+    pub number: u8,
+    pub kind: u8,
+    pub start_lba: u32,
+    pub sectors: u32,
+}
+
+impl MbrPartition {
+    pub fn start_bytes(&self) -> u64 {
+        u64::from(self.start_lba) * 512
+    }
+}
+
+/// The non-empty primary partitions of an MBR held in `sector0` (512 bytes).
+pub fn parse_mbr(sector0: &[u8]) -> Result<Vec<MbrPartition>, OnDiskError> {
+    let s = sector0.get(..512).ok_or(OnDiskError::Mbr("short sector"))?;
+    if s[510] != 0x55 || s[511] != 0xAA {
+        return Err(OnDiskError::Mbr("no 0x55AA signature"));
+    }
+    let mut parts = Vec::new();
+    for n in 0..4u8 {
+        let e = &s[446 + 16 * usize::from(n)..][..16];
+        let (kind, start_lba, sectors) = (e[4], le32(e, 8), le32(e, 12));
+        if kind != 0 && sectors != 0 {
+            parts.push(MbrPartition {
+                number: n + 1,
+                kind,
+                start_lba,
+                sectors,
+            });
+        }
+    }
+    Ok(parts)
+}
+
+pub const EXT4_SUPER_MAGIC: u16 = 0xEF53;
+pub const EXT4_FEATURE_INCOMPAT_FILETYPE: u32 = 0x2;
+pub const EXT4_FEATURE_INCOMPAT_META_BG: u32 = 0x10;
+pub const EXT4_FEATURE_INCOMPAT_EXTENTS: u32 = 0x40;
+pub const EXT4_FEATURE_INCOMPAT_64BIT: u32 = 0x80;
+pub const EXT4_FEATURE_INCOMPAT_INLINE_DATA: u32 = 0x8000;
+pub const EXT4_ROOT_INO: u32 = 2;
+
+/// The fields of `struct ext4_super_block` this reader needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ext4SuperBlock {
+    pub s_inodes_count: u32,
+    /// `s_blocks_count_lo` | `s_blocks_count_hi` (64bit) << 32.
+    pub s_blocks_count: u64,
+    pub s_first_data_block: u32,
+    pub s_log_block_size: u32,
+    pub s_blocks_per_group: u32,
+    pub s_inodes_per_group: u32,
+    pub s_rev_level: u32,
+    pub s_inode_size: u16,
+    pub s_feature_incompat: u32,
+    pub s_desc_size: u16,
+}
+
+impl Ext4SuperBlock {
+    /// Parse and sanity-check the 1024 superblock bytes.
+    pub fn parse(b: &[u8]) -> Result<Ext4SuperBlock, OnDiskError> {
+        let b = b.get(..1024).ok_or(OnDiskError::SuperBlock("short"))?;
+        if le16(b, 0x38) != EXT4_SUPER_MAGIC {
+            return Err(OnDiskError::SuperBlock("bad magic (want 0xEF53)"));
+        }
+        let incompat = le32(b, 0x60);
+        let is64 = incompat & EXT4_FEATURE_INCOMPAT_64BIT != 0;
+        let rev = le32(b, 0x4C);
+        let sb = Ext4SuperBlock {
+            s_inodes_count: le32(b, 0x0),
+            s_blocks_count: u64::from(le32(b, 0x4))
+                | if is64 {
+                    u64::from(le32(b, 0x150)) << 32
+                } else {
+                    0
+                },
+            s_first_data_block: le32(b, 0x14),
+            s_log_block_size: le32(b, 0x18),
+            s_blocks_per_group: le32(b, 0x20),
+            s_inodes_per_group: le32(b, 0x28),
+            s_rev_level: rev,
+            s_inode_size: if rev == 0 { 128 } else { le16(b, 0x58) },
+            s_feature_incompat: incompat,
+            s_desc_size: le16(b, 0xFE),
+        };
+        if sb.s_log_block_size > 2 {
+            return Err(OnDiskError::Unsupported("block size above 4096"));
+        }
+        if sb.s_inodes_per_group == 0 || sb.s_blocks_per_group == 0 {
+            return Err(OnDiskError::SuperBlock("zero inodes or blocks per group"));
+        }
+        let isz = sb.s_inode_size;
+        if isz < 128 || !isz.is_power_of_two() || u32::from(isz) > sb.block_size() {
+            return Err(OnDiskError::SuperBlock("bad s_inode_size"));
+        }
+        let dsz = sb.desc_size();
+        if dsz < 32 || dsz > sb.block_size() || !dsz.is_power_of_two() {
+            return Err(OnDiskError::SuperBlock("bad s_desc_size"));
+        }
+        if incompat & EXT4_FEATURE_INCOMPAT_META_BG != 0 {
+            return Err(OnDiskError::Unsupported("meta_bg"));
+        }
+        Ok(sb)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        1024 << self.s_log_block_size
+    }
+
+    pub fn desc_size(&self) -> u32 {
+        if self.s_feature_incompat & EXT4_FEATURE_INCOMPAT_64BIT != 0 {
+            u32::from(self.s_desc_size)
+        } else {
+            32
+        }
+    }
+
+    pub fn group_count(&self) -> u64 {
+        (self.s_blocks_count - u64::from(self.s_first_data_block))
+            .div_ceil(u64::from(self.s_blocks_per_group))
+    }
+}
+
+/// The fields of an on-disk `struct ext4_inode` the mapper and the lookup need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnDiskInode {
+    pub ino: u32,
+    pub i_mode: u16,
+    pub i_links_count: u16,
+    pub i_flags: u32,
+    /// `i_size_lo` | `i_size_high` << 32.
+    pub i_size: u64,
+    pub i_block: [u8; 60],
+}
+
+impl OnDiskInode {
+    pub fn is_dir(&self) -> bool {
+        self.i_mode & 0xF000 == 0x4000
+    }
+
+    pub fn is_reg(&self) -> bool {
+        self.i_mode & 0xF000 == 0x8000
+    }
+
+    pub fn as_ext4_inode(&self) -> Ext4Inode {
+        Ext4Inode {
+            ino: u64::from(self.ino),
+            i_flags: self.i_flags,
+            i_size: self.i_size,
+            i_block: self.i_block,
+        }
+    }
+}
+
+/// One directory entry (`ext4_dir_entry_2`), name as raw bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub inode: u32,
+    pub file_type: u8,
+    pub name: Vec<u8>,
+}
+
+/// Largest directory this reader scans (bounds work on a corrupt `i_size`).
+const MAX_DIR_BYTES: u64 = 64 << 20;
+
+/// An ext4 filesystem read through a [`BlockSource`].
+pub struct Ext4Fs<S: BlockSource> {
+    source: S,
+    sb: Ext4SuperBlock,
+    partition_start: u64,
+}
+
+impl Ext4Fs<ImageFile> {
+    /// Open the filesystem `partition_start` bytes into the disk image at `path`.
+    pub fn open_image(path: impl AsRef<Path>, partition_start: u64) -> Result<Self, OnDiskError> {
+        let img = ImageFile::open(path, partition_start).map_err(|source| OnDiskError::Io {
+            what: "disk image",
+            offset: 0,
+            source,
+        })?;
+        Ext4Fs::new(img, partition_start)
+    }
+}
+
+impl<S: BlockSource> Ext4Fs<S> {
+    /// `partition_start` is only recorded (for [`Ext4Fs::volume`]): `source` reads blocks
+    /// relative to the filesystem.
+    pub fn new(source: S, partition_start: u64) -> Result<Self, OnDiskError> {
+        let mut sb = vec![0u8; 1024];
+        // With 1024-byte "blocks", block 1 is the superblock at byte 1024.
+        source
+            .read_block(1, &mut sb)
+            .map_err(|source| OnDiskError::Io {
+                what: "superblock",
+                offset: partition_start + 1024,
+                source,
+            })?;
+        let sb = Ext4SuperBlock::parse(&sb)?;
+        Ok(Ext4Fs {
+            source,
+            sb,
+            partition_start,
+        })
+    }
+
+    pub fn superblock(&self) -> &Ext4SuperBlock {
+        &self.sb
+    }
+
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    pub fn volume(&self) -> Ext4Volume {
+        Ext4Volume {
+            block_size: self.sb.block_size(),
+            partition_start: self.partition_start,
+            blocks_count: Some(self.sb.s_blocks_count),
+        }
+    }
+
+    fn read_block(&self, pblk: u64, what: &'static str) -> Result<Vec<u8>, OnDiskError> {
+        let bs = self.sb.block_size() as usize;
+        let mut buf = vec![0u8; bs];
+        if pblk >= self.sb.s_blocks_count {
+            return Err(OnDiskError::Io {
+                what,
+                offset: self.partition_start + pblk * bs as u64,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "block past the filesystem",
+                ),
+            });
+        }
+        self.source
+            .read_block(pblk, &mut buf)
+            .map_err(|source| OnDiskError::Io {
+                what,
+                offset: self.partition_start + pblk * bs as u64,
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// `bg_inode_table` of group `group`.
+    pub fn inode_table(&self, group: u64) -> Result<u64, OnDiskError> {
+        if group >= self.sb.group_count() {
+            return Err(OnDiskError::GroupDesc {
+                group,
+                why: "no such group",
+            });
+        }
+        let bs = u64::from(self.sb.block_size());
+        let dsz = u64::from(self.sb.desc_size());
+        let byte = group * dsz;
+        let blk = u64::from(self.sb.s_first_data_block) + 1 + byte / bs;
+        let b = self.read_block(blk, "group descriptor")?;
+        let d = &b[(byte % bs) as usize..][..dsz as usize];
+        let hi = if dsz >= 64 {
+            u64::from(le32(d, 0x28))
+        } else {
+            0
+        };
+        let table = u64::from(le32(d, 0x08)) | hi << 32;
+        if table == 0 || table >= self.sb.s_blocks_count {
+            return Err(OnDiskError::GroupDesc {
+                group,
+                why: "inode table outside the filesystem",
+            });
+        }
+        Ok(table)
+    }
+
+    /// Read inode `ino` from its group's inode table.
+    pub fn read_inode(&self, ino: u32) -> Result<OnDiskInode, OnDiskError> {
+        let bad = |why| OnDiskError::Inode {
+            ino: u64::from(ino),
+            why,
+        };
+        if ino == 0 || ino > self.sb.s_inodes_count {
+            return Err(bad("no such inode number"));
+        }
+        let ipg = u64::from(self.sb.s_inodes_per_group);
+        let (group, index) = (u64::from(ino - 1) / ipg, u64::from(ino - 1) % ipg);
+        let bs = u64::from(self.sb.block_size());
+        let isz = u64::from(self.sb.s_inode_size);
+        let byte = index * isz;
+        let b = self.read_block(self.inode_table(group)? + byte / bs, "inode table")?;
+        let r = &b[(byte % bs) as usize..][..128];
+        let mut i_block = [0u8; 60];
+        i_block.copy_from_slice(&r[0x28..0x64]);
+        Ok(OnDiskInode {
+            ino,
+            i_mode: le16(r, 0x0),
+            i_links_count: le16(r, 0x1A),
+            i_flags: le32(r, 0x20),
+            i_size: u64::from(le32(r, 0x4)) | u64::from(le32(r, 0x6C)) << 32,
+            i_block,
+        })
+    }
+
+    /// All entries of directory `dir` (`.` and `..` included), in on-disk order.
+    pub fn read_dir(&self, dir: &OnDiskInode) -> Result<Vec<DirEntry>, OnDiskError> {
+        let ino = u64::from(dir.ino);
+        let bad = |why| OnDiskError::Dir { ino, why };
+        if !dir.is_dir() {
+            return Err(bad("not a directory"));
+        }
+        if dir.i_flags & EXT4_INLINE_DATA_FL != 0 {
+            return Err(OnDiskError::Unsupported("inline-data directory"));
+        }
+        if dir.i_size > MAX_DIR_BYTES {
+            return Err(bad("directory larger than 64 MiB"));
+        }
+        let with_type = self.sb.s_feature_incompat & EXT4_FEATURE_INCOMPAT_FILETYPE != 0;
+        let bs = u64::from(self.sb.block_size());
+        let mut map = BlockMapper::new(&self.volume(), &dir.as_ext4_inode(), &self.source)?;
+        let mut out = Vec::new();
+        for lblk in 0..dir.i_size.div_ceil(bs) {
+            let pblk = match map.map(lblk)?.kind {
+                MapKind::Mapped { pblk } => pblk,
+                _ => continue,
+            };
+            let b = self.read_block(pblk, "directory block")?;
+            let mut at = 0usize;
+            while at + 8 <= b.len() {
+                let inode = le32(&b, at);
+                let rec_len = usize::from(le16(&b, at + 4));
+                let (name_len, file_type) = if with_type {
+                    (usize::from(b[at + 6]), b[at + 7])
+                } else {
+                    (usize::from(le16(&b, at + 6)), 0)
+                };
+                if rec_len < 8
+                    || rec_len % 4 != 0
+                    || at + rec_len > b.len()
+                    || 8 + name_len > rec_len
+                {
+                    return Err(bad("corrupt directory entry"));
+                }
+                if inode != 0 && name_len > 0 {
+                    out.push(DirEntry {
+                        inode,
+                        file_type,
+                        name: b[at + 8..at + 8 + name_len].to_vec(),
+                    });
+                }
+                at += rec_len;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolve an absolute path (`/a/b`) to an inode number, from the root directory.
+    pub fn lookup(&self, path: &str) -> Result<u32, OnDiskError> {
+        let mut ino = EXT4_ROOT_INO;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let dir = self.read_inode(ino)?;
+            ino = self
+                .read_dir(&dir)?
+                .into_iter()
+                .find(|e| e.name == part.as_bytes())
+                .map(|e| e.inode)
+                .ok_or_else(|| OnDiskError::NotFound {
+                    path: path.to_string(),
+                })?;
+        }
+        Ok(ino)
+    }
+
+    /// Read inode `path` names.
+    pub fn inode_at(&self, path: &str) -> Result<OnDiskInode, OnDiskError> {
+        self.read_inode(self.lookup(path)?)
+    }
+}

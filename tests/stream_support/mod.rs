@@ -74,6 +74,11 @@ impl Vm {
     /// Starts a paused `pc-i440fx-7.2` TCG guest (SeaBIOS only) whose RAM is the file `ram`
     /// (created sparse if absent, or used with its contents). `incoming`: `-incoming defer`.
     pub fn start(ram: &Path, incoming: bool) -> Vm {
+        Vm::start_with(ram, incoming, &[])
+    }
+
+    /// [`Vm::start`] with extra QEMU arguments.
+    pub fn start_with(ram: &Path, incoming: bool, extra: &[&str]) -> Vm {
         let mut files = TempFiles::new();
         let qmp_path = files.path("/tmp", "qmp.sock");
         files.0.push(ram.to_owned());
@@ -104,6 +109,7 @@ impl Vm {
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
+        cmd.args(extra);
         let child = cmd.spawn().expect("spawn qemu-system-x86_64");
         // From here on, `guard` kills QEMU if connecting fails.
         let mut guard = KillOnDrop(Some(child));

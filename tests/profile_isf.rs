@@ -1,0 +1,179 @@
+//! Volatility 3 ISF: importing dwarf2json's ISF of the Debian 6.1 cloud kernel gives the same
+//! layouts as our own build; exporting gives an ISF that Volatility 3 loads with the same
+//! offsets.
+
+mod profile_common;
+
+use std::process::Command;
+
+use pct::profile::{isf, Profile};
+use profile_common::{repo, shared};
+
+fn shipped() -> Profile {
+    Profile::load(&repo().join("profiles/debian-6.1.0-56-cloud-amd64.json")).unwrap()
+}
+
+/// Same layouts, symbol addresses and enums (ISF has no typedefs or symbol sizes, so type
+/// spellings and sizes of symbols are not compared).
+fn assert_same_layouts(a: &Profile, b: &Profile, what: &str) {
+    assert_eq!(
+        a.types.keys().collect::<Vec<_>>(),
+        b.types.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (k, ta) in &a.types {
+        let tb = &b.types[k];
+        assert_eq!(ta.size, tb.size, "{what}: sizeof {k}");
+        assert_eq!(ta.kind, tb.kind, "{what}: kind of {k}");
+        assert_eq!(
+            ta.fields.keys().collect::<Vec<_>>(),
+            tb.fields.keys().collect::<Vec<_>>(),
+            "{what}: {k}"
+        );
+        for (f, fa) in &ta.fields {
+            let fb = &tb.fields[f];
+            assert_eq!(
+                (fa.offset, fa.size, fa.count, fa.bit_offset, fa.bit_size),
+                (fb.offset, fb.size, fb.count, fb.bit_offset, fb.bit_size),
+                "{what}: {k}.{f}"
+            );
+        }
+    }
+    for (k, s) in &a.symbols {
+        assert_eq!(Some(s.address), b.symbol(k), "{what}: symbol {k}");
+    }
+    assert_eq!(a.symbols.len(), b.symbols.len(), "{what}: symbols");
+    assert_eq!(a.enums, b.enums, "{what}: enums");
+    assert_eq!(a.kernel.banner, b.kernel.banner, "{what}: banner");
+    assert_eq!(a.kernel.release, b.kernel.release, "{what}: release");
+}
+
+#[test]
+fn dwarf2json_isf_import_agrees_with_our_build() {
+    let path = shared().join("isf/debian-6.1.0-56-cloud-amd64.json.xz");
+    if !path.exists() {
+        eprintln!("SKIP: {} is not there", path.display());
+        return;
+    }
+    let p = isf::import_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.source.method, "isf");
+    assert!(p.kernel.build_id.is_none(), "ISF carries no build-id");
+    assert_same_layouts(&p, &shipped(), "dwarf2json ISF vs pct build");
+}
+
+#[test]
+fn isf_export_round_trips() {
+    let p = shipped();
+    let v = isf::export_value(&p);
+    let back = isf::import_value(&v, "export").unwrap_or_else(|e| panic!("{}", e.0));
+    assert_same_layouts(&back, &p, "export → import");
+}
+
+const VOL3_CHECK: &str = r#"
+import json, sys, os
+from volatility3 import schemas
+from volatility3.framework import contexts
+from volatility3.framework.objects import templates
+from volatility3.framework.symbols import intermed
+path = os.path.abspath(sys.argv[1])
+doc = json.load(open(path))
+assert schemas.validate(doc, False), "schema validation failed"
+ctx = contexts.Context()
+table = intermed.IntermediateSymbolTable(ctx, "pct", "pcttable", isf_url="file://" + path)
+ctx.symbol_space.append(table)
+out = {"types": {}, "symbols": {}, "enums": {}}
+for tname, t in doc["user_types"].items():
+    if not t["fields"]:
+        continue
+    vt = ctx.symbol_space.get_type("pcttable!" + tname)
+    fields = {}
+    for m in t["fields"]:
+        off, tmpl = vt.vol.members[m]
+        if isinstance(tmpl, templates.ReferenceTemplate):
+            tmpl = ctx.symbol_space.get_type(tmpl.vol.type_name)
+        fields[m] = [off, tmpl.size]
+    out["types"][tname] = {"size": vt.size, "fields": fields}
+for s in doc["symbols"]:
+    out["symbols"][s] = ctx.symbol_space.get_symbol("pcttable!" + s).address
+for e in doc["enums"]:
+    out["enums"][e] = dict(ctx.symbol_space.get_enumeration("pcttable!" + e).choices)
+print(json.dumps(out))
+"#;
+
+/// A Python with `volatility3` importable: $PCT_VOL3_PYTHON, else python3.
+fn vol3_python() -> Option<String> {
+    let py = std::env::var("PCT_VOL3_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import volatility3"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+#[test]
+fn exported_isf_loads_in_volatility3() {
+    let Some(py) = vol3_python() else {
+        eprintln!(
+            "SKIP: volatility3 is not importable (pip install volatility3, or set PCT_VOL3_PYTHON)"
+        );
+        return;
+    };
+    let p = shipped();
+    let dir = std::env::temp_dir().join(format!("pct-isf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let isf_path = dir.join("pct-export.json");
+    std::fs::write(&isf_path, isf::export(&p)).unwrap();
+    let script = dir.join("check.py");
+    std::fs::write(&script, VOL3_CHECK).unwrap();
+    let out = Command::new(&py)
+        .arg(&script)
+        .arg(&isf_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "volatility3 could not load the exported ISF: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut checked = 0;
+    for (key, t) in &p.types {
+        let name = t.name.as_deref().unwrap_or(key);
+        let vt = &seen["types"][name];
+        assert_eq!(
+            vt["size"].as_u64(),
+            Some(t.size),
+            "volatility3 sizeof {name}"
+        );
+        for (fk, f) in &t.fields {
+            let fname = f.name.as_deref().unwrap_or(fk).rsplit('.').next().unwrap();
+            let vf = &vt["fields"][fname];
+            assert_eq!(
+                vf[0].as_u64(),
+                Some(f.offset),
+                "volatility3 offset of {name}.{fname}"
+            );
+            if f.bit_size.is_none() {
+                assert_eq!(
+                    vf[1].as_u64(),
+                    Some(f.size),
+                    "volatility3 size of {name}.{fname}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    for (k, s) in &p.symbols {
+        let name = s.name.as_deref().unwrap_or(k);
+        assert_eq!(
+            seen["symbols"][name].as_u64(),
+            Some(s.address),
+            "symbol {name}"
+        );
+    }
+    assert_eq!(
+        seen["enums"]["pageflags"]["PG_dirty"].as_i64(),
+        p.enum_value("pageflags", "PG_dirty")
+    );
+    assert!(checked > 80);
+}

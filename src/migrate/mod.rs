@@ -8,3 +8,4 @@
 //! stream for the destination QEMU (DESIGN.md, invariants 1 and 2).
 
 pub mod stream;
+pub mod wire;

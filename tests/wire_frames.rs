@@ -1,0 +1,347 @@
+//! pct's wire protocol: every frame round-trips, hellos negotiate, reference runs stay
+//! within the overhead budget, hashes verify, and garbage gives errors, never panics.
+
+use pct::migrate::wire::{
+    caps, hash_page, hash_run, read_frame, write_frame, Codec, Frame, Hello, PageRef, PageRefs,
+    Payload, Role, WireError, WireStats, HEADER_LEN, MAX_PAYLOAD, PAGE_SIZE,
+};
+
+fn round_trip(f: &Frame) -> usize {
+    let mut buf = Vec::new();
+    let n = f.encode(&mut buf).expect("encode");
+    assert_eq!(n, buf.len());
+    // Whole buffer.
+    let (g, used) = Frame::decode(&buf, MAX_PAYLOAD)
+        .expect("decode")
+        .expect("complete");
+    assert_eq!(&g, f);
+    assert_eq!(used, n);
+    // Every strict prefix is incomplete, never an error or a wrong frame.
+    for cut in 0..buf.len() {
+        assert!(
+            Frame::decode(&buf[..cut], MAX_PAYLOAD)
+                .expect("prefix")
+                .is_none(),
+            "{} prefix {cut}",
+            f.name()
+        );
+    }
+    // Through a reader, followed by a clean end.
+    let mut r = &buf[..];
+    let (g, used) = read_frame(&mut r, MAX_PAYLOAD)
+        .expect("read")
+        .expect("frame");
+    assert_eq!((&g, used), (f, n));
+    assert!(read_frame(&mut r, MAX_PAYLOAD).expect("eof").is_none());
+    n
+}
+
+fn page(seed: u8) -> Vec<u8> {
+    (0..PAGE_SIZE)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+fn refs(n: usize, per_run: bool, scattered: bool) -> (PageRefs, Vec<Vec<u8>>) {
+    let data: Vec<Vec<u8>> = (0..n).map(|i| page(i as u8)).collect();
+    let views: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+    let hashes = if per_run {
+        hash_run(&views, 16)
+    } else {
+        views.iter().flat_map(|d| hash_page(d, 16)).collect()
+    };
+    let pages = (0..n as u64)
+        .map(|i| PageRef {
+            // Mostly consecutive in RAM, one gap.
+            offset: 0x1234_5000 + i * 4096 + if i >= n as u64 / 2 { 0x3000 } else { 0 },
+            disk_offset: if scattered {
+                (i * 7_919_993 % 100_000_000) * 4096 + 512
+            } else {
+                (40 << 30) + i * 4096
+            },
+        })
+        .collect();
+    let r = PageRefs {
+        block: 3,
+        first_named: true,
+        pages,
+        hash_len: 16,
+        hashes,
+    };
+    (r, data)
+}
+
+#[test]
+fn every_frame_round_trips() {
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let frames = vec![
+        Frame::Hello(Hello::new(Role::Sender)),
+        Frame::Hello(Hello::new(Role::Receiver)),
+        Frame::Data(Payload::raw(b"QEVM\0\0\0\x03".to_vec())),
+        Frame::Data(Payload::compress(&data, 1).unwrap()),
+        Frame::Data(Payload::raw(Vec::new())),
+        Frame::PageRefs(refs(1, false, false).0),
+        Frame::PageRefs(refs(64, false, false).0),
+        Frame::PageRefs(refs(64, true, true).0),
+        Frame::FallbackRequest {
+            run: 1 << 40,
+            first: 3,
+            count: 5,
+        },
+        Frame::FallbackData {
+            run: 7,
+            first: 0,
+            count: 2,
+            data: Payload::compress(&[page(1), page(2)].concat(), 3).unwrap(),
+        },
+        Frame::Ack { runs: 12345 },
+        Frame::End {
+            stream_bytes: u64::MAX,
+            runs: 0,
+        },
+        Frame::Complete {
+            stream_bytes: 415_000_000,
+        },
+        Frame::Error {
+            code: 7,
+            message: "hash mismatch ☹".into(),
+        },
+    ];
+    for f in &frames {
+        round_trip(f);
+    }
+    if let Frame::Data(p) = &frames[3] {
+        assert_eq!(p.codec, Codec::Zstd);
+        assert!(p.bytes.len() < data.len() / 10);
+        assert_eq!(p.decompress().unwrap(), data);
+    }
+}
+
+#[test]
+fn hello_negotiation() {
+    let s = Hello::new(Role::Sender);
+    let mut r = Hello::new(Role::Receiver);
+    r.hash_len = 12;
+    r.caps = caps::ZSTD;
+    let a = s.negotiate(&r).unwrap();
+    assert_eq!(a, r.negotiate(&s).unwrap());
+    assert_eq!((a.hash_len, a.caps), (12, caps::ZSTD));
+    assert!(matches!(
+        s.negotiate(&s),
+        Err(WireError::Mismatch(_)) // two senders
+    ));
+    let mut old = r.clone();
+    old.version = 0;
+    assert!(matches!(
+        s.negotiate(&old),
+        Err(WireError::Version { peer: 0 })
+    ));
+    let mut big = r.clone();
+    big.page_size = 2 << 20;
+    assert!(s.negotiate(&big).is_err());
+    // A hello with the wrong magic is refused at decode.
+    let mut buf = Vec::new();
+    Frame::Hello(s).encode(&mut buf).unwrap();
+    buf[HEADER_LEN] = b'X';
+    assert!(matches!(
+        Frame::decode(&buf, MAX_PAYLOAD),
+        Err(WireError::BadMagic(_))
+    ));
+}
+
+/// Beyond the hashes, a run of consecutive pages costs ≤ 4 bytes per page.
+#[test]
+fn reference_overhead_per_page() {
+    for n in [16usize, 64, 512] {
+        let (r, _) = refs(n, false, false);
+        let wire = round_trip(&Frame::PageRefs(r.clone()));
+        let overhead = (wire - r.hashes.len()) as f64 / n as f64;
+        eprintln!("{n} pages, per-page hash: {overhead:.2} B/page beyond hashes");
+        assert!(overhead <= 4.0, "{overhead}");
+        let (r, _) = refs(n, true, false);
+        let wire = round_trip(&Frame::PageRefs(r));
+        let all_in = wire as f64 / n as f64;
+        eprintln!("{n} pages, run hash: {all_in:.2} B/page all in");
+        assert!(all_in <= 4.0 || n < 32, "{all_in}");
+        let (r, _) = refs(n, false, true);
+        let wire = round_trip(&Frame::PageRefs(r.clone()));
+        let overhead = (wire - r.hashes.len()) as f64 / n as f64;
+        eprintln!("{n} pages, scattered on disk: {overhead:.2} B/page beyond hashes");
+        assert!(overhead <= 8.0, "{overhead}");
+    }
+}
+
+#[test]
+fn hashes_verify_per_page_and_per_run() {
+    let (r, mut data) = refs(8, false, false);
+    let v: Vec<&[u8]> = data.iter().map(|p| &p[..]).collect();
+    assert!(r.verify(&v).is_empty());
+    data[5][100] ^= 1;
+    let v: Vec<&[u8]> = data.iter().map(|p| &p[..]).collect();
+    assert_eq!(r.verify(&v), vec![5]);
+
+    let (r, mut data) = refs(8, true, false);
+    assert!(r.run_hash());
+    data[2][0] ^= 1;
+    let v: Vec<&[u8]> = data.iter().map(|p| &p[..]).collect();
+    assert_eq!(r.verify(&v), (0..8).collect::<Vec<_>>());
+    // Wrong page count or size: everything falls back.
+    assert_eq!(r.verify(&v[..3]).len(), 8);
+}
+
+#[test]
+fn invalid_frames_are_refused_on_encode() {
+    let (mut r, _) = refs(4, false, false);
+    r.pages[2].offset = r.pages[1].offset; // not increasing
+    assert!(Frame::PageRefs(r).encode(&mut Vec::new()).is_err());
+    let (mut r, _) = refs(4, false, false);
+    r.hashes.pop();
+    assert!(Frame::PageRefs(r).encode(&mut Vec::new()).is_err());
+    let (mut r, _) = refs(4, false, false);
+    r.pages[0].disk_offset += 1; // not sector aligned
+    assert!(Frame::PageRefs(r).encode(&mut Vec::new()).is_err());
+    let bad = Frame::FallbackData {
+        run: 0,
+        first: 0,
+        count: 2,
+        data: Payload::raw(vec![0; 4096]),
+    };
+    assert!(bad.encode(&mut Vec::new()).is_err());
+}
+
+#[test]
+fn header_bounds_and_truncation() {
+    // Announced payload beyond the limit: refused before reading it.
+    let mut buf = vec![0x02];
+    buf.extend_from_slice(&u32::MAX.to_be_bytes());
+    assert!(matches!(
+        Frame::decode(&buf, MAX_PAYLOAD),
+        Err(WireError::TooLong { .. })
+    ));
+    assert!(matches!(
+        read_frame(&mut &buf[..], MAX_PAYLOAD),
+        Err(WireError::TooLong { .. })
+    ));
+    // A smaller negotiated limit applies.
+    let mut ok = Vec::new();
+    Frame::Data(Payload::raw(vec![1; 100]))
+        .encode(&mut ok)
+        .unwrap();
+    assert!(Frame::decode(&ok, 50).is_err());
+    // Unknown type.
+    assert!(matches!(
+        Frame::decode(&[0x55, 0, 0, 0, 0], MAX_PAYLOAD),
+        Err(WireError::UnknownType(0x55))
+    ));
+    // Trailing bytes inside a payload.
+    let mut f = Vec::new();
+    Frame::Ack { runs: 1 }.encode(&mut f).unwrap();
+    f[4] += 1;
+    f.push(0);
+    assert!(Frame::decode(&f, MAX_PAYLOAD).is_err());
+    // EOF inside a frame.
+    assert!(matches!(
+        read_frame(&mut &ok[..ok.len() - 1], MAX_PAYLOAD),
+        Err(WireError::Truncated(_))
+    ));
+    // zstd bomb: announced raw length bounds the output.
+    let big = vec![0u8; 1 << 20];
+    let mut p = Payload::compress(&big, 1).unwrap();
+    p.raw_len = 1000;
+    assert!(p.decompress().is_err());
+}
+
+#[test]
+fn stats_split_bytes_by_kind() {
+    let mut s = WireStats::default();
+    let mut out = Vec::new();
+    let frames = [
+        Frame::Hello(Hello::new(Role::Sender)),
+        Frame::Data(Payload::compress(&vec![7u8; 50_000], 1).unwrap()),
+        Frame::PageRefs(refs(32, false, false).0),
+        Frame::FallbackData {
+            run: 0,
+            first: 0,
+            count: 1,
+            data: Payload::raw(page(0)),
+        },
+        Frame::End {
+            stream_bytes: 1,
+            runs: 1,
+        },
+    ];
+    for f in &frames {
+        let n = write_frame(&mut out, f).unwrap();
+        s.count(f, n);
+    }
+    assert_eq!(s.wire_total(), out.len() as u64);
+    assert_eq!(s.frames, 5);
+    assert_eq!(s.passthrough_raw, 50_000);
+    assert!(s.passthrough_wire < 1000);
+    assert_eq!((s.ref_pages, s.ref_hash_bytes), (32, 32 * 16));
+    assert_eq!(s.fallback_pages, 1);
+}
+
+/// xorshift64*: reproducible garbage.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn garbage_never_panics() {
+    let mut r = rng(7);
+    // Random payloads under every type byte.
+    for t in 0..=255u8 {
+        for _ in 0..40 {
+            let len = (r() % 300) as usize;
+            let payload: Vec<u8> = (0..len).map(|_| r() as u8).collect();
+            if let Ok(Frame::Data(p) | Frame::FallbackData { data: p, .. }) =
+                Frame::decode_payload(t, &payload)
+            {
+                let _ = p.decompress();
+            }
+        }
+    }
+    // Every single-byte corruption of valid frames.
+    let mut valid = Vec::new();
+    for f in [
+        Frame::Hello(Hello::new(Role::Receiver)),
+        Frame::PageRefs(refs(5, false, true).0),
+        Frame::FallbackData {
+            run: 1,
+            first: 1,
+            count: 1,
+            data: Payload::compress(&page(9), 1).unwrap(),
+        },
+        Frame::Error {
+            code: 1,
+            message: "x".into(),
+        },
+    ] {
+        f.encode(&mut valid).unwrap();
+    }
+    for i in 0..valid.len() {
+        for v in [0u8, 0xff, valid[i] ^ 0x80] {
+            let mut g = valid.clone();
+            g[i] = v;
+            let mut rd = &g[..];
+            while let Ok(Some((f, _))) = read_frame(&mut rd, MAX_PAYLOAD) {
+                if let Frame::Data(p) | Frame::FallbackData { data: p, .. } = f {
+                    let _ = p.decompress();
+                }
+            }
+        }
+    }
+    // Random byte streams.
+    for _ in 0..300 {
+        let g: Vec<u8> = (0..(r() % 5000)).map(|_| r() as u8).collect();
+        let mut rd = &g[..];
+        while let Ok(Some(_)) = read_frame(&mut rd, MAX_PAYLOAD) {}
+    }
+}

@@ -10,9 +10,12 @@
 //! Modules appear here as they land; each owns one stage and says so at its top.
 
 pub mod blockmap;
+pub mod cachemap;
+pub mod introspect;
 pub mod kernel;
 pub mod memory;
 pub mod migrate;
 pub mod profile;
 pub mod qmp;
+pub mod report;
 pub mod walk;

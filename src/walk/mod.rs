@@ -6,9 +6,11 @@
 //! [`Kernel::read`](crate::kernel::Kernel::read), lists and trees carry cycle guards
 //! and iteration caps, and back-pointers are cross-checked to catch torn reads.
 
+pub mod dentry;
 pub mod fs;
 pub mod list;
 pub mod page;
+pub mod page_scan;
 pub mod xarray;
 
 use crate::kernel::LocateError;

@@ -1,0 +1,100 @@
+//! `pct-introspect scan`: the forensic dry-run.
+
+use pct::introspect::{scan, ScanOptions};
+use pct::memory::{qemu, GuestMemory};
+use pct::profile::{self, Profile};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct ScanArgs {
+    /// Kernel profile (JSON) [default: the shipped profile matching the image].
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Guest RAM: a raw RAM file (QEMU memory-backend-file) or a `dump-guest-memory` ELF core.
+    #[arg(long, required_unless_present = "qmp", conflicts_with = "qmp")]
+    memory: Option<PathBuf>,
+    /// A live QEMU's QMP socket: pct finds and maps its RAM file itself (read-only).
+    #[arg(long)]
+    qmp: Option<PathBuf>,
+    /// The guest's disk image (raw): metadata blocks the guest has not cached, and --verify.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Byte-compare every run of the map with the disk image.
+    #[arg(long, requires = "disk")]
+    verify: bool,
+    /// Also scan the struct page array: RAM census and a cross-check of the tree walk.
+    #[arg(long)]
+    cross_check: bool,
+    /// Write the cache map as JSON lines (gpa, disk_offset, len, dev, ino, file_offset, path).
+    #[arg(long, value_name = "FILE")]
+    map_out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+pub fn run(a: ScanArgs) -> Result<ExitCode, String> {
+    let mem = match (&a.memory, &a.qmp) {
+        (Some(p), _) => GuestMemory::open(p),
+        (None, Some(q)) => qemu::open_live(q),
+        (None, None) => unreachable!("clap requires --memory or --qmp"),
+    }
+    .map_err(|e| e.to_string())?;
+    let profile = match &a.profile {
+        Some(p) => Profile::load(p).map_err(|e| e.to_string())?,
+        None => {
+            let key = mem
+                .vmcoreinfo()
+                .and_then(|t| pct::kernel::vmcoreinfo::VmcoreInfo::parse(t).build_id().map(str::to_owned))
+                .ok_or("no --profile given and the image carries no VMCOREINFO build-id to pick one by: pass --profile")?;
+            match profile::find_matching(&key).map_err(|e| e.to_string())? {
+                Some((path, p, _)) => {
+                    eprintln!("using profile {}", path.display());
+                    p
+                }
+                None => return Err(format!("no shipped profile matches build-id {key}: build one with `pct-introspect build-profile VMLINUX`")),
+            }
+        }
+    };
+    let disk = match &a.disk {
+        Some(p) => Some(
+            std::fs::File::open(p)
+                .map_err(|e| format!("cannot open disk image {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let opts = ScanOptions {
+        cross_check: a.cross_check,
+        verify: a.verify,
+    };
+    let (map, report) = scan(&mem, &profile, disk.as_ref(), opts).map_err(|e| e.to_string())?;
+    if let Some(path) = &a.map_out {
+        let f = std::fs::File::create(path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        map.write_jsonl(std::io::BufWriter::new(f))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    match a.format {
+        Format::Text => print!("{}", report.to_text()),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        ),
+    }
+    let bad_verify = report
+        .verify
+        .as_ref()
+        .is_some_and(|v| v.mismatching_pages > 0 || v.unreadable_runs > 0);
+    let bad_cross = report.cross_check.as_ref().is_some_and(|c| !c.agrees());
+    Ok(if bad_verify || bad_cross {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

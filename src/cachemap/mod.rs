@@ -1,0 +1,210 @@
+//! The cache map, pct's interface between introspection and migration: sorted, merged
+//! runs of (guest-physical address, disk byte offset, length) whose memory holds exactly
+//! the disk's bytes, each attributed to its device, inode and, where the dentry cache
+//! knows it, a path.
+//!
+//! Built from a [`CacheWalk`]: clean pages of regular ext4 files go through the block
+//! map; clean pages of a block device's own cache map directly (partition start +
+//! index × 4 KiB). Metadata blocks the block map needs (extent index blocks, indirect
+//! blocks) are read from the guest's cached copies first, then from the disk image.
+
+pub mod source;
+
+use crate::blockmap::{self, Ext4Inode, Ext4Volume, MapOptions, Unrestorable};
+use crate::kernel::Kernel;
+use crate::walk::dentry::dentry_path;
+use crate::walk::fs::CacheWalk;
+use crate::walk::page::PageState;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+
+const PAGE: u64 = 4096;
+const S_IFMT: u16 = 0o170000;
+const S_IFREG: u16 = 0o100000;
+
+/// One run of the map. `ino`/`file_offset`/`path` are absent for block-device cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Run {
+    pub gpa: u64,
+    pub disk_offset: u64,
+    pub len: u64,
+    /// The filesystem's device (`s_id`, e.g. `vda1`).
+    pub dev: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ino: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// Why cached pages are not in the map, counted.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Exclusions {
+    /// Page states other than clean (dirty, writeback, shmem…).
+    pub by_state: BTreeMap<String, u64>,
+    /// Clean pages the block map could not restore (hole, unwritten, …).
+    pub by_block_map: BTreeMap<String, u64>,
+    /// Clean pages on filesystems pct cannot map (not ext4, no block device).
+    pub unsupported_fs: u64,
+    /// Inodes whose block map failed, with the error.
+    pub failed_inodes: Vec<String>,
+}
+
+/// The cache map and how it came to be.
+#[derive(Debug, Default)]
+pub struct CacheMap {
+    pub runs: Vec<Run>,
+    pub excluded: Exclusions,
+}
+
+impl CacheMap {
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.len).sum()
+    }
+
+    /// Writes the map as JSON lines (one run per line; see docs/cache-map.md).
+    pub fn write_jsonl(&self, mut w: impl Write) -> std::io::Result<()> {
+        for r in &self.runs {
+            serde_json::to_writer(&mut w, r)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds the map. `disk` is the guest's disk image, if the host has it.
+pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> CacheMap {
+    let mut map = CacheMap::default();
+    let mut pieces: Vec<Run> = Vec::new();
+    for ic in &walk.inodes {
+        let sb = &walk.super_blocks[ic.sb];
+        let clean: Vec<_> = ic
+            .pages
+            .iter()
+            .filter(|p| p.state == PageState::Clean)
+            .collect();
+        for p in ic.pages.iter().filter(|p| p.state != PageState::Clean) {
+            *map.excluded
+                .by_state
+                .entry(format!("{:?}", p.state).to_lowercase())
+                .or_default() += 1;
+        }
+        if clean.is_empty() {
+            continue;
+        }
+        if ic.is_bdev {
+            for p in clean {
+                pieces.push(Run {
+                    gpa: p.pfn * PAGE,
+                    disk_offset: sb.part_start + p.index * PAGE,
+                    len: PAGE,
+                    dev: sb.id.clone(),
+                    ino: None,
+                    file_offset: None,
+                    path: None,
+                });
+            }
+            continue;
+        }
+        let Some(e4) = ic
+            .ext4
+            .filter(|_| sb.bdev != 0 && ic.mode & S_IFMT == S_IFREG)
+        else {
+            map.excluded.unsupported_fs += clean.len() as u64;
+            continue;
+        };
+        let vol = Ext4Volume {
+            block_size: 1u32 << sb.blocksize_bits.min(16),
+            partition_start: sb.part_start,
+            blocks_count: None,
+        };
+        let inode = Ext4Inode {
+            ino: ic.ino,
+            i_flags: e4.i_flags,
+            i_size: ic.size,
+            i_block: e4.i_data,
+        };
+        let src = source::MetaSource::new(k, walk, ic.sb, disk);
+        let fm = match blockmap::map_file_pages(
+            &vol,
+            &inode,
+            &src,
+            MapOptions::default(),
+            clean.iter().map(|p| p.index),
+        ) {
+            Ok(fm) => fm,
+            Err(e) => {
+                map.excluded
+                    .failed_inodes
+                    .push(format!("inode {} on {}: {e}", ic.ino, sb.id));
+                *map.excluded.by_block_map.entry("error".into()).or_default() += clean.len() as u64;
+                continue;
+            }
+        };
+        for (_, why) in &fm.unrestorable {
+            *map.excluded
+                .by_block_map
+                .entry(reason(*why).into())
+                .or_default() += 1;
+        }
+        let path = (!fm.runs.is_empty())
+            .then(|| dentry_path(k, ic.va))
+            .flatten();
+        // Runs are in file order; clean pages were asked for in index order.
+        let pfn_of: BTreeMap<u64, u64> = clean.iter().map(|p| (p.index, p.pfn)).collect();
+        for r in &fm.runs {
+            for i in 0..r.pages {
+                let index = r.page + i;
+                let Some(&pfn) = pfn_of.get(&index) else {
+                    continue;
+                };
+                pieces.push(Run {
+                    gpa: pfn * PAGE,
+                    disk_offset: r.disk_offset + i * PAGE,
+                    len: PAGE,
+                    dev: sb.id.clone(),
+                    ino: Some(ic.ino),
+                    file_offset: Some(index * PAGE),
+                    path: path.clone(),
+                });
+            }
+        }
+    }
+    pieces.sort_by_key(|r| r.gpa);
+    pieces.dedup_by_key(|r| r.gpa);
+    for p in pieces {
+        if let Some(last) = map.runs.last_mut() {
+            let follows = last.gpa + last.len == p.gpa
+                && last.disk_offset + last.len == p.disk_offset
+                && last.dev == p.dev
+                && last.ino == p.ino
+                && match (last.file_offset, p.file_offset) {
+                    (Some(a), Some(b)) => a + last.len == b,
+                    (None, None) => true,
+                    _ => false,
+                };
+            if follows {
+                last.len += p.len;
+                continue;
+            }
+        }
+        map.runs.push(p);
+    }
+    map
+}
+
+fn reason(u: Unrestorable) -> &'static str {
+    match u {
+        Unrestorable::BeyondEof => "beyond_eof",
+        Unrestorable::PartialEof => "partial_last_page",
+        Unrestorable::Hole => "hole",
+        Unrestorable::Unwritten => "unwritten",
+        Unrestorable::Discontiguous => "discontiguous_blocks",
+        Unrestorable::Unaddressable => "unaddressable",
+        Unrestorable::InlineData => "inline_data",
+        Unrestorable::Encrypted => "encrypted",
+        Unrestorable::JournalData => "journal_data",
+    }
+}

@@ -1,0 +1,112 @@
+//! The introspection pipeline end to end, as `pct-introspect scan` and the migration
+//! sender run it: guest memory → kernel located → page-cache walk → cache map, with
+//! the optional linear-scan cross-check and disk verification, timed stage by stage.
+
+use crate::cachemap::{self, CacheMap};
+use crate::kernel::{Kernel, LocateError};
+use crate::memory::GuestMemory;
+use crate::profile::Profile;
+use crate::report::{self, CrossCheck, KernelSummary, ScanReport};
+use crate::walk::fs::walk_page_cache;
+use crate::walk::page_scan::scan_struct_pages;
+use crate::walk::WalkError;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Locate(#[from] LocateError),
+    #[error("walking the page cache: {0}")]
+    Walk(#[from] WalkError),
+}
+
+/// What to do besides building the map.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanOptions {
+    /// Also scan the struct page array (census and cross-check).
+    pub cross_check: bool,
+    /// Byte-compare every run with the disk image.
+    pub verify: bool,
+}
+
+/// Builds the cache map of the guest in `mem` and a report about it.
+pub fn scan(
+    mem: &GuestMemory,
+    profile: &Profile,
+    disk: Option<&std::fs::File>,
+    opts: ScanOptions,
+) -> Result<(CacheMap, ScanReport), ScanError> {
+    let mut t = BTreeMap::new();
+    let start = Instant::now();
+    let mut lap = |name: &str, since: &mut Instant| {
+        t.insert(name.to_owned(), since.elapsed().as_secs_f64() * 1e3);
+        *since = Instant::now();
+    };
+    let mut since = Instant::now();
+    let k = Kernel::locate(mem, profile)?;
+    lap("locate", &mut since);
+    let walk = walk_page_cache(&k)?;
+    lap("walk", &mut since);
+    let map = cachemap::build(&k, &walk, disk);
+    lap("map", &mut since);
+
+    let mut census = None;
+    let mut cross_check = None;
+    if opts.cross_check {
+        let mappings: BTreeSet<u64> = walk.inodes.iter().map(|i| i.mapping).collect();
+        let lin = scan_struct_pages(&k, &mappings)?;
+        let tree: BTreeSet<(u64, u64, u64)> = walk
+            .inodes
+            .iter()
+            .flat_map(|i| i.pages.iter().map(move |p| (p.pfn, i.mapping, p.index)))
+            .collect();
+        let linear: BTreeSet<(u64, u64, u64)> = lin
+            .pages
+            .iter()
+            .map(|p| (p.pfn, p.mapping, p.index))
+            .collect();
+        cross_check = Some(CrossCheck {
+            tree_pages: tree.len(),
+            linear_pages: linear.len(),
+            only_in_tree: tree.difference(&linear).count(),
+            only_in_linear_scan: linear.difference(&tree).count(),
+        });
+        census = Some(lin.census);
+        lap("cross_check", &mut since);
+    }
+    let verify = match (opts.verify, disk) {
+        (true, Some(d)) => {
+            let v = report::verify(mem, &map, d);
+            lap("verify", &mut since);
+            Some(v)
+        }
+        _ => None,
+    };
+    let (page_cache, filesystems, top_files) = report::summarise(&walk, &map);
+    t.insert("total".into(), start.elapsed().as_secs_f64() * 1e3);
+    let restorable = map.bytes();
+    let report = ScanReport {
+        source: mem.description().to_owned(),
+        kernel: KernelSummary {
+            release: k.loc.release.clone(),
+            build_id: k.loc.build_id.clone(),
+            located_by: k.loc.method,
+            kaslr_offset: format!("{:#x}", k.loc.virt_offset),
+        },
+        ram_bytes: mem.total_bytes(),
+        census,
+        page_cache,
+        restorable_bytes: restorable,
+        runs: map.runs.len(),
+        filesystems,
+        top_files,
+        savings: report::savings(restorable),
+        excluded: map.excluded.clone(),
+        verify,
+        cross_check,
+        problems: walk.problems.clone(),
+        timings_ms: t,
+    };
+    Ok((map, report))
+}

@@ -1,0 +1,173 @@
+//! The second, independent pass: a linear scan of the `struct page` array (vmemmap)
+//! that finds page-cache pages from the other side — by their `mapping` pointer —
+//! to cross-check the tree walk.
+
+use super::page::Pages;
+use super::{need, u64_at, WalkError};
+use crate::kernel::Kernel;
+use std::collections::{BTreeSet, HashMap};
+
+/// A page whose `mapping` is one of the address spaces asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ScannedPage {
+    pub pfn: u64,
+    pub mapping: u64,
+    pub index: u64,
+}
+
+/// What guest RAM holds, page by page, as the `struct page` array tells it.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Census {
+    /// Page frames with a `struct page` (guest RAM the kernel manages).
+    pub pages: u64,
+    /// In the buddy allocator (6.1+ `page_type` encoding; 0 on kernels without it).
+    pub free: u64,
+    /// Anonymous memory (`mapping` tagged PAGE_MAPPING_ANON).
+    pub anon: u64,
+    /// Backed by an address_space: page cache of files, block devices and shmem.
+    pub file: u64,
+    pub slab: u64,
+    /// Everything else (kernel image, page tables, vmalloc, reserved…).
+    pub other: u64,
+}
+
+/// The result of a linear scan.
+#[derive(Debug, Default)]
+pub struct StructPageScan {
+    pub pages: Vec<ScannedPage>,
+    pub census: Census,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Free,
+    Anon,
+    File,
+    Slab,
+    Other,
+}
+
+struct Classifier {
+    head_off: u64,
+    mapcount_off: Option<u64>,
+    private_off: Option<u64>,
+    slab_bit: Option<u32>,
+    last: Kind,
+    /// Remaining tail frames of a free buddy block.
+    free_run: u64,
+}
+
+/// Scans every `struct page` of guest RAM and returns those whose `page->mapping` is
+/// in `mappings` (head and order-0 pages only: tail pages point at their head), with
+/// a census of what all of RAM holds.
+pub fn scan_struct_pages(
+    k: &Kernel,
+    mappings: &BTreeSet<u64>,
+) -> Result<StructPageScan, WalkError> {
+    let pages = Pages::new(k)?;
+    let size = pages.struct_size();
+    let p = k.profile;
+    let mut cls = Classifier {
+        head_off: need(p, "page", "compound_head")?,
+        mapcount_off: p.offset("page", "_mapcount"),
+        private_off: p.offset("page", "private"),
+        slab_bit: p.pageflag("PG_slab"),
+        last: Kind::Other,
+        free_run: 0,
+    };
+    let max_pfn = k.mem.end_gpa() / 4096;
+    let mut out = StructPageScan::default();
+    // Walk the vmemmap a 4 KiB page at a time: one translation per 4096/size struct pages.
+    let mut pfn = 0;
+    let mut cache: HashMap<u64, Option<u64>> = HashMap::new();
+    while pfn < max_pfn {
+        let va = pages.pfn_to_page(pfn);
+        let page_va = va & !4095;
+        let pa = *cache.entry(page_va).or_insert_with(|| k.va_to_pa(page_va));
+        let Some(pa) = pa else {
+            // No struct pages here (a hole in guest RAM): skip to the next vmemmap page.
+            pfn = (page_va + 4096 - pages.pfn_to_page(0)).div_ceil(size);
+            continue;
+        };
+        let off = va & 4095;
+        if off + size > 4096 {
+            // A struct page straddling two vmemmap pages: read it through the kernel view.
+            if let Ok(b) = k.read(va, size, "struct page") {
+                cls.consider(&pages, &b, pfn, mappings, &mut out);
+            }
+            pfn += 1;
+            continue;
+        }
+        if let Ok(b) = k.mem.slice(pa + off, size) {
+            cls.consider(&pages, b, pfn, mappings, &mut out);
+        }
+        pfn += 1;
+        if cache.len() > 1024 {
+            cache.clear();
+        }
+    }
+    Ok(out)
+}
+
+impl Classifier {
+    fn consider(
+        &mut self,
+        pages: &Pages,
+        b: &[u8],
+        pfn: u64,
+        mappings: &BTreeSet<u64>,
+        out: &mut StructPageScan,
+    ) {
+        let c = &mut out.census;
+        c.pages += 1;
+        if self.free_run > 0 {
+            self.free_run -= 1;
+            c.free += 1;
+            return;
+        }
+        if u64_at(b, self.head_off) & 1 == 1 {
+            // Tail page of a compound page: counts as its head did.
+            self.count(c, self.last);
+            return;
+        }
+        let (flags, mapping, index) = pages.fields(b);
+        let page_type = self
+            .mapcount_off
+            .map(|o| super::u32_at(b, o))
+            .unwrap_or(u32::MAX);
+        let kind = if page_type & 0xf000_0080 == 0xf000_0000 {
+            // PageBuddy: the head of a free block of 2^order frames (order in `private`).
+            let order = self.private_off.map(|o| u64_at(b, o)).unwrap_or(0).min(10);
+            self.free_run = (1 << order) - 1;
+            Kind::Free
+        } else if self.slab_bit.is_some_and(|bit| flags >> bit & 1 == 1) {
+            // Before `mapping`: struct slab overlays struct page, that word is not a mapping there.
+            Kind::Slab
+        } else if mapping & 1 == 1 {
+            Kind::Anon
+        } else if mapping != 0 && mapping & 3 == 0 {
+            if mappings.contains(&mapping) {
+                out.pages.push(ScannedPage {
+                    pfn,
+                    mapping,
+                    index,
+                });
+            }
+            Kind::File
+        } else {
+            Kind::Other
+        };
+        self.last = kind;
+        self.count(c, kind);
+    }
+
+    fn count(&self, c: &mut Census, kind: Kind) {
+        match kind {
+            Kind::Free => c.free += 1,
+            Kind::Anon => c.anon += 1,
+            Kind::File => c.file += 1,
+            Kind::Slab => c.slab += 1,
+            Kind::Other => c.other += 1,
+        }
+    }
+}

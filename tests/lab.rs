@@ -191,8 +191,16 @@ fn db_guest_keeps_writing() {
     let skip = g.serial_log().len();
     let b = g.wait_serial_from(skip, "PCT-DB ops=", Duration::from_secs(120));
     let ops = |l: &str| l.trim_start_matches("PCT-DB ops=").parse::<u64>().unwrap();
-    assert!(ops(&b) > ops(&a), "db: the load does not progress ({a}, {b})");
-    eprintln!("lab: db load {} -> {} in {:.1} s", ops(&a), ops(&b), t.elapsed().as_secs_f64());
+    assert!(
+        ops(&b) > ops(&a),
+        "db: the load does not progress ({a}, {b})"
+    );
+    eprintln!(
+        "lab: db load {} -> {} in {:.1} s",
+        ops(&a),
+        ops(&b),
+        t.elapsed().as_secs_f64()
+    );
 }
 
 fn layout(layout: &'static str) {

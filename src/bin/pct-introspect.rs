@@ -4,12 +4,16 @@
 //! - `build-profile INPUT`: a vmlinux (with `--module` for types that live in modules), a
 //!   Volatility 2 profile zip, or a Volatility 3 ISF (`.json`, `.json.xz`) → pct profile JSON.
 //! - `profiles`: list the shipped profiles, or pick the one matching a banner/build-id.
+//! - `scan`: the forensic dry-run over a guest's memory (see `scan.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+#[path = "pct-introspect/scan.rs"]
+mod scan;
 use pct::profile::{self, BuildOptions, Method, Profile};
 
 #[derive(Parser)]
@@ -29,6 +33,8 @@ enum Cmd {
     BuildProfile(BuildArgs),
     /// List shipped profiles, or find the one matching a memory image's banner or build-id.
     Profiles(ProfilesArgs),
+    /// Forensic dry-run: what page cache a guest holds and what the destination could restore.
+    Scan(scan::ScanArgs),
 }
 
 #[derive(clap::Args)]
@@ -75,6 +81,12 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::BuildProfile(a) => build(a),
         Cmd::Profiles(a) => profiles(a),
+        Cmd::Scan(a) => {
+            return scan::run(a).unwrap_or_else(|e| {
+                eprintln!("pct-introspect scan: error: {e}");
+                ExitCode::FAILURE
+            })
+        }
     };
     match r {
         Ok(code) => code,

@@ -21,6 +21,7 @@
 //! costs one page) or per run (one hash for the run; a failure costs the run). The hash is
 //! BLAKE3 truncated to `hash_len` bytes, a field of the frame.
 
+use super::stream::put_page;
 use std::io::{Read, Write};
 
 /// `PCTW`, first bytes of a hello payload.
@@ -292,6 +293,113 @@ impl PageRefs {
         (0..n)
             .filter(|&i| hash_page(data[i], len) != self.hashes[i * len..(i + 1) * len])
             .collect()
+    }
+}
+
+impl PageRefs {
+    /// Writes the run's `PAGE` records into a QEMU stream, as the source sent them: the
+    /// first with the block name if `first_named`, the rest as `CONTINUE`. `pages` are the
+    /// pages' bytes, in order.
+    pub fn emit_records(
+        &self,
+        block_name: &str,
+        pages: &[&[u8]],
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        if pages.len() != self.pages.len() {
+            return Err(malformed(
+                "page refs",
+                format!("{} pages for a run of {}", pages.len(), self.pages.len()),
+            ));
+        }
+        for (i, (p, data)) in self.pages.iter().zip(pages).enumerate() {
+            let name = (i == 0 && self.first_named).then_some(block_name);
+            put_page(out, name, p.offset, data)
+                .map_err(|e| malformed("page refs", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Groups the pages the sender replaces into runs, in stream order.
+///
+/// A run extends while the next referenced page is the very next record of the stream, in
+/// the same block at a higher offset, and sent with `CONTINUE`. Call [`RunBuilder::flush`]
+/// before forwarding any other record, so that order is preserved.
+#[derive(Debug)]
+pub struct RunBuilder {
+    hash_len: u8,
+    run_hash: bool,
+    max_pages: usize,
+    cur: Option<PageRefs>,
+    hasher: blake3::Hasher,
+}
+
+impl RunBuilder {
+    /// Runs hashed as `session` says (one hash per run if both ends have [`caps::RUN_HASH`]).
+    pub fn new(session: &Session) -> RunBuilder {
+        RunBuilder {
+            hash_len: session.hash_len,
+            run_hash: session.caps & caps::RUN_HASH != 0,
+            max_pages: MAX_RUN_PAGES,
+            cur: None,
+            hasher: blake3::Hasher::new(),
+        }
+    }
+
+    /// Caps the pages per run (at most [`MAX_RUN_PAGES`]).
+    pub fn with_max_pages(mut self, n: usize) -> RunBuilder {
+        self.max_pages = n.clamp(1, MAX_RUN_PAGES);
+        self
+    }
+
+    /// Adds the page at `offset` of `block` (sent with `CONTINUE` if `continued`), found on
+    /// disk at `disk_offset`. Returns the previous run if this page could not join it.
+    pub fn push(
+        &mut self,
+        block: u32,
+        offset: u64,
+        continued: bool,
+        disk_offset: u64,
+        data: &[u8],
+    ) -> Option<PageRefs> {
+        let joins = self.cur.as_ref().is_some_and(|r| {
+            continued
+                && r.block == block
+                && r.pages.len() < self.max_pages
+                && r.pages.last().is_some_and(|p| offset > p.offset)
+        });
+        let done = if joins { None } else { self.flush() };
+        let run = self.cur.get_or_insert_with(|| PageRefs {
+            block,
+            first_named: !continued,
+            pages: Vec::new(),
+            hash_len: self.hash_len,
+            hashes: Vec::new(),
+        });
+        run.pages.push(PageRef {
+            offset,
+            disk_offset,
+        });
+        // In run mode a one-page run's hash is that page's hash: both are BLAKE3 of the
+        // same bytes.
+        if self.run_hash {
+            self.hasher.update(data);
+        } else {
+            run.hashes
+                .extend_from_slice(&hash_page(data, self.hash_len as usize));
+        }
+        done
+    }
+
+    /// Ends the current run, if any.
+    pub fn flush(&mut self) -> Option<PageRefs> {
+        let mut run = self.cur.take()?;
+        if self.run_hash {
+            run.hashes = self.hasher.finalize().as_bytes()[..self.hash_len as usize].to_vec();
+        }
+        self.hasher.reset();
+        Some(run)
     }
 }
 

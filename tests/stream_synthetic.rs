@@ -117,13 +117,18 @@ fn stream() -> Vec<u8> {
     s
 }
 
-/// Decodes all of `data` fed in `chunk`-sized pieces, then finishes.
+/// Decodes all of `data` fed in `chunk`-sized pieces, then finishes; checks that every
+/// record re-encodes to its raw bytes.
 fn decode(data: &[u8], chunk: usize) -> Result<(Vec<String>, Vec<u8>), StreamError> {
     let mut dec = Decoder::new();
     let (mut kinds, mut raw) = (Vec::new(), Vec::new());
     for piece in data.chunks(chunk.max(1)) {
         dec.feed(piece);
         while let Some(item) = dec.next_item()? {
+            // Whatever the decoder accepts, the encoder reproduces exactly.
+            let mut again = Vec::new();
+            encode_record(&item.record, &mut again).expect("re-encode");
+            assert_eq!(again, item.raw, "record at {}", item.offset);
             raw.extend_from_slice(item.raw);
             kinds.push(kind(&item.record));
         }

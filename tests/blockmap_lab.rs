@@ -103,7 +103,10 @@ fn check_file(img: &Path, vol: &Ext4Volume, path: &str, tally: &mut Tally) {
             PageState::Unrestorable(Unrestorable::Discontiguous) => tally.discontiguous += 1,
             PageState::Unrestorable(Unrestorable::Hole) => {
                 let at = (p * PAGE_SIZE) as usize;
-                assert!(content[at..at + 4096].iter().any(|&b| b == 0));
+                assert!(
+                    content[at..at + 4096].iter().all(|&b| b == 0),
+                    "{path}: hole page {p} not zeros"
+                );
                 tally.holes += 1;
             }
             _ => {}

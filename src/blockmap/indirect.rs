@@ -94,7 +94,7 @@ impl<'s, S: BlockSource + ?Sized> IndirectMap<'s, S> {
         let pos_in = |l: usize| (l + 1..depth).map(|j| path[j] * span(j)).sum::<u64>();
 
         let mut ptr = le32_at(&self.i_block, path[0] as usize).unwrap_or(0);
-        for level in 1..depth {
+        for (level, &offset) in path.iter().enumerate().take(depth).skip(1) {
             if ptr == 0 {
                 return Ok(hole(span(level - 1) - pos_in(level - 1)));
             }
@@ -107,7 +107,7 @@ impl<'s, S: BlockSource + ?Sized> IndirectMap<'s, S> {
                 self.cache[level - 1] = (pblk, buf);
             }
             let block = &self.cache[level - 1].1;
-            ptr = le32_at(block, path[level] as usize).ok_or(BlockMapError::Indirect {
+            ptr = le32_at(block, offset as usize).ok_or(BlockMapError::Indirect {
                 ino: self.rd.ino,
                 lblk,
                 why: "pointer offset beyond the block",

@@ -90,10 +90,6 @@ impl CrossCheck {
     }
 }
 
-fn state_name(s: PageState) -> String {
-    format!("{s:?}").to_lowercase()
-}
-
 /// Summarises a walk and its map.
 pub fn summarise(
     walk: &CacheWalk,
@@ -113,7 +109,7 @@ pub fn summarise(
         .collect();
     for ic in &walk.inodes {
         for p in &ic.pages {
-            *by_state.entry(state_name(p.state)).or_insert(0) += 4096;
+            *by_state.entry(p.state.name().to_owned()).or_insert(0) += 4096;
             fs[ic.sb].cached_bytes += 4096;
             if p.state == PageState::Clean {
                 fs[ic.sb].clean_bytes += 4096;

@@ -110,6 +110,12 @@ struct Offsets {
     ext4_i_flags: Option<u64>,
     sb_size: u64,
     inode_size: u64,
+    page_flags: u64,
+    page_private: Option<u64>,
+    pg_private: Option<u32>,
+    bh_state: Option<u64>,
+    bh_this_page: Option<u64>,
+    bh_bits: Option<(u32, u32, u32, u32)>,
 }
 
 impl Offsets {
@@ -146,6 +152,23 @@ impl Offsets {
                 .size_of("inode")
                 .unwrap_or(0)
                 .max(need(p, "inode", "i_sb_list")? + 16),
+            page_flags: need(p, "page", "flags")?,
+            page_private: o("page", "private"),
+            pg_private: p.pageflag("PG_private"),
+            bh_state: o("buffer_head", "b_state"),
+            bh_this_page: o("buffer_head", "b_this_page"),
+            bh_bits: (|| {
+                let v = |n: &str| {
+                    p.enum_value("bh_state_bits", n)
+                        .and_then(|v| u32::try_from(v).ok())
+                };
+                Some((
+                    v("BH_Uptodate")?,
+                    v("BH_Dirty")?,
+                    v("BH_Lock")?,
+                    v("BH_PrivateStart")?,
+                ))
+            })(),
         })
     }
 }
@@ -251,6 +274,54 @@ pub fn walk_page_cache(k: &Kernel) -> Result<CacheWalk, WalkError> {
     Ok(out)
 }
 
+/// A block-device page is as on disk only if each of its buffers is up to date, not
+/// dirty, not locked and not owned by the journal (any bit from BH_PrivateStart up).
+/// Without the buffer_head layout in the profile this cannot be known: not clean.
+fn buffers_clean(k: &Kernel, o: &Offsets, page: &[u8]) -> bool {
+    let (
+        Some(priv_off),
+        Some(pg_private),
+        Some(st_off),
+        Some(next_off),
+        Some((up, dirty, lock, private_start)),
+    ) = (
+        o.page_private,
+        o.pg_private,
+        o.bh_state,
+        o.bh_this_page,
+        o.bh_bits,
+    )
+    else {
+        return false;
+    };
+    if u64_at(page, o.page_flags) >> pg_private & 1 == 0 {
+        // No buffers: nothing says which of its blocks were read from the disk (ext4
+        // builds some metadata blocks in memory, e.g. a fresh inode-table block).
+        return false;
+    }
+    let first = u64_at(page, priv_off);
+    let mut bh = first;
+    // At most 4096 / 512 buffers share a page.
+    for _ in 0..8 {
+        let Ok(b) = k.read(bh, next_off.max(st_off) + 8, "buffer_head") else {
+            return false;
+        };
+        let state = u64_at(&b, st_off);
+        if state >> up & 1 == 0
+            || state >> dirty & 1 == 1
+            || state >> lock & 1 == 1
+            || state >> private_start != 0
+        {
+            return false;
+        }
+        bh = u64_at(&b, next_off);
+        if bh == first {
+            return true;
+        }
+    }
+    false
+}
+
 fn walk_inode(
     k: &Kernel,
     o: &Offsets,
@@ -302,7 +373,14 @@ fn walk_inode(
             });
         };
         let state = match k.read(entry, pages.struct_size(), "struct page") {
-            Ok(pb) => pages.state_of(&pb, mapping, index),
+            Ok(pb) => {
+                let st = pages.state_of(&pb, mapping, index);
+                if is_bdev && st == PageState::Clean && !buffers_clean(k, o, &pb) {
+                    PageState::BuffersBusy
+                } else {
+                    st
+                }
+            }
             Err(_) => PageState::Inconsistent,
         };
         ic.pages.push(CachedPage { index, pfn, state });

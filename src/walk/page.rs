@@ -48,6 +48,27 @@ pub enum PageState {
     LargeFolio,
     /// `page->mapping`/`index` do not point back to where the tree holds it (torn read).
     Inconsistent,
+    /// Block-device cache whose buffers are dirty, locked or held by the journal (jbd2
+    /// changes metadata in memory before the page is marked dirty), or whose buffer
+    /// state cannot be read: the disk may not hold these bytes.
+    BuffersBusy,
+}
+
+impl PageState {
+    /// snake_case name, as in JSON reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PageState::Clean => "clean",
+            PageState::Dirty => "dirty",
+            PageState::Writeback => "writeback",
+            PageState::Locked => "locked",
+            PageState::NotUptodate => "not_uptodate",
+            PageState::Shmem => "shmem",
+            PageState::LargeFolio => "large_folio",
+            PageState::Inconsistent => "inconsistent",
+            PageState::BuffersBusy => "bdev_buffers_unverified",
+        }
+    }
 }
 
 /// Reads `struct page` fields.

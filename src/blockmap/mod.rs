@@ -14,6 +14,18 @@
 //! - [`ondisk`]: superblock, group descriptors, inodes and directories read from a disk
 //!   image (for tests, and for guests whose profile lacks the ext4 types).
 //!
+//! A walker maps the cached pages of one inode like this (pages sorted ascending; one
+//! tree descent per extent leaf, not per page):
+//!
+//! ```ignore
+//! let vol = Ext4Volume { block_size: 1 << s_blocksize_bits, partition_start: start_sect * 512,
+//!                        blocks_count: None };
+//! let inode = Ext4Inode::from_words(ino, i_flags, i_size, &i_data);
+//! let disk = ImageFile::open("disk.img", vol.partition_start)?;
+//! let map = map_file_pages(&vol, &inode, &disk, MapOptions::default(), page_indices)?;
+//! for r in &map.runs { /* pages r.page.. r.page + r.pages are disk bytes at r.disk_offset */ }
+//! ```
+//!
 //! Guest and disk data are hostile: every node is validated, every walk is bounded (tree
 //! depth ≤ 5, a cap on block reads per inode), failures are [`BlockMapError`] values.
 

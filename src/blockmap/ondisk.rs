@@ -151,7 +151,8 @@ impl Ext4SuperBlock {
     }
 
     pub fn group_count(&self) -> u64 {
-        (self.s_blocks_count - u64::from(self.s_first_data_block))
+        self.s_blocks_count
+            .saturating_sub(u64::from(self.s_first_data_block))
             .div_ceil(u64::from(self.s_blocks_per_group))
     }
 }
@@ -257,10 +258,13 @@ impl<S: BlockSource> Ext4Fs<S> {
     fn read_block(&self, pblk: u64, what: &'static str) -> Result<Vec<u8>, OnDiskError> {
         let bs = self.sb.block_size() as usize;
         let mut buf = vec![0u8; bs];
+        let offset = pblk
+            .saturating_mul(bs as u64)
+            .saturating_add(self.partition_start);
         if pblk >= self.sb.s_blocks_count {
             return Err(OnDiskError::Io {
                 what,
-                offset: self.partition_start + pblk * bs as u64,
+                offset,
                 source: std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     "block past the filesystem",
@@ -271,7 +275,7 @@ impl<S: BlockSource> Ext4Fs<S> {
             .read_block(pblk, &mut buf)
             .map_err(|source| OnDiskError::Io {
                 what,
-                offset: self.partition_start + pblk * bs as u64,
+                offset,
                 source,
             })?;
         Ok(buf)
@@ -287,7 +291,8 @@ impl<S: BlockSource> Ext4Fs<S> {
         }
         let bs = u64::from(self.sb.block_size());
         let dsz = u64::from(self.sb.desc_size());
-        let byte = group * dsz;
+        let bad = |why| OnDiskError::GroupDesc { group, why };
+        let byte = group.checked_mul(dsz).ok_or(bad("offset overflows"))?;
         let blk = u64::from(self.sb.s_first_data_block) + 1 + byte / bs;
         let b = self.read_block(blk, "group descriptor")?;
         let d = &b[(byte % bs) as usize..][..dsz as usize];
@@ -320,7 +325,8 @@ impl<S: BlockSource> Ext4Fs<S> {
         let bs = u64::from(self.sb.block_size());
         let isz = u64::from(self.sb.s_inode_size);
         let byte = index * isz;
-        let b = self.read_block(self.inode_table(group)? + byte / bs, "inode table")?;
+        let blk = self.inode_table(group)?.checked_add(byte / bs);
+        let b = self.read_block(blk.ok_or(bad("inode table overflows"))?, "inode table")?;
         let r = &b[(byte % bs) as usize..][..128];
         let mut i_block = [0u8; 60];
         i_block.copy_from_slice(&r[0x28..0x64]);

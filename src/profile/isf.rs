@@ -438,7 +438,7 @@ impl Exporter<'_> {
         }
         if let Some(open) = ty.rfind('[').filter(|_| ty.ends_with(']')) {
             let n = count.unwrap_or(0);
-            let elem_size = if n > 0 { size / n } else { 0 };
+            let elem_size = size.checked_div(n).unwrap_or(0);
             let inner_count = ty[..open]
                 .rfind('[')
                 .and_then(|i| ty[i + 1..open - 1].parse().ok());

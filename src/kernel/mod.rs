@@ -77,25 +77,32 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
 }
 
+/// The guest's VMCOREINFO: from the source's own note (an ELF core), else found in RAM
+/// (the first note whose text carries KERNELOFFSET and phys_base).
+pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, Method)> {
+    if let Some(text) = mem.vmcoreinfo() {
+        return Some((VmcoreInfo::parse(text), Method::VmcoreinfoNote));
+    }
+    for (_, bytes) in mem.chunks() {
+        let mut from = 0;
+        while let Some(i) = find(&bytes[from..], vmcoreinfo::NOTE_MARKER) {
+            let at = from + i;
+            if let Some(info) = VmcoreInfo::from_note_bytes(&bytes[at..]) {
+                if info.kernel_offset().is_some() && info.number("phys_base").is_some() {
+                    return Some((info, Method::VmcoreinfoInRam));
+                }
+            }
+            from = at + 1;
+        }
+    }
+    None
+}
+
 impl<'a> Kernel<'a> {
     /// Finds the kernel described by `profile` in `mem`.
     pub fn locate(mem: &'a GuestMemory, profile: &'a Profile) -> Result<Kernel<'a>, LocateError> {
-        if let Some(text) = mem.vmcoreinfo() {
-            let info = VmcoreInfo::parse(text);
-            return Self::from_vmcoreinfo(mem, profile, &info, Method::VmcoreinfoNote);
-        }
-        for (gpa, bytes) in mem.chunks() {
-            let mut from = 0;
-            while let Some(i) = find(&bytes[from..], vmcoreinfo::NOTE_MARKER) {
-                let at = from + i;
-                if let Some(info) = VmcoreInfo::from_note_bytes(&bytes[at..]) {
-                    if info.kernel_offset().is_some() && info.number("phys_base").is_some() {
-                        return Self::from_vmcoreinfo(mem, profile, &info, Method::VmcoreinfoInRam);
-                    }
-                }
-                from = at + 1;
-            }
-            let _ = gpa;
+        if let Some((info, method)) = find_vmcoreinfo(mem) {
+            return Self::from_vmcoreinfo(mem, profile, &info, method);
         }
         Self::from_banner(mem, profile)
     }

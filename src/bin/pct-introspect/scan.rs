@@ -49,16 +49,15 @@ pub fn run(a: ScanArgs) -> Result<ExitCode, String> {
     let profile = match &a.profile {
         Some(p) => Profile::load(p).map_err(|e| e.to_string())?,
         None => {
-            let key = mem
-                .vmcoreinfo()
-                .and_then(|t| pct::kernel::vmcoreinfo::VmcoreInfo::parse(t).build_id().map(str::to_owned))
-                .ok_or("no --profile given and the image carries no VMCOREINFO build-id to pick one by: pass --profile")?;
+            let key = pct::kernel::find_vmcoreinfo(&mem)
+                .and_then(|(info, _)| info.build_id().or(info.release()).map(str::to_owned))
+                .ok_or("no --profile given and no VMCOREINFO in the image to pick one by: pass --profile")?;
             match profile::find_matching(&key).map_err(|e| e.to_string())? {
                 Some((path, p, _)) => {
                     eprintln!("using profile {}", path.display());
                     p
                 }
-                None => return Err(format!("no shipped profile matches build-id {key}: build one with `pct-introspect build-profile VMLINUX`")),
+                None => return Err(format!("no shipped profile matches {key}: build one with `pct-introspect build-profile VMLINUX`")),
             }
         }
     };

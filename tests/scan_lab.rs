@@ -1,0 +1,368 @@
+//! Agentless introspection on real lab guests: the cache map of each disk layout is
+//! checked against the disk image byte for byte, against the guest's own oracle, against
+//! the filesystem's own block map (debugfs), against drgn, and against pct's second,
+//! independent pass (the linear struct page scan).
+
+mod common;
+
+use common::lab::{repo, Guest, GuestSpec};
+use common::oracle::Oracle;
+use pct::cachemap::CacheMap;
+use pct::introspect::{scan, ScanOptions};
+use pct::kernel::Kernel;
+use pct::memory::GuestMemory;
+use pct::profile::Profile;
+use pct::report::ScanReport;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn profile() -> Profile {
+    Profile::load(&repo().join("profiles/debian-6.1.0-56-cloud-amd64.json")).expect("shipped cloud profile")
+}
+
+fn kernel_dir() -> PathBuf {
+    let out = Command::new("bash").arg(repo().join("tools/lab/fetch-kernel.sh")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().last().unwrap().into()
+}
+
+/// Boots a guest, lets it settle, stops it, and scans its RAM file (with verify and cross-check).
+fn boot_and_scan(spec: GuestSpec) -> (Guest, CacheMap, ScanReport, Oracle) {
+    let mut g = Guest::start(spec);
+    g.wait_ready();
+    let oracle = g.oracle();
+    g.stop();
+    let mem = GuestMemory::open(&g.ram_path).expect("map guest RAM");
+    let disk = std::fs::File::open(g.path("disk.img")).unwrap();
+    let opts = ScanOptions {
+        cross_check: true,
+        verify: true,
+    };
+    let (map, report) = scan(&mem, &profile(), Some(&disk), opts).expect("scan");
+    (g, map, report, oracle)
+}
+
+fn pfns_in_map(map: &CacheMap) -> HashMap<u64, (Option<u64>, Option<u64>)> {
+    let mut m = HashMap::new();
+    for r in &map.runs {
+        for i in 0..r.len / 4096 {
+            m.insert(r.gpa / 4096 + i, (r.ino, r.file_offset.map(|o| o + i * 4096)));
+        }
+    }
+    m
+}
+
+/// Partition start of the lab disk in bytes (the `part` layout puts it at sector 63).
+fn part_start(layout: &str) -> u64 {
+    if layout == "part" {
+        63 * 512
+    } else {
+        0
+    }
+}
+
+/// Every property the cache map must have, on one layout.
+fn check_layout(layout: &'static str) {
+    let (g, map, report, oracle) = boot_and_scan(GuestSpec::new("apache").layout("mini", layout));
+    eprintln!(
+        "scan {layout}: {} restorable in {} runs, walk {:.1} ms, total {:.1} ms",
+        report.restorable_bytes, report.runs, report.timings_ms["walk"], report.timings_ms["total"]
+    );
+
+    // 1. Every run byte-matches the disk image.
+    let v = report.verify.as_ref().unwrap();
+    assert!(v.matching_pages > 0);
+    assert_eq!((v.mismatching_pages, v.unreadable_runs), (0, 0), "{layout}: verify failed: {v:?}");
+    assert!(report.problems.is_empty(), "{layout}: walk problems {:?}", report.problems);
+
+    // 2. The linear struct page scan finds the same page-cache pages as the tree walk.
+    let cc = report.cross_check.as_ref().unwrap();
+    assert!(cc.agrees(), "{layout}: cross-check disagrees: {cc:?}");
+
+    // 3. The map is sorted and its runs do not overlap.
+    for w in map.runs.windows(2) {
+        assert!(w[0].gpa + w[0].len <= w[1].gpa, "{layout}: runs overlap or unsorted");
+    }
+
+    // 4. Coverage of what the guest itself reports as clean, disk-backed file pages.
+    let in_map = pfns_in_map(&map);
+    let mut want = 0;
+    let mut found = 0;
+    for f in oracle.files.iter().filter(|f| f.path.starts_with("/mnt/www/")) {
+        for p in f.pages.iter().filter(|p| p.is_clean_file_page()) {
+            want += 1;
+            if in_map.get(&p.pfn) == Some(&(Some(f.ino), Some(p.index * 4096))) {
+                found += 1;
+            }
+        }
+    }
+    let coverage = found as f64 / want as f64;
+    eprintln!("scan {layout}: coverage of the guest's clean file pages {found}/{want}");
+    assert!(want >= 128 * 75 && coverage >= 0.99, "{layout}: coverage {coverage:.4} ({found}/{want})");
+
+    // 5. Never in the map: tmpfs, dirty, unwritten (fallocated) and hole pages.
+    let never = |path: &str, pred: &dyn Fn(u64) -> bool| {
+        let f = oracle.file(path).unwrap_or_else(|| panic!("{layout}: {path} not in oracle"));
+        for p in f.pages.iter().filter(|p| pred(p.index)) {
+            assert!(!in_map.contains_key(&p.pfn), "{layout}: {path} page {} is in the map", p.index);
+        }
+    };
+    never("/tmpfs/copy", &|_| true);
+    never("/mnt/special/dirty", &|_| true);
+    // sparse: data at pages 0..16, 128..160 and 511; holes elsewhere
+    never("/mnt/special/sparse", &|i| !(i < 16 || (128..160).contains(&i) || i == 511));
+    if layout != "noextent" {
+        // falloc: the first 256 pages were written after fallocate (dirty), the rest unwritten
+        never("/mnt/special/falloc", &|_| true);
+    }
+    let sparse = oracle.file("/mnt/special/sparse").unwrap();
+    let sparse_data = sparse
+        .pages
+        .iter()
+        .filter(|p| p.index < 16 || (128..160).contains(&p.index) || p.index == 511)
+        .filter(|p| in_map.contains_key(&p.pfn))
+        .count();
+    assert_eq!(sparse_data, 49, "{layout}: sparse file data pages in the map");
+
+    // 6. The filesystem agrees: each run's first block belongs to the inode it names,
+    //    at that file offset (debugfs bmap), for every file run.
+    let img = format!("{}?offset={}", g.path("disk.img").display(), part_start(layout));
+    let bs = match layout {
+        "bs1k" => 1024,
+        "bs2k" => 2048,
+        _ => 4096,
+    };
+    let mut cmds = String::new();
+    let mut expect = Vec::new();
+    for r in map.runs.iter().filter(|r| r.ino.is_some()) {
+        let (ino, off) = (r.ino.unwrap(), r.file_offset.unwrap());
+        cmds += &format!("bmap <{ino}> {}\n", off / bs);
+        expect.push((r.disk_offset - part_start(layout)) / bs);
+    }
+    let cmdfile = g.path("bmap.cmd");
+    std::fs::write(&cmdfile, cmds).unwrap();
+    let out = Command::new("debugfs").arg("-f").arg(&cmdfile).arg(&img).output().unwrap();
+    let got: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("debugfs"))
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(got.len(), expect.len(), "{layout}: debugfs answered {} of {} bmaps", got.len(), expect.len());
+    assert_eq!(got, expect, "{layout}: the map disagrees with the filesystem's block map");
+}
+
+#[test]
+fn layout_plain() {
+    check_layout("plain")
+}
+#[test]
+fn layout_partitioned() {
+    check_layout("part")
+}
+#[test]
+fn layout_1k_blocks() {
+    check_layout("bs1k")
+}
+#[test]
+fn layout_2k_blocks() {
+    check_layout("bs2k")
+}
+#[test]
+fn layout_no_extents() {
+    check_layout("noextent")
+}
+
+/// The three memory sources give the same map: raw RAM file, ELF core, live QEMU (QMP).
+/// And drgn, walking the same ELF core with its own helpers, finds the same page frames.
+#[test]
+fn sources_agree_and_drgn_agrees() {
+    let (mut g, raw_map, report, _) = boot_and_scan(GuestSpec::new("apache").layout("mini", "plain"));
+    let core = g.path("core.elf");
+    g.dump_elf(&core, false);
+    let p = profile();
+
+    let disk = std::fs::File::open(g.path("disk.img")).unwrap();
+    let elf = GuestMemory::open(&core).expect("open ELF core");
+    assert!(elf.vmcoreinfo().is_some(), "the ELF core carries no VMCOREINFO");
+    let (elf_map, elf_report) = scan(&elf, &p, Some(&disk), ScanOptions::default()).expect("scan ELF core");
+    assert_eq!(elf_report.kernel.located_by, pct::kernel::Method::VmcoreinfoNote);
+    same_runs(&raw_map, &elf_map, "ELF core");
+
+    let live = pct::memory::qemu::open_live(&g.path("qmp.sock")).expect("map live QEMU RAM");
+    let (live_map, _) = scan(&live, &p, Some(&disk), ScanOptions::default()).expect("scan live QEMU");
+    same_runs(&raw_map, &live_map, "live QEMU");
+
+    // drgn (from PyPI) as the independent oracle.
+    let vmlinux = kernel_dir().join("vmlinux");
+    let out = Command::new("python3")
+        .arg(repo().join("tools/drgn-pagecache.py"))
+        .arg(&core)
+        .arg(&vmlinux)
+        .arg("vda")
+        .output()
+        .expect("run drgn");
+    assert!(out.status.success(), "drgn failed: {}", String::from_utf8_lossy(&out.stderr));
+    let drgn: BTreeSet<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    let mem = GuestMemory::open(&g.ram_path).unwrap();
+    let k = Kernel::locate(&mem, &p).unwrap();
+    let walk = pct::walk::fs::walk_page_cache(&k).unwrap();
+    let vda = walk.super_blocks.iter().position(|s| s.id == "vda").unwrap();
+    let ours: BTreeSet<u64> = walk
+        .inodes
+        .iter()
+        .filter(|i| i.sb == vda)
+        .flat_map(|i| i.pages.iter().map(|p| p.pfn))
+        .collect();
+    eprintln!("drgn: {} page frames on vda, pct: {}", drgn.len(), ours.len());
+    assert!(drgn.len() > 9000);
+    assert_eq!(drgn, ours, "pct and drgn find different page frames");
+    let _ = report;
+}
+
+fn same_runs(a: &CacheMap, b: &CacheMap, what: &str) {
+    let first = a.runs.iter().zip(&b.runs).position(|(x, y)| x != y);
+    assert!(
+        a.runs.len() == b.runs.len() && first.is_none(),
+        "{what} and the raw RAM file give different maps: {} vs {} runs, first difference {:?} vs {:?}",
+        a.runs.len(),
+        b.runs.len(),
+        first.map(|i| &a.runs[i]),
+        first.map(|i| &b.runs[i]),
+    );
+}
+
+/// The `pct-introspect scan` command: text and JSON reports, the JSON-lines map.
+#[test]
+fn scan_command_reports_and_writes_map() {
+    let (g, map, _, _) = boot_and_scan(GuestSpec::new("apache").layout("mini", "plain"));
+    let bin = env!("CARGO_BIN_EXE_pct-introspect");
+    let mapfile = g.path("map.jsonl");
+    let out = Command::new(bin)
+        .args(["scan", "--format", "json", "--verify", "--cross-check"])
+        .arg("--memory")
+        .arg(&g.ram_path)
+        .arg("--disk")
+        .arg(g.path("disk.img"))
+        .arg("--map-out")
+        .arg(&mapfile)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(json["restorable_bytes"].as_u64(), Some(map.bytes()));
+    assert_eq!(json["verify"]["mismatching_pages"].as_u64(), Some(0));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&mapfile)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), map.runs.len());
+    for (l, r) in lines.iter().zip(&map.runs) {
+        assert_eq!(l["gpa"].as_u64(), Some(r.gpa));
+        assert_eq!(l["disk_offset"].as_u64(), Some(r.disk_offset));
+        assert_eq!(l["len"].as_u64(), Some(r.len));
+        assert_eq!(l["ino"].as_u64(), r.ino);
+        assert_eq!(l["file_offset"].as_u64(), r.file_offset);
+    }
+    // Without --profile the shipped profile matching the image's build-id is used.
+    let out = Command::new(bin).arg("scan").arg("--memory").arg(&g.ram_path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(text.contains("restorable") && text.contains("Mbit/s"), "{text}");
+}
+
+/// Hostile memory: random bytes, a wrong profile, corrupted kernel structures.
+#[test]
+fn hostile_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = profile();
+
+    // Random bytes: a clear error, quickly.
+    let rnd = dir.path().join("random.ram");
+    let mut bytes = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&rnd, &bytes).unwrap();
+    let mem = GuestMemory::open(&rnd).unwrap();
+    let t = Instant::now();
+    let e = scan(&mem, &p, None, ScanOptions::default()).err().expect("random bytes must not scan");
+    assert!(e.to_string().contains("could not be found"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+
+    // A truncated file is refused with a reason.
+    let trunc = dir.path().join("trunc.ram");
+    std::fs::write(&trunc, &bytes[..4097]).unwrap();
+    let e = GuestMemory::open(&trunc).err().expect("truncated");
+    assert!(e.to_string().contains("truncated"), "{e}");
+
+    // A real guest with the wrong profile: refused, naming the profile that matches.
+    let mut g = Guest::start(GuestSpec::new("idle").layout("mini", "plain"));
+    g.wait_ready();
+    g.stop();
+    let ram = dir.path().join("guest.ram");
+    g.copy_ram(&ram);
+    drop(g);
+    let old = Profile::load(&repo().join("profiles/debian-4.9.json")).unwrap();
+    let mem = GuestMemory::open(&ram).unwrap();
+    let e = scan(&mem, &old, None, ScanOptions::default()).err().expect("wrong profile");
+    let msg = e.to_string();
+    assert!(msg.contains("debian-6.1.0-56-cloud-amd64.json"), "{msg}");
+
+    // Corrupted structures: overwrite words of the inodes and page-cache nodes the walk
+    // visits with garbage (self-pointers, huge values, random pointers) and rescan.
+    let k = Kernel::locate(&mem, &p).unwrap();
+    let walk = pct::walk::fs::walk_page_cache(&k).unwrap();
+    let targets: Vec<u64> = walk
+        .inodes
+        .iter()
+        .filter_map(|i| k.va_to_pa(i.va))
+        .chain(walk.super_blocks.iter().filter_map(|s| k.va_to_pa(s.va)))
+        .collect();
+    drop(k);
+    drop(mem);
+    let base = std::fs::read(&ram).unwrap();
+    for round in 0..40u64 {
+        let mut img = base.clone();
+        for (n, &pa) in targets.iter().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 3 != round % 3 {
+                continue;
+            }
+            let off = (pa + (x >> 8) % 1024) as usize & !7;
+            let word: u64 = match (x >> 20) % 4 {
+                0 => pa + 0xffff_8880_0000_0000, // plausible direct-map self pointer
+                1 => u64::MAX,
+                2 => x,
+                _ => n as u64,
+            };
+            if let Some(s) = img.get_mut(off..off + 8) {
+                s.copy_from_slice(&word.to_le_bytes());
+            }
+        }
+        let path = dir.path().join("corrupt.ram");
+        std::fs::write(&path, &img).unwrap();
+        let mem = GuestMemory::open(&path).unwrap();
+        let t = Instant::now();
+        let r = scan(&mem, &p, None, ScanOptions { cross_check: true, verify: false });
+        assert!(t.elapsed() < Duration::from_secs(20), "round {round}: took {:?}", t.elapsed());
+        if let Ok((map, _)) = r {
+            // Whatever survives must still be a well-formed map.
+            for w in map.runs.windows(2) {
+                assert!(w[0].gpa + w[0].len <= w[1].gpa);
+            }
+        }
+    }
+}

@@ -1,11 +1,593 @@
 //! `pct-migrate`: live migration of a stock QEMU VM with page-cache teleportation.
+//!
+//! Source side (default command): drives the source QEMU over QMP, migrates it into a local
+//! pct sender and sends pct frames to a receiver. Destination side (`receive`): accepts one
+//! sender, feeds the destination QEMU (started with `-incoming defer`) a standard stream,
+//! and exits with the migration's status. See docs/migration.md.
 
-use clap::Parser;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use pct::introspect::{scan, ScanOptions};
+use pct::memory::{qemu as live, GuestMemory};
+use pct::migrate::flow::parse_rate;
+use pct::migrate::link;
+use pct::migrate::qemu_ctl as ctl;
+use pct::migrate::receiver::{self, ReceiverOptions};
+use pct::migrate::refmap::RefMap;
+use pct::migrate::sender::{self, Counters, SenderOptions};
+use pct::migrate::summary::Summary;
+use pct::migrate::wire::{write_frame, Frame, Role, WireStats};
+use pct::profile::{self, Profile};
+use pct::qmp::Qmp;
+use serde_json::Value;
+use std::io::IsTerminal;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Parser)]
-#[command(name = "pct-migrate", version, about = "Live migration with page-cache teleportation")]
-enum Cmd {}
+#[command(
+    name = "pct-migrate",
+    version,
+    about = "Live migration with page-cache teleportation",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    send: SendArgs,
+}
 
-fn main() {
-    let _ = Cmd::parse();
+#[derive(Subcommand)]
+enum Cmd {
+    /// Destination side: accept one pct sender and feed the destination QEMU.
+    Receive(ReceiveArgs),
+}
+
+/// Source side.
+#[derive(Args)]
+struct SendArgs {
+    /// Kernel profile (JSON) [default: the shipped profile matching the guest's build-id].
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// The source QEMU's QMP socket.
+    #[arg(long)]
+    qmp: Option<PathBuf>,
+    /// The pct receiver, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: Option<String>,
+    /// Cap pct's sending rate, e.g. 50mbit, 6MB/s.
+    #[arg(long, value_name = "RATE")]
+    bandwidth: Option<String>,
+    /// The source's copy of the guest disk (raw): metadata blocks the guest has not cached.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Print the forensic report and the predicted savings; do not migrate.
+    #[arg(long)]
+    dry_run: bool,
+    /// Send every page (no teleportation): pct as a plain transport, for comparison.
+    #[arg(long)]
+    no_teleport: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Address to listen on, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// The destination QEMU's QMP socket (QEMU started with -incoming defer).
+    #[arg(long)]
+    qmp: PathBuf,
+    /// The destination's copy of the guest disk (raw image).
+    #[arg(long)]
+    disk: PathBuf,
+    /// Seconds to wait for the sender.
+    #[arg(long, default_value_t = 600)]
+    accept_timeout: u64,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Some(Cmd::Receive(a)) => receive_main(a),
+        None => send_main(cli.send),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pct-migrate: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A private directory for the QEMU-side unix sockets, removed on drop.
+struct SockDir(PathBuf);
+
+impl SockDir {
+    fn new(tag: &str) -> Result<SockDir> {
+        let p = std::env::temp_dir().join(format!("pct-migrate-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(SockDir(p))
+    }
+}
+
+impl Drop for SockDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn load_profile(path: Option<&Path>, mem: &GuestMemory) -> Result<Profile> {
+    if let Some(p) = path {
+        return Profile::load(p).map_err(|e| anyhow!("loading profile {}: {e}", p.display()));
+    }
+    let key = mem
+        .vmcoreinfo()
+        .and_then(|t| {
+            pct::kernel::vmcoreinfo::VmcoreInfo::parse(t)
+                .build_id()
+                .map(str::to_owned)
+        })
+        .ok_or_else(|| anyhow!("no --profile given and the guest's RAM shows no VMCOREINFO build-id to pick one by"))?;
+    match profile::find_matching(&key).map_err(|e| anyhow!("{e}"))? {
+        Some((path, p, _)) => {
+            eprintln!("pct-migrate: using profile {}", path.display());
+            Ok(p)
+        }
+        None => bail!("no shipped profile matches build-id {key}: build one with `pct-introspect build-profile VMLINUX`"),
+    }
+}
+
+/// The RAM block name of the guest's main memory backend.
+fn main_backend(qmp: &mut Qmp) -> Result<String> {
+    let b = live::backends(qmp).map_err(|e| anyhow!("{e}"))?;
+    b.iter()
+        .max_by_key(|b| b.size)
+        .map(|b| b.id.clone())
+        .ok_or_else(|| anyhow!("the source QEMU has no memory-backend-file"))
+}
+
+enum WatchCmd {
+    Cancel,
+    Finish,
+}
+
+struct Watched {
+    qmp: Qmp,
+    stop_at: Option<SystemTime>,
+}
+
+/// Owns the source's QMP connection while the stream flows: polls the migration status,
+/// notes when the guest stopped, draws the progress line, cancels on request.
+fn watch(
+    mut qmp: Qmp,
+    rx: mpsc::Receiver<WatchCmd>,
+    counters: Arc<Counters>,
+    started: Instant,
+) -> Watched {
+    let tty = std::io::stderr().is_terminal();
+    let mut stop_at = None;
+    let mut last_status = String::new();
+    loop {
+        let cmd = rx.recv_timeout(Duration::from_millis(250));
+        if let Ok(info) = ctl::query(&mut qmp) {
+            last_status = info.status;
+        }
+        for ev in qmp.take_events() {
+            if ev["event"] == "STOP" {
+                let ts = &ev["timestamp"];
+                let (s, us) = (ts["seconds"].as_u64(), ts["microseconds"].as_u64());
+                if let (Some(s), Some(us)) = (s, us) {
+                    stop_at =
+                        Some(SystemTime::UNIX_EPOCH + Duration::from_micros(s * 1_000_000 + us));
+                }
+            }
+        }
+        if tty {
+            let mb = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e6;
+            eprint!(
+                "\r  {:6.1} s  {:<10} stream {:8.1} MB  wire {:8.1} MB  teleported {:>8} pages  ",
+                started.elapsed().as_secs_f64(),
+                last_status,
+                mb(&counters.stream_bytes),
+                mb(&counters.wire_bytes),
+                counters.ref_pages.load(Ordering::Relaxed)
+            );
+        }
+        match cmd {
+            Ok(WatchCmd::Cancel) => {
+                let _ = ctl::cancel(&mut qmp);
+                break;
+            }
+            Ok(WatchCmd::Finish) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    Watched { qmp, stop_at }
+}
+
+fn send_main(a: SendArgs) -> Result<()> {
+    let qmp_path = a
+        .qmp
+        .clone()
+        .ok_or_else(|| anyhow!("--qmp SRC.sock is required"))?;
+    let bandwidth = a
+        .bandwidth
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .map_err(|e| anyhow!(e))?;
+    let teleport = !a.no_teleport;
+    let mem = if teleport || a.dry_run {
+        Some(live::open_live(&qmp_path).map_err(|e| anyhow!("mapping the guest's RAM: {e}"))?)
+    } else {
+        None
+    };
+    let profile = match &mem {
+        Some(m) => Some(load_profile(a.profile.as_deref(), m)?),
+        None => None,
+    };
+    let disk = a
+        .disk
+        .as_ref()
+        .map(|p| std::fs::File::open(p).with_context(|| format!("opening {}", p.display())))
+        .transpose()?;
+    let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10))
+        .with_context(|| format!("connecting to the source QEMU at {}", qmp_path.display()))?;
+    let block = main_backend(&mut qmp)?;
+
+    if a.dry_run {
+        let (mem, profile) = (
+            mem.as_ref().unwrap_or_else(|| unreachable!()),
+            profile.as_ref().unwrap_or_else(|| unreachable!()),
+        );
+        return dry_run(mem, profile, disk.as_ref(), &block, a.json);
+    }
+    let to =
+        a.to.clone()
+            .ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
+
+    let state = ctl::run_state(&mut qmp)?;
+    if !matches!(state.as_str(), "running" | "paused") {
+        bail!("the source guest is `{state}`: nothing to migrate");
+    }
+    let disabled = ctl::prepare(&mut qmp)?;
+    if !disabled.is_empty() {
+        eprintln!(
+            "pct-migrate: switched off QEMU capabilities: {}",
+            disabled.join(", ")
+        );
+    }
+
+    let mut wire_stats = WireStats::default();
+    let mut tcp = link::connect(&to, Duration::from_secs(30))?;
+    let session = link::handshake(
+        &mut tcp,
+        Role::Sender,
+        &mut wire_stats,
+        Duration::from_secs(30),
+    )?;
+
+    let dir = SockDir::new("src")?;
+    let sock = dir.0.join("qemu.sock");
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let started = Instant::now();
+    ctl::start_source(&mut qmp, &format!("unix:{}", sock.display()))?;
+    let qemu = accept_qemu(&listener, &mut qmp).map_err(|e| {
+        let _ = ctl::cancel(&mut qmp);
+        e
+    })?;
+    drop(listener);
+    let _ = std::fs::remove_file(&sock);
+
+    let counters = Arc::new(Counters::default());
+    let (wtx, wrx) = mpsc::channel();
+    let watcher = {
+        let c = counters.clone();
+        std::thread::spawn(move || watch(qmp, wrx, c, started))
+    };
+    let mut scan_s = None;
+    let map = |_blocks: &[pct::migrate::stream::RamBlock]| -> Result<Option<RefMap>, String> {
+        let (Some(mem), Some(profile)) = (mem.as_ref(), profile.as_ref()) else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        match scan(mem, profile, disk.as_ref(), ScanOptions::default()) {
+            Ok((map, _)) => {
+                let m = RefMap::new(&block, &map, mem.regions());
+                scan_s = Some(t.elapsed().as_secs_f64());
+                Ok(Some(m))
+            }
+            Err(e) => {
+                // The map is a hint: without it, the migration is a plain one.
+                eprintln!("pct-migrate: warning: introspection failed, sending every page: {e}");
+                Ok(None)
+            }
+        }
+    };
+    let opts = SenderOptions {
+        bandwidth,
+        ..SenderOptions::default()
+    };
+    let sent = sender::send(qemu, tcp, session, &opts, wire_stats, map, counters.clone());
+    let _ = wtx.send(if sent.is_ok() {
+        WatchCmd::Finish
+    } else {
+        WatchCmd::Cancel
+    });
+    let Watched { mut qmp, stop_at } = watcher
+        .join()
+        .map_err(|_| anyhow!("watcher thread panicked"))?;
+    let report = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let info = ctl::wait_final(&mut qmp, Duration::from_secs(30)).ok();
+            let state = ctl::run_state(&mut qmp).unwrap_or_else(|_| "?".into());
+            let status = info.map(|i| i.status).unwrap_or_else(|| "?".into());
+            bail!("{e}\n  QEMU migration {status}; the source guest is {state}");
+        }
+    };
+    let info = ctl::wait_final(&mut qmp, Duration::from_secs(60))?;
+    if info.status != "completed" {
+        bail!(
+            "the receiver confirmed, but the source QEMU says the migration {}: {}",
+            info.status,
+            info.error.unwrap_or_default()
+        );
+    }
+    let mut s = Summary::new(&report, teleport);
+    s.time.total_s = report.completed_at.duration_since(started).as_secs_f64();
+    s.time.downtime_qemu_ms = info.downtime_ms;
+    let completed_wall = SystemTime::now() - report.completed_at.elapsed();
+    s.time.downtime_end_to_end_ms = stop_at
+        .and_then(|t| completed_wall.duration_since(t).ok())
+        .map(|d| d.as_secs_f64() * 1e3);
+    s.time.scan_s = scan_s;
+    s.capabilities_disabled = disabled;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", s.to_text());
+    }
+    Ok(())
+}
+
+/// Waits for QEMU to connect to our socket, watching for an early failure.
+fn accept_qemu(l: &UnixListener, qmp: &mut Qmp) -> Result<UnixStream> {
+    l.set_nonblocking(true)?;
+    let start = Instant::now();
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("accepting QEMU's migration connection"),
+        }
+        let info = ctl::query(qmp)?;
+        if info.status == "failed" {
+            bail!(
+                "QEMU's migration failed before it connected: {}",
+                info.error.unwrap_or_default()
+            );
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("QEMU did not connect to {:?} within 30 s", l.local_addr()?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `--dry-run`: the forensic report and what pct would save on this guest now.
+fn dry_run(
+    mem: &GuestMemory,
+    profile: &Profile,
+    disk: Option<&std::fs::File>,
+    block: &str,
+    json: bool,
+) -> Result<()> {
+    let (map, report) =
+        scan(mem, profile, disk, ScanOptions::default()).map_err(|e| anyhow!("{e}"))?;
+    let mut refmap = RefMap::new(block, &map, mem.regions());
+    // Predict: QEMU's first pass sends every non-zero page; pct sends references for the
+    // mapped ones and the rest zstd-compressed.
+    let (mut nonzero, mut zero, mut teleport) = (0u64, 0u64, 0u64);
+    let mut rest = Vec::with_capacity(1 << 20);
+    let mut rest_wire = 0u64;
+    for r in mem.regions() {
+        for p in 0..r.len / 4096 {
+            let Ok(page) = mem.slice(r.gpa + p * 4096, 4096) else {
+                continue;
+            };
+            if page.iter().all(|&b| b == 0) {
+                zero += 1;
+                continue;
+            }
+            nonzero += 1;
+            if refmap.lookup(r.offset + p * 4096).is_some() {
+                teleport += 1;
+            } else {
+                rest.extend_from_slice(page);
+                if rest.len() >= 1 << 20 {
+                    rest_wire += zstd::bulk::compress(&rest, 1)
+                        .map(|z| z.len())
+                        .unwrap_or(rest.len()) as u64;
+                    rest.clear();
+                }
+            }
+        }
+    }
+    rest_wire += zstd::bulk::compress(&rest, 1)
+        .map(|z| z.len())
+        .unwrap_or(rest.len()) as u64;
+    let stock = nonzero * 4104 + zero * 9;
+    let pct_bytes = rest_wire + teleport * 3 + zero / 100;
+    let pred = serde_json::json!({
+        "pages_nonzero": nonzero,
+        "pages_zero": zero,
+        "pages_teleportable": teleport,
+        "stock_first_pass_bytes": stock,
+        "pct_first_pass_bytes": pct_bytes,
+        "ratio": pct_bytes as f64 / stock.max(1) as f64,
+    });
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["prediction"] = pred;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    print!("{}", report.to_text());
+    println!("\npredicted migration (first pass, guest as it is now):");
+    println!(
+        "  stock QEMU   {:8.1} MB  ({nonzero} pages sent, {zero} zero)",
+        stock as f64 / 1e6
+    );
+    println!(
+        "  pct          {:8.1} MB  ({teleport} pages teleported, the rest zstd-compressed): {:.3} x",
+        pct_bytes as f64 / 1e6,
+        pct_bytes as f64 / stock.max(1) as f64
+    );
+    for mbit in [50.0, 100.0, 1000.0] {
+        println!(
+            "  at {mbit:>4} Mbit/s: {:6.1} s -> {:6.1} s",
+            stock as f64 * 8.0 / (mbit * 1e6),
+            pct_bytes as f64 * 8.0 / (mbit * 1e6)
+        );
+    }
+    Ok(())
+}
+
+fn receive_main(a: ReceiveArgs) -> Result<()> {
+    let disk = std::fs::File::open(&a.disk)
+        .with_context(|| format!("opening the destination disk image {}", a.disk.display()))?;
+    let mut qmp = Qmp::connect(&a.qmp, Duration::from_secs(10))
+        .with_context(|| format!("connecting to the destination QEMU at {}", a.qmp.display()))?;
+    let state = ctl::run_state(&mut qmp)?;
+    if state != "inmigrate" {
+        bail!("the destination QEMU is `{state}`, not waiting for a migration: start it with -incoming defer");
+    }
+    ctl::prepare(&mut qmp)?;
+    let l = link::listen(&a.listen)?;
+    eprintln!("pct-migrate: receiver listening on {}", l.local_addr()?);
+    let mut tcp = link::accept(&l, Duration::from_secs(a.accept_timeout))?;
+    drop(l);
+    let mut wire_stats = WireStats::default();
+    let started = Instant::now();
+    let session = link::handshake(
+        &mut tcp,
+        Role::Receiver,
+        &mut wire_stats,
+        Duration::from_secs(30),
+    )?;
+    let _ = session;
+    let mut control = tcp.try_clone()?;
+    let fail = |control: &mut std::net::TcpStream, msg: &str| {
+        let _ = write_frame(
+            control,
+            &Frame::Error {
+                code: 1,
+                message: msg.to_owned(),
+            },
+        );
+    };
+
+    let dir = SockDir::new("dst")?;
+    let sock = dir.0.join("qemu.sock");
+    if let Err(e) = ctl::start_destination(&mut qmp, &format!("unix:{}", sock.display())) {
+        fail(&mut control, &format!("destination QEMU: {e}"));
+        return Err(e.into());
+    }
+    let qemu = connect_unix(&sock, Duration::from_secs(10)).map_err(|e| {
+        fail(&mut control, &format!("destination QEMU: {e}"));
+        e
+    })?;
+    let got = receiver::receive(tcp, disk, qemu, &ReceiverOptions::default(), wire_stats);
+    let (report, _) = match got {
+        Ok(r) => r,
+        Err(e) => {
+            fail(&mut control, &format!("receiver: {e}"));
+            let status = ctl::wait_final(&mut qmp, Duration::from_secs(10))
+                .map(|i| i.status)
+                .unwrap_or_else(|_| "gone (QEMU exited)".into());
+            bail!("{e}\n  destination QEMU migration: {status}");
+        }
+    };
+    let info = match ctl::wait_final(&mut qmp, Duration::from_secs(120)) {
+        Ok(i) => i,
+        Err(e) => {
+            fail(&mut control, &format!("destination QEMU: {e}"));
+            return Err(e.into());
+        }
+    };
+    if info.status != "completed" {
+        let msg = format!(
+            "the destination QEMU could not load the stream: migration {} {}",
+            info.status,
+            info.error.unwrap_or_default()
+        );
+        fail(&mut control, &msg);
+        bail!(msg);
+    }
+    let json = serde_json::to_string(&report)?;
+    write_frame(&mut control, &Frame::Report { json: json.clone() })?;
+    write_frame(
+        &mut control,
+        &Frame::Complete {
+            stream_bytes: report.stream_bytes,
+        },
+    )?;
+    let _ = control.shutdown(std::net::Shutdown::Write);
+    if a.json {
+        let mut v: Value = serde_json::from_str(&json)?;
+        v["total_s"] = started.elapsed().as_secs_f64().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "received {:.1} MB of QEMU stream in {:.2} s: {} pages restored from {} ({} verified, {} fallen back), restore {:.2} s",
+            report.stream_bytes as f64 / 1e6,
+            started.elapsed().as_secs_f64(),
+            report.ref_pages,
+            a.disk.display(),
+            report.verified_pages,
+            report.fallback_pages,
+            report.restore_seconds
+        );
+    }
+    Ok(())
+}
+
+fn connect_unix(p: &Path, timeout: Duration) -> Result<UnixStream> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(p) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() > timeout => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "connecting to the destination QEMU's incoming socket {}",
+                        p.display()
+                    )
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }

@@ -2,10 +2,23 @@
 //!
 //! - [`stream`]: QEMU's own precopy migration stream (parse records, re-emit them).
 //! - [`wire`]: pct's framed protocol between the pct sender and the pct receiver.
+//! - [`link`]: the TCP connection and its hello exchange.
+//! - [`flow`]: bounded queues and rate caps, so QEMU paces itself by the WAN.
+//! - [`refmap`]: the cache map translated into QEMU's RAM-block offsets.
+//! - [`sender`] / [`receiver`]: the two ends of one migration.
+//! - [`qemu_ctl`]: driving both QEMUs over QMP (capabilities, `migrate`, status).
+//! - [`summary`]: statistics of one migration, as text and JSON.
 //!
 //! The sender parses the stream QEMU writes, forwards everything verbatim except RAM
 //! `PAGE` records it can replace by references, and the receiver rebuilds a standard
 //! stream for the destination QEMU (DESIGN.md, invariants 1 and 2).
 
+pub mod flow;
+pub mod link;
+pub mod qemu_ctl;
+pub mod receiver;
+pub mod refmap;
+pub mod sender;
 pub mod stream;
+pub mod summary;
 pub mod wire;

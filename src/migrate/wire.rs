@@ -14,7 +14,8 @@
 //! The receiver answers with [`Frame::FallbackRequest`] for pages whose hash did not match
 //! (the sender replies [`Frame::FallbackData`] with the original bytes), [`Frame::Ack`] so
 //! the sender can drop the originals it keeps, [`Frame::Complete`] when the destination QEMU
-//! has everything, and [`Frame::Error`] on failure (either side).
+//! has everything (preceded by [`Frame::Report`], the receiver's statistics as JSON), and
+//! [`Frame::Error`] on failure (either side).
 //!
 //! A page reference costs, beyond its hash, about one byte for its RAM offset and one for its
 //! disk offset when consecutive, plus a few bytes per run; hashes are per page (a failure
@@ -44,6 +45,8 @@ pub const SECTOR: u64 = 512;
 pub const HASH_LEN_MIN: u8 = 8;
 pub const HASH_LEN_MAX: u8 = 32;
 const MAX_ERROR_MESSAGE: usize = 4096;
+/// Upper bound on a report frame's JSON.
+const MAX_REPORT: usize = 64 << 10;
 
 /// Frame type bytes.
 pub mod frame_type {
@@ -56,6 +59,7 @@ pub mod frame_type {
     pub const END: u8 = 0x07;
     pub const COMPLETE: u8 = 0x08;
     pub const ERROR: u8 = 0x09;
+    pub const REPORT: u8 = 0x0a;
 }
 
 /// Capability bits of [`Hello`].
@@ -455,6 +459,10 @@ pub enum Frame {
         code: u16,
         message: String,
     },
+    /// Receiver → sender, before `Complete`: the receiver's statistics, a JSON object.
+    Report {
+        json: String,
+    },
 }
 
 impl Frame {
@@ -469,6 +477,7 @@ impl Frame {
             Frame::End { .. } => frame_type::END,
             Frame::Complete { .. } => frame_type::COMPLETE,
             Frame::Error { .. } => frame_type::ERROR,
+            Frame::Report { .. } => frame_type::REPORT,
         }
     }
 
@@ -541,6 +550,12 @@ impl Frame {
                     end -= 1;
                 }
                 out.extend_from_slice(&message.as_bytes()[..end]);
+            }
+            Frame::Report { json } => {
+                if json.len() > MAX_REPORT {
+                    return Err(malformed("report", "report too long"));
+                }
+                out.extend_from_slice(json.as_bytes());
             }
         }
         Ok(())
@@ -630,6 +645,16 @@ impl Frame {
                     .to_owned();
                 Frame::Error { code, message }
             }
+            frame_type::REPORT => {
+                let rest = r.rest();
+                if rest.len() > MAX_REPORT {
+                    return Err(malformed(name, "report too long"));
+                }
+                let json = std::str::from_utf8(rest)
+                    .map_err(|_| malformed(name, "report is not UTF-8"))?
+                    .to_owned();
+                Frame::Report { json }
+            }
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -648,6 +673,7 @@ fn type_name(t: u8) -> &'static str {
         frame_type::END => "end",
         frame_type::COMPLETE => "complete",
         frame_type::ERROR => "error",
+        frame_type::REPORT => "report",
         _ => "unknown",
     }
 }
@@ -986,7 +1012,8 @@ impl WireStats {
             | Frame::Ack { .. }
             | Frame::End { .. }
             | Frame::Complete { .. }
-            | Frame::Error { .. } => self.control_wire += n,
+            | Frame::Error { .. }
+            | Frame::Report { .. } => self.control_wire += n,
         }
     }
 

@@ -1,0 +1,211 @@
+//! Flow control between QEMU's stream and the WAN link.
+//!
+//! QEMU paces its migration by how fast its own socket drains (DESIGN.md, "Flow control
+//! matters"). pct must therefore never read ahead of the link by more than a little: the
+//! sender's [`Outbox`] holds at most a few hundred KiB of frames, the TCP send buffer is
+//! kept small, and every stage blocks when the next one is full, so QEMU's bandwidth and
+//! downtime estimates describe what really crosses the WAN (after teleportation).
+//!
+//! - [`Outbox`]: the bounded queue of frames waiting for the link. Normal frames block the
+//!   producer when it is full; urgent frames (fallback replies) never block and jump the
+//!   queue, so a receiver waiting for original bytes is answered within one round trip.
+//! - [`TokenBucket`]: caps pct's own sending rate (`--bandwidth`), for tests without a
+//!   shaped link.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// A frame already encoded for the wire (header and payload).
+pub type Outgoing = Vec<u8>;
+
+#[derive(Debug, Default)]
+struct Queues {
+    normal: VecDeque<Outgoing>,
+    urgent: VecDeque<Outgoing>,
+    normal_bytes: usize,
+    closed: bool,
+}
+
+/// Bounded, two-priority queue of frames for one writer thread.
+#[derive(Debug)]
+pub struct Outbox {
+    q: Mutex<Queues>,
+    cv: Condvar,
+    cap: usize,
+}
+
+/// The outbox was closed (the session is over or failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+impl Outbox {
+    /// An outbox holding at most `cap` bytes of normal frames (one frame is always
+    /// accepted when the queue is empty, whatever its size).
+    pub fn new(cap: usize) -> Outbox {
+        Outbox {
+            q: Mutex::new(Queues::default()),
+            cv: Condvar::new(),
+            cap,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a normal frame; blocks while the queue is full.
+    pub fn push(&self, o: Outgoing) -> Result<(), Closed> {
+        let mut q = self.lock();
+        while !q.closed && q.normal_bytes > 0 && q.normal_bytes + o.len() > self.cap {
+            q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.closed {
+            return Err(Closed);
+        }
+        q.normal_bytes += o.len();
+        q.normal.push_back(o);
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Queues an urgent frame ahead of all normal ones; never blocks.
+    pub fn push_urgent(&self, o: Outgoing) -> Result<(), Closed> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(Closed);
+        }
+        q.urgent.push_back(o);
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// The next frame to send (urgent first); `None` once closed and drained.
+    pub fn pop(&self) -> Option<Outgoing> {
+        let mut q = self.lock();
+        loop {
+            if let Some(o) = q.urgent.pop_front() {
+                return Some(o);
+            }
+            if let Some(o) = q.normal.pop_front() {
+                q.normal_bytes -= o.len();
+                self.cv.notify_all();
+                return Some(o);
+            }
+            if q.closed {
+                return None;
+            }
+            q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// No more frames: the writer drains what is queued, then stops.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.cv.notify_all();
+    }
+
+    /// Closes and drops everything queued (on failure).
+    pub fn abort(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        q.normal.clear();
+        q.urgent.clear();
+        q.normal_bytes = 0;
+        self.cv.notify_all();
+    }
+}
+
+/// Token bucket: `rate` bytes per second, bursts of at most `burst` bytes.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate_bytes_per_s: u64) -> TokenBucket {
+        let rate = rate_bytes_per_s.max(1) as f64;
+        // 20 ms worth of tokens, at least one large frame's header.
+        let burst = (rate / 50.0).max(16.0 * 1024.0);
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Waits until `n` bytes may be sent, and takes them.
+    pub fn take(&mut self, n: usize) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        self.tokens -= n as f64;
+        if self.tokens < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.tokens / self.rate));
+        }
+    }
+}
+
+/// Parses a rate: `50mbit`, `50Mbit/s`, `6.25MB/s`, `800k` (bytes), `1000000` (bytes/s).
+/// Decimal prefixes (k = 1000). Returns bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let body = lower.strip_suffix("/s").unwrap_or(&lower);
+    let split = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (num, unit) = body.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("bad rate `{s}`: expected a number with a unit, e.g. 50mbit"))?;
+    let (mult, bits) = match unit.trim() {
+        "" | "b" => (1.0, false),
+        "k" | "kb" => (1e3, false),
+        "m" | "mb" => (1e6, false),
+        "g" | "gb" => (1e9, false),
+        "bit" | "bps" => (1.0, true),
+        "kbit" | "kbps" => (1e3, true),
+        "mbit" | "mbps" => (1e6, true),
+        "gbit" | "gbps" => (1e9, true),
+        other => return Err(format!("bad rate `{s}`: unknown unit `{other}`")),
+    };
+    let bytes = v * mult / if bits { 8.0 } else { 1.0 };
+    if !(bytes >= 1.0 && bytes.is_finite()) {
+        return Err(format!("bad rate `{s}`: must be at least 1 byte/s"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("50mbit").unwrap(), 6_250_000);
+        assert_eq!(parse_rate("50Mbit/s").unwrap(), 6_250_000);
+        assert_eq!(parse_rate("6.25MB/s").unwrap(), 6_250_000);
+        assert_eq!(parse_rate("1000").unwrap(), 1000);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0").is_err());
+    }
+
+    #[test]
+    fn urgent_frames_jump_the_queue() {
+        let o = Outbox::new(10);
+        let f = |n: usize| -> Outgoing { vec![0; n] };
+        o.push(f(8)).unwrap();
+        o.push_urgent(f(3)).unwrap();
+        assert_eq!(o.pop().unwrap().len(), 3);
+        assert_eq!(o.pop().unwrap().len(), 8);
+        o.close();
+        assert!(o.pop().is_none());
+        assert_eq!(o.push(f(1)), Err(Closed));
+    }
+}

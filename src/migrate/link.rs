@@ -1,0 +1,141 @@
+//! The TCP link between the pct sender and the pct receiver: connection set-up, socket
+//! options that keep the link's buffering small (see [`super::flow`]), and the hello
+//! exchange that opens every session.
+
+use super::wire::{read_frame, write_frame, Frame, Hello, Role, Session, WireError, WireStats};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// Kernel send buffer asked for on the sender's socket (Linux doubles it). Small, so that
+/// the bytes QEMU hands over are bytes the WAN has (almost) taken: 128 KiB is 40 ms at
+/// 50 Mbit/s.
+pub const SEND_BUFFER: usize = 128 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot resolve {addr}: {source}")]
+    Resolve { addr: String, source: io::Error },
+    #[error("cannot connect to the pct receiver at {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+    #[error("no pct sender connected to {addr} within {timeout:?}")]
+    AcceptTimeout { addr: String, timeout: Duration },
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("hello exchange: {0}")]
+    Hello(#[from] WireError),
+    #[error("peer closed the connection during the hello exchange")]
+    HelloClosed,
+    #[error("expected a hello, got a {0} frame")]
+    NotHello(&'static str),
+}
+
+fn set_sndbuf(s: &TcpStream, bytes: usize) -> io::Result<()> {
+    let v = bytes as libc::c_int;
+    // SAFETY: setsockopt with a valid fd and a pointer to a c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Connects to the receiver, retrying until `timeout` (it may still be starting).
+pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, LinkError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|source| LinkError::Resolve {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .collect();
+    let start = Instant::now();
+    loop {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, Duration::from_secs(5)) {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    set_sndbuf(&s, SEND_BUFFER)?;
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Err(LinkError::Connect {
+                addr: addr.to_owned(),
+                source: last,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Binds the receiver's listening socket.
+pub fn listen(addr: &str) -> Result<TcpListener, LinkError> {
+    TcpListener::bind(addr).map_err(|source| LinkError::Listen {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+/// Accepts one sender within `timeout`.
+pub fn accept(l: &TcpListener, timeout: Duration) -> Result<TcpStream, LinkError> {
+    let addr = l
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    l.set_nonblocking(true)?;
+    let start = Instant::now();
+    let s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if start.elapsed() >= timeout {
+                    return Err(LinkError::AcceptTimeout { addr, timeout });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Sends our hello, reads the peer's, and settles the session. `stats` counts both.
+pub fn handshake(
+    s: &mut TcpStream,
+    role: Role,
+    stats: &mut WireStats,
+    timeout: Duration,
+) -> Result<Session, LinkError> {
+    let ours = Hello::new(role);
+    let f = Frame::Hello(ours.clone());
+    let n = write_frame(s, &f)?;
+    stats.count(&f, n);
+    s.set_read_timeout(Some(timeout))?;
+    let got = read_frame(s, super::wire::MAX_PAYLOAD)?;
+    s.set_read_timeout(None)?;
+    let (frame, n) = got.ok_or(LinkError::HelloClosed)?;
+    stats.count(&frame, n);
+    match frame {
+        Frame::Hello(peer) => Ok(ours.negotiate(&peer)?),
+        Frame::Error { message, .. } => Err(LinkError::Hello(WireError::Mismatch(message))),
+        other => Err(LinkError::NotHello(other.name())),
+    }
+}

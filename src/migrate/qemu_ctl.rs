@@ -1,0 +1,165 @@
+//! Driving stock QEMU's migration over QMP: the capabilities pct needs, starting the
+//! migration on both ends, and reading its status.
+//!
+//! pct parses the plain precopy stream only, and carries it over a one-way pipe. So every
+//! capability that changes the RAM encoding (xbzrle, compress, multifd), adds a second
+//! phase (postcopy) or needs a channel back from the destination (return-path,
+//! pause-before-switchover, COLO) is switched off on both ends before the migration starts.
+//! TLS inside QEMU would make the stream opaque: it is refused. pct paces QEMU by
+//! backpressure, so QEMU's own bandwidth cap is lifted on the source.
+
+use crate::qmp::{Qmp, QmpError};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// Capabilities pct switches off.
+pub const OFF: &[&str] = &[
+    "xbzrle",
+    "compress",
+    "multifd",
+    "postcopy-ram",
+    "postcopy-preempt",
+    "postcopy-blocktime",
+    "return-path",
+    "pause-before-switchover",
+    "x-colo",
+    "rdma-pin-all",
+    "dirty-bitmaps",
+    "block",
+    "release-ram",
+    "background-snapshot",
+    "zero-copy-send",
+    "switchover-ack",
+];
+
+/// QEMU's `max-bandwidth` on the source while pct paces it (bytes/s; 10 GB/s).
+pub const SOURCE_MAX_BANDWIDTH: u64 = 10_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("QMP: {0}")]
+    Qmp(#[from] QmpError),
+    #[error("QEMU has TLS migration set up (tls-creds `{0}`): pct needs the plain stream; clear it with migrate-set-parameters tls-creds \"\"")]
+    Tls(String),
+    #[error("{0}")]
+    State(String),
+    #[error("timed out after {0:?} waiting for the migration to {1}")]
+    Timeout(Duration, &'static str),
+}
+
+/// Switches off what pct cannot carry; returns the names it switched off.
+pub fn prepare(qmp: &mut Qmp) -> Result<Vec<String>, CtlError> {
+    let params = qmp.execute("query-migrate-parameters", None)?;
+    if let Some(creds) = params.get("tls-creds").and_then(Value::as_str) {
+        if !creds.is_empty() {
+            return Err(CtlError::Tls(creds.to_owned()));
+        }
+    }
+    let caps = qmp.execute("query-migrate-capabilities", None)?;
+    let mut off = Vec::new();
+    for c in caps.as_array().into_iter().flatten() {
+        let (Some(name), Some(true)) = (c["capability"].as_str(), c["state"].as_bool()) else {
+            continue;
+        };
+        if OFF.contains(&name) {
+            off.push(name.to_owned());
+        }
+    }
+    if !off.is_empty() {
+        let list: Vec<Value> = off
+            .iter()
+            .map(|n| json!({ "capability": n, "state": false }))
+            .collect();
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": list })),
+        )?;
+    }
+    Ok(off)
+}
+
+/// The guest's run state (`running`, `paused`, `inmigrate`, `postmigrate`, …).
+pub fn run_state(qmp: &mut Qmp) -> Result<String, CtlError> {
+    let st = qmp.execute("query-status", None)?;
+    Ok(st["status"].as_str().unwrap_or("?").to_owned())
+}
+
+/// Starts the outgoing migration into `uri` (e.g. `unix:/run/pct/x.sock`).
+pub fn start_source(qmp: &mut Qmp, uri: &str) -> Result<(), CtlError> {
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": SOURCE_MAX_BANDWIDTH })),
+    )?;
+    qmp.execute("migrate", Some(json!({ "uri": uri })))?;
+    Ok(())
+}
+
+/// Starts the incoming side (QEMU must have been started with `-incoming defer`).
+pub fn start_destination(qmp: &mut Qmp, uri: &str) -> Result<(), CtlError> {
+    let state = run_state(qmp)?;
+    if state != "inmigrate" {
+        return Err(CtlError::State(format!(
+            "the destination QEMU is `{state}`, not waiting for a migration: start it with \
+             -incoming defer"
+        )));
+    }
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+    Ok(())
+}
+
+/// The parts of `query-migrate` pct reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Info {
+    pub status: String,
+    /// Milliseconds, as QEMU measured them (source side).
+    pub total_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
+    /// Bytes QEMU wrote into the stream.
+    pub ram_transferred: Option<u64>,
+    pub dirty_sync_count: Option<u64>,
+    pub error: Option<String>,
+}
+
+impl Info {
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
+/// `query-migrate`.
+pub fn query(qmp: &mut Qmp) -> Result<Info, CtlError> {
+    let v = qmp.execute("query-migrate", None)?;
+    let u = |k: &str| v.get(k).and_then(Value::as_u64);
+    let ram = |k: &str| v.get("ram").and_then(|r| r.get(k)).and_then(Value::as_u64);
+    Ok(Info {
+        status: v["status"].as_str().unwrap_or("none").to_owned(),
+        total_time_ms: u("total-time"),
+        downtime_ms: u("downtime"),
+        expected_downtime_ms: u("expected-downtime"),
+        ram_transferred: ram("transferred"),
+        dirty_sync_count: ram("dirty-sync-count"),
+        error: v["error-desc"].as_str().map(str::to_owned),
+    })
+}
+
+/// Polls `query-migrate` until it reaches a final state or `timeout` passes.
+pub fn wait_final(qmp: &mut Qmp, timeout: Duration) -> Result<Info, CtlError> {
+    let start = Instant::now();
+    loop {
+        let i = query(qmp)?;
+        if i.is_final() {
+            return Ok(i);
+        }
+        if start.elapsed() > timeout {
+            return Err(CtlError::Timeout(timeout, "finish"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Cancels an outgoing migration; the source guest keeps running.
+pub fn cancel(qmp: &mut Qmp) -> Result<(), CtlError> {
+    qmp.execute("migrate_cancel", None)?;
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Statistics of one migration: built from the sender's and the receiver's reports, printed
+//! as text for people and as JSON for programs (`pct-migrate --json`).
+
+use super::receiver::ReceiverReport;
+use super::sender::SenderReport;
+use serde::Serialize;
+use std::fmt::Write;
+
+/// Bytes on the wire, sender → receiver and back, by kind.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WireBytes {
+    pub total: u64,
+    /// Data frames: QEMU's stream other than teleported pages, compressed.
+    pub data: u64,
+    /// Reference frames without their hashes.
+    pub references: u64,
+    pub hashes: u64,
+    /// Fallback requests and replies.
+    pub fallback: u64,
+    /// Hello, acks, end, report, complete.
+    pub protocol: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Pages {
+    /// Sent as references.
+    pub teleported: u64,
+    /// Restored from the destination's disk with a matching hash.
+    pub verified: u64,
+    /// Hash mismatch or read error: original bytes sent after all.
+    pub fallen_back: u64,
+    /// `ZERO` records (QEMU's own zero-page detection).
+    pub zero: u64,
+    /// `PAGE` records sent as data.
+    pub sent: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timing {
+    /// From `migrate` to the receiver's confirmation that the destination loaded it all.
+    pub total_s: f64,
+    /// QEMU's own downtime figure (source side: stop to end of its stream).
+    pub downtime_qemu_ms: Option<u64>,
+    /// Source stopped (QMP `STOP` event) to the destination's confirmation: an upper bound
+    /// of the real downtime (it includes the way back of the confirmation).
+    pub downtime_end_to_end_ms: Option<f64>,
+    /// Taking the cache map.
+    pub scan_s: Option<f64>,
+    /// Receiver: reading and hashing teleported pages.
+    pub restore_s: Option<f64>,
+}
+
+/// Everything `pct-migrate` reports about one migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub result: String,
+    pub teleport: bool,
+    /// Bytes of QEMU's stream (what stock QEMU would put on the link).
+    pub stream_bytes: u64,
+    pub wire: WireBytes,
+    pub pages: Pages,
+    /// Stream bytes in data frames / their bytes on the wire.
+    pub compression_ratio: f64,
+    /// (reference + hash bytes) per teleported page.
+    pub reference_bytes_per_page: f64,
+    /// Wire bytes / stream bytes.
+    pub wire_ratio: f64,
+    pub time: Timing,
+    /// Cache map size when it was taken.
+    pub map_pages: u64,
+    pub capabilities_disabled: Vec<String>,
+    /// Receiver's restore rate from its disk image, MB/s.
+    pub restore_mb_per_s: Option<f64>,
+}
+
+impl Summary {
+    pub fn new(s: &SenderReport, teleport: bool) -> Summary {
+        let w = &s.wire;
+        let rx: Option<ReceiverReport> = s
+            .receiver
+            .report
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let fallen_back = rx.as_ref().map_or(s.fallback_pages, |r| r.fallback_pages);
+        let wire = WireBytes {
+            total: w.wire_total(),
+            data: w.passthrough_wire,
+            references: w.ref_wire - w.ref_hash_bytes,
+            hashes: w.ref_hash_bytes,
+            fallback: w.fallback_wire,
+            protocol: w.control_wire,
+        };
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let restore_s = rx.as_ref().map(|r| r.restore_seconds);
+        Summary {
+            result: "completed".into(),
+            teleport,
+            stream_bytes: s.stream.total_bytes,
+            compression_ratio: ratio(w.passthrough_raw, w.passthrough_wire),
+            reference_bytes_per_page: ratio(w.ref_wire, s.ref_pages),
+            wire_ratio: ratio(wire.total, s.stream.total_bytes),
+            wire,
+            pages: Pages {
+                teleported: s.ref_pages,
+                verified: s.ref_pages - fallen_back.min(s.ref_pages),
+                fallen_back,
+                zero: s.stream.zero_pages,
+                sent: s.stream.pages - s.ref_pages,
+            },
+            time: Timing {
+                restore_s,
+                ..Timing::default()
+            },
+            map_pages: s.map_pages,
+            restore_mb_per_s: rx
+                .as_ref()
+                .filter(|r| r.restore_seconds > 0.0)
+                .map(|r| r.ref_pages as f64 * 4096.0 / r.restore_seconds / 1e6),
+            ..Summary::default()
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut t = String::new();
+        let mb = |b: u64| b as f64 / 1e6;
+        let _ = writeln!(t, "migration {}", self.result);
+        let _ = writeln!(
+            t,
+            "  QEMU stream      {:>10.1} MB   (what stock QEMU sends)",
+            mb(self.stream_bytes)
+        );
+        let _ = writeln!(
+            t,
+            "  on the wire      {:>10.1} MB   ({:.3} x the stream)",
+            mb(self.wire.total),
+            self.wire_ratio
+        );
+        let w = &self.wire;
+        let _ = writeln!(
+            t,
+            "    data {:.1} MB (compressed {:.2}:1), references {:.2} MB, hashes {:.2} MB, fallback {:.2} MB, protocol {:.3} MB",
+            mb(w.data),
+            self.compression_ratio,
+            mb(w.references),
+            mb(w.hashes),
+            mb(w.fallback),
+            mb(w.protocol)
+        );
+        let p = &self.pages;
+        let _ = writeln!(
+            t,
+            "  pages            teleported {} (verified {}, fallen back {}), sent {}, zero {}",
+            p.teleported, p.verified, p.fallen_back, p.sent, p.zero
+        );
+        if p.teleported > 0 {
+            let _ = writeln!(
+                t,
+                "  reference cost   {:.2} bytes per teleported page (hashes included)",
+                self.reference_bytes_per_page
+            );
+        }
+        let tm = &self.time;
+        let _ = write!(t, "  total time       {:>10.2} s", tm.total_s);
+        if let Some(d) = tm.downtime_end_to_end_ms {
+            let _ = write!(t, "   downtime {d:.0} ms end to end");
+        }
+        if let Some(d) = tm.downtime_qemu_ms {
+            let _ = write!(t, " ({d} ms by QEMU)");
+        }
+        let _ = writeln!(t);
+        if let Some(s) = tm.scan_s {
+            let _ = writeln!(
+                t,
+                "  cache map        {} pages, taken in {:.2} s",
+                self.map_pages, s
+            );
+        }
+        if let (Some(s), Some(r)) = (tm.restore_s, self.restore_mb_per_s) {
+            let _ = writeln!(
+                t,
+                "  restore          {s:.2} s at the receiver ({r:.0} MB/s)"
+            );
+        }
+        if !self.capabilities_disabled.is_empty() {
+            let _ = writeln!(
+                t,
+                "  switched off     {}",
+                self.capabilities_disabled.join(", ")
+            );
+        }
+        t
+    }
+}

@@ -24,6 +24,8 @@ pub enum QmpError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("QMP socket {path} is busy: QEMU serves one client per monitor and another holds it; give QEMU a second -qmp socket for pct")]
+    Busy { path: PathBuf },
     #[error("QMP socket {path} closed (QEMU exited?)")]
     Closed { path: PathBuf },
     #[error("malformed QMP message from {path}: {msg}")]
@@ -70,8 +72,9 @@ impl Qmp {
             path: path.to_owned(),
             source,
         };
+        // QEMU serves one client per monitor: a busy monitor accepts but never greets.
         stream
-            .set_read_timeout(Some(Duration::from_secs(600)))
+            .set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io)?;
         let reader = BufReader::new(stream.try_clone().map_err(io)?);
         let mut qmp = Qmp {
@@ -80,11 +83,22 @@ impl Qmp {
             reader,
             events: Vec::new(),
         };
-        let greeting = qmp.read_message()?;
+        let greeting = qmp.read_message().map_err(|e| match e {
+            QmpError::Io { path, source } if source.kind() == std::io::ErrorKind::WouldBlock => {
+                QmpError::Busy { path }
+            }
+            e => e,
+        })?;
         if greeting.get("QMP").is_none() {
             return Err(qmp.protocol(format!("expected a QMP greeting, got {greeting}")));
         }
         qmp.execute("qmp_capabilities", None)?;
+        qmp.writer
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .map_err(|source| QmpError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(qmp)
     }
 

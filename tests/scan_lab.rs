@@ -19,13 +19,26 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn profile() -> Profile {
-    Profile::load(&repo().join("profiles/debian-6.1.0-56-cloud-amd64.json")).expect("shipped cloud profile")
+    Profile::load(&repo().join("profiles/debian-6.1.0-56-cloud-amd64.json"))
+        .expect("shipped cloud profile")
 }
 
 fn kernel_dir() -> PathBuf {
-    let out = Command::new("bash").arg(repo().join("tools/lab/fetch-kernel.sh")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().last().unwrap().into()
+    let out = Command::new("bash")
+        .arg(repo().join("tools/lab/fetch-kernel.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .into()
 }
 
 /// Boots a guest, lets it settle, stops it, and scans its RAM file (with verify and cross-check).
@@ -48,7 +61,10 @@ fn pfns_in_map(map: &CacheMap) -> HashMap<u64, (Option<u64>, Option<u64>)> {
     let mut m = HashMap::new();
     for r in &map.runs {
         for i in 0..r.len / 4096 {
-            m.insert(r.gpa / 4096 + i, (r.ino, r.file_offset.map(|o| o + i * 4096)));
+            m.insert(
+                r.gpa / 4096 + i,
+                (r.ino, r.file_offset.map(|o| o + i * 4096)),
+            );
         }
     }
     m
@@ -74,8 +90,16 @@ fn check_layout(layout: &'static str) {
     // 1. Every run byte-matches the disk image.
     let v = report.verify.as_ref().unwrap();
     assert!(v.matching_pages > 0);
-    assert_eq!((v.mismatching_pages, v.unreadable_runs), (0, 0), "{layout}: verify failed: {v:?}");
-    assert!(report.problems.is_empty(), "{layout}: walk problems {:?}", report.problems);
+    assert_eq!(
+        (v.mismatching_pages, v.unreadable_runs),
+        (0, 0),
+        "{layout}: verify failed: {v:?}"
+    );
+    assert!(
+        report.problems.is_empty(),
+        "{layout}: walk problems {:?}",
+        report.problems
+    );
 
     // 2. The linear struct page scan finds the same page-cache pages as the tree walk.
     let cc = report.cross_check.as_ref().unwrap();
@@ -83,14 +107,21 @@ fn check_layout(layout: &'static str) {
 
     // 3. The map is sorted and its runs do not overlap.
     for w in map.runs.windows(2) {
-        assert!(w[0].gpa + w[0].len <= w[1].gpa, "{layout}: runs overlap or unsorted");
+        assert!(
+            w[0].gpa + w[0].len <= w[1].gpa,
+            "{layout}: runs overlap or unsorted"
+        );
     }
 
     // 4. Coverage of what the guest itself reports as clean, disk-backed file pages.
     let in_map = pfns_in_map(&map);
     let mut want = 0;
     let mut found = 0;
-    for f in oracle.files.iter().filter(|f| f.path.starts_with("/mnt/www/")) {
+    for f in oracle
+        .files
+        .iter()
+        .filter(|f| f.path.starts_with("/mnt/www/"))
+    {
         for p in f.pages.iter().filter(|p| p.is_clean_file_page()) {
             want += 1;
             if in_map.get(&p.pfn) == Some(&(Some(f.ino), Some(p.index * 4096))) {
@@ -100,19 +131,30 @@ fn check_layout(layout: &'static str) {
     }
     let coverage = found as f64 / want as f64;
     eprintln!("scan {layout}: coverage of the guest's clean file pages {found}/{want}");
-    assert!(want >= 128 * 75 && coverage >= 0.99, "{layout}: coverage {coverage:.4} ({found}/{want})");
+    assert!(
+        want >= 128 * 75 && coverage >= 0.99,
+        "{layout}: coverage {coverage:.4} ({found}/{want})"
+    );
 
     // 5. Never in the map: tmpfs, dirty, unwritten (fallocated) and hole pages.
     let never = |path: &str, pred: &dyn Fn(u64) -> bool| {
-        let f = oracle.file(path).unwrap_or_else(|| panic!("{layout}: {path} not in oracle"));
+        let f = oracle
+            .file(path)
+            .unwrap_or_else(|| panic!("{layout}: {path} not in oracle"));
         for p in f.pages.iter().filter(|p| pred(p.index)) {
-            assert!(!in_map.contains_key(&p.pfn), "{layout}: {path} page {} is in the map", p.index);
+            assert!(
+                !in_map.contains_key(&p.pfn),
+                "{layout}: {path} page {} is in the map",
+                p.index
+            );
         }
     };
     never("/tmpfs/copy", &|_| true);
     never("/mnt/special/dirty", &|_| true);
     // sparse: data at pages 0..16, 128..160 and 511; holes elsewhere
-    never("/mnt/special/sparse", &|i| !(i < 16 || (128..160).contains(&i) || i == 511));
+    never("/mnt/special/sparse", &|i| {
+        !(i < 16 || (128..160).contains(&i) || i == 511)
+    });
     if layout != "noextent" {
         // falloc: the first 256 pages were written after fallocate (dirty), the rest unwritten
         never("/mnt/special/falloc", &|_| true);
@@ -124,11 +166,18 @@ fn check_layout(layout: &'static str) {
         .filter(|p| p.index < 16 || (128..160).contains(&p.index) || p.index == 511)
         .filter(|p| in_map.contains_key(&p.pfn))
         .count();
-    assert_eq!(sparse_data, 49, "{layout}: sparse file data pages in the map");
+    assert_eq!(
+        sparse_data, 49,
+        "{layout}: sparse file data pages in the map"
+    );
 
     // 6. The filesystem agrees: each run's first block belongs to the inode it names,
     //    at that file offset (debugfs bmap), for every file run.
-    let img = format!("{}?offset={}", g.path("disk.img").display(), part_start(layout));
+    let img = format!(
+        "{}?offset={}",
+        g.path("disk.img").display(),
+        part_start(layout)
+    );
     let bs = match layout {
         "bs1k" => 1024,
         "bs2k" => 2048,
@@ -143,14 +192,28 @@ fn check_layout(layout: &'static str) {
     }
     let cmdfile = g.path("bmap.cmd");
     std::fs::write(&cmdfile, cmds).unwrap();
-    let out = Command::new("debugfs").arg("-f").arg(&cmdfile).arg(&img).output().unwrap();
+    let out = Command::new("debugfs")
+        .arg("-f")
+        .arg(&cmdfile)
+        .arg(&img)
+        .output()
+        .unwrap();
     let got: Vec<u64> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.starts_with("debugfs"))
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    assert_eq!(got.len(), expect.len(), "{layout}: debugfs answered {} of {} bmaps", got.len(), expect.len());
-    assert_eq!(got, expect, "{layout}: the map disagrees with the filesystem's block map");
+    assert_eq!(
+        got.len(),
+        expect.len(),
+        "{layout}: debugfs answered {} of {} bmaps",
+        got.len(),
+        expect.len()
+    );
+    assert_eq!(
+        got, expect,
+        "{layout}: the map disagrees with the filesystem's block map"
+    );
 }
 
 #[test]
@@ -178,20 +241,29 @@ fn layout_no_extents() {
 /// And drgn, walking the same ELF core with its own helpers, finds the same page frames.
 #[test]
 fn sources_agree_and_drgn_agrees() {
-    let (mut g, raw_map, report, _) = boot_and_scan(GuestSpec::new("apache").layout("mini", "plain"));
+    let (mut g, raw_map, report, _) =
+        boot_and_scan(GuestSpec::new("apache").layout("mini", "plain"));
     let core = g.path("core.elf");
     g.dump_elf(&core, false);
     let p = profile();
 
     let disk = std::fs::File::open(g.path("disk.img")).unwrap();
     let elf = GuestMemory::open(&core).expect("open ELF core");
-    assert!(elf.vmcoreinfo().is_some(), "the ELF core carries no VMCOREINFO");
-    let (elf_map, elf_report) = scan(&elf, &p, Some(&disk), ScanOptions::default()).expect("scan ELF core");
-    assert_eq!(elf_report.kernel.located_by, pct::kernel::Method::VmcoreinfoNote);
+    assert!(
+        elf.vmcoreinfo().is_some(),
+        "the ELF core carries no VMCOREINFO"
+    );
+    let (elf_map, elf_report) =
+        scan(&elf, &p, Some(&disk), ScanOptions::default()).expect("scan ELF core");
+    assert_eq!(
+        elf_report.kernel.located_by,
+        pct::kernel::Method::VmcoreinfoNote
+    );
     same_runs(&raw_map, &elf_map, "ELF core");
 
-    let live = pct::memory::qemu::open_live(&g.path("qmp.sock")).expect("map live QEMU RAM");
-    let (live_map, _) = scan(&live, &p, Some(&disk), ScanOptions::default()).expect("scan live QEMU");
+    let live = pct::memory::qemu::open_live(&g.path("qmp-pct.sock")).expect("map live QEMU RAM");
+    let (live_map, _) =
+        scan(&live, &p, Some(&disk), ScanOptions::default()).expect("scan live QEMU");
     same_runs(&raw_map, &live_map, "live QEMU");
 
     // drgn (from PyPI) as the independent oracle.
@@ -203,7 +275,11 @@ fn sources_agree_and_drgn_agrees() {
         .arg("vda")
         .output()
         .expect("run drgn");
-    assert!(out.status.success(), "drgn failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "drgn failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let drgn: BTreeSet<u64> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
@@ -211,14 +287,22 @@ fn sources_agree_and_drgn_agrees() {
     let mem = GuestMemory::open(&g.ram_path).unwrap();
     let k = Kernel::locate(&mem, &p).unwrap();
     let walk = pct::walk::fs::walk_page_cache(&k).unwrap();
-    let vda = walk.super_blocks.iter().position(|s| s.id == "vda").unwrap();
+    let vda = walk
+        .super_blocks
+        .iter()
+        .position(|s| s.id == "vda")
+        .unwrap();
     let ours: BTreeSet<u64> = walk
         .inodes
         .iter()
         .filter(|i| i.sb == vda)
         .flat_map(|i| i.pages.iter().map(|p| p.pfn))
         .collect();
-    eprintln!("drgn: {} page frames on vda, pct: {}", drgn.len(), ours.len());
+    eprintln!(
+        "drgn: {} page frames on vda, pct: {}",
+        drgn.len(),
+        ours.len()
+    );
     assert!(drgn.len() > 9000);
     assert_eq!(drgn, ours, "pct and drgn find different page frames");
     let _ = report;
@@ -252,7 +336,11 @@ fn scan_command_reports_and_writes_map() {
         .arg(&mapfile)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(json["restorable_bytes"].as_u64(), Some(map.bytes()));
     assert_eq!(json["verify"]["mismatching_pages"].as_u64(), Some(0));
@@ -270,11 +358,19 @@ fn scan_command_reports_and_writes_map() {
         assert_eq!(l["file_offset"].as_u64(), r.file_offset);
     }
     // Without --profile the shipped profile matching the image's build-id is used.
-    let out = Command::new(bin).arg("scan").arg("--memory").arg(&g.ram_path).output().unwrap();
+    let out = Command::new(bin)
+        .arg("scan")
+        .arg("--memory")
+        .arg(&g.ram_path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(text.contains("restorable") && text.contains("Mbit/s"), "{text}");
+    assert!(
+        text.contains("restorable") && text.contains("Mbit/s"),
+        "{text}"
+    );
 }
 
 /// Hostile memory: random bytes, a wrong profile, corrupted kernel structures.
@@ -296,7 +392,9 @@ fn hostile_memory() {
     std::fs::write(&rnd, &bytes).unwrap();
     let mem = GuestMemory::open(&rnd).unwrap();
     let t = Instant::now();
-    let e = scan(&mem, &p, None, ScanOptions::default()).err().expect("random bytes must not scan");
+    let e = scan(&mem, &p, None, ScanOptions::default())
+        .err()
+        .expect("random bytes must not scan");
     assert!(e.to_string().contains("could not be found"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(10));
 
@@ -315,7 +413,9 @@ fn hostile_memory() {
     drop(g);
     let old = Profile::load(&repo().join("profiles/debian-4.9.json")).unwrap();
     let mem = GuestMemory::open(&ram).unwrap();
-    let e = scan(&mem, &old, None, ScanOptions::default()).err().expect("wrong profile");
+    let e = scan(&mem, &old, None, ScanOptions::default())
+        .err()
+        .expect("wrong profile");
     let msg = e.to_string();
     assert!(msg.contains("debian-6.1.0-56-cloud-amd64.json"), "{msg}");
 
@@ -356,8 +456,20 @@ fn hostile_memory() {
         std::fs::write(&path, &img).unwrap();
         let mem = GuestMemory::open(&path).unwrap();
         let t = Instant::now();
-        let r = scan(&mem, &p, None, ScanOptions { cross_check: true, verify: false });
-        assert!(t.elapsed() < Duration::from_secs(20), "round {round}: took {:?}", t.elapsed());
+        let r = scan(
+            &mem,
+            &p,
+            None,
+            ScanOptions {
+                cross_check: true,
+                verify: false,
+            },
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "round {round}: took {:?}",
+            t.elapsed()
+        );
         if let Ok((map, _)) = r {
             // Whatever survives must still be a well-formed map.
             for w in map.runs.windows(2) {

@@ -30,7 +30,14 @@ impl<'a> MetaSource<'a> {
             .iter()
             .filter(|i| i.is_bdev && i.sb == sb)
             .flat_map(|i| i.pages.iter())
-            .filter(|p| matches!(p.state, PageState::Clean | PageState::Dirty))
+            // The guest's in-memory copy is what its kernel maps with, whether or not the
+            // disk has caught up with it.
+            .filter(|p| {
+                matches!(
+                    p.state,
+                    PageState::Clean | PageState::Dirty | PageState::BuffersBusy
+                )
+            })
             .map(|p| (p.index, p.pfn))
             .collect();
         MetaSource {

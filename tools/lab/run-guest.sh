@@ -6,7 +6,8 @@
 #       [--mem MiB] [--accel tcg|kvm] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #
 # RUNDIR receives: disk.img (a copy of the pristine lab disk, unless --disk names one),
-# oracle.img (where the guest's pct-oracle writes), qmp.sock, serial.sock (write
+# oracle.img (where the guest's pct-oracle writes), qmp.sock and qmp-pct.sock (two
+# monitors: QEMU serves one client each, so pct gets its own), serial.sock (write
 # commands here), serial.log (everything the guest printed), ram.path (the path of the
 # guest RAM file in /dev/shm, memory-backend-file share=on), qemu.pid.
 # With --incoming the guest waits for a migration (-incoming defer) instead of booting.
@@ -64,7 +65,7 @@ avail_kb=$(df -k --output=avail /dev/shm | tail -1)
 name=${name:-pct-lab-$$}
 ram=/dev/shm/$name
 echo "$ram" >"$dir/ram.path"
-rm -f "$dir/qmp.sock" "$dir/serial.sock"
+rm -f "$dir/qmp.sock" "$dir/qmp-pct.sock" "$dir/serial.sock"
 
 args=(
 	-name "$name" -accel "$accel" -machine pc-i440fx-7.2,memory-backend=ram0
@@ -78,6 +79,7 @@ args=(
 	-chardev "socket,id=s0,path=$dir/serial.sock,server=on,wait=off,logfile=$dir/serial.log,logappend=on"
 	-serial chardev:s0
 	-qmp "unix:$dir/qmp.sock,server=on,wait=off"
+	-qmp "unix:$dir/qmp-pct.sock,server=on,wait=off"
 )
 [ -n "$incoming" ] && args+=(-incoming defer)
 [ -n "$paused" ] && args+=(-S)

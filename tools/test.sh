@@ -11,6 +11,10 @@ cd "$(dirname "$0")/.."
 bash tools/lab/ensure-host.sh
 bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
+# Independent tools the tests compare pct with: drgn (page-cache walk) and Volatility 3 (ISF).
+python3 -c 'import drgn, volatility3' 2>/dev/null ||
+	python3 -m pip install -q --disable-pip-version-check drgn volatility3 ||
+	{ echo "test.sh: cannot install drgn and volatility3 from PyPI" >&2; exit 1; }
 
 status=0
 # Release mode: the tests parse a 590 MB vmlinux and 1 GiB guest images.

@@ -257,26 +257,26 @@ where
     let encoded = encode(
         &mut qemu, &session, opts, &outbox, &stats, &originals, map, &counters,
     );
-    match &encoded {
-        Ok(_) => outbox.close(),
-        Err(_) => {
-            outbox.abort();
-            let _ = tcp.shutdown(Shutdown::Both);
-        }
+    if encoded.is_err() {
+        outbox.abort();
+        let _ = tcp.shutdown(Shutdown::Both);
     }
+    // The writer keeps running after the stream ended: fallback requests for the last
+    // runs may still come, up to `Complete`.
     let heard = listener
         .join()
         .unwrap_or_else(|_| Err(SendError::Protocol("listener thread panicked".into())));
-    let wrote = writer.join().unwrap_or_else(|_| {
-        Err(io::Error::new(
-            io::ErrorKind::Other,
-            "writer thread panicked",
-        ))
-    });
+    outbox.close();
+    let wrote = writer
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
     let _ = tcp.shutdown(Shutdown::Both);
     // The most telling error first: what the receiver said, then ours.
     let end = match (encoded, heard) {
         (_, Err(e @ SendError::Peer(_))) => return Err(e),
+        // The encoder found the outbox closed because the listener failed: its error is
+        // the cause.
+        (Err(SendError::Closed), Err(e)) => return Err(e),
         (Err(e), _) => return Err(e),
         (Ok(_), Err(e)) => return Err(e),
         (Ok(enc), Ok(end)) => (enc, end),

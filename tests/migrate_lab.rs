@@ -1,0 +1,221 @@
+//! pct-migrate end to end on real lab guests: two QEMU 7.2 under TCG, two `pct-migrate`
+//! processes over TCP on localhost.
+//!
+//! - the destination's RAM right after the migration (kept paused, `-S`) is bit-identical
+//!   to the source's (paused by QEMU at completion), page by page;
+//! - the migrated guest keeps running: its files re-read and check out;
+//! - a stale destination disk still yields a bit-identical guest, through fallbacks;
+//! - cutting the TCP connection mid-migration leaves the source running, both pct
+//!   processes and the destination QEMU exit with an error, nothing is left behind.
+//!
+//! The tests share two CPU cores with everything else: they run one at a time, on the
+//! `mini` fileset.
+
+mod migrate_support;
+
+use migrate_support::*;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("summary has no {path:?}: {v}"))
+}
+
+fn assert_identical(src: &Vm, dst: &Vm) {
+    let (first, count) = diff_pages(&src.ram, &dst.ram);
+    assert_eq!(
+        count, 0,
+        "{count} pages of destination RAM differ from the source, first {first:?}"
+    );
+}
+
+/// The main invariant, on the apache guest: bit-identical RAM, references used, the guest
+/// runs on and its files check out.
+#[test]
+fn apache_bit_identical_and_keeps_running() {
+    if !have_qemu() {
+        return;
+    }
+    let _one = serial();
+    let spec = VmSpec::new("apache", "mini", "plain");
+    let (src, mut dst, disk) = pair(&spec);
+    let run = migrate(&src, &dst, &disk, &[], None);
+    assert!(run.sender.status.success(), "sender failed");
+    assert!(run.receiver.status.success(), "receiver failed");
+    let s = run.summary.expect("JSON summary");
+    assert_eq!(s["result"], "completed");
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(dst.status(), "paused");
+    assert_identical(&src, &dst);
+
+    // 128 files x 300 KB are cached: most of it must have been teleported and verified.
+    let teleported = u(&s, &["pages", "teleported"]);
+    assert!(teleported > 9000, "only {teleported} pages teleported");
+    assert!(u(&s, &["pages", "verified"]) + u(&s, &["pages", "fallen_back"]) == teleported);
+    assert!(s["reference_bytes_per_page"].as_f64().unwrap_or(99.0) < 4.0);
+    assert!(u(&s, &["wire", "total"]) < u(&s, &["stream_bytes"]) / 2);
+
+    // The guest resumes at the destination and re-reads its files from its (page) cache.
+    drop(src);
+    dst.execute("cont");
+    let line = dst.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
+    assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
+    let skip = dst.serial_log().len();
+    dst.wait_serial(skip, "PCT-HEARTBEAT", Duration::from_secs(30));
+}
+
+/// A destination disk that is out of sync (some teleported blocks overwritten) on a
+/// partitioned disk: the hash catches every stale page, the sender's originals replace
+/// them, the guest is still bit-identical.
+#[test]
+fn stale_destination_disk_falls_back_bit_identical() {
+    if !have_qemu() {
+        return;
+    }
+    let _one = serial();
+    let spec = VmSpec::new("apache", "mini", "part");
+    let (src, dst, disk) = pair(&spec);
+
+    // The cache map as the sender will see it; corrupt one page of every 40th run.
+    let mem = pct::memory::qemu::open_live(&src.qmp_path()).expect("map source RAM");
+    let profile = pct::profile::Profile::load(&repo().join(PROFILE)).expect("profile");
+    let (map, _) = pct::introspect::scan(&mem, &profile, None, Default::default()).expect("scan");
+    assert!(map.runs.len() > 40, "cache map has {} runs", map.runs.len());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .expect("open destination disk");
+    let mut stale = 0u64;
+    for r in map.runs.iter().step_by(40) {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0xa5; 4096], r.disk_offset)
+            .expect("overwrite a block");
+        stale += 1;
+    }
+    drop(f);
+    drop(mem);
+
+    let run = migrate(&src, &dst, &disk, &[], None);
+    assert!(run.sender.status.success(), "sender failed");
+    assert!(run.receiver.status.success(), "receiver failed");
+    let s = run.summary.expect("JSON summary");
+    assert_identical(&src, &dst);
+    let fallen = u(&s, &["pages", "fallen_back"]);
+    assert!(fallen >= stale, "{stale} stale pages, {fallen} fell back");
+    assert!(u(&s, &["wire", "fallback"]) > 0);
+    assert!(u(&s, &["pages", "verified"]) > 5000);
+}
+
+/// A relay between sender and receiver that cuts both connections once `cut_after` bytes
+/// went from the sender to the receiver.
+fn cutting_relay(cut_after: u64, cut: Arc<AtomicBool>) -> impl Fn(u16) -> u16 {
+    move |to: u16| {
+        let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+        let port = l.local_addr().expect("addr").port();
+        let cut = cut.clone();
+        std::thread::spawn(move || {
+            let Ok((a, _)) = l.accept() else { return };
+            // The receiver may not listen yet.
+            let mut tries = 0;
+            let b = loop {
+                match TcpStream::connect(("127.0.0.1", to)) {
+                    Ok(b) => break b,
+                    Err(_) if tries < 200 => tries += 1,
+                    Err(_) => return,
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let seen = Arc::new(AtomicU64::new(0));
+            let (a2, b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+            // Receiver → sender: plain copy.
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (b2, a2);
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 || to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (mut from, mut to) = (a, b);
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 || to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                if seen.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= cut_after {
+                    break;
+                }
+            }
+            cut.store(true, Ordering::SeqCst);
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+        });
+        port
+    }
+}
+
+/// Cutting the link mid-migration: the source keeps running unchanged, the destination
+/// QEMU and both pct processes exit with an error, no socket directories are left.
+#[test]
+fn cut_link_leaves_source_running() {
+    if !have_qemu() {
+        return;
+    }
+    let _one = serial();
+    let spec = VmSpec::new("apache", "mini", "plain");
+    let (mut src, mut dst, disk) = pair(&spec);
+    let cut = Arc::new(AtomicBool::new(false));
+    let relay = cutting_relay(8 << 20, cut.clone());
+    // Slow enough that 8 MB is well inside the migration.
+    let run = migrate(&src, &dst, &disk, &["--bandwidth", "40mbit"], Some(&relay));
+    assert!(cut.load(Ordering::SeqCst), "the relay never cut the link");
+    assert!(!run.sender.status.success(), "the sender reported success");
+    assert!(
+        !run.receiver.status.success(),
+        "the receiver reported success"
+    );
+    let serr = text(&run.sender.stderr);
+    assert!(serr.contains("error:"), "sender said: {serr}");
+    assert!(
+        serr.contains("source guest is running"),
+        "sender said: {serr}"
+    );
+    let rerr = text(&run.receiver.stderr);
+    assert!(rerr.contains("error:"), "receiver said: {rerr}");
+
+    // The source runs on, its workload answers, its files check out.
+    assert_eq!(src.status(), "running");
+    let skip = src.serial_log().len();
+    src.wait_serial(skip, "PCT-HEARTBEAT", Duration::from_secs(30));
+    let line = src.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
+    assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
+
+    // The destination QEMU gave up by itself.
+    let st = dst.wait_exit(Duration::from_secs(30));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "destination QEMU still running or exited cleanly: {st:?}"
+    );
+    // No socket directories of either pct process are left.
+    let left: Vec<_> = [
+        format!("pct-migrate-src-{}", run.sender_pid),
+        format!("pct-migrate-dst-{}", run.receiver_pid),
+    ]
+    .into_iter()
+    .filter(|n| std::env::temp_dir().join(n).exists())
+    .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

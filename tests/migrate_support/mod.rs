@@ -1,0 +1,450 @@
+//! Support for the migration tests: lab guests (tools/lab/run-guest.sh) that hold no QMP
+//! connection of their own, so `pct-migrate` can own the QMP socket while it migrates, and
+//! `pct-migrate` processes. Everything is killed and removed on drop, also when a test
+//! fails: QEMU and pct processes (with a parent-death signal as a second line), RAM files
+//! in /dev/shm, run directories.
+
+#![allow(dead_code)]
+
+use pct::qmp::Qmp;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const PROFILE: &str = "profiles/debian-6.1.0-56-cloud-amd64.json";
+pub const PAGE: usize = 4096;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("qemu-system-x86_64 not available: skipping");
+    }
+    ok
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub workload: &'static str,
+    pub fileset: &'static str,
+    pub layout: &'static str,
+    pub disk: Option<PathBuf>,
+    pub incoming: bool,
+    pub paused: bool,
+}
+
+impl VmSpec {
+    pub fn new(workload: &'static str, fileset: &'static str, layout: &'static str) -> VmSpec {
+        VmSpec {
+            workload,
+            fileset,
+            layout,
+            disk: None,
+            incoming: false,
+            paused: false,
+        }
+    }
+
+    /// A migration target for this guest, on `disk`, kept paused after the migration.
+    pub fn destination(&self, disk: &Path) -> VmSpec {
+        VmSpec {
+            disk: Some(disk.to_owned()),
+            incoming: true,
+            paused: true,
+            ..self.clone()
+        }
+    }
+}
+
+/// A lab guest; QMP is connected only for the duration of each call.
+pub struct Vm {
+    pub dir: tempfile::TempDir,
+    pub ram: PathBuf,
+    child: Child,
+}
+
+impl Vm {
+    pub fn start(spec: &VmSpec) -> Vm {
+        let dir = tempfile::Builder::new()
+            .prefix("pct-mig-")
+            .tempdir()
+            .expect("run directory");
+        let name = format!(
+            "pct-mig-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("tools/lab/run-guest.sh"))
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--workload", spec.workload, "--fileset", spec.fileset])
+            .args(["--layout", spec.layout, "--name", &name]);
+        if let Ok(a) = std::env::var("PCT_ACCEL") {
+            cmd.args(["--accel", &a]);
+        }
+        if let Some(d) = &spec.disk {
+            cmd.arg("--disk").arg(d);
+        }
+        if spec.incoming {
+            cmd.arg("--incoming");
+        }
+        if spec.paused {
+            cmd.arg("--paused");
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("qemu.out")).expect("qemu.out"))
+            .stderr(std::fs::File::create(dir.path().join("qemu.err")).expect("qemu.err"));
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("spawn run-guest.sh");
+        let mut vm = Vm {
+            ram: PathBuf::from(format!("/dev/shm/{name}")),
+            dir,
+            child,
+        };
+        let start = Instant::now();
+        while !vm.path("qmp.sock").exists() {
+            if let Ok(Some(st)) = vm.child.try_wait() {
+                panic!("QEMU exited with {st}\n{}", vm.log_tail());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(900),
+                "no QMP socket\n{}",
+                vm.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        vm
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn qmp_path(&self) -> PathBuf {
+        self.path("qmp.sock")
+    }
+
+    /// One short QMP session.
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path(), Duration::from_secs(10)).expect("QMP connect")
+    }
+
+    pub fn status(&self) -> String {
+        let v = self
+            .qmp()
+            .execute("query-status", None)
+            .expect("query-status");
+        v["status"].as_str().unwrap_or("?").to_owned()
+    }
+
+    pub fn execute(&self, cmd: &str) -> Value {
+        self.qmp()
+            .execute(cmd, None)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+    }
+
+    pub fn serial_log(&self) -> String {
+        std::fs::read_to_string(self.path("serial.log")).unwrap_or_default()
+    }
+
+    /// Waits for a line starting with `marker` after byte `skip` of the serial log.
+    pub fn wait_serial(&mut self, skip: usize, marker: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(tail) = self.serial_log().get(skip..) {
+                if let Some(l) = tail.lines().find(|l| l.starts_with(marker)) {
+                    return l.to_owned();
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("QEMU exited with {st}\n{}", self.log_tail());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no '{marker}' within {timeout:?}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_ready(&mut self) {
+        self.wait_serial(0, "PCT-READY", Duration::from_secs(300));
+    }
+
+    /// Sends a command line to the guest and waits for the answer marker.
+    pub fn command(&mut self, cmd: &str, answer: &str, timeout: Duration) -> String {
+        let skip = self.serial_log().len();
+        let mut s = UnixStream::connect(self.path("serial.sock")).expect("serial socket");
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .expect("serial write");
+        let line = self.wait_serial(skip, answer, timeout);
+        drop(s);
+        line
+    }
+
+    /// True while QEMU runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    pub fn log_tail(&self) -> String {
+        let mut s = String::new();
+        for f in ["qemu.err", "qemu.out", "serial.log"] {
+            let text = std::fs::read_to_string(self.path(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("HEARTBEAT")).collect();
+            let from = lines.len().saturating_sub(20);
+            s += &format!("--- {f} ---\n{}\n", lines[from..].join("\n"));
+        }
+        s
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ram);
+    }
+}
+
+/// A `pct-migrate` process, killed on drop if still running.
+pub struct Pct {
+    child: Option<Child>,
+    pub what: &'static str,
+}
+
+impl Pct {
+    pub fn spawn(what: &'static str, args: &[&str]) -> Pct {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pct-migrate"));
+        cmd.args(args)
+            .current_dir(repo())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        Pct {
+            child: Some(cmd.spawn().expect("spawn pct-migrate")),
+            what,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Waits for the exit (killing it after `timeout`) and returns its output.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let mut child = self.child.take().expect("child");
+        let start = Instant::now();
+        // Drain the pipes in threads so a chatty child never blocks.
+        let mut out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let o = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let e = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        let status = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let st = child.wait().expect("wait");
+                eprintln!("{} killed after {timeout:?}", self.what);
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Output {
+            status,
+            stdout: o.join().unwrap_or_default(),
+            stderr: e.join().unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Pct {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free TCP port on localhost.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Compares two RAM files page by page; returns the differing page numbers (at most 20)
+/// and their count.
+pub fn diff_pages(a: &Path, b: &Path) -> (Vec<u64>, u64) {
+    let mut fa = std::fs::File::open(a).expect("RAM a");
+    let mut fb = std::fs::File::open(b).expect("RAM b");
+    let (la, lb) = (
+        fa.metadata().expect("len").len(),
+        fb.metadata().expect("len").len(),
+    );
+    assert_eq!(la, lb, "RAM files differ in size");
+    let chunk = 4 << 20;
+    let (mut ba, mut bb) = (vec![0u8; chunk], vec![0u8; chunk]);
+    let (mut first, mut count, mut page) = (Vec::new(), 0u64, 0u64);
+    let mut left = la as usize;
+    while left > 0 {
+        let n = left.min(chunk);
+        fa.read_exact(&mut ba[..n]).expect("read a");
+        fb.read_exact(&mut bb[..n]).expect("read b");
+        for (pa, pb) in ba[..n].chunks(PAGE).zip(bb[..n].chunks(PAGE)) {
+            if pa != pb {
+                count += 1;
+                if first.len() < 20 {
+                    first.push(page);
+                }
+            }
+            page += 1;
+        }
+        left -= n;
+    }
+    (first, count)
+}
+
+/// One migration between two lab guests, through two `pct-migrate` processes.
+pub struct Run {
+    pub sender_pid: u32,
+    pub receiver_pid: u32,
+    pub sender: Output,
+    pub receiver: Output,
+    pub summary: Option<Value>,
+}
+
+/// Migrates `src` into `dst` (which must be `-incoming defer`); `extra` are sender flags;
+/// `via` optionally puts a relay between sender and receiver (returns the port to use).
+pub fn migrate(
+    src: &Vm,
+    dst: &Vm,
+    disk: &Path,
+    extra: &[&str],
+    via: Option<&dyn Fn(u16) -> u16>,
+) -> Run {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dst_qmp = dst.qmp_path();
+    let receiver = Pct::spawn(
+        "receiver",
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--qmp",
+            dst_qmp.to_str().expect("path"),
+            "--disk",
+            disk.to_str().expect("path"),
+            "--json",
+        ],
+    );
+    let to_port = via.map_or(port, |f| f(port));
+    let to = format!("127.0.0.1:{to_port}");
+    let src_qmp = src.qmp_path();
+    let mut args = vec![
+        "--profile",
+        PROFILE,
+        "--qmp",
+        src_qmp.to_str().expect("path"),
+        "--to",
+        &to,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let sender = Pct::spawn("sender", &args);
+    let (sender_pid, receiver_pid) = (sender.pid(), receiver.pid());
+    let sender = sender.wait(Duration::from_secs(300));
+    let receiver = receiver.wait(Duration::from_secs(60));
+    let summary = serde_json::from_slice(&sender.stdout).ok();
+    eprintln!(
+        "sender: {}\n{}\nreceiver: {}\n{}{}",
+        sender.status,
+        text(&sender.stderr),
+        receiver.status,
+        text(&receiver.stdout),
+        text(&receiver.stderr)
+    );
+    if let Some(s) = &summary {
+        eprintln!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+    }
+    Run {
+        sender_pid,
+        receiver_pid,
+        sender,
+        receiver,
+        summary,
+    }
+}
+
+/// Source and destination guests for `spec`, the source ready; the destination runs on a
+/// copy of the source's disk (the "mirrored" disk), returned with it.
+pub fn pair(spec: &VmSpec) -> (Vm, Vm, PathBuf) {
+    let mut src = Vm::start(spec);
+    src.wait_ready();
+    let disk = src.path("dst-disk.img");
+    let st = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(src.path("disk.img"))
+        .arg(&disk)
+        .status()
+        .expect("cp");
+    assert!(st.success(), "copying the disk");
+    let dst = Vm::start(&spec.destination(&disk));
+    (src, dst, disk)
+}

@@ -290,9 +290,8 @@ fn send_main(a: SendArgs) -> Result<()> {
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let started = Instant::now();
     ctl::start_source(&mut qmp, &format!("unix:{}", sock.display()))?;
-    let qemu = accept_qemu(&listener, &mut qmp).map_err(|e| {
+    let qemu = accept_qemu(&listener, &mut qmp).inspect_err(|_| {
         let _ = ctl::cancel(&mut qmp);
-        e
     })?;
     drop(listener);
     let _ = std::fs::remove_file(&sock);

@@ -1,48 +1,78 @@
 #!/usr/bin/env bash
-# The main job: boot the default lab guest (Debian 6.1 cloud kernel, the `apache`
-# workload: 1024 x 300 KB files read at boot) and show what pct finds in it.
+# The main job: live-migrate the default lab guest (Debian 6.1 cloud kernel, `apache`
+# workload: 1024 x 300 KB files read at boot, about 300 MB of page cache in 1 GiB of RAM)
+# across a 50 Mbit/s link, once with pct and once with stock QEMU, and compare.
 #
-#   bash tools/demo.sh
+#   bash tools/demo.sh [RATE]        (default 50mbit)
+#
+# 1. two network namespaces joined by a veth pair shaped with tbf (tools/netns.sh);
+# 2. the source guest boots in one, a destination QEMU (-incoming defer, on a copy of the
+#    disk: the "mirrored" disk) waits in the other;
+# 3. pct migrates it: `pct-migrate receive` feeds the destination, `pct-migrate` drives
+#    the source; the guest resumes at the destination and re-checks its files;
+# 4. stock QEMU migrates the same guest back over the same link (TCP, default settings);
+#    the guest resumes at the source end and re-checks its files again;
+# 5. both migrations side by side: bytes on the link, total time, downtime.
 #
 # Installs what it needs on a fresh machine (run as root), caches downloads, and always
-# stops the guest and removes its RAM file on exit.
+# stops every QEMU and pct process, removes RAM files and deletes the namespaces on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rate=${1:-50mbit}
 bash tools/lab/ensure-host.sh
-kdir=$(bash tools/lab/fetch-kernel.sh cloud-amd64 | tail -1)
+bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
 
 echo "== building pct"
-cargo build --release --quiet
-pct=target/release
+cargo build --release --quiet --bin pct-migrate
+source tools/migrate-lib.sh
 
-run=$(mktemp -d /tmp/pct-demo.XXXXXX)
-qemu_pid=
-cleanup() {
-	[ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null || true
-	[ -f "$run/ram.path" ] && rm -f "$(cat "$run/ram.path")"
-	rm -rf "$run"
-}
-trap cleanup EXIT INT TERM
+RUN=$(mktemp -d /tmp/pct-demo.XXXXXX)
+NS=pd$$
+ml_setup "$rate"
+echo "== link: namespaces $NS-a (10.77.0.1) and $NS-b (10.77.0.2), veth shaped to $rate"
 
-echo "== booting the default guest (apache workload) under QEMU"
-start=$(date +%s%N)
-bash tools/lab/run-guest.sh --dir "$run" --workload apache --name "pct-demo-$$" >"$run/qemu.log" 2>&1 &
-qemu_pid=$!
-until grep -q PCT-READY "$run/serial.log" 2>/dev/null; do
-	kill -0 "$qemu_pid" 2>/dev/null || { cat "$run/qemu.log"; echo "demo: the guest did not start" >&2; exit 1; }
-	sleep 0.2
-done
-ms=$((($(date +%s%N) - start) / 1000000))
-echo "guest ready after $((ms / 1000)).$((ms % 1000 / 100)) s"
-python3 tools/lab/oracle-summary.py "$run/oracle.img"
+echo "== booting the source guest (apache workload) in $NS-a"
+ml_guest a "$RUN/src" "pct-demo-src-$$" --workload apache
+ml_wait_serial "$RUN/src" PCT-READY
+python3 tools/lab/oracle-summary.py "$RUN/src/oracle.img" 2>/dev/null | head -4 || true
+cp --sparse=always "$RUN/src/disk.img" "$RUN/dst.img"
+ml_guest b "$RUN/dst" "pct-demo-dst-$$" --workload apache --disk "$RUN/dst.img" --incoming
 
-profile=profiles/debian-$(cat "$kdir/release").json
-if [ -x "$pct/pct-introspect" ] && "$pct/pct-introspect" --help | grep -q build-profile; then
-	echo "== pct-introspect build-profile $kdir/vmlinux"
-	/usr/bin/time -f "built in %e s, peak RSS %M KiB" "$pct/pct-introspect" build-profile "$kdir/vmlinux" -o "$run/profile.json"
-	profile=$run/profile.json
-fi
-if "$pct/pct-introspect" --help | grep -q '^  scan'; then
-	echo "== pct-introspect scan (the guest keeps running; pct reads its RAM from outside)"
-	"$pct/pct-introspect" scan --profile "$profile" --memory "$(cat "$run/ram.path")" --disk "$run/disk.img" --verify
-fi
+echo "== what pct sees in the guest (pct-migrate --dry-run)"
+"$PCT" --profile "$PROFILE" --qmp "$RUN/src/qmp.sock" --dry-run | sed -n '/predicted/,$p'
+
+echo "== migration 1: pct, $NS-a -> $NS-b"
+ml_pct "$RUN/src" "$RUN/dst" "$RUN/dst.img" "$RUN/pct"
+python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["result"])' "$RUN/pct.json" >/dev/null
+echo -n "guest at the destination: "
+ml_verify "$RUN/dst"
+ml_stop "$RUN/src"
+
+echo "== migration 2: stock QEMU (TCP, default capabilities), $NS-b -> $NS-a"
+ml_guest a "$RUN/back" "pct-demo-back-$$" --workload apache --disk "$RUN/src/disk.img" --incoming
+ml_stock "$RUN/dst" b "$RUN/back" 10.77.0.1:7401 "$RUN/stock"
+echo -n "guest back at the source end: "
+ml_verify "$RUN/back"
+
+echo
+python3 - "$RUN" "$rate" <<'PY'
+import json, sys
+run, rate = sys.argv[1], sys.argv[2]
+p = json.load(open(f"{run}/pct.json"))
+s = json.load(open(f"{run}/stock.json"))
+pw = int(open(f"{run}/pct.wire").read())
+sw = int(open(f"{run}/stock.wire").read())
+pt, st = p["time"]["total_s"], s["total-time"] / 1e3
+pd = p["time"].get("downtime_end_to_end_ms") or float("nan")
+sd = s.get("downtime", float("nan"))
+print(f"apache guest, 1 GiB RAM, over {rate} (tbf on veth between two namespaces)")
+print(f"{'':28}{'stock QEMU 7.2':>16}{'pct':>14}{'pct / stock':>14}")
+print(f"{'bytes on the link (MB)':28}{sw/1e6:16.1f}{pw/1e6:14.1f}{pw/sw:14.3f}")
+print(f"{'total time (s)':28}{st:16.1f}{pt:14.1f}{pt/st:14.3f}")
+print(f"{'downtime (ms)':28}{sd:16.0f}{pd:14.0f}" + "   (pct: source stop to destination loaded)")
+pg = p["pages"]
+print(f"\npct: QEMU's stream {p['stream_bytes']/1e6:.1f} MB; {pg['teleported']} pages teleported "
+      f"({pg['verified']} verified, {pg['fallen_back']} fallen back), {pg['sent']} sent, {pg['zero']} zero;")
+print(f"     {p['reference_bytes_per_page']:.2f} bytes per teleported page, data compressed "
+      f"{p['compression_ratio']:.2f}:1, cache map taken in {p['time']['scan_s']:.2f} s")
+PY

@@ -1,0 +1,170 @@
+# Shared by tools/demo.sh and tools/bench-migrate.sh (source it): lab guests inside two
+# network namespaces joined by a shaped link (tools/netns.sh), migrations with pct and with
+# stock QEMU across it, and cleanup of everything on exit.
+#
+# The caller sets RUN (a scratch directory) and NS (a short name for the namespace pair),
+# then calls ml_setup RATE. Everything started here is stopped by ml_cleanup (an EXIT trap).
+
+ML_PIDS=()
+ML_RAMS=()
+PCT=${PCT:-target/release/pct-migrate}
+PROFILE=${PROFILE:-profiles/debian-6.1.0-56-cloud-amd64.json}
+
+ml_cleanup() {
+	local p
+	for p in "${ML_PIDS[@]}"; do
+		kill "$p" 2>/dev/null || true
+	done
+	for p in "${ML_PIDS[@]}"; do
+		wait "$p" 2>/dev/null || true
+	done
+	for p in "${ML_RAMS[@]}"; do
+		rm -f "$p"
+	done
+	[ -n "${NS:-}" ] && bash tools/netns.sh down "$NS"
+	[ -n "${RUN:-}" ] && [ -z "${PCT_KEEP_LAB:-}" ] && rm -rf "$RUN"
+	return 0
+}
+
+ml_setup() {
+	trap ml_cleanup EXIT
+	trap 'exit 130' INT TERM
+	bash tools/netns.sh down "$NS"
+	bash tools/netns.sh up "$NS" "$1"
+}
+
+# qmp SOCK COMMAND [ARGUMENTS-JSON]: prints the command's return value as JSON.
+qmp() {
+	python3 - "$@" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+json.loads(f.readline())
+def cmd(c, a=None):
+    m = {"execute": c}
+    if a is not None:
+        m["arguments"] = a
+    f.write(json.dumps(m) + "\n")
+    f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r:
+            return r["return"]
+        if "error" in r:
+            sys.exit("QMP %s: %s" % (c, r["error"]["desc"]))
+cmd("qmp_capabilities")
+print(json.dumps(cmd(sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)))
+PY
+}
+
+# jget JSON-FILE-OR-STRING PYTHON-EXPR (on `j`): prints the value.
+jget() {
+	python3 -c 'import json,sys; s=sys.argv[1]; j=json.load(open(s)) if not s.lstrip().startswith("{") else json.loads(s); print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+# ml_guest END DIR NAME ARGS...: starts a lab guest inside namespace $NS-END.
+ml_guest() {
+	local end=$1 dir=$2 name=$3
+	shift 3
+	mkdir -p "$dir"
+	ip netns exec "$NS-$end" bash tools/lab/run-guest.sh --dir "$dir" --name "$name" "$@" >"$dir/run.log" 2>&1 &
+	ML_PIDS+=($!)
+	ML_RAMS+=("/dev/shm/$name")
+	echo $! >"$dir/runner.pid"
+	local t=0
+	until [ -S "$dir/qmp.sock" ]; do
+		kill -0 "$(cat "$dir/runner.pid")" 2>/dev/null || {
+			tail -20 "$dir/run.log" >&2
+			echo "the guest in $dir did not start" >&2
+			return 1
+		}
+		sleep 0.1
+		t=$((t + 1))
+	done
+}
+
+# ml_stop DIR: stops the guest of DIR and removes its RAM file.
+ml_stop() {
+	local pid
+	pid=$(cat "$1/runner.pid")
+	kill "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+	rm -f "$(cat "$1/ram.path" 2>/dev/null)"
+}
+
+# ml_wait_serial DIR MARKER [TIMEOUT-S]: waits for a serial line starting with MARKER.
+ml_wait_serial() {
+	local dir=$1 marker=$2 timeout=${3:-300} start=$SECONDS
+	until grep -q "^$marker" "$dir/serial.log" 2>/dev/null; do
+		[ $((SECONDS - start)) -lt "$timeout" ] || {
+			echo "no $marker from the guest in $dir within $timeout s" >&2
+			return 1
+		}
+		sleep 0.2
+	done
+}
+
+# ml_verify DIR: the guest re-reads its files and checks them; prints its answer.
+ml_verify() {
+	local dir=$1 before
+	before=$(wc -c <"$dir/serial.log")
+	python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"verify\n"); s.close()' "$dir/serial.sock"
+	local start=$SECONDS
+	while [ $((SECONDS - start)) -lt 180 ]; do
+		local line
+		line=$(tail -c +"$((before + 1))" "$dir/serial.log" | grep -a -m1 '^PCT-VERIFY-' || true)
+		if [ -n "$line" ]; then
+			echo "$line"
+			return 0
+		fi
+		sleep 0.5
+	done
+	echo "no answer to verify" >&2
+	return 1
+}
+
+# ml_pct SRC_DIR DST_DIR DST_DISK OUT [SENDER-FLAGS...]: migrates with pct from end a to
+# end b; writes OUT.json (sender summary), OUT.recv.json, OUT.wire (link bytes a->b).
+ml_pct() {
+	local src=$1 dst=$2 disk=$3 out=$4
+	shift 4
+	local before after rpid
+	before=$(bash tools/netns.sh bytes "$NS" a)
+	ip netns exec "$NS-b" "$PCT" receive --listen 10.77.0.2:7400 --qmp "$dst/qmp.sock" --disk "$disk" --json >"$out.recv.json" 2>"$out.recv.err" &
+	rpid=$!
+	ML_PIDS+=("$rpid")
+	if ! ip netns exec "$NS-a" "$PCT" --profile "$PROFILE" --qmp "$src/qmp.sock" --to 10.77.0.2:7400 --json "$@" >"$out.json" 2>"$out.err"; then
+		cat "$out.err" "$out.recv.err" >&2
+		return 1
+	fi
+	wait "$rpid" || {
+		cat "$out.recv.err" >&2
+		return 1
+	}
+	after=$(bash tools/netns.sh bytes "$NS" a)
+	echo $((after - before)) >"$out.wire"
+}
+
+# ml_stock FROM_DIR FROM_END TO_DIR TO_ADDR OUT: stock QEMU migration over TCP across the
+# link; writes OUT.json (query-migrate at the end) and OUT.wire (link bytes).
+ml_stock() {
+	local from=$1 end=$2 to=$3 addr=$4 out=$5 before after st
+	before=$(bash tools/netns.sh bytes "$NS" "$end")
+	qmp "$to/qmp.sock" migrate-incoming "{\"uri\": \"tcp:$addr\"}" >/dev/null
+	qmp "$from/qmp.sock" migrate "{\"uri\": \"tcp:$addr\"}" >/dev/null
+	while :; do
+		st=$(qmp "$from/qmp.sock" query-migrate)
+		case $(jget "$st" 'j.get("status")') in
+		completed) break ;;
+		failed | cancelled)
+			echo "stock migration failed: $st" >&2
+			return 1
+			;;
+		esac
+		sleep 0.5
+	done
+	echo "$st" >"$out.json"
+	after=$(bash tools/netns.sh bytes "$NS" "$end")
+	echo $((after - before)) >"$out.wire"
+}

@@ -107,6 +107,7 @@ pub fn scan(
         cross_check,
         problems: walk.problems.clone(),
         timings_ms: t,
+        rss_anon_kib: report::rss_anon_kib(),
     };
     Ok((map, report))
 }

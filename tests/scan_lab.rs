@@ -266,6 +266,14 @@ fn sources_agree_and_drgn_agrees() {
         scan(&live, &p, Some(&disk), ScanOptions::default()).expect("scan live QEMU");
     same_runs(&raw_map, &live_map, "live QEMU");
 
+    // A profile without ext4's private types (as imported Volatility 2 profiles are):
+    // the block map then comes from the on-disk inodes, and must be the same.
+    let mut no_ext4 = p.clone();
+    no_ext4.types.remove("ext4_inode_info");
+    let (ondisk_map, _) = scan(&mem_of(&g), &no_ext4, Some(&disk), ScanOptions::default())
+        .expect("scan without ext4 types");
+    same_runs(&raw_map, &ondisk_map, "on-disk inodes");
+
     // drgn (from PyPI) as the independent oracle.
     let vmlinux = kernel_dir().join("vmlinux");
     let out = Command::new("python3")
@@ -306,6 +314,10 @@ fn sources_agree_and_drgn_agrees() {
     assert!(drgn.len() > 9000);
     assert_eq!(drgn, ours, "pct and drgn find different page frames");
     let _ = report;
+}
+
+fn mem_of(g: &Guest) -> GuestMemory {
+    GuestMemory::open(&g.ram_path).expect("map guest RAM")
 }
 
 fn same_runs(a: &CacheMap, b: &CacheMap, what: &str) {

@@ -18,7 +18,7 @@ python3 -c 'import drgn, volatility3' 2>/dev/null ||
 
 status=0
 # Release mode: the tests parse a 590 MB vmlinux and 1 GiB guest images.
-cargo test --release --all-targets "$@" || status=$?
+cargo test --release --all-targets --no-fail-fast "$@" || status=$?
 
 left_qemu=$(pgrep -f 'qemu-system-x86_64 -name pct-' || true)
 left_shm=$(ls /dev/shm | grep '^pct-' || true)

@@ -16,12 +16,58 @@ use crate::walk::dentry::dentry_path;
 use crate::walk::fs::CacheWalk;
 use crate::walk::page::PageState;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 
 const PAGE: u64 = 4096;
 const S_IFMT: u16 = 0o170000;
 const S_IFREG: u16 = 0o100000;
+/// Filesystems the ext4 driver mounts (Debian lets it serve ext2 and ext3 too).
+const EXT_FAMILY: [&str; 3] = ["ext4", "ext3", "ext2"];
+
+/// Per-filesystem state: where metadata blocks come from, and the on-disk view.
+struct SbContext<'a> {
+    source: source::MetaSource<'a>,
+    ondisk: Option<Result<blockmap::ondisk::Ext4Fs<source::MetaSource<'a>>, String>>,
+    k: &'a Kernel<'a>,
+    walk: &'a CacheWalk,
+    sb: usize,
+    disk: Option<&'a std::fs::File>,
+}
+
+impl<'a> SbContext<'a> {
+    fn new(
+        k: &'a Kernel<'a>,
+        walk: &'a CacheWalk,
+        sb: usize,
+        disk: Option<&'a std::fs::File>,
+    ) -> SbContext<'a> {
+        SbContext {
+            source: source::MetaSource::new(k, walk, sb, disk),
+            ondisk: None,
+            k,
+            walk,
+            sb,
+            disk,
+        }
+    }
+
+    /// The inode as the filesystem's inode table holds it (guest cache first, then disk).
+    fn ondisk_inode(&mut self, ino: u64) -> Result<Ext4Inode, String> {
+        let (k, walk, sb, disk) = (self.k, self.walk, self.sb, self.disk);
+        let start = walk.super_blocks[sb].part_start;
+        let fs = self.ondisk.get_or_insert_with(|| {
+            blockmap::ondisk::Ext4Fs::new(source::MetaSource::new(k, walk, sb, disk), start)
+                .map_err(|e| e.to_string())
+        });
+        let fs = fs.as_ref().map_err(Clone::clone)?;
+        let ino = u32::try_from(ino).map_err(|_| format!("inode number {ino} is out of range"))?;
+        Ok(fs
+            .read_inode(ino)
+            .map_err(|e| e.to_string())?
+            .as_ext4_inode())
+    }
+}
 
 /// One run of the map. `ino`/`file_offset`/`path` are absent for block-device cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -78,6 +124,7 @@ impl CacheMap {
 pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> CacheMap {
     let mut map = CacheMap::default();
     let mut pieces: Vec<Run> = Vec::new();
+    let mut per_sb: HashMap<usize, SbContext> = HashMap::new();
     for ic in &walk.inodes {
         let sb = &walk.super_blocks[ic.sb];
         let clean: Vec<_> = ic
@@ -108,29 +155,45 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
             }
             continue;
         }
-        let Some(e4) = ic
-            .ext4
-            .filter(|_| sb.bdev != 0 && ic.mode & S_IFMT == S_IFREG)
-        else {
+        if sb.bdev == 0 || !EXT_FAMILY.contains(&sb.fs_type.as_str()) || ic.mode & S_IFMT != S_IFREG
+        {
             map.excluded.unsupported_fs += clean.len() as u64;
             continue;
-        };
+        }
+        let fs = per_sb
+            .entry(ic.sb)
+            .or_insert_with(|| SbContext::new(k, walk, ic.sb, disk));
         let vol = Ext4Volume {
             block_size: 1u32 << sb.blocksize_bits.min(16),
             partition_start: sb.part_start,
             blocks_count: None,
         };
-        let inode = Ext4Inode {
-            ino: ic.ino,
-            i_flags: e4.i_flags,
-            i_size: ic.size,
-            i_block: e4.i_data,
+        // The in-memory ext4_inode_info when the profile describes it; otherwise the
+        // on-disk inode (imported profiles often lack ext4's private types).
+        let inode = match ic.ext4 {
+            Some(e4) => Ext4Inode {
+                ino: ic.ino,
+                i_flags: e4.i_flags,
+                i_size: ic.size,
+                i_block: e4.i_data,
+            },
+            None => match fs.ondisk_inode(ic.ino) {
+                Ok(i) => i,
+                Err(e) => {
+                    map.excluded
+                        .failed_inodes
+                        .push(format!("inode {} on {}: on-disk inode: {e}", ic.ino, sb.id));
+                    *map.excluded.by_block_map.entry("error".into()).or_default() +=
+                        clean.len() as u64;
+                    continue;
+                }
+            },
         };
-        let src = source::MetaSource::new(k, walk, ic.sb, disk);
+        let src = &fs.source;
         let fm = match blockmap::map_file_pages(
             &vol,
             &inode,
-            &src,
+            src,
             MapOptions::default(),
             clean.iter().map(|p| p.index),
         ) {

@@ -32,6 +32,16 @@ pub struct ScanReport {
     pub cross_check: Option<CrossCheck>,
     pub problems: Vec<String>,
     pub timings_ms: BTreeMap<String, f64>,
+    /// Anonymous memory of this process when the report was made (KiB): what pct
+    /// itself uses beyond the mapped guest image.
+    pub rss_anon_kib: Option<u64>,
+}
+
+/// `RssAnon` of this process, from /proc/self/status.
+pub fn rss_anon_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[derive(Debug, Serialize)]
@@ -337,12 +347,19 @@ impl ScanReport {
         for p in &self.problems {
             let _ = writeln!(s, "warning: {p}");
         }
-        let t: Vec<String> = self
-            .timings_ms
+        let order = ["locate", "walk", "map", "cross_check", "verify", "total"];
+        let t: Vec<String> = order
             .iter()
-            .map(|(k, v)| format!("{k} {v:.1} ms"))
+            .filter_map(|k| Some(format!("{k} {:.1} ms", self.timings_ms.get(*k)?)))
             .collect();
         let _ = writeln!(s, "\ntime: {}", t.join(", "));
+        if let Some(kib) = self.rss_anon_kib {
+            let _ = writeln!(
+                s,
+                "memory: {} anonymous (beyond the mapped guest image)",
+                human(kib * 1024)
+            );
+        }
         s
     }
 }

@@ -404,9 +404,7 @@ fn hostile_memory() {
     std::fs::write(&rnd, &bytes).unwrap();
     let mem = GuestMemory::open(&rnd).unwrap();
     let t = Instant::now();
-    let e = scan(&mem, &p, None, ScanOptions::default())
-        .err()
-        .expect("random bytes must not scan");
+    let e = scan(&mem, &p, None, ScanOptions::default()).expect_err("random bytes must not scan");
     assert!(e.to_string().contains("could not be found"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(10));
 
@@ -425,9 +423,7 @@ fn hostile_memory() {
     drop(g);
     let old = Profile::load(&repo().join("profiles/debian-4.9.json")).unwrap();
     let mem = GuestMemory::open(&ram).unwrap();
-    let e = scan(&mem, &old, None, ScanOptions::default())
-        .err()
-        .expect("wrong profile");
+    let e = scan(&mem, &old, None, ScanOptions::default()).expect_err("wrong profile");
     let msg = e.to_string();
     assert!(msg.contains("debian-6.1.0-56-cloud-amd64.json"), "{msg}");
 

@@ -274,7 +274,7 @@ impl<'a> Kernel<'a> {
         // Sanity: the direct map must translate through the page tables like the formula says.
         let probe = pob + 0x100_0000;
         match pagetable::translate(mem, k.loc.pgd, k.loc.levels, probe) {
-            Some(pa) if pa == 0x100_0000 => Ok(k),
+            Some(0x100_0000) => Ok(k),
             other => Err(LocateError::NotFound(format!(
                 "page tables at {:#x} do not map the direct map base {pob:#x} as expected (got {other:x?}): \
                  wrong profile or corrupt image",

@@ -135,7 +135,7 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
         for p in ic.pages.iter().filter(|p| p.state != PageState::Clean) {
             *map.excluded
                 .by_state
-                .entry(format!("{:?}", p.state).to_lowercase())
+                .entry(p.state.name().to_owned())
                 .or_default() += 1;
         }
         if clean.is_empty() {

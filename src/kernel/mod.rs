@@ -304,12 +304,9 @@ impl<'a> Kernel<'a> {
         if va >= self.loc.page_offset_base && va - self.loc.page_offset_base < end {
             return Some(va - self.loc.page_offset_base);
         }
-        if va >= START_KERNEL_MAP {
-            let pa = self.image_pa(va);
-            if pa < end {
-                return Some(pa);
-            }
-        }
+        // Everything else, the kernel image and modules included (modules sit right above
+        // the image, so the image formula would give them wrong addresses), goes through
+        // the page tables.
         pagetable::translate(self.mem, self.loc.pgd, self.loc.levels, va)
     }
 

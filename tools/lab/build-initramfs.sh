@@ -25,7 +25,9 @@ if [ -f "$out" ]; then
 	exit 0
 fi
 
-WANT=(virtio_pci virtio_blk qemu_fw_cfg ext4)
+# crc32c_generic: ext4's metadata checksums ask the crypto API for crc32c (a soft
+# dependency, not in depends=), so load it before ext4 where ext4 is a module.
+WANT=(virtio_pci virtio_blk qemu_fw_cfg crc32c_generic ext4)
 
 # name -> path of the module file (names use '_', files may use '-')
 declare -A PATHS

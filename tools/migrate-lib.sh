@@ -147,24 +147,58 @@ ml_pct() {
 }
 
 # ml_stock FROM_DIR FROM_END TO_DIR TO_ADDR OUT: stock QEMU migration over TCP across the
-# link; writes OUT.json (query-migrate at the end) and OUT.wire (link bytes).
+# link; writes OUT.json (query-migrate at the end, plus downtime_end_to_end_ms: source STOP
+# to destination RESUME, as pct measures it) and OUT.wire (link bytes).
 ml_stock() {
-	local from=$1 end=$2 to=$3 addr=$4 out=$5 before after st
+	local from=$1 end=$2 to=$3 addr=$4 out=$5 before after
 	before=$(bash tools/netns.sh bytes "$NS" "$end")
-	qmp "$to/qmp.sock" migrate-incoming "{\"uri\": \"tcp:$addr\"}" >/dev/null
-	qmp "$from/qmp.sock" migrate "{\"uri\": \"tcp:$addr\"}" >/dev/null
-	while :; do
-		st=$(qmp "$from/qmp.sock" query-migrate)
-		case $(jget "$st" 'j.get("status")') in
-		completed) break ;;
-		failed | cancelled)
-			echo "stock migration failed: $st" >&2
-			return 1
-			;;
-		esac
-		sleep 0.5
-	done
-	echo "$st" >"$out.json"
+	python3 - "$from/qmp.sock" "$to/qmp.sock" "$addr" >"$out.json" <<'PY'
+import json, socket, sys, time
+class Qmp:
+    def __init__(self, path):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        self.f = s.makefile("rw")
+        self.events = []
+        json.loads(self.f.readline())
+        self.cmd("qmp_capabilities")
+    def cmd(self, c, a=None):
+        m = {"execute": c}
+        if a is not None:
+            m["arguments"] = a
+        self.f.write(json.dumps(m) + "\n")
+        self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "event" in r:
+                self.events.append(r)
+            elif "return" in r:
+                return r["return"]
+            elif "error" in r:
+                sys.exit("QMP %s: %s" % (c, r["error"]["desc"]))
+    def when(self, name):
+        for e in self.events:
+            if e["event"] == name:
+                return e["timestamp"]["seconds"] * 1e3 + e["timestamp"]["microseconds"] / 1e3
+src, dst = Qmp(sys.argv[1]), Qmp(sys.argv[2])
+dst.cmd("migrate-incoming", {"uri": "tcp:" + sys.argv[3]})
+src.cmd("migrate", {"uri": "tcp:" + sys.argv[3]})
+while True:
+    st = src.cmd("query-migrate")
+    if st["status"] in ("completed", "failed", "cancelled"):
+        break
+    time.sleep(0.2)
+if st["status"] != "completed":
+    sys.exit("stock migration %s: %s" % (st["status"], st.get("error-desc", "")))
+for _ in range(100):
+    if dst.cmd("query-status")["status"] == "running":
+        break
+    time.sleep(0.1)
+stop, resume = src.when("STOP"), dst.when("RESUME")
+if stop and resume:
+    st["downtime_end_to_end_ms"] = resume - stop
+print(json.dumps(st))
+PY
 	after=$(bash tools/netns.sh bytes "$NS" "$end")
 	echo $((after - before)) >"$out.wire"
 }

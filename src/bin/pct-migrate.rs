@@ -47,6 +47,22 @@ struct Cli {
 enum Cmd {
     /// Destination side: accept one pct sender and feed the destination QEMU.
     Receive(ReceiveArgs),
+    /// Benchmark the receiver's restore path (read + verify) on a disk image.
+    #[command(hide = true)]
+    BenchRestore(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Raw disk image (read it once before to have it page-cached).
+    #[arg(long)]
+    disk: PathBuf,
+    /// Pages to restore (from the start of the image).
+    #[arg(long, default_value_t = 76_800)]
+    pages: u64,
+    /// Pages per reference run.
+    #[arg(long, default_value_t = 32)]
+    run_pages: usize,
 }
 
 /// Source side.
@@ -73,6 +89,9 @@ struct SendArgs {
     /// Send every page (no teleportation): pct as a plain transport, for comparison.
     #[arg(long)]
     no_teleport: bool,
+    /// Send data uncompressed (with --no-teleport: pct's own overhead, for comparison).
+    #[arg(long)]
+    no_compress: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -101,6 +120,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Some(Cmd::Receive(a)) => receive_main(a),
+        Some(Cmd::BenchRestore(a)) => bench_restore(a),
         None => send_main(cli.send),
     };
     match r {
@@ -167,7 +187,8 @@ enum WatchCmd {
 
 struct Watched {
     qmp: Qmp,
-    stop_at: Option<SystemTime>,
+    /// Unix ms of the source's `STOP` event.
+    stop_at: Option<f64>,
 }
 
 /// Owns the source's QMP connection while the stream flows: polls the migration status,
@@ -188,12 +209,7 @@ fn watch(
         }
         for ev in qmp.take_events() {
             if ev["event"] == "STOP" {
-                let ts = &ev["timestamp"];
-                let (s, us) = (ts["seconds"].as_u64(), ts["microseconds"].as_u64());
-                if let (Some(s), Some(us)) = (s, us) {
-                    stop_at =
-                        Some(SystemTime::UNIX_EPOCH + Duration::from_micros(s * 1_000_000 + us));
-                }
+                stop_at = ctl::event_time_ms(&ev);
             }
         }
         if tty {
@@ -323,6 +339,7 @@ fn send_main(a: SendArgs) -> Result<()> {
     };
     let opts = SenderOptions {
         bandwidth,
+        zstd_level: if a.no_compress { None } else { Some(1) },
         ..SenderOptions::default()
     };
     let sent = sender::send(qemu, tcp, session, &opts, wire_stats, map, counters.clone());
@@ -354,10 +371,19 @@ fn send_main(a: SendArgs) -> Result<()> {
     let mut s = Summary::new(&report, teleport);
     s.time.total_s = report.completed_at.duration_since(started).as_secs_f64();
     s.time.downtime_qemu_ms = info.downtime_ms;
-    let completed_wall = SystemTime::now() - report.completed_at.elapsed();
-    s.time.downtime_end_to_end_ms = stop_at
-        .and_then(|t| completed_wall.duration_since(t).ok())
-        .map(|d| d.as_secs_f64() * 1e3);
+    // Source stopped → destination resumed (or loaded everything, if kept paused), by the
+    // two hosts' clocks; without the destination's times, → its confirmation arrived here.
+    let unix_ms = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let confirmed = unix_ms(SystemTime::now()) - report.completed_at.elapsed().as_secs_f64() * 1e3;
+    let dest = report.receiver.report.as_ref().and_then(|r| {
+        r["resumed_at_unix_ms"]
+            .as_f64()
+            .or_else(|| r["loaded_at_unix_ms"].as_f64())
+    });
+    s.time.downtime_end_to_end_ms = stop_at.map(|t| dest.unwrap_or(confirmed) - t);
     s.time.scan_s = scan_s;
     s.capabilities_disabled = disabled;
     if a.json {
@@ -484,6 +510,7 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
         bail!("the destination QEMU is `{state}`, not waiting for a migration: start it with -incoming defer");
     }
     ctl::prepare(&mut qmp)?;
+    ctl::enable_events(&mut qmp)?;
     let l = link::listen(&a.listen)?;
     eprintln!("pct-migrate: receiver listening on {}", l.local_addr()?);
     let mut tcp = link::accept(&l, Duration::from_secs(a.accept_timeout))?;
@@ -545,6 +572,19 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
         fail(&mut control, &msg);
         bail!(msg);
     }
+    // When the destination had it all, and when the guest resumed there (if not -S): QEMU
+    // sends RESUME before it reports `running`, so one more round trip collects it.
+    let _ = ctl::run_state(&mut qmp);
+    let mut report = report;
+    for ev in qmp.take_events() {
+        match ev["event"].as_str() {
+            Some("MIGRATION") if ev["data"]["status"] == "completed" => {
+                report.loaded_at_unix_ms = ctl::event_time_ms(&ev)
+            }
+            Some("RESUME") => report.resumed_at_unix_ms = ctl::event_time_ms(&ev),
+            _ => {}
+        }
+    }
     let json = serde_json::to_string(&report)?;
     write_frame(&mut control, &Frame::Report { json: json.clone() })?;
     write_frame(
@@ -589,4 +629,41 @@ fn connect_unix(p: &Path, timeout: Duration) -> Result<UnixStream> {
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// The restorer's work for `pages` pages of `disk`, in runs as the sender builds them:
+/// read (contiguous ranges in one read), then check the run hash.
+fn bench_restore(a: BenchArgs) -> Result<()> {
+    use pct::migrate::wire::{Hello, RunBuilder};
+    let disk =
+        std::fs::File::open(&a.disk).with_context(|| format!("opening {}", a.disk.display()))?;
+    let len = disk.metadata()?.len();
+    let pages = a.pages.min(len / 4096);
+    let session = Hello::new(Role::Sender).negotiate(&Hello::new(Role::Receiver))?;
+    // Build the runs (hashes of the real bytes), as the sender would.
+    let mut b = RunBuilder::new(&session).with_max_pages(a.run_pages);
+    let mut runs = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    for p in 0..pages {
+        std::os::unix::fs::FileExt::read_exact_at(&disk, &mut buf, p * 4096)?;
+        if let Some(r) = b.push(0, p * 4096, p > 0, p * 4096, &buf) {
+            runs.push(r);
+        }
+    }
+    runs.extend(b.flush());
+    let t = Instant::now();
+    let mut bad = 0;
+    for r in &runs {
+        let (data, _) = receiver::read_pages(&disk, r);
+        let views: Vec<&[u8]> = data.chunks(4096).collect();
+        bad += r.verify(&views).len();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "restored {pages} pages ({:.1} MB) in {} runs in {secs:.3} s: {:.0} MB/s, {bad} mismatches",
+        pages as f64 * 4096.0 / 1e6,
+        runs.len(),
+        pages as f64 * 4096.0 / secs / 1e6
+    );
+    Ok(())
 }

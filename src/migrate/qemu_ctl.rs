@@ -78,6 +78,23 @@ pub fn prepare(qmp: &mut Qmp) -> Result<Vec<String>, CtlError> {
     Ok(off)
 }
 
+/// Asks QEMU for `MIGRATION` status events (to time the destination's side).
+pub fn enable_events(qmp: &mut Qmp) -> Result<(), CtlError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "events", "state": true }] })),
+    )?;
+    Ok(())
+}
+
+/// The wall-clock time of a QMP event (its `timestamp`), in Unix milliseconds.
+pub fn event_time_ms(ev: &Value) -> Option<f64> {
+    let ts = ev.get("timestamp")?;
+    let s = ts.get("seconds")?.as_u64()?;
+    let us = ts.get("microseconds")?.as_u64()?;
+    Some(s as f64 * 1e3 + us as f64 / 1e3)
+}
+
 /// The guest's run state (`running`, `paused`, `inmigrate`, `postmigrate`, …).
 pub fn run_state(qmp: &mut Qmp) -> Result<String, CtlError> {
     let st = qmp.execute("query-status", None)?;

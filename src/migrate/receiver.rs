@@ -84,6 +84,11 @@ pub struct ReceiverReport {
     /// Stream bytes received in data frames (before and after compression).
     pub data_raw: u64,
     pub data_wire: u64,
+    /// Wall-clock time (Unix ms, the destination host's clock) when the destination QEMU
+    /// had loaded the whole stream (its `MIGRATION completed` event).
+    pub loaded_at_unix_ms: Option<f64>,
+    /// When the destination guest resumed (`RESUME` event), unless it was kept paused.
+    pub resumed_at_unix_ms: Option<f64>,
 }
 
 /// What the restorer hands the emitter.

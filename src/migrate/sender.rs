@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 /// Tunables of the sender.
 #[derive(Debug, Clone)]
 pub struct SenderOptions {
-    /// zstd level for data and fallback frames.
-    pub zstd_level: i32,
+    /// zstd level for data and fallback frames; `None`: send them raw.
+    pub zstd_level: Option<i32>,
     /// Stream bytes per data frame (before compression).
     pub batch_bytes: usize,
     /// Bytes of frames queued for the link at most.
@@ -53,11 +53,11 @@ pub struct SenderOptions {
 impl Default for SenderOptions {
     fn default() -> Self {
         SenderOptions {
-            zstd_level: 1,
+            zstd_level: Some(1),
             batch_bytes: 256 << 10,
             outbox_bytes: 256 << 10,
             bandwidth: None,
-            max_run_pages: 128,
+            max_run_pages: 32,
             read_chunk: 256 << 10,
         }
     }
@@ -175,6 +175,14 @@ fn queue(
         outbox.push(buf)
     };
     r.map_err(|_| SendError::Closed)
+}
+
+/// Bytes for a data or fallback frame: zstd-compressed at `level`, or raw.
+fn pack(data: &[u8], level: Option<i32>) -> Result<Payload, WireError> {
+    match level {
+        Some(l) => Payload::compress(data, l),
+        None => Ok(Payload::raw(data.to_vec())),
+    }
 }
 
 /// True if `fd` has data to read right now.
@@ -331,12 +339,7 @@ where
 
     let flush_batch = |batch: &mut Vec<u8>| -> Result<(), SendError> {
         if !batch.is_empty() {
-            queue(
-                outbox,
-                stats,
-                &Frame::Data(Payload::compress(batch, level)?),
-                false,
-            )?;
+            queue(outbox, stats, &Frame::Data(pack(batch, level)?), false)?;
             batch.clear();
         }
         Ok(())
@@ -444,7 +447,7 @@ fn listen(
     stats: &Mutex<WireStats>,
     originals: &Mutex<Originals>,
     counters: &Counters,
-    level: i32,
+    level: Option<i32>,
 ) -> Result<ReceiverEnd, SendError> {
     let mut report = None;
     loop {
@@ -462,7 +465,7 @@ fn listen(
                              not kept (acked or never sent)"
                         ))
                     })?;
-                    Payload::compress(pages, level)?
+                    pack(pages, level)?
                 };
                 counters
                     .fallback_pages

@@ -41,8 +41,9 @@ pub struct Timing {
     pub total_s: f64,
     /// QEMU's own downtime figure (source side: stop to end of its stream).
     pub downtime_qemu_ms: Option<u64>,
-    /// Source stopped (QMP `STOP` event) to the destination's confirmation: an upper bound
-    /// of the real downtime (it includes the way back of the confirmation).
+    /// Source stopped (its QMP `STOP` event) to the destination guest resumed (its
+    /// `RESUME` event), or, for a destination kept paused, to the destination QEMU had
+    /// loaded everything (`MIGRATION completed`). Event times are the hosts' wall clocks.
     pub downtime_end_to_end_ms: Option<f64>,
     /// Taking the cache map.
     pub scan_s: Option<f64>,

@@ -237,6 +237,72 @@ fn layout_no_extents() {
     check_layout("noextent")
 }
 
+/// The ext4-as-a-module flavour (types from ext4.ko's debug info, addresses in module
+/// space) and a guest running 5-level paging (`-cpu max,la57=on`).
+#[test]
+fn amd64_flavour_and_five_level_paging() {
+    let mut amd64 = GuestSpec::new("apache").layout("mini", "plain");
+    amd64.flavour = "amd64";
+    let mut la57 = GuestSpec::new("apache").layout("mini", "plain");
+    la57.cpu = Some("max,la57=on");
+    for (spec, profile_name, levels) in [
+        (amd64, "debian-6.1.0-56-amd64.json", 4),
+        (la57, "debian-6.1.0-56-cloud-amd64.json", 5),
+    ] {
+        let label = format!("{}/{:?}", spec.flavour, spec.cpu);
+        let mut g = Guest::start(spec);
+        g.wait_ready();
+        g.stop();
+        let p = Profile::load(&repo().join("profiles").join(profile_name)).unwrap();
+        let mem = mem_of(&g);
+        let k = Kernel::locate(&mem, &p).expect("locate");
+        assert_eq!(k.loc.levels, levels, "{label}: paging levels");
+        let disk = std::fs::File::open(g.path("disk.img")).unwrap();
+        let opts = ScanOptions {
+            cross_check: true,
+            verify: true,
+        };
+        let (map, report) = scan(&mem, &p, Some(&disk), opts).expect("scan");
+        let v = report.verify.unwrap();
+        eprintln!("{label}: {} restorable, verify {v:?}", map.bytes());
+        assert!(
+            map.bytes() > 128 * 300 * 1024,
+            "{label}: the web files are not in the map"
+        );
+        assert_eq!((v.mismatching_pages, v.unreadable_runs), (0, 0), "{label}");
+        assert!(report.cross_check.unwrap().agrees(), "{label}");
+    }
+}
+
+/// Without VMCOREINFO (older kernels), the banner and init_task find the same kernel.
+#[test]
+fn banner_fallback_finds_the_same_kernel() {
+    let mut g = Guest::start(GuestSpec::new("idle").layout("mini", "plain"));
+    g.wait_ready();
+    g.stop();
+    let p = profile();
+    let mem = mem_of(&g);
+    let a = Kernel::locate(&mem, &p).unwrap();
+    let b = Kernel::locate_by_banner(&mem, &p).expect("banner fallback");
+    assert_eq!(b.loc.method, pct::kernel::Method::BannerAndInitTask);
+    assert_eq!(
+        (
+            a.loc.virt_offset,
+            a.loc.phys_base,
+            a.loc.page_offset_base,
+            a.loc.vmemmap_base,
+            a.loc.pgd
+        ),
+        (
+            b.loc.virt_offset,
+            b.loc.phys_base,
+            b.loc.page_offset_base,
+            b.loc.vmemmap_base,
+            b.loc.pgd
+        )
+    );
+}
+
 /// The three memory sources give the same map: raw RAM file, ELF core, live QEMU (QMP).
 /// And drgn, walking the same ELF core with its own helpers, finds the same page frames.
 #[test]

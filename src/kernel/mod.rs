@@ -186,6 +186,15 @@ impl<'a> Kernel<'a> {
         Self::finish(mem, profile, loc)
     }
 
+    /// The fallback for kernels without VMCOREINFO, usable on its own: the profile's
+    /// `linux_banner`, then `init_task.files`, then the page tables.
+    pub fn locate_by_banner(
+        mem: &'a GuestMemory,
+        profile: &'a Profile,
+    ) -> Result<Kernel<'a>, LocateError> {
+        Self::from_banner(mem, profile)
+    }
+
     fn from_banner(mem: &'a GuestMemory, profile: &'a Profile) -> Result<Kernel<'a>, LocateError> {
         let banner = profile
             .kernel

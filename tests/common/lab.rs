@@ -34,6 +34,8 @@ pub struct GuestSpec {
     pub incoming: bool,
     /// Start with the CPUs stopped (`-S`).
     pub paused: bool,
+    /// QEMU `-cpu` model (e.g. `max,la57=on` for 5-level paging).
+    pub cpu: Option<&'static str>,
 }
 
 impl GuestSpec {
@@ -47,6 +49,7 @@ impl GuestSpec {
             disk: None,
             incoming: false,
             paused: false,
+            cpu: None,
         }
     }
     pub fn layout(mut self, fileset: &'static str, layout: &'static str) -> GuestSpec {
@@ -106,6 +109,9 @@ impl Guest {
         }
         if spec.paused {
             cmd.arg("--paused");
+        }
+        if let Some(cpu) = spec.cpu {
+            cmd.args(["--cpu", cpu]);
         }
         cmd.stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("qemu.out")).unwrap())

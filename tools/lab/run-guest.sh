@@ -3,7 +3,7 @@
 #
 #   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|idle|db] [--fileset web|mini|db]
 #       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
-#       [--mem MiB] [--accel tcg|kvm] [--disk IMG] [--incoming] [--paused] [--name NAME]
+#       [--mem MiB] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #
 # RUNDIR receives: disk.img (a copy of the pristine lab disk, unless --disk names one),
 # oracle.img (where the guest's pct-oracle writes), qmp.sock and qmp-pct.sock (two
@@ -16,7 +16,7 @@
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg disk= incoming= paused= name=
+dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
 	--flavour) flavour=$2; shift ;;
 	--mem) mem=$2; shift ;;
 	--accel) accel=$2; shift ;;
+	--cpu) cpu=$2; shift ;; # e.g. max: with la57 the guest kernel runs 5-level paging
 	--disk) disk=$2; shift ;;
 	--incoming) incoming=1 ;;
 	--paused) paused=1 ;;
@@ -81,6 +82,7 @@ args=(
 	-qmp "unix:$dir/qmp.sock,server=on,wait=off"
 	-qmp "unix:$dir/qmp-pct.sock,server=on,wait=off"
 )
+[ -n "$cpu" ] && args+=(-cpu "$cpu")
 [ -n "$incoming" ] && args+=(-incoming defer)
 [ -n "$paused" ] && args+=(-S)
 echo $$ >"$dir/qemu.pid"

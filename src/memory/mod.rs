@@ -120,6 +120,24 @@ impl GuestMemory {
         })
     }
 
+    /// A raw RAM image already mapped (guest-physical 0 at offset 0), e.g. a private
+    /// copy-on-write mapping that a fuzzer mutates.
+    pub fn from_map(map: Mmap, description: &str) -> Result<GuestMemory, MemError> {
+        let len = map.len() as u64;
+        if len == 0 || len % 4096 != 0 {
+            return Err(MemError::Format {
+                path: PathBuf::from(description),
+                msg: format!("{len} bytes is not a whole number of 4 KiB pages"),
+            });
+        }
+        Ok(GuestMemory {
+            map,
+            regions: vec![Region { gpa: 0, offset: 0, len }],
+            vmcoreinfo: None,
+            description: description.to_owned(),
+        })
+    }
+
     /// The guest-physical regions present.
     pub fn regions(&self) -> &[Region] {
         &self.regions

@@ -4,9 +4,11 @@
 
 use super::list::list_for_each_entry;
 use super::page::{PageState, Pages};
+use super::radix_tree::radix_tree_for_each;
 use super::xarray::xa_for_each;
 use super::{need, u16_at, u32_at, u64_at, u8_at, WalkError};
 use crate::kernel::Kernel;
+use crate::profile::PageCacheTree;
 
 /// Caps that bound a walk over hostile memory.
 pub const MAX_SUPER_BLOCKS: usize = 4096;
@@ -102,7 +104,8 @@ struct Offsets {
     i_mapping: u64,
     a_i_pages: u64,
     a_nrpages: u64,
-    xa_head: u64,
+    /// `xarray.xa_head` (XArray kernels; radix-tree kernels read the root themselves).
+    xa_head: Option<u64>,
     bd_start_sect: Option<u64>,
     bd_inode: Option<u64>,
     ext4_vfs_inode: Option<u64>,
@@ -138,7 +141,7 @@ impl Offsets {
             i_mapping: need(p, "inode", "i_mapping")?,
             a_i_pages: need(p, "address_space", "i_pages")?,
             a_nrpages: need(p, "address_space", "nrpages")?,
-            xa_head: need(p, "xarray", "xa_head")?,
+            xa_head: p.offset("xarray", "xa_head"),
             bd_start_sect: o("block_device", "bd_start_sect"),
             bd_inode: o("block_device", "bd_inode"),
             ext4_vfs_inode: o("ext4_inode_info", "vfs_inode"),
@@ -340,7 +343,7 @@ fn walk_inode(
     if u64_at(&a, o.a_nrpages) == 0 {
         return Ok(None);
     }
-    let head = u64_at(&a, o.a_i_pages + o.xa_head);
+    let head = o.xa_head.map(|x| u64_at(&a, o.a_i_pages + x)).unwrap_or(0);
     let mut ic = InodeCache {
         va: inode,
         sb,
@@ -365,7 +368,7 @@ fn walk_inode(
         }
     }
     let what = format!("page cache of inode {}", ic.ino);
-    xa_for_each(k, head, &what, |index, entry| {
+    let visit = |index: u64, entry: u64| {
         let Some(pfn) = pages.page_to_pfn(entry) else {
             return Err(WalkError::Corrupt {
                 what: what.clone(),
@@ -385,7 +388,11 @@ fn walk_inode(
         };
         ic.pages.push(CachedPage { index, pfn, state });
         Ok(())
-    })?;
+    };
+    match k.profile.page_cache_tree() {
+        Some(PageCacheTree::XArray) if o.xa_head.is_some() => xa_for_each(k, head, &what, visit)?,
+        _ => radix_tree_for_each(k, mapping + o.a_i_pages, &what, visit)?,
+    }
     ic.pages.sort_by_key(|p| p.index);
     Ok(Some(ic))
 }

@@ -11,6 +11,7 @@ pub mod fs;
 pub mod list;
 pub mod page;
 pub mod page_scan;
+pub mod radix_tree;
 pub mod xarray;
 
 use crate::kernel::LocateError;

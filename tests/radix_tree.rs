@@ -1,0 +1,227 @@
+//! The radix-tree walker (kernels before 4.20) on trees laid out exactly as the three
+//! imported Volatility 2 profiles describe them (Debian 2.6.32 and 3.2: the `height`
+//! generation; Debian 4.9: the `shift` generation). No guest of those kernels can be
+//! booted here, so the trees are built in a memory image by these tests, with the
+//! profiles' real offsets, sizes and slot counts.
+
+mod common;
+
+use common::lab::repo;
+use pct::kernel::{Kernel, Location, Method};
+use pct::memory::GuestMemory;
+use pct::profile::{PageCacheTree, Profile};
+use pct::walk::radix_tree::radix_tree_for_each;
+use pct::walk::WalkError;
+use std::collections::BTreeMap;
+
+const POB: u64 = 0xffff_8800_0000_0000;
+const MEM: usize = 32 << 20;
+
+/// A memory image being built: nodes are allocated in the direct map.
+struct Image {
+    bytes: Vec<u8>,
+    next: u64,
+    p: Profile,
+}
+
+impl Image {
+    fn new(profile: &str) -> Image {
+        let p = Profile::load(&repo().join("profiles").join(profile)).expect("shipped profile");
+        Image {
+            bytes: vec![0; MEM],
+            next: 0x10000,
+            p,
+        }
+    }
+    fn node_size(&self) -> u64 {
+        self.p.offset("radix_tree_node", "slots").unwrap() + 8 * self.p.tree_slots().unwrap()
+    }
+    fn alloc(&mut self) -> u64 {
+        let pa = self.next;
+        self.next += self.node_size().div_ceil(64) * 64;
+        POB + pa
+    }
+    fn put(&mut self, va: u64, off: u64, v: u64, size: usize) {
+        let pa = (va - POB + off) as usize;
+        self.bytes[pa..pa + size].copy_from_slice(&v.to_le_bytes()[..size]);
+    }
+    fn get(&self, va: u64, off: u64) -> u64 {
+        let pa = (va - POB + off) as usize;
+        u64::from_le_bytes(self.bytes[pa..pa + 8].try_into().unwrap())
+    }
+    fn field(&self, f: &str) -> Option<(u64, usize)> {
+        let fl = self.p.field("radix_tree_node", f)?;
+        Some((fl.offset, fl.size as usize))
+    }
+    fn slot(&self, node: u64, i: u64) -> u64 {
+        node + self.p.offset("radix_tree_node", "slots").unwrap() + 8 * i
+    }
+
+    /// Builds a tree holding `items` (index → entry) under the root at `root`.
+    fn build(&mut self, root: u64, items: &BTreeMap<u64, u64>) {
+        let gen = self.p.page_cache_tree().unwrap();
+        let bits = self.p.tree_slots().unwrap().trailing_zeros() as u64;
+        let max = items.keys().max().copied().unwrap_or(0);
+        let mut levels = 1;
+        while max >> (bits * levels) != 0 {
+            levels += 1;
+        }
+        let rnode_off = self.p.offset("radix_tree_root", "rnode").unwrap();
+        let top = self.alloc();
+        let shifted = gen == PageCacheTree::RadixShift;
+        self.init_node(top, levels, 0, None);
+        self.put(root, rnode_off, top | 1, 8);
+        if let Some(h) = self.p.offset("radix_tree_root", "height") {
+            self.put(root, h, levels, 4);
+        }
+        for (&index, &entry) in items {
+            let mut node = top;
+            for l in (1..=levels).rev() {
+                let slot = (index >> (bits * (l - 1))) & ((1 << bits) - 1);
+                let at = self.slot(node, slot);
+                if l == 1 {
+                    self.put(at, 0, entry, 8);
+                    break;
+                }
+                let cur = self.get(at, 0);
+                let child = if cur == 0 {
+                    let c = self.alloc();
+                    self.init_node(c, l - 1, slot, Some(node));
+                    self.put(at, 0, if shifted { c | 1 } else { c }, 8);
+                    c
+                } else {
+                    cur & !3
+                };
+                node = child;
+            }
+        }
+    }
+
+    fn init_node(&mut self, node: u64, level: u64, offset: u64, parent: Option<u64>) {
+        let bits = self.p.tree_slots().unwrap().trailing_zeros() as u64;
+        if let Some((o, s)) = self.field("height") {
+            self.put(node, o, level, s);
+        }
+        if let Some((o, s)) = self.field("shift") {
+            self.put(node, o, (level - 1) * bits, s);
+        }
+        if let Some((o, s)) = self.field("offset") {
+            self.put(node, o, offset, s);
+        }
+        if let (Some((o, s)), Some(p)) = (self.field("parent"), parent) {
+            self.put(node, o, p, s);
+        }
+    }
+
+    fn walk(self, root: u64) -> (Result<(), WalkError>, Vec<(u64, u64)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        std::fs::write(&path, &self.bytes).unwrap();
+        let mem = GuestMemory::open(&path).unwrap();
+        let k = Kernel {
+            mem: &mem,
+            profile: &self.p,
+            loc: Location {
+                method: Method::BannerAndInitTask,
+                release: None,
+                build_id: None,
+                virt_offset: 0,
+                phys_base: 0,
+                page_offset_base: POB,
+                vmemmap_base: 0xffff_ea00_0000_0000,
+                pgd: 0,
+                levels: 4,
+            },
+        };
+        let mut got = Vec::new();
+        let r = radix_tree_for_each(&k, root, "test tree", |i, e| {
+            got.push((i, e));
+            Ok(())
+        });
+        (r, got)
+    }
+}
+
+fn fake_page(n: u64) -> u64 {
+    0xffff_ea00_0000_0000 + n * 64
+}
+
+fn check_profile(profile: &str, want_gen: PageCacheTree) {
+    let mut img = Image::new(profile);
+    assert_eq!(
+        img.p.page_cache_tree(),
+        Some(want_gen),
+        "{profile}: generation"
+    );
+    let root = POB + 0x1000;
+    let indices = [0u64, 1, 63, 64, 100, 4095, 4096, 70_000, 262_143, 300_000];
+    let mut items: BTreeMap<u64, u64> = indices
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| (i, fake_page(n as u64)))
+        .collect();
+    // Exceptional (shadow/swap) entries the walk must skip.
+    items.insert(5, (7 << 2) | 2);
+    items.insert(262_144, (9 << 2) | 2);
+    img.build(root, &items);
+    let (r, got) = img.walk(root);
+    r.unwrap_or_else(|e| panic!("{profile}: {e}"));
+    let want: Vec<(u64, u64)> = items.into_iter().filter(|(_, e)| e & 3 == 0).collect();
+    assert_eq!(got, want, "{profile}: items");
+}
+
+#[test]
+fn height_generation_debian_2_6_32() {
+    check_profile("debian-2.6.32.json", PageCacheTree::RadixHeight);
+}
+
+#[test]
+fn height_generation_debian_3_2() {
+    check_profile("debian-3.2.json", PageCacheTree::RadixHeight);
+}
+
+#[test]
+fn shift_generation_debian_4_9() {
+    check_profile("debian-4.9.json", PageCacheTree::RadixShift);
+}
+
+#[test]
+fn single_item_and_empty_trees() {
+    for profile in ["debian-2.6.32.json", "debian-4.9.json"] {
+        let mut img = Image::new(profile);
+        let root = POB + 0x1000;
+        let rnode_off = img.p.offset("radix_tree_root", "rnode").unwrap();
+        img.put(root, rnode_off, fake_page(3), 8); // height 0: the item itself, index 0
+        let (r, got) = img.walk(root);
+        r.unwrap();
+        assert_eq!(got, vec![(0, fake_page(3))], "{profile}");
+        let img = Image::new(profile);
+        let (r, got) = img.walk(root);
+        r.unwrap();
+        assert!(got.is_empty());
+    }
+}
+
+/// A node that points back up the tree, or whose level/shift lies, is refused.
+#[test]
+fn cycles_and_lies_are_refused() {
+    for profile in ["debian-2.6.32.json", "debian-3.2.json", "debian-4.9.json"] {
+        let mut img = Image::new(profile);
+        let root = POB + 0x1000;
+        let items: BTreeMap<u64, u64> = [(0u64, fake_page(0)), (300_000, fake_page(1))].into();
+        img.build(root, &items);
+        // The first node allocated is the top: point a leaf-level slot of a lower node at it.
+        let top = POB + 0x10000;
+        let child = img.get(img.slot(top, 0), 0) & !3;
+        let tag = if img.p.page_cache_tree() == Some(PageCacheTree::RadixShift) {
+            1
+        } else {
+            0
+        };
+        let at = img.slot(child, 7);
+        img.put(at, 0, top | tag, 8);
+        let (r, _) = img.walk(root);
+        let e = r.expect_err(profile);
+        assert!(e.to_string().contains("expected"), "{profile}: {e}");
+    }
+}

@@ -106,6 +106,9 @@ fn every_frame_round_trips() {
             code: 7,
             message: "hash mismatch ☹".into(),
         },
+        Frame::Report {
+            json: r#"{"verified_pages":76959}"#.into(),
+        },
     ];
     for f in &frames {
         round_trip(f);

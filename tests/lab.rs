@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::lab::{repo, Guest, GuestSpec};
+use common::lab::{kernel_dir, repo, Guest, GuestSpec};
 use common::oracle::{kpf, Oracle};
 use std::time::Duration;
 
@@ -55,24 +55,6 @@ fn boot_and_dump(spec: GuestSpec) -> (Guest, Oracle) {
     std::fs::remove_file(&core).unwrap();
     g.cont();
     (g, oracle)
-}
-
-fn kernel_dir() -> std::path::PathBuf {
-    let out = std::process::Command::new("bash")
-        .arg(repo().join("tools/lab/fetch-kernel.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .into()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::lab::{repo, Guest, GuestSpec};
+use common::lab::{kernel_dir, repo, Guest, GuestSpec};
 use common::oracle::Oracle;
 use pct::cachemap::CacheMap;
 use pct::introspect::{scan, ScanOptions};
@@ -14,31 +14,12 @@ use pct::memory::GuestMemory;
 use pct::profile::Profile;
 use pct::report::ScanReport;
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn profile() -> Profile {
     Profile::load(&repo().join("profiles/debian-6.1.0-56-cloud-amd64.json"))
         .expect("shipped cloud profile")
-}
-
-fn kernel_dir() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo().join("tools/lab/fetch-kernel.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .into()
 }
 
 /// Boots a guest, lets it settle, stops it, and scans its RAM file (with verify and cross-check).

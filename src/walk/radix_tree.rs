@@ -10,17 +10,35 @@
 //!
 //! Exceptional entries (low bits `10`: shadow, swap, DAX) are skipped in every generation.
 
-use super::{u32_at, u64_at, u8_at, WalkError};
+use super::xarray::{walk_shift_tree, ShiftTree, Slot, MAX_NODES};
+use super::{u32_at, u64_at, WalkError};
 use crate::kernel::Kernel;
 use crate::profile::PageCacheTree;
 
-/// Most nodes one tree may have (bounds hostile input).
-pub const MAX_NODES: usize = 1 << 20;
 /// 64-bit indices need at most ceil(64 / 6) levels of 64-slot nodes.
 const MAX_HEIGHT: u64 = 11;
 
 const TAG_MASK: u64 = 3;
 const EXCEPTIONAL: u64 = 2;
+
+/// Entries of the shift generation: internal pointers tagged `01` (a node, or, when
+/// they point into the node's own slots, a sibling of a multi-order item; 0 is the
+/// retry marker), exceptional entries tagged `10`.
+fn classify_shift(e: u64, node: u64, node_size: u64) -> Slot {
+    match e & TAG_MASK {
+        _ if e == 0 => Slot::Skip,
+        0 => Slot::Item(e),
+        1 => {
+            let child = e & !TAG_MASK;
+            if child == 0 || (child >= node && child < node + node_size) {
+                Slot::Skip
+            } else {
+                Slot::Node(child)
+            }
+        }
+        _ => Slot::Skip,
+    }
+}
 
 /// Calls `f(index, entry)` for every item of the radix tree whose `radix_tree_root`
 /// is at `root`, in index order.
@@ -62,69 +80,21 @@ pub fn radix_tree_for_each(
     match gen {
         PageCacheTree::XArray => Err(lacks("a radix-tree profile (this one describes an XArray)")),
         PageCacheTree::RadixShift => {
-            let shift_off = p
-                .offset("radix_tree_node", "shift")
-                .ok_or_else(|| lacks("radix_tree_node.shift"))?;
-            let offset_off = p.offset("radix_tree_node", "offset");
-            let parent_off = p.offset("radix_tree_node", "parent");
-            if rnode & TAG_MASK != 1 {
-                return if rnode & TAG_MASK == 0 {
-                    f(0, rnode)
-                } else {
-                    Ok(())
-                };
+            let tree = ShiftTree {
+                shift_off: p
+                    .offset("radix_tree_node", "shift")
+                    .ok_or_else(|| lacks("radix_tree_node.shift"))?,
+                offset_off: p.offset("radix_tree_node", "offset"),
+                parent_off: p.offset("radix_tree_node", "parent"),
+                slots_off,
+                nslots,
+                classify: classify_shift,
+            };
+            match classify_shift(rnode, 0, 0) {
+                Slot::Skip => Ok(()),
+                Slot::Item(e) => f(0, e),
+                Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut f),
             }
-            let top = rnode & !TAG_MASK;
-            let top_shift = u8_at(&k.read(top, node_size, what)?, shift_off) as u64;
-            if top_shift % map_shift != 0 || top_shift >= 64 {
-                return Err(corrupt(format!("root node {top:#x} has shift {top_shift}")));
-            }
-            let mut stack = vec![(top, 0u64, None::<u64>, top_shift, 0u64)];
-            while let Some((node, parent, offset, shift, base)) = stack.pop() {
-                nodes += 1;
-                if nodes > MAX_NODES {
-                    return Err(corrupt(format!("more than {MAX_NODES} nodes")));
-                }
-                let b = k.read(node, node_size, what)?;
-                if u8_at(&b, shift_off) as u64 != shift {
-                    return Err(corrupt(format!(
-                        "node {node:#x}: shift {} where {shift} was expected",
-                        u8_at(&b, shift_off)
-                    )));
-                }
-                if let (Some(o), Some(oo), Some(po)) = (offset, offset_off, parent_off) {
-                    if u8_at(&b, oo) as u64 != o || u64_at(&b, po) != parent {
-                        return Err(corrupt(format!(
-                            "node {node:#x}: parent/offset back-pointers disagree (tree changing?)"
-                        )));
-                    }
-                }
-                let mut children = Vec::new();
-                for slot in 0..nslots {
-                    let e = u64_at(&b, slots_off + slot * 8);
-                    let index = base | (slot << shift);
-                    match e & TAG_MASK {
-                        _ if e == 0 => {}
-                        1 => {
-                            let child = e & !TAG_MASK;
-                            let sibling = child >= node && child < node + node_size;
-                            if child == 0 || sibling {
-                                continue; // retry marker, or a sibling of a multi-order item
-                            }
-                            if shift < map_shift {
-                                return Err(corrupt(format!(
-                                    "node {node:#x} at shift 0 points to another node"
-                                )));
-                            }
-                            children.push((child, node, Some(slot), shift - map_shift, index));
-                        }
-                        0 => f(index, e)?,
-                        _ => {} // exceptional
-                    }
-                }
-                stack.extend(children.into_iter().rev());
-            }
-            Ok(())
         }
         PageCacheTree::RadixHeight | PageCacheTree::RadixPath => {
             let height_off = p

@@ -22,6 +22,111 @@ fn is_value(e: u64) -> bool {
     e & 1 == 1
 }
 
+/// What a slot of a shift-indexed tree node holds.
+pub(crate) enum Slot {
+    /// Nothing to visit: empty, a value/exceptional entry, a retry or sibling marker.
+    Skip,
+    /// A child node at this VA.
+    Node(u64),
+    /// An item (a `struct page` pointer).
+    Item(u64),
+}
+
+/// The layout of a shift-indexed tree node (`xa_node`, or `radix_tree_node` since
+/// 4.7) and how its entries are tagged.
+pub(crate) struct ShiftTree {
+    pub shift_off: u64,
+    pub offset_off: Option<u64>,
+    pub parent_off: Option<u64>,
+    pub slots_off: u64,
+    pub nslots: u64,
+    /// Decodes a slot's entry; gets the entry and the VA and size of its node.
+    pub classify: fn(u64, u64, u64) -> Slot,
+}
+
+/// Walks the nodes of a shift-indexed tree from `top` down, calling `f(index, item)`
+/// in index order. Each node's `shift` must be its parent's minus the chunk shift and,
+/// where the layout has them, `offset`/`parent` must point back to where it hangs.
+pub(crate) fn walk_shift_tree(
+    k: &Kernel,
+    top: u64,
+    t: &ShiftTree,
+    what: &str,
+    f: &mut dyn FnMut(u64, u64) -> Result<(), WalkError>,
+) -> Result<(), WalkError> {
+    if !t.nslots.is_power_of_two() || !(4..=1024).contains(&t.nslots) {
+        return Err(WalkError::ProfileLacks(format!(
+            "a sane tree node slots count (got {})",
+            t.nslots
+        )));
+    }
+    let chunk_shift = t.nslots.trailing_zeros() as u64;
+    let node_size = t.slots_off + t.nslots * 8;
+    let corrupt = |msg: String| WalkError::Corrupt {
+        what: what.to_owned(),
+        msg,
+    };
+    let top_shift = u8_at(&k.read(top, node_size, what)?, t.shift_off) as u64;
+    if top_shift % chunk_shift != 0 || top_shift >= 64 {
+        return Err(corrupt(format!("root node {top:#x} has shift {top_shift}")));
+    }
+    // Explicit stack of (node VA, parent VA, expected offset in parent, expected shift, base index).
+    let mut stack = vec![(top, 0u64, None::<u64>, top_shift, 0u64)];
+    let mut nodes = 0usize;
+    while let Some((node, parent, offset, shift, base)) = stack.pop() {
+        nodes += 1;
+        if nodes > MAX_NODES {
+            return Err(corrupt(format!("more than {MAX_NODES} nodes")));
+        }
+        let b = k.read(node, node_size, what)?;
+        if u8_at(&b, t.shift_off) as u64 != shift {
+            return Err(corrupt(format!(
+                "node {node:#x}: shift {} where {shift} was expected",
+                u8_at(&b, t.shift_off)
+            )));
+        }
+        if let (Some(o), Some(oo), Some(po)) = (offset, t.offset_off, t.parent_off) {
+            if u8_at(&b, oo) as u64 != o || u64_at(&b, po) != parent {
+                return Err(corrupt(format!(
+                    "node {node:#x}: parent/offset back-pointers disagree (tree changing?)"
+                )));
+            }
+        }
+        // Push children in reverse so the walk visits indices in increasing order.
+        let mut children = Vec::new();
+        for slot in 0..t.nslots {
+            let index = base | (slot << shift);
+            match (t.classify)(u64_at(&b, t.slots_off + slot * 8), node, node_size) {
+                Slot::Skip => {}
+                Slot::Node(child) => {
+                    if shift < chunk_shift {
+                        return Err(corrupt(format!(
+                            "node {node:#x} at shift 0 points to another node"
+                        )));
+                    }
+                    children.push((child, node, Some(slot), shift - chunk_shift, index));
+                }
+                // At shift > 0 this is a multi-index entry (a large folio).
+                Slot::Item(e) => f(index, e)?,
+            }
+        }
+        stack.extend(children.into_iter().rev());
+    }
+    Ok(())
+}
+
+fn classify(e: u64, _node: u64, _size: u64) -> Slot {
+    if e == 0 || is_value(e) {
+        Slot::Skip
+    } else if is_node(e) {
+        Slot::Node(e - 2)
+    } else if is_internal(e) {
+        Slot::Skip
+    } else {
+        Slot::Item(e)
+    }
+}
+
 /// Calls `f(index, entry)` for every present, non-value entry of the XArray whose
 /// `xa_head` is `head`, in index order.
 pub fn xa_for_each(
@@ -31,81 +136,20 @@ pub fn xa_for_each(
     mut f: impl FnMut(u64, u64) -> Result<(), WalkError>,
 ) -> Result<(), WalkError> {
     let p = k.profile;
-    let shift_off = need(p, "xa_node", "shift")?;
-    let offset_off = need(p, "xa_node", "offset")?;
-    let parent_off = need(p, "xa_node", "parent")?;
-    let slots_off = need(p, "xa_node", "slots")?;
-    let nslots = p
-        .field("xa_node", "slots")
-        .and_then(|f| f.count)
-        .unwrap_or(64);
-    if !nslots.is_power_of_two() || nslots > 1024 {
-        return Err(WalkError::ProfileLacks(format!(
-            "a sane xa_node.slots count (got {nslots})"
-        )));
-    }
-    let chunk_shift = nslots.trailing_zeros() as u64;
-    let node_size = slots_off + nslots * 8;
-    let corrupt = |msg: String| WalkError::Corrupt {
-        what: what.to_owned(),
-        msg,
+    let tree = ShiftTree {
+        shift_off: need(p, "xa_node", "shift")?,
+        offset_off: Some(need(p, "xa_node", "offset")?),
+        parent_off: Some(need(p, "xa_node", "parent")?),
+        slots_off: need(p, "xa_node", "slots")?,
+        nslots: p
+            .field("xa_node", "slots")
+            .and_then(|f| f.count)
+            .unwrap_or(64),
+        classify,
     };
-
-    if head == 0 || is_value(head) || (is_internal(head) && !is_node(head)) {
-        return Ok(());
+    match classify(head, 0, 0) {
+        Slot::Skip => Ok(()),
+        Slot::Item(e) => f(0, e),
+        Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut f),
     }
-    if !is_node(head) {
-        return f(0, head);
-    }
-    // Explicit stack of (node VA, parent VA, expected offset in parent, expected shift, base index).
-    let mut nodes = 0usize;
-    let top = head - 2;
-    let top_bytes = k.read(top, node_size, what)?;
-    let top_shift = u8_at(&top_bytes, shift_off) as u64;
-    if top_shift % chunk_shift != 0 || top_shift > 60 {
-        return Err(corrupt(format!("root node {top:#x} has shift {top_shift}")));
-    }
-    let mut stack = vec![(top, 0u64, None::<u64>, top_shift, 0u64)];
-    while let Some((node, parent, offset, shift, base)) = stack.pop() {
-        nodes += 1;
-        if nodes > MAX_NODES {
-            return Err(corrupt(format!("more than {MAX_NODES} nodes")));
-        }
-        let b = k.read(node, node_size, what)?;
-        if u8_at(&b, shift_off) as u64 != shift {
-            return Err(corrupt(format!(
-                "node {node:#x}: shift {} where {shift} was expected",
-                u8_at(&b, shift_off)
-            )));
-        }
-        if let Some(o) = offset {
-            if u8_at(&b, offset_off) as u64 != o || u64_at(&b, parent_off) != parent {
-                return Err(corrupt(format!(
-                    "node {node:#x}: parent/offset back-pointers disagree (tree changing?)"
-                )));
-            }
-        }
-        // Push children in reverse so the walk visits indices in increasing order.
-        let mut children = Vec::new();
-        for slot in 0..nslots {
-            let e = u64_at(&b, slots_off + slot * 8);
-            if e == 0 || is_value(e) {
-                continue;
-            }
-            let index = base | (slot << shift);
-            if is_node(e) {
-                if shift < chunk_shift {
-                    return Err(corrupt(format!(
-                        "node {node:#x} at shift 0 points to another node"
-                    )));
-                }
-                children.push((e - 2, node, Some(slot), shift - chunk_shift, index));
-            } else if !is_internal(e) {
-                // At shift > 0 this is a multi-index entry (a large folio).
-                f(index, e)?;
-            }
-        }
-        stack.extend(children.into_iter().rev());
-    }
-    Ok(())
 }

@@ -20,6 +20,24 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The fetched default (cloud-amd64) kernel's directory (fetching it if needed).
+pub fn kernel_dir() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo().join("tools/lab/fetch-kernel.sh"))
+        .output()
+        .expect("run tools/lab/fetch-kernel.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("fetch-kernel.sh prints the kernel directory")
+        .into()
+}
+
 /// What to boot.
 #[derive(Clone, Debug)]
 pub struct GuestSpec {

@@ -108,4 +108,6 @@ else
 	mv "$fs" "$out.tmp"
 fi
 mv "$out.tmp" "$out"
+# Masters built by an older version of this script are not needed any more.
+find "$PCT_CACHE/disks" -maxdepth 1 -name "$FILESET-$LAYOUT-*.img" ! -name "$(basename "$out")" -delete
 echo "$out"

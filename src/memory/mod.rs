@@ -132,7 +132,11 @@ impl GuestMemory {
         }
         Ok(GuestMemory {
             map,
-            regions: vec![Region { gpa: 0, offset: 0, len }],
+            regions: vec![Region {
+                gpa: 0,
+                offset: 0,
+                len,
+            }],
             vmcoreinfo: None,
             description: description.to_owned(),
         })

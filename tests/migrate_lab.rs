@@ -80,6 +80,32 @@ fn apache_bit_identical_and_keeps_running() {
 /// partitioned disk: the hash catches every stale page, the sender's originals replace
 /// them, the guest is still bit-identical.
 #[test]
+fn idle_bit_identical() {
+    if !have_qemu() {
+        return;
+    }
+    let _one = serial();
+    let spec = VmSpec::new("idle", "mini", "plain");
+    let (src, mut dst, disk) = pair(&spec);
+    let run = migrate(&src, &dst, &disk, &[], None);
+    assert!(
+        run.sender.status.success() && run.receiver.status.success(),
+        "migration failed"
+    );
+    let s = run.summary.expect("JSON summary");
+    assert_eq!(s["result"], "completed");
+    assert_identical(&src, &dst);
+    // An idle guest caches little (its special files, metadata): some of it teleports.
+    let teleported = u(&s, &["pages", "teleported"]);
+    assert!(teleported > 100, "only {teleported} pages teleported");
+    assert_eq!(u(&s, &["pages", "fallen_back"]), 0);
+    drop(src);
+    dst.execute("cont");
+    let line = dst.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
+    assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
+}
+
+#[test]
 fn stale_destination_disk_falls_back_bit_identical() {
     if !have_qemu() {
         return;

@@ -128,7 +128,7 @@ fn modules_without_debug_info_or_needed_types_are_refused() {
 fn corrupt_zips_are_refused() {
     let src = shared().join("volatility2-profiles/Debian608.zip");
     let Ok(data) = std::fs::read(&src) else {
-        eprintln!("SKIP: {} missing", src.display());
+        profile_common::skip_or_fail(&format!("{} missing", src.display()));
         return;
     };
     let truncated = tmp("trunc-archive");

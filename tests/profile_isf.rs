@@ -52,7 +52,7 @@ fn assert_same_layouts(a: &Profile, b: &Profile, what: &str) {
 fn dwarf2json_isf_import_agrees_with_our_build() {
     let path = shared().join("isf/debian-6.1.0-56-cloud-amd64.json.xz");
     if !path.exists() {
-        eprintln!("SKIP: {} is not there", path.display());
+        profile_common::skip_or_fail(&format!("{} is not there", path.display()));
         return;
     }
     let p = isf::import_file(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -113,8 +113,8 @@ fn vol3_python() -> Option<String> {
 #[test]
 fn exported_isf_loads_in_volatility3() {
     let Some(py) = vol3_python() else {
-        eprintln!(
-            "SKIP: volatility3 is not importable (pip install volatility3, or set PCT_VOL3_PYTHON)"
+        profile_common::skip_or_fail(
+            "volatility3 is not importable (pip install volatility3, or set PCT_VOL3_PYTHON)",
         );
         return;
     };

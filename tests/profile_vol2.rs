@@ -31,7 +31,7 @@ const CASES: &[(&str, &str, PageCacheTree, &str)] = &[
 fn import(zip: &str) -> Option<Profile> {
     let path = shared().join("volatility2-profiles").join(zip);
     if !path.exists() {
-        eprintln!("SKIP: {} is not there", path.display());
+        profile_common::skip_or_fail(&format!("{} is not there", path.display()));
         return None;
     }
     Some(vol2::import_zip(&path).unwrap_or_else(|e| panic!("{zip}: {e}")))

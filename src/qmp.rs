@@ -170,6 +170,29 @@ impl Qmp {
         Ok(ret.as_str().unwrap_or_default().to_owned())
     }
 
+    /// The process id of the QEMU at the other end of the socket (`SO_PEERCRED`).
+    pub fn peer_pid(&self) -> Option<u32> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly sized and
+        // aligned ucred that lives across the call; the fd is our connected socket.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+    }
+
     /// Events received so far (drained).
     pub fn take_events(&mut self) -> Vec<Value> {
         std::mem::take(&mut self.events)

@@ -3,6 +3,9 @@
 //! QEMU is asked for its `memory-backend-file` objects (`qom-list`/`qom-get`): the
 //! backend's file (shared, e.g. in /dev/shm) is mapped read-only, and the flat memory
 //! map (`info mtree -f`) says which guest-physical ranges show which offsets of it.
+//! Any other QEMU (anonymous RAM): its process memory is copied through
+//! /proc/PID/mem from the host address HMP `gpa2hva` reports — a snapshot taken while
+//! the guest may run, which the walkers' back-pointer checks are made for.
 
 use super::{GuestMemory, MemError, Region};
 use crate::qmp::Qmp;
@@ -112,14 +115,9 @@ pub fn parse_mtree(text: &str, name: &str) -> Vec<Region> {
 pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
     let mut qmp = Qmp::connect(socket, Duration::from_secs(5)).map_err(qmp_err)?;
     let backends = backends(&mut qmp)?;
+    let mtree = qmp.hmp("info mtree -f").map_err(qmp_err)?;
     let Some(b) = backends.iter().max_by_key(|b| b.size) else {
-        return Err(MemError::Format {
-            path: socket.to_owned(),
-            msg: "this QEMU has no memory-backend-file: start it with \
-                  -object memory-backend-file,id=ram0,mem-path=/dev/shm/NAME,share=on \
-                  -machine memory-backend=ram0"
-                .into(),
-        });
+        return copy_process_ram(&mut qmp, &mtree, socket);
     };
     if !b.share {
         return Err(MemError::Format {
@@ -130,7 +128,6 @@ pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
             ),
         });
     }
-    let mtree = qmp.hmp("info mtree -f").map_err(qmp_err)?;
     let mut regions = parse_mtree(&mtree, &b.id);
     if regions.is_empty() {
         regions = vec![Region {
@@ -153,5 +150,82 @@ pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
         socket.display(),
         b.mem_path.display()
     );
+    Ok(mem)
+}
+
+/// The main RAM block's name: the one holding guest-physical 1 MiB.
+fn main_ram_block(mtree: &str) -> Option<String> {
+    mtree.lines().find_map(|l| {
+        let l = l.trim();
+        let (range, rest) = l.split_once(' ')?;
+        let (s, e) = range.split_once('-')?;
+        let (s, e) = (
+            u64::from_str_radix(s, 16).ok()?,
+            u64::from_str_radix(e, 16).ok()?,
+        );
+        let (attrs, target) = rest.split_once("): ")?;
+        (attrs.ends_with("ram") && s <= 0x10_0000 && 0x10_0000 <= e)
+            .then(|| target.split_whitespace().next().map(str::to_owned))
+            .flatten()
+    })
+}
+
+/// Copies the main RAM block of the QEMU process behind `qmp` through /proc/PID/mem.
+fn copy_process_ram(qmp: &mut Qmp, mtree: &str, socket: &Path) -> Result<GuestMemory, MemError> {
+    let fail = |msg: String| MemError::Format {
+        path: socket.to_owned(),
+        msg,
+    };
+    let pid = qmp
+        .peer_pid()
+        .ok_or_else(|| fail("cannot tell QEMU's process id from its QMP socket".into()))?;
+    let name = main_ram_block(mtree)
+        .ok_or_else(|| fail("`info mtree -f` shows no RAM at 1 MiB".into()))?;
+    let regions = parse_mtree(mtree, &name);
+    let len = regions.iter().map(|r| r.offset + r.len).max().unwrap_or(0);
+    // Host address of block offset 0: gpa2hva of an address whose block offset is known.
+    let probe = regions
+        .iter()
+        .find(|r| r.len >= 4096)
+        .ok_or_else(|| fail(format!("RAM block {name} has no mapped page")))?;
+    let answer = qmp
+        .hmp(&format!("gpa2hva {:#x}", probe.gpa))
+        .map_err(qmp_err)?;
+    let hva = answer
+        .rsplit("is 0x")
+        .next()
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .ok_or_else(|| fail(format!("unexpected gpa2hva answer {answer:?}")))?;
+    let base = hva - probe.offset;
+    let path = PathBuf::from(format!("/proc/{pid}/mem"));
+    let file = std::fs::File::open(&path).map_err(|source| MemError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let mut copy = memmap2::MmapMut::map_anon(len as usize).map_err(|source| MemError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    use std::os::unix::fs::FileExt;
+    for r in &regions {
+        let dst = &mut copy[r.offset as usize..(r.offset + r.len) as usize];
+        for (i, chunk) in dst.chunks_mut(64 << 20).enumerate() {
+            let at = base + r.offset + (i as u64) * (64 << 20);
+            file.read_exact_at(chunk, at)
+                .map_err(|source| MemError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+    }
+    let map = copy.make_read_only().map_err(|source| MemError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let mut mem = GuestMemory::from_map(
+        map,
+        &format!("live QEMU pid {pid} (RAM copied from {})", path.display()),
+    )?;
+    mem.regions = regions;
     Ok(mem)
 }

@@ -54,6 +54,8 @@ pub struct GuestSpec {
     pub paused: bool,
     /// QEMU `-cpu` model (e.g. `max,la57=on` for 5-level paging).
     pub cpu: Option<&'static str>,
+    /// Anonymous guest RAM (no shared file: pct must copy it through /proc/PID/mem).
+    pub anon_ram: bool,
 }
 
 impl GuestSpec {
@@ -68,6 +70,7 @@ impl GuestSpec {
             incoming: false,
             paused: false,
             cpu: None,
+            anon_ram: false,
         }
     }
     pub fn layout(mut self, fileset: &'static str, layout: &'static str) -> GuestSpec {
@@ -127,6 +130,9 @@ impl Guest {
         }
         if spec.paused {
             cmd.arg("--paused");
+        }
+        if spec.anon_ram {
+            cmd.arg("--anon-ram");
         }
         if let Some(cpu) = spec.cpu {
             cmd.args(["--cpu", cpu]);

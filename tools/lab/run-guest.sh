@@ -4,6 +4,7 @@
 #   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|idle|db] [--fileset web|mini|db]
 #       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
 #       [--mem MiB] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
+#       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
 #
 # RUNDIR receives: disk.img (a copy of the pristine lab disk, unless --disk names one),
 # oracle.img (where the guest's pct-oracle writes), qmp.sock and qmp-pct.sock (two
@@ -16,7 +17,7 @@
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name=
+dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
 	--disk) disk=$2; shift ;;
 	--incoming) incoming=1 ;;
 	--paused) paused=1 ;;
+	--anon-ram) anon_ram=1 ;;
 	--name) name=$2; shift ;;
 	*) die "unknown argument '$1' (see the header of $0)" ;;
 	esac
@@ -68,9 +70,15 @@ ram=/dev/shm/$name
 echo "$ram" >"$dir/ram.path"
 rm -f "$dir/qmp.sock" "$dir/qmp-pct.sock" "$dir/serial.sock"
 
+if [ -n "$anon_ram" ]; then
+	ram_args=(-machine pc-i440fx-7.2 -m "${mem}M")
+	: >"$dir/ram.path"
+else
+	ram_args=(-machine pc-i440fx-7.2,memory-backend=ram0 -m "${mem}M"
+		-object "memory-backend-file,id=ram0,size=${mem}M,mem-path=$ram,share=on")
+fi
 args=(
-	-name "$name" -accel "$accel" -machine pc-i440fx-7.2,memory-backend=ram0
-	-m "${mem}M" -object "memory-backend-file,id=ram0,size=${mem}M,mem-path=$ram,share=on"
+	-name "$name" -accel "$accel" "${ram_args[@]}"
 	-smp 1 -nodefaults -display none -no-reboot -no-user-config
 	-kernel "$kdir/vmlinuz" -initrd "$initrd"
 	-append "console=ttyS0 quiet panic=-1 pct.workload=$workload pct.root=$root pct.oracle=/dev/vdb"

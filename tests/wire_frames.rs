@@ -94,6 +94,18 @@ fn every_frame_round_trips() {
             count: 2,
             data: Payload::compress(&[page(1), page(2)].concat(), 3).unwrap(),
         },
+        Frame::HashRequest {
+            run: 9,
+            first: 0,
+            count: 32,
+        },
+        Frame::PageHashes {
+            run: 9,
+            first: 0,
+            count: 3,
+            hash_len: 16,
+            hashes: (0..48).collect(),
+        },
         Frame::Ack { runs: 12345 },
         Frame::End {
             stream_bytes: u64::MAX,
@@ -210,6 +222,62 @@ fn invalid_frames_are_refused_on_encode() {
         data: Payload::raw(vec![0; 4096]),
     };
     assert!(bad.encode(&mut Vec::new()).is_err());
+    let bad = Frame::PageHashes {
+        run: 0,
+        first: 0,
+        count: 2,
+        hash_len: 16,
+        hashes: vec![0; 31],
+    };
+    assert!(bad.encode(&mut Vec::new()).is_err());
+    let bad = Frame::PageHashes {
+        run: 0,
+        first: 0,
+        count: 1,
+        hash_len: 4,
+        hashes: vec![0; 4],
+    };
+    assert!(bad.encode(&mut Vec::new()).is_err());
+}
+
+#[test]
+fn page_hashes_narrow_a_failed_run_hash() {
+    let (r, data) = refs(8, true, true);
+    assert!(r.run_hash());
+    let pages: Vec<u8> = data.concat();
+    // The sender's per-page hashes of its originals, as a page hashes frame carries them.
+    let hashes = pct::migrate::wire::hash_pages(&pages, 16);
+    assert_eq!(hashes.len(), 8 * 16);
+    let reply = Frame::PageHashes {
+        run: 0,
+        first: 0,
+        count: 8,
+        hash_len: 16,
+        hashes: hashes.clone(),
+    };
+    let mut buf = Vec::new();
+    let n = reply.encode(&mut buf).unwrap();
+    assert_eq!(n, 5 + 1 + 1 + 1 + 1 + 8 * 16);
+    // One stale page on "disk": the run hash fails, the page hashes single it out.
+    let mut disk = data.clone();
+    disk[5][100] ^= 1;
+    let views: Vec<&[u8]> = disk.iter().map(|p| &p[..]).collect();
+    assert_eq!(r.verify(&views), (0..8).collect::<Vec<_>>());
+    let differ: Vec<usize> = (0..8)
+        .filter(|&i| hash_page(&disk[i], 16) != hashes[i * 16..(i + 1) * 16])
+        .collect();
+    assert_eq!(differ, vec![5]);
+    // Truncated or oversized hash bytes are refused on decode.
+    let mut cut = buf.clone();
+    cut.truncate(buf.len() - 1);
+    let len = (cut.len() - 5) as u32;
+    cut[1..5].copy_from_slice(&len.to_be_bytes());
+    assert!(Frame::decode(&cut, MAX_PAYLOAD).is_err());
+    let mut long = buf.clone();
+    long.push(0);
+    let len = (long.len() - 5) as u32;
+    long[1..5].copy_from_slice(&len.to_be_bytes());
+    assert!(Frame::decode(&long, MAX_PAYLOAD).is_err());
 }
 
 #[test]
@@ -272,13 +340,37 @@ fn stats_split_bytes_by_kind() {
             stream_bytes: 1,
             runs: 1,
         },
+        Frame::HashRequest {
+            run: 0,
+            first: 0,
+            count: 32,
+        },
+        Frame::PageHashes {
+            run: 0,
+            first: 0,
+            count: 32,
+            hash_len: 16,
+            hashes: vec![0; 32 * 16],
+        },
     ];
+    let mut control = 0;
     for f in &frames {
         let n = write_frame(&mut out, f).unwrap();
         s.count(f, n);
+        if matches!(
+            f,
+            Frame::Hello(_)
+                | Frame::End { .. }
+                | Frame::HashRequest { .. }
+                | Frame::PageHashes { .. }
+        ) {
+            control += n as u64;
+        }
     }
     assert_eq!(s.wire_total(), out.len() as u64);
-    assert_eq!(s.frames, 5);
+    assert_eq!(s.frames, 7);
+    // The hash exchange is protocol, not fallback: no page was re-sent by it.
+    assert_eq!(s.control_wire, control);
     assert_eq!(s.passthrough_raw, 50_000);
     assert!(s.passthrough_wire < 1000);
     assert_eq!((s.ref_pages, s.ref_hash_bytes), (32, 32 * 16));

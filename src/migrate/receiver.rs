@@ -11,11 +11,16 @@
 //! - the *emitter* (the caller's thread) writes to QEMU in the sender's order. A run whose
 //!   hash failed (stale disk, guest write after the map was taken, read error) is not
 //!   emitted until the sender's original bytes for it arrived (DESIGN.md invariants 1
-//!   and 2); frames that arrive meanwhile are held back, in order. The emitter acks runs
-//!   so the sender can drop its originals.
+//!   and 2); frames that arrive meanwhile are held back, in order. For a failed run hash
+//!   the emitter first asks for the run's per-page hashes and fetches only the pages that
+//!   differ (or could not be read); the fetched originals are checked against their page
+//!   hashes and the assembled run against its run hash before anything is emitted. The
+//!   emitter acks runs so the sender can drop its originals.
 
 use super::stream::Decoder;
-use super::wire::{read_frame, write_frame, Frame, PageRefs, WireError, WireStats, PAGE_SIZE};
+use super::wire::{
+    hash_page, read_frame, write_frame, Frame, PageRefs, WireError, WireStats, PAGE_SIZE,
+};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
@@ -35,6 +40,9 @@ pub struct ReceiverOptions {
     pub restore_queue: usize,
     /// Ack after this many runs.
     pub ack_every: u64,
+    /// After a failed run hash, ask for per-page hashes and fetch only the pages that
+    /// differ (otherwise fetch the whole run).
+    pub page_hashes: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -43,6 +51,7 @@ impl Default for ReceiverOptions {
             frame_queue: 16,
             restore_queue: 32,
             ack_every: 32,
+            page_hashes: true,
         }
     }
 }
@@ -77,6 +86,9 @@ pub struct ReceiverReport {
     pub fallback_pages: u64,
     /// Pages that could not be read from the disk image (counted in `fallback_pages` too).
     pub unreadable_pages: u64,
+    /// Runs whose run hash failed and whose per-page hashes were asked for.
+    #[serde(default)]
+    pub hash_requests: u64,
     /// Seconds the restorer spent reading and hashing pages.
     pub restore_seconds: f64,
     /// Seconds the emitter waited for fallback data.
@@ -98,12 +110,20 @@ enum Item {
         refs: PageRefs,
         data: Vec<u8>,
         bad: Vec<usize>,
-        unreadable: u64,
+        /// Indices of the pages that could not be read.
+        unreadable: Vec<usize>,
     },
     Fallback {
         run: u64,
         first: u32,
         data: Vec<u8>,
+    },
+    PageHashes {
+        run: u64,
+        first: u32,
+        count: u32,
+        hash_len: u8,
+        hashes: Vec<u8>,
     },
     End {
         stream_bytes: u64,
@@ -214,10 +234,11 @@ pub fn receive(
                         Frame::PageRefs(refs) => {
                             let t = Instant::now();
                             let (data, ok) = read_pages(&disk, &refs);
-                            let unreadable = ok.iter().filter(|o| !**o).count() as u64;
+                            let unreadable: Vec<usize> =
+                                (0..ok.len()).filter(|&i| !ok[i]).collect();
                             let mut bad = refs.verify(&page_views(&data));
-                            if unreadable > 0 && bad.is_empty() {
-                                bad = (0..ok.len()).filter(|&i| !ok[i]).collect();
+                            if !unreadable.is_empty() && bad.is_empty() {
+                                bad = unreadable.clone();
                             }
                             *restore_time.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed();
                             Item::Run {
@@ -236,6 +257,19 @@ pub fn receive(
                                 data: d,
                             },
                             Err(e) => return fail(&failure, e.into()),
+                        },
+                        Frame::PageHashes {
+                            run,
+                            first,
+                            count,
+                            hash_len,
+                            hashes,
+                        } => Item::PageHashes {
+                            run,
+                            first,
+                            count,
+                            hash_len,
+                            hashes,
                         },
                         Frame::End { stream_bytes, runs } => Item::End { stream_bytes, runs },
                         other => {
@@ -348,14 +382,26 @@ fn emit(
             } => {
                 let run_no = r.runs;
                 let n = refs.pages.len();
+                let mut fetched = 0usize;
                 if !bad.is_empty() {
                     let t = Instant::now();
-                    fetch_originals(tcp, stats, rx, &mut held, run_no, &bad, &mut data, failure)?;
-                    if !refs.verify(&page_views(&data)).is_empty() {
-                        return Err(RecvError::Protocol(format!(
-                            "the sender's original bytes for run {run_no} do not match its hash"
-                        )));
-                    }
+                    let mut link = Link {
+                        tcp,
+                        stats,
+                        rx,
+                        held: &mut held,
+                        failure,
+                    };
+                    fetched = restore_failed(
+                        &mut link,
+                        &refs,
+                        run_no,
+                        &bad,
+                        &unreadable,
+                        &mut data,
+                        opts.page_hashes,
+                        &mut r,
+                    )?;
                     r.fallback_wait_seconds += t.elapsed().as_secs_f64();
                 }
                 let name = match (refs.first_named, names.get(refs.block as usize)) {
@@ -375,17 +421,17 @@ fn emit(
                 out = o;
                 r.runs += 1;
                 r.ref_pages += n as u64;
-                r.fallback_pages += bad.len() as u64;
-                r.verified_pages += (n - bad.len()) as u64;
-                r.unreadable_pages += unreadable;
+                r.fallback_pages += fetched as u64;
+                r.verified_pages += (n - fetched) as u64;
+                r.unreadable_pages += unreadable.len() as u64;
                 if r.runs - acked >= opts.ack_every {
                     control(tcp, stats, &Frame::Ack { runs: r.runs })?;
                     acked = r.runs;
                 }
             }
-            Item::Fallback { run, .. } => {
+            Item::Fallback { run, .. } | Item::PageHashes { run, .. } => {
                 return Err(RecvError::Protocol(format!(
-                    "fallback data for run {run}, which was not requested"
+                    "fallback data or page hashes for run {run}, which were not requested"
                 )))
             }
             Item::End { stream_bytes, runs } => {
@@ -407,18 +453,143 @@ fn emit(
     }
 }
 
+/// What the emitter needs to ask the sender something and wait for the answer.
+struct Link<'a> {
+    tcp: &'a mut TcpStream,
+    stats: &'a Mutex<WireStats>,
+    rx: &'a Receiver<Item>,
+    /// Items that arrived while waiting, in order.
+    held: &'a mut VecDeque<Item>,
+    failure: &'a Failure,
+}
+
+impl Link<'_> {
+    fn send(&mut self, f: &Frame) -> Result<(), RecvError> {
+        control(self.tcp, self.stats, f)
+    }
+
+    /// The next reply (fallback data or page hashes); everything else that arrives first
+    /// is held back, in order.
+    fn reply(&mut self) -> Result<Item, RecvError> {
+        loop {
+            let item = self.rx.recv().map_err(|_| {
+                self.failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .unwrap_or(RecvError::Closed)
+            })?;
+            match item {
+                Item::Fallback { .. } | Item::PageHashes { .. } => return Ok(item),
+                other => self.held.push_back(other),
+            }
+        }
+    }
+}
+
+/// Makes `data` (run `run_no`, read from disk) match `refs`' hashes: `bad` are the pages
+/// that failed the check (all of them for a failed run hash), `unreadable` those the disk
+/// would not give. For a failed run hash (with `page_hashes`), asks for the run's per-page
+/// hashes and fetches only the pages that differ from them; otherwise fetches `bad`. The
+/// fetched originals must match their page hashes, and the run its run hash, else the rest
+/// of the run is fetched too; the result must match or this fails. Returns the number of
+/// pages fetched.
+#[allow(clippy::too_many_arguments)]
+fn restore_failed(
+    link: &mut Link<'_>,
+    refs: &PageRefs,
+    run_no: u64,
+    bad: &[usize],
+    unreadable: &[usize],
+    data: &mut [u8],
+    page_hashes: bool,
+    report: &mut ReceiverReport,
+) -> Result<usize, RecvError> {
+    let n = refs.pages.len();
+    let len = refs.hash_len as usize;
+    let mut fetched = vec![false; n];
+    let mut want: Vec<usize> = bad.to_vec();
+    let mut hashes: Option<Vec<u8>> = None;
+    if page_hashes && refs.run_hash() && bad.len() == n {
+        report.hash_requests += 1;
+        let h = fetch_page_hashes(link, run_no, n, refs.hash_len)?;
+        want = (0..n)
+            .filter(|&i| {
+                unreadable.contains(&i)
+                    || hash_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], len)
+                        != h[i * len..(i + 1) * len]
+            })
+            .collect();
+        hashes = Some(h);
+    }
+    fetch_originals(link, run_no, &want, data)?;
+    for &i in &want {
+        fetched[i] = true;
+    }
+    let originals_match = hashes.as_ref().map_or(true, |h| {
+        want.iter().all(|&i| {
+            hash_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], len) == h[i * len..(i + 1) * len]
+        })
+    });
+    if !originals_match {
+        return Err(RecvError::Protocol(format!(
+            "the sender's original bytes for run {run_no} do not match its page hashes"
+        )));
+    }
+    if !refs.verify(&page_views(data)).is_empty() {
+        // The page hashes agreed with pages the run hash refuses: take the whole run.
+        let rest: Vec<usize> = (0..n).filter(|&i| !fetched[i]).collect();
+        if !rest.is_empty() {
+            fetch_originals(link, run_no, &rest, data)?;
+            for i in rest {
+                fetched[i] = true;
+            }
+        }
+        if !refs.verify(&page_views(data)).is_empty() {
+            return Err(RecvError::Protocol(format!(
+                "the sender's original bytes for run {run_no} do not match its hash"
+            )));
+        }
+    }
+    Ok(fetched.iter().filter(|f| **f).count())
+}
+
+/// Asks for the per-page hashes of the `n` pages of run `run_no` and waits for them.
+fn fetch_page_hashes(
+    link: &mut Link<'_>,
+    run_no: u64,
+    n: usize,
+    hash_len: u8,
+) -> Result<Vec<u8>, RecvError> {
+    link.send(&Frame::HashRequest {
+        run: run_no,
+        first: 0,
+        count: n as u32,
+    })?;
+    match link.reply()? {
+        Item::PageHashes {
+            run,
+            first: 0,
+            count,
+            hash_len: l,
+            hashes,
+        } if run == run_no && count as usize == n && l == hash_len => Ok(hashes),
+        Item::PageHashes { run, .. } | Item::Fallback { run, .. } => {
+            Err(RecvError::Protocol(format!(
+                "got a reply for run {run} that does not answer the hash request for run {run_no}"
+            )))
+        }
+        _ => Err(RecvError::Protocol("unexpected item".into())),
+    }
+}
+
 /// Asks for the original bytes of pages `bad` of run `run_no` and waits for them,
 /// holding back everything else that arrives meanwhile.
-#[allow(clippy::too_many_arguments)]
 fn fetch_originals(
-    tcp: &mut TcpStream,
-    stats: &Mutex<WireStats>,
-    rx: &Receiver<Item>,
-    held: &mut VecDeque<Item>,
+    link: &mut Link<'_>,
     run_no: u64,
     bad: &[usize],
     data: &mut [u8],
-    failure: &Failure,
 ) -> Result<(), RecvError> {
     // Contiguous ranges of bad pages, one request each.
     let mut ranges: Vec<(u32, u32)> = Vec::new();
@@ -429,49 +600,38 @@ fn fetch_originals(
         }
     }
     for &(first, count) in &ranges {
-        control(
-            tcp,
-            stats,
-            &Frame::FallbackRequest {
-                run: run_no,
-                first,
-                count,
-            },
-        )?;
-    }
-    let mut missing = ranges.len();
-    while missing > 0 {
-        let item = rx.recv().map_err(|_| {
-            failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .unwrap_or(RecvError::Closed)
+        link.send(&Frame::FallbackRequest {
+            run: run_no,
+            first,
+            count,
         })?;
-        match item {
+    }
+    while !ranges.is_empty() {
+        match link.reply()? {
             Item::Fallback {
                 run,
                 first,
                 data: d,
             } if run == run_no => {
-                if !ranges
+                let Some(k) = ranges
                     .iter()
-                    .any(|&(f, c)| f == first && c as usize * PAGE_SIZE == d.len())
-                {
+                    .position(|&(f, c)| f == first && c as usize * PAGE_SIZE == d.len())
+                else {
                     return Err(RecvError::Protocol(format!(
                         "fallback data for run {run} page {first} does not match a request"
                     )));
-                }
+                };
+                ranges.swap_remove(k);
                 let at = first as usize * PAGE_SIZE;
                 data[at..at + d.len()].copy_from_slice(&d);
-                missing -= 1;
             }
-            Item::Fallback { run, .. } => {
+            Item::Fallback { run, .. } | Item::PageHashes { run, .. } => {
                 return Err(RecvError::Protocol(format!(
-                    "fallback data for run {run} while waiting for run {run_no}"
+                    "fallback data or page hashes for run {run} while waiting for the \
+                     originals of run {run_no}"
                 )))
             }
-            other => held.push_back(other),
+            _ => return Err(RecvError::Protocol("unexpected item".into())),
         }
     }
     Ok(())

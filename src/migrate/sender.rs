@@ -13,8 +13,9 @@
 //!   by QEMU, and the hash catches whatever the map got wrong;
 //! - the *writer* sends queued frames ([`Outbox`]), urgent ones first, optionally capped by
 //!   a [`TokenBucket`];
-//! - the *listener* reads the receiver's frames: fallback requests (answered urgently from
-//!   the kept originals), acks, the receiver's report and the final `Complete`.
+//! - the *listener* reads the receiver's frames: fallback requests and per-page hash
+//!   requests (both answered urgently from the kept originals), acks, the receiver's report
+//!   and the final `Complete`.
 //!
 //! Every stage blocks when the next is full, so QEMU drains at the link's pace.
 
@@ -22,7 +23,7 @@ use super::flow::{Outbox, TokenBucket};
 use super::refmap::RefMap;
 use super::stream::{RamBlock, RamRecord, Record, StreamError, StreamStats};
 use super::wire::{
-    read_frame, Frame, PageRefs, Payload, RunBuilder, Session, WireError, WireStats,
+    hash_pages, read_frame, Frame, PageRefs, Payload, RunBuilder, Session, WireError, WireStats,
 };
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -248,10 +249,13 @@ where
         let qemu = qemu.try_clone().map_err(io("cloning QEMU's socket"))?;
         let (outbox, stats, originals) = (outbox.clone(), stats.clone(), originals.clone());
         let (counters, level) = (counters.clone(), opts.zstd_level);
+        let hash_len = session.hash_len;
         std::thread::Builder::new()
             .name("pct-send-listener".into())
             .spawn(move || {
-                let r = listen(&mut tcp, &outbox, &stats, &originals, &counters, level);
+                let r = listen(
+                    &mut tcp, &outbox, &stats, &originals, &counters, level, hash_len,
+                );
                 if r.is_err() {
                     // Unblock the encoder wherever it waits.
                     outbox.abort();
@@ -448,6 +452,7 @@ fn listen(
     originals: &Mutex<Originals>,
     counters: &Counters,
     level: Option<i32>,
+    hash_len: u8,
 ) -> Result<ReceiverEnd, SendError> {
     let mut report = None;
     loop {
@@ -475,6 +480,26 @@ fn listen(
                     first,
                     count,
                     data,
+                };
+                queue(outbox, stats, &reply, true)?;
+            }
+            Frame::HashRequest { run, first, count } => {
+                let hashes = {
+                    let o = lock(originals);
+                    let pages = o.pages(run, first, count).ok_or_else(|| {
+                        SendError::Protocol(format!(
+                            "hash request for run {run} pages {first}+{count}, which is not \
+                             kept (acked or never sent)"
+                        ))
+                    })?;
+                    hash_pages(pages, hash_len as usize)
+                };
+                let reply = Frame::PageHashes {
+                    run,
+                    first,
+                    count,
+                    hash_len,
+                    hashes,
                 };
                 queue(outbox, stats, &reply, true)?;
             }

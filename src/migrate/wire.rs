@@ -12,7 +12,10 @@
 //! - [`Frame::End`] once QEMU's stream is complete.
 //!
 //! The receiver answers with [`Frame::FallbackRequest`] for pages whose hash did not match
-//! (the sender replies [`Frame::FallbackData`] with the original bytes), [`Frame::Ack`] so
+//! (the sender replies [`Frame::FallbackData`] with the original bytes). When a run hash
+//! fails, the receiver first asks for the run's per-page hashes ([`Frame::HashRequest`],
+//! answered by [`Frame::PageHashes`], computed from the kept originals) and requests only
+//! the pages that differ (version 2). It acks with [`Frame::Ack`] so
 //! the sender can drop the originals it keeps, [`Frame::Complete`] when the destination QEMU
 //! has everything (preceded by [`Frame::Report`], the receiver's statistics as JSON), and
 //! [`Frame::Error`] on failure (either side).
@@ -20,15 +23,17 @@
 //! A page reference costs, beyond its hash, about one byte for its RAM offset and one for its
 //! disk offset when consecutive, plus a few bytes per run; hashes are per page (a failure
 //! costs one page) or per run (one hash for the run; a failure costs the run). The hash is
-//! BLAKE3 truncated to `hash_len` bytes, a field of the frame.
+//! BLAKE3 truncated to `hash_len` bytes, a field of the frame. A failed run hash costs a
+//! hash request, `hash_len` bytes per page of the run, and the pages that actually differ.
 
 use super::stream::put_page;
 use std::io::{Read, Write};
 
 /// `PCTW`, first bytes of a hello payload.
 pub const MAGIC: [u8; 4] = *b"PCTW";
-/// This protocol's version.
-pub const VERSION: u16 = 1;
+/// This protocol's version. 2: per-page hashes on demand ([`Frame::HashRequest`],
+/// [`Frame::PageHashes`]); peers must speak the same version.
+pub const VERSION: u16 = 2;
 /// Bytes of the frame header.
 pub const HEADER_LEN: usize = 5;
 /// Default and hard upper bound for a frame's payload.
@@ -60,6 +65,8 @@ pub mod frame_type {
     pub const COMPLETE: u8 = 0x08;
     pub const ERROR: u8 = 0x09;
     pub const REPORT: u8 = 0x0a;
+    pub const HASH_REQUEST: u8 = 0x0b;
+    pub const PAGE_HASHES: u8 = 0x0c;
 }
 
 /// Capability bits of [`Hello`].
@@ -412,6 +419,14 @@ pub fn hash_page(data: &[u8], len: usize) -> Vec<u8> {
     blake3::hash(data).as_bytes()[..len.min(32)].to_vec()
 }
 
+/// BLAKE3 of each page, truncated to `len` bytes each, concatenated.
+pub fn hash_pages(pages: &[u8], len: usize) -> Vec<u8> {
+    pages
+        .chunks(PAGE_SIZE)
+        .flat_map(|p| hash_page(p, len))
+        .collect()
+}
+
 /// BLAKE3 of the concatenated pages of a run, truncated to `len` bytes.
 pub fn hash_run(pages: &[&[u8]], len: usize) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
@@ -441,6 +456,22 @@ pub enum Frame {
         first: u32,
         count: u32,
         data: Payload,
+    },
+    /// Receiver → sender: send the per-page hashes of pages `first..first + count` of run
+    /// `run` (its run hash failed; the receiver then fetches only the pages that differ).
+    HashRequest {
+        run: u64,
+        first: u32,
+        count: u32,
+    },
+    /// Sender → receiver: BLAKE3 of each of those pages of the original bytes, truncated to
+    /// `hash_len` bytes; `count * hash_len` bytes.
+    PageHashes {
+        run: u64,
+        first: u32,
+        count: u32,
+        hash_len: u8,
+        hashes: Vec<u8>,
     },
     /// Receiver → sender: runs `0..runs` are restored and emitted; drop their originals.
     Ack {
@@ -473,6 +504,8 @@ impl Frame {
             Frame::PageRefs(_) => frame_type::PAGE_REFS,
             Frame::FallbackRequest { .. } => frame_type::FALLBACK_REQUEST,
             Frame::FallbackData { .. } => frame_type::FALLBACK_DATA,
+            Frame::HashRequest { .. } => frame_type::HASH_REQUEST,
+            Frame::PageHashes { .. } => frame_type::PAGE_HASHES,
             Frame::Ack { .. } => frame_type::ACK,
             Frame::End { .. } => frame_type::END,
             Frame::Complete { .. } => frame_type::COMPLETE,
@@ -518,10 +551,32 @@ impl Frame {
             }
             Frame::Data(p) => put_payload(out, p),
             Frame::PageRefs(r) => encode_refs(r, out)?,
-            Frame::FallbackRequest { run, first, count } => {
+            Frame::FallbackRequest { run, first, count }
+            | Frame::HashRequest { run, first, count } => {
                 put_varint(out, *run);
                 put_varint(out, (*first).into());
                 put_varint(out, (*count).into());
+            }
+            Frame::PageHashes {
+                run,
+                first,
+                count,
+                hash_len,
+                hashes,
+            } => {
+                let name = "page hashes";
+                check_hash_len(name, *hash_len)?;
+                if *count == 0 || *first as usize + *count as usize > MAX_RUN_PAGES {
+                    return Err(malformed(name, format!("pages {first}+{count}")));
+                }
+                if hashes.len() != *count as usize * *hash_len as usize {
+                    return Err(malformed(name, "hash bytes do not match the page count"));
+                }
+                put_varint(out, *run);
+                put_varint(out, (*first).into());
+                put_varint(out, (*count).into());
+                out.push(*hash_len);
+                out.extend_from_slice(hashes);
             }
             Frame::FallbackData {
                 run,
@@ -626,6 +681,24 @@ impl Frame {
                     data,
                 }
             }
+            frame_type::HASH_REQUEST => {
+                let run = r.varint()?;
+                let (first, count) = r.page_range()?;
+                Frame::HashRequest { run, first, count }
+            }
+            frame_type::PAGE_HASHES => {
+                let run = r.varint()?;
+                let (first, count) = r.page_range()?;
+                let hash_len = check_hash_len(name, r.u8()?)?;
+                let hashes = r.take(count as usize * hash_len as usize)?.to_vec();
+                Frame::PageHashes {
+                    run,
+                    first,
+                    count,
+                    hash_len,
+                    hashes,
+                }
+            }
             frame_type::ACK => Frame::Ack { runs: r.varint()? },
             frame_type::END => Frame::End {
                 stream_bytes: r.varint()?,
@@ -669,6 +742,8 @@ fn type_name(t: u8) -> &'static str {
         frame_type::PAGE_REFS => "page refs",
         frame_type::FALLBACK_REQUEST => "fallback request",
         frame_type::FALLBACK_DATA => "fallback data",
+        frame_type::HASH_REQUEST => "hash request",
+        frame_type::PAGE_HASHES => "page hashes",
         frame_type::ACK => "ack",
         frame_type::END => "end",
         frame_type::COMPLETE => "complete",
@@ -984,7 +1059,8 @@ pub struct WireStats {
     /// Pages re-sent after a failed check, and fallback frames on the wire (both kinds).
     pub fallback_pages: u64,
     pub fallback_wire: u64,
-    /// Hello, ack, end, complete, error.
+    /// Hello, ack, end, complete, error, report, and the per-page hash exchange after a
+    /// failed run hash (hash requests and page hashes).
     pub control_wire: u64,
 }
 
@@ -1009,6 +1085,8 @@ impl WireStats {
                 self.fallback_wire += n;
             }
             Frame::Hello(_)
+            | Frame::HashRequest { .. }
+            | Frame::PageHashes { .. }
             | Frame::Ack { .. }
             | Frame::End { .. }
             | Frame::Complete { .. }

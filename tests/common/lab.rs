@@ -295,10 +295,8 @@ impl Drop for Guest {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.ram_path);
         if std::env::var_os("PCT_KEEP_LAB").is_some() {
-            let kept = self.dir.path().to_owned();
-            eprintln!("lab: keeping {}", kept.display());
-            let _ = std::mem::replace(&mut self.dir, tempfile::Builder::new().tempdir().unwrap())
-                .keep();
+            eprintln!("lab: keeping {}", self.dir.path().display());
+            self.dir.disable_cleanup(true);
         }
     }
 }

@@ -12,7 +12,7 @@ use super::dwarf::{DwarfSections, DwarfTypes};
 use super::elf::{map_file, ElfImage};
 use super::error::{Error, Result};
 use super::manifest::Manifest;
-use super::model::{Absent, Profile, Symbol};
+use super::model::{Absent, Profile};
 use super::types::{extract, Extracted, TypeSource};
 
 /// Which debug format to read types from.
@@ -273,26 +273,7 @@ pub(crate) fn fill_from_banner(profile: &mut Profile, banner: &str) {
 fn read_symbols(elf: &ElfImage<'_>, manifest: &Manifest, profile: &mut Profile) {
     let found = elf.symbols(&manifest.wanted_symbol_names());
     for s in &manifest.symbols {
-        let cands = s.candidates();
-        match cands.iter().find_map(|c| found.get(*c).map(|i| (*c, i))) {
-            Some((name, info)) => {
-                profile.symbols.insert(
-                    s.key.clone(),
-                    Symbol {
-                        name: (name != s.key).then(|| name.to_owned()),
-                        address: info.address,
-                        size: info.size,
-                    },
-                );
-            }
-            None => profile.absent.push(Absent {
-                kind: "symbol".into(),
-                key: s.key.clone(),
-                tried: cands.iter().map(|c| c.to_string()).collect(),
-                required: s.required,
-                note: None,
-            }),
-        }
+        profile.record_symbol(s, |n| found.get(n).map(|i| (i.address, i.size)), None);
     }
 }
 

@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 use super::build::fill_from_banner;
 use super::error::{malformed, Error, RResult, Result};
 use super::manifest::Manifest;
-use super::model::{Absent, Field, Profile, Symbol};
+use super::model::{Field, Profile};
 use super::types::{extract, Kind, Member, Node, TypeId, TypeSource, VOID};
 
 /// Decompressed ISF larger than this is refused.
@@ -350,32 +350,12 @@ pub fn import_value(v: &Value, origin: &str) -> RResult<Profile> {
         p.kernel.banner = Some(banner);
     }
     for s in &manifest.symbols {
-        let cands = s.candidates();
-        let hit = cands.iter().find_map(|c| {
-            syms.get(*c)
+        let address = |n: &str| {
+            syms.get(n)
                 .and_then(|e| e.get("address"))
                 .and_then(Value::as_u64)
-                .map(|a| (*c, a))
-        });
-        match hit {
-            Some((name, address)) => {
-                p.symbols.insert(
-                    s.key.clone(),
-                    Symbol {
-                        name: (name != s.key).then(|| name.to_owned()),
-                        address,
-                        size: 0,
-                    },
-                );
-            }
-            None => p.absent.push(Absent {
-                kind: "symbol".into(),
-                key: s.key.clone(),
-                tried: cands.iter().map(|c| c.to_string()).collect(),
-                required: s.required,
-                note: Some("not in the ISF".into()),
-            }),
-        }
+        };
+        p.record_symbol(s, |n| address(n).map(|a| (a, 0)), Some("not in the ISF"));
     }
     let types = IsfTypes::new(v, &manifest.wanted_type_names())?;
     let ex = extract(&manifest, &[&types])?;

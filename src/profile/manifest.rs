@@ -23,14 +23,19 @@ pub struct Entry {
     pub required: bool,
 }
 
+/// The spellings to try for an entry: its `names` in order, or just its key.
+fn candidates<'a>(key: &'a str, names: &'a [String]) -> Vec<&'a str> {
+    if names.is_empty() {
+        vec![key]
+    } else {
+        names.iter().map(String::as_str).collect()
+    }
+}
+
 impl Entry {
     /// The spellings to try, in order.
     pub fn candidates(&self) -> Vec<&str> {
-        if self.names.is_empty() {
-            vec![self.key.as_str()]
-        } else {
-            self.names.iter().map(String::as_str).collect()
-        }
+        candidates(&self.key, &self.names)
     }
 }
 
@@ -49,11 +54,7 @@ pub struct TypeEntry {
 
 impl TypeEntry {
     pub fn candidates(&self) -> Vec<&str> {
-        if self.names.is_empty() {
-            vec![self.key.as_str()]
-        } else {
-            self.names.iter().map(String::as_str).collect()
-        }
+        candidates(&self.key, &self.names)
     }
 }
 
@@ -72,11 +73,7 @@ pub struct EnumEntry {
 
 impl EnumEntry {
     pub fn candidates(&self) -> Vec<&str> {
-        if self.names.is_empty() {
-            vec![self.key.as_str()]
-        } else {
-            self.names.iter().map(String::as_str).collect()
-        }
+        candidates(&self.key, &self.names)
     }
 }
 

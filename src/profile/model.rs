@@ -192,6 +192,36 @@ impl Profile {
         s
     }
 
+    /// Records manifest symbol `entry`: the first of its spellings that `lookup` finds
+    /// (address, size), or an absent entry saying what was tried (`note`: where).
+    pub fn record_symbol(
+        &mut self,
+        entry: &super::manifest::Entry,
+        lookup: impl Fn(&str) -> Option<(u64, u64)>,
+        note: Option<&str>,
+    ) {
+        let cands = entry.candidates();
+        match cands.iter().find_map(|c| lookup(c).map(|hit| (*c, hit))) {
+            Some((name, (address, size))) => {
+                self.symbols.insert(
+                    entry.key.clone(),
+                    Symbol {
+                        name: (name != entry.key).then(|| name.to_owned()),
+                        address,
+                        size,
+                    },
+                );
+            }
+            None => self.absent.push(Absent {
+                kind: "symbol".into(),
+                key: entry.key.clone(),
+                tried: cands.iter().map(|c| c.to_string()).collect(),
+                required: entry.required,
+                note: note.map(str::to_owned),
+            }),
+        }
+    }
+
     /// Link-time address of a manifest symbol.
     pub fn symbol(&self, key: &str) -> Option<u64> {
         self.symbols.get(key).map(|s| s.address)

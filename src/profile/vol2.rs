@@ -15,7 +15,7 @@ use std::path::Path;
 use super::build::fill_from_banner;
 use super::error::{malformed, Error, RResult, Result};
 use super::manifest::Manifest;
-use super::model::{Absent, Profile, Symbol};
+use super::model::Profile;
 use super::types::{extract, size_of, Kind, Member, Node, TypeId, TypeSource, VOID};
 
 /// Largest member we read from a zip (module.dwarf is a few MB; refuse zip bombs).
@@ -389,26 +389,11 @@ pub fn import_texts(
     }
     let syms = parse_system_map(system_map, &manifest.wanted_symbol_names());
     for s in &manifest.symbols {
-        let cands = s.candidates();
-        match cands.iter().find_map(|c| syms.get(*c).map(|a| (*c, *a))) {
-            Some((name, address)) => {
-                p.symbols.insert(
-                    s.key.clone(),
-                    Symbol {
-                        name: (name != s.key).then(|| name.to_owned()),
-                        address,
-                        size: 0,
-                    },
-                );
-            }
-            None => p.absent.push(Absent {
-                kind: "symbol".into(),
-                key: s.key.clone(),
-                tried: cands.iter().map(|c| c.to_string()).collect(),
-                required: s.required,
-                note: Some("not in System.map".into()),
-            }),
-        }
+        p.record_symbol(
+            s,
+            |n| syms.get(n).map(|a| (*a, 0)),
+            Some("not in System.map"),
+        );
     }
     let ex = extract(&manifest, &[&dump])?;
     p.types = ex.types;

@@ -152,6 +152,23 @@ fn check_layout(layout: &'static str) {
         "{layout}: sparse file data pages in the map"
     );
 
+    // The partial last page (10000 bytes: page 2 holds 1808 of them, then zeros) is in
+    // the map with 4 KiB blocks, where the disk block holds exactly the page.
+    let tail = oracle
+        .file("/mnt/special/tail")
+        .expect("tail file in oracle");
+    let last = tail
+        .pages
+        .iter()
+        .find(|p| p.index == 2)
+        .expect("last page of the tail file cached");
+    let want_tail = !matches!(layout, "bs1k" | "bs2k");
+    assert_eq!(
+        in_map.contains_key(&last.pfn),
+        want_tail,
+        "{layout}: partial last page in the map"
+    );
+
     // 6. The filesystem agrees: each run's first block belongs to the inode it names,
     //    at that file offset (debugfs bmap), for every file run.
     let img = format!(

@@ -194,7 +194,14 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
             &vol,
             &inode,
             src,
-            MapOptions::default(),
+            // The partial last page too: the kernel zeroes a page past EOF before it writes
+            // it, so with 4 KiB blocks the disk block holds exactly the page (ext4 zeroes
+            // the tail again on truncate). Smaller blocks give a `Tail` (disk bytes, then
+            // zeros), which a run cannot express: those stay out.
+            MapOptions {
+                tail_page: true,
+                ..MapOptions::default()
+            },
             clean.iter().map(|p| p.index),
         ) {
             Ok(fm) => fm,
@@ -206,6 +213,12 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
                 continue;
             }
         };
+        if fm.tail.is_some() {
+            *map.excluded
+                .by_block_map
+                .entry("partial_last_page".into())
+                .or_default() += 1;
+        }
         for (_, why) in &fm.unrestorable {
             *map.excluded
                 .by_block_map

@@ -11,7 +11,8 @@
 #          bs1k      1 KiB blocks            bs2k  2 KiB blocks
 #          noextent  -O ^extent: block-mapped (direct/indirect) files
 #
-# Every disk also has /special: a sparse file with holes, a fragmented file whose
+# Every disk also has /special: a sparse file with holes, a file whose last page is
+# partial, a fragmented file whose
 # extent tree has depth >= 1 (or deep indirect blocks), a file the guest deletes while
 # holding it open, a file the guest copies to tmpfs; and /SHA256SUMS for the guest's
 # `verify` command. The image is a pristine master: run guests on a copy.
@@ -66,6 +67,7 @@ f=$src/special/sparse
 rand 65536 >"$f"
 rand 131072 | dd of="$f" bs=4096 seek=128 conv=notrunc status=none
 rand 4096 | dd of="$f" bs=4096 seek=511 conv=notrunc status=none
+rand 10000 >"$src/special/tail" # a partial last page (10000 = 2 pages + 1808 bytes)
 rand 1048576 >"$src/special/delme"
 rand 1048576 >"$src/special/totmpfs"
 # The database file changes while the guest runs: only static files are checksummed.

@@ -152,6 +152,23 @@ fn check_layout(layout: &'static str) {
         "{layout}: sparse file data pages in the map"
     );
 
+    // The file deleted while held open keeps its page cache and its name, marked deleted.
+    let held = oracle
+        .files
+        .iter()
+        .find(|f| f.path.starts_with("/proc/"))
+        .expect("deleted-but-open file");
+    let run = map
+        .runs
+        .iter()
+        .find(|r| r.ino == Some(held.ino))
+        .expect("deleted file in the map");
+    assert_eq!(
+        run.path.as_deref(),
+        Some("/special/delme (deleted)"),
+        "{layout}"
+    );
+
     // The partial last page (10000 bytes: page 2 holds 1808 of them, then zeros) is in
     // the map with 4 KiB blocks, where the disk block holds exactly the page.
     let tail = oracle

@@ -225,9 +225,17 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
                 .entry(reason(*why).into())
                 .or_default() += 1;
         }
+        // Like d_path(): a file deleted while still open keeps its name, marked.
         let path = (!fm.runs.is_empty())
             .then(|| dentry_path(k, ic.va))
-            .flatten();
+            .flatten()
+            .map(|p| {
+                if ic.nlink == Some(0) {
+                    format!("{p} (deleted)")
+                } else {
+                    p
+                }
+            });
         // Runs are in file order; clean pages were asked for in index order.
         let pfn_of: BTreeMap<u64, u64> = clean.iter().map(|p| (p.index, p.pfn)).collect();
         for r in &fm.runs {

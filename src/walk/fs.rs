@@ -47,6 +47,8 @@ pub struct InodeCache {
     pub ino: u64,
     pub mode: u16,
     pub size: u64,
+    /// Link count, where the profile has it: 0 for a deleted file still held open.
+    pub nlink: Option<u32>,
     pub mapping: u64,
     /// The block device's own inode (raw disk blocks: ext4 metadata, directories…).
     pub is_bdev: bool,
@@ -101,6 +103,7 @@ struct Offsets {
     i_ino: u64,
     i_mode: u64,
     i_size: u64,
+    i_nlink: Option<u64>,
     i_mapping: u64,
     a_i_pages: u64,
     a_nrpages: u64,
@@ -138,6 +141,7 @@ impl Offsets {
             i_ino: need(p, "inode", "i_ino")?,
             i_mode: need(p, "inode", "i_mode")?,
             i_size: need(p, "inode", "i_size")?,
+            i_nlink: o("inode", "i_nlink"),
             i_mapping: need(p, "inode", "i_mapping")?,
             a_i_pages: need(p, "address_space", "i_pages")?,
             a_nrpages: need(p, "address_space", "nrpages")?,
@@ -350,6 +354,7 @@ fn walk_inode(
         ino: u64_at(&b, o.i_ino),
         mode: u16_at(&b, o.i_mode),
         size: u64_at(&b, o.i_size),
+        nlink: o.i_nlink.map(|off| u32_at(&b, off)),
         mapping,
         is_bdev,
         ext4: None,

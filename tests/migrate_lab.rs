@@ -36,9 +36,37 @@ fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
 fn assert_identical(src: &Vm, dst: &Vm) {
     let (first, count) = diff_pages(&src.ram, &dst.ram);
     assert_eq!(
-        count, 0,
-        "{count} pages of destination RAM differ from the source, first {first:?}"
+        count,
+        0,
+        "{count} pages of destination RAM differ from the source, first {first:?}; \
+         differing bytes (page: offset src dst): {}",
+        describe_diffs(&src.ram, &dst.ram, &first)
     );
+}
+
+/// For a few differing pages, where and how they differ (a page-table A/D bit, a word…).
+fn describe_diffs(a: &std::path::Path, b: &std::path::Path, pages: &[u64]) -> String {
+    use std::os::unix::fs::FileExt;
+    let (Ok(fa), Ok(fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else {
+        return "unreadable".into();
+    };
+    let mut out = Vec::new();
+    for &p in pages.iter().take(4) {
+        let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
+        if fa.read_exact_at(&mut x, p * 4096).is_err()
+            || fb.read_exact_at(&mut y, p * 4096).is_err()
+        {
+            continue;
+        }
+        let d: Vec<String> = (0..4096)
+            .filter(|&i| x[i] != y[i])
+            .take(6)
+            .map(|i| format!("{i:#x}:{:02x}/{:02x}", x[i], y[i]))
+            .collect();
+        let n = (0..4096).filter(|&i| x[i] != y[i]).count();
+        out.push(format!("pfn {p}: {n} bytes [{}]", d.join(" ")));
+    }
+    out.join("; ")
 }
 
 /// The main invariant, on the apache guest: bit-identical RAM, references used, the guest

@@ -23,23 +23,10 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-pub fn have_qemu() -> bool {
-    let ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        // tools/test.sh installs QEMU: its absence is a broken setup, not a reason to pass.
-        assert!(
-            std::env::var_os("PCT_ALLOW_SKIP").is_some(),
-            "qemu-system-x86_64 is not available: run tools/lab/ensure-host.sh (set PCT_ALLOW_SKIP=1 to skip)"
-        );
-        eprintln!("qemu-system-x86_64 not available: skipping");
-    }
-    ok
-}
+// One QEMU check for every test that boots QEMU.
+#[path = "../stream_support/mod.rs"]
+mod stream_support;
+pub use stream_support::have_qemu;
 
 fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.

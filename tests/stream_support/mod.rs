@@ -24,7 +24,8 @@ pub fn unique(tag: &str) -> String {
     format!("pct-test-{}-{n}-{tag}", std::process::id())
 }
 
-/// True if QEMU can be run here; tests that need it skip (with a message) otherwise.
+/// True if QEMU can be run here. Without it the calling test fails, unless
+/// `PCT_ALLOW_SKIP` is set: then it returns false and the test skips, saying so.
 pub fn have_qemu() -> bool {
     let ok = Command::new("qemu-system-x86_64")
         .arg("--version")

@@ -64,7 +64,20 @@ fn describe_diffs(a: &std::path::Path, b: &std::path::Path, pages: &[u64]) -> St
             .map(|i| format!("{i:#x}:{:02x}/{:02x}", x[i], y[i]))
             .collect();
         let n = (0..4096).filter(|&i| x[i] != y[i]).count();
-        out.push(format!("pfn {p}: {n} bytes [{}]", d.join(" ")));
+        // The same short hash `pct-migrate inspect-stream` prints for PAGE records.
+        let h = |b: &[u8]| {
+            let h = blake3::hash(b);
+            h.as_bytes()[..8]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+        };
+        out.push(format!(
+            "pfn {p}: {n} bytes [{}] src {} dst {}",
+            d.join(" "),
+            h(&x),
+            h(&y)
+        ));
     }
     out.join("; ")
 }
@@ -94,6 +107,8 @@ fn apache_bit_identical_and_keeps_running() {
     assert!(u(&s, &["pages", "verified"]) + u(&s, &["pages", "fallen_back"]) == teleported);
     assert!(s["reference_bytes_per_page"].as_f64().unwrap_or(99.0) < 4.0);
     assert!(u(&s, &["wire", "total"]) < u(&s, &["stream_bytes"]) / 2);
+    // A TCG guest: the switchover check ran over all of its RAM.
+    assert_eq!(u(&s, &["switchover_check", "pages_checked"]), 262_144);
 
     // The guest resumes at the destination and re-reads its files from its (page) cache.
     drop(src);
@@ -104,9 +119,8 @@ fn apache_bit_identical_and_keeps_running() {
     dst.wait_serial(skip, "PCT-HEARTBEAT", Duration::from_secs(30));
 }
 
-/// A destination disk that is out of sync (some teleported blocks overwritten) on a
-/// partitioned disk: the hash catches every stale page, the sender's originals replace
-/// them, the guest is still bit-identical.
+/// An idle guest: bit-identical, and the destination QEMU got the source's stream byte
+/// for byte (both pct processes record it).
 #[test]
 fn idle_bit_identical() {
     if !have_qemu() {
@@ -115,7 +129,7 @@ fn idle_bit_identical() {
     let _one = serial();
     let spec = VmSpec::new("idle", "mini", "plain");
     let (src, mut dst, disk) = pair(&spec);
-    let run = migrate(&src, &dst, &disk, &[], None);
+    let run = migrate_recorded(&src, &dst, &disk, &[], None, Some(src.dir.path()));
     assert!(
         run.sender.status.success() && run.receiver.status.success(),
         "migration failed"
@@ -123,6 +137,24 @@ fn idle_bit_identical() {
     let s = run.summary.expect("JSON summary");
     assert_eq!(s["result"], "completed");
     assert_identical(&src, &dst);
+
+    // Invariant 2 at the byte level: the destination QEMU got exactly the source's stream.
+    let (sent, got) = stream_records(&src, src.dir.path());
+    let (first, count) = diff_pages(&sent, &got);
+    assert_eq!(count, 0, "the streams differ in 4 KiB blocks {first:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pct-migrate"))
+        .arg("inspect-stream")
+        .arg(&got)
+        .output()
+        .expect("pct-migrate inspect-stream");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let pages = u(&s, &["pages", "sent"]) + u(&s, &["pages", "teleported"]);
+    let zero = u(&s, &["pages", "zero"]);
+    assert!(
+        text.contains(&format!(" {pages} PAGE records, {zero} ZERO records")),
+        "inspect-stream disagrees with the summary ({pages} pages, {zero} zero): {text}"
+    );
     // An idle guest caches little (its special files, metadata): some of it teleports.
     let teleported = u(&s, &["pages", "teleported"]);
     assert!(teleported > 100, "only {teleported} pages teleported");
@@ -133,6 +165,9 @@ fn idle_bit_identical() {
     assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
 }
 
+/// A destination disk that is out of sync (some teleported blocks overwritten) on a
+/// partitioned disk: the hash catches every stale page, the sender's originals replace
+/// them, the guest is still bit-identical.
 #[test]
 fn stale_destination_disk_falls_back_bit_identical() {
     if !have_qemu() {
@@ -305,11 +340,12 @@ fn db_bit_identical_while_writing() {
     assert_identical(&src, &dst);
     assert!(u(&s, &["pages", "teleported"]) > 20_000, "{s}");
     eprintln!(
-        "db: {} fell back of {} teleported, fallback {} B, protocol {} B",
+        "db: {} fell back of {} teleported, fallback {} B, protocol {} B, {} pages re-sent at switchover",
         u(&s, &["pages", "fallen_back"]),
         u(&s, &["pages", "teleported"]),
         u(&s, &["wire", "fallback"]),
-        u(&s, &["wire", "protocol"])
+        u(&s, &["wire", "protocol"]),
+        u(&s, &["switchover_check", "pages_resent"])
     );
 
     // The mirror catches up (the source is stopped), then the guest resumes.

@@ -16,6 +16,7 @@ use pct::migrate::receiver::{self, ReceiverOptions};
 use pct::migrate::refmap::RefMap;
 use pct::migrate::sender::{self, Counters, SenderOptions};
 use pct::migrate::summary::Summary;
+use pct::migrate::switchover::SwitchoverCheck;
 use pct::migrate::wire::{write_frame, Frame, Role, WireStats};
 use pct::profile::{self, Profile};
 use pct::qmp::Qmp;
@@ -47,6 +48,8 @@ struct Cli {
 enum Cmd {
     /// Destination side: accept one pct sender and feed the destination QEMU.
     Receive(ReceiveArgs),
+    /// Read a recorded stream (`--record-stream`): its figures, and where given pages occur.
+    InspectStream(InspectArgs),
     /// Benchmark the receiver's restore path (read + verify) on a disk image.
     #[command(hide = true)]
     BenchRestore(BenchArgs),
@@ -63,6 +66,26 @@ struct BenchArgs {
     /// Pages per reference run.
     #[arg(long, default_value_t = 32)]
     run_pages: usize,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A QEMU precopy stream, as `--record-stream` writes it.
+    file: PathBuf,
+    /// List every record of this guest page frame (byte offset / 4096 in the RAM block):
+    /// stream offset, kind and a hash of its bytes. Repeatable.
+    #[arg(long, value_name = "PFN")]
+    page: Vec<u64>,
+    /// RAM block for --page [default: the largest].
+    #[arg(long)]
+    block: Option<String>,
+    /// List the section headers (kind, id, stream offset) too.
+    #[arg(long)]
+    sections: bool,
+    /// Compare the block's final content in the stream (each page's last record) with this
+    /// raw RAM image (e.g. the source's memory-backend-file after the migration).
+    #[arg(long, value_name = "RAM")]
+    against: Option<PathBuf>,
 }
 
 /// Source side.
@@ -95,6 +118,22 @@ struct SendArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Keep a copy of the stream as pct forwards it in FILE (for diagnosis; as large as
+    /// the stream).
+    #[arg(long, value_name = "FILE")]
+    record_stream: Option<PathBuf>,
+    /// At switchover, compare every page the destination will hold with the stopped
+    /// source's RAM and re-send those that differ (what QEMU's dirty tracking missed; QEMU
+    /// before 9.0 misses writes under TCG). auto: on for TCG guests.
+    #[arg(long, value_enum, default_value_t = CheckMode::Auto)]
+    switchover_check: CheckMode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CheckMode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Args)]
@@ -114,12 +153,17 @@ struct ReceiveArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Keep a copy of the stream given to the destination QEMU in FILE (for diagnosis;
+    /// equal to the sender's record when all went well).
+    #[arg(long, value_name = "FILE")]
+    record_stream: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Some(Cmd::Receive(a)) => receive_main(a),
+        Some(Cmd::InspectStream(a)) => inspect_stream(a),
         Some(Cmd::BenchRestore(a)) => bench_restore(a),
         None => send_main(cli.send),
     };
@@ -250,14 +294,37 @@ fn send_main(a: SendArgs) -> Result<()> {
         .transpose()
         .map_err(|e| anyhow!(e))?;
     let teleport = !a.no_teleport;
-    let mem = if teleport || a.dry_run {
+    let check_wanted = match a.switchover_check {
+        CheckMode::On => true,
+        CheckMode::Off => false,
+        CheckMode::Auto => {
+            let mut q = Qmp::connect(&qmp_path, Duration::from_secs(10)).with_context(|| {
+                format!("connecting to the source QEMU at {}", qmp_path.display())
+            })?;
+            !ctl::uses_kvm(&mut q)?
+        }
+    };
+    let mem = if teleport || a.dry_run || check_wanted {
         Some(live::open_live(&qmp_path).map_err(|e| anyhow!("mapping the guest's RAM: {e}"))?)
     } else {
         None
     };
+    let check = if check_wanted {
+        mem.as_ref().and_then(SwitchoverCheck::new)
+    } else {
+        None
+    };
+    if check_wanted && check.is_none() {
+        let why = "the switchover check needs the guest's RAM as a shared memory-backend-file \
+                   (memory-backend-file,share=on)";
+        if a.switchover_check == CheckMode::On {
+            bail!("{why}; run without --switchover-check on");
+        }
+        eprintln!("pct-migrate: warning: no switchover check: {why}");
+    }
     let profile = match &mem {
-        Some(m) => Some(load_profile(a.profile.as_deref(), m)?),
-        None => None,
+        Some(m) if teleport || a.dry_run => Some(load_profile(a.profile.as_deref(), m)?),
+        _ => None,
     };
     let disk = a
         .disk
@@ -340,9 +407,19 @@ fn send_main(a: SendArgs) -> Result<()> {
     let opts = SenderOptions {
         bandwidth,
         zstd_level: if a.no_compress { None } else { Some(1) },
+        record: a.record_stream.clone(),
         ..SenderOptions::default()
     };
-    let sent = sender::send(qemu, tcp, session, &opts, wire_stats, map, counters.clone());
+    let sent = sender::send(
+        qemu,
+        tcp,
+        session,
+        &opts,
+        wire_stats,
+        map,
+        check,
+        counters.clone(),
+    );
     let _ = wtx.send(if sent.is_ok() {
         WatchCmd::Finish
     } else {
@@ -545,7 +622,11 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
         fail(&mut control, &format!("destination QEMU: {e}"));
         e
     })?;
-    let got = receiver::receive(tcp, disk, qemu, &ReceiverOptions::default(), wire_stats);
+    let opts = ReceiverOptions {
+        record: a.record_stream.clone(),
+        ..ReceiverOptions::default()
+    };
+    let got = receiver::receive(tcp, disk, qemu, &opts, wire_stats);
     let (report, _) = match got {
         Ok(r) => r,
         Err(e) => {
@@ -665,5 +746,121 @@ fn bench_restore(a: BenchArgs) -> Result<()> {
         runs.len(),
         pages as f64 * 4096.0 / secs / 1e6
     );
+    Ok(())
+}
+
+fn inspect_stream(a: InspectArgs) -> Result<()> {
+    use pct::migrate::stream::{RamRecord, Record, StreamReader};
+    let f = std::fs::File::open(&a.file)
+        .with_context(|| format!("opening the stream record {}", a.file.display()))?;
+    let mut rd = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, f));
+    // The short page hash the tests print for differing pages.
+    let short = |b: &[u8]| {
+        let h = blake3::hash(b);
+        u64::from_be_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
+    };
+    let zero_hash = |fill: u8| short(&[fill; 4096]);
+    let mut block: Option<usize> = None;
+    let mut lines: Vec<String> = Vec::new();
+    // With --against: per page of the block, the hash of its last record and where it was.
+    let mut last: Vec<Option<(u64, u64)>> = Vec::new();
+    while let Some(item) = rd
+        .next_item()
+        .with_context(|| a.file.display().to_string())?
+    {
+        let (page, hash) = match item.record {
+            Record::Section(h) => {
+                if a.sections {
+                    let name = h.ident.map(|i| pct::walk::fs::sanitize(i.name.as_bytes()));
+                    lines.push(format!(
+                        "section {:?} id {} at stream offset {}{}",
+                        h.kind,
+                        h.id,
+                        item.offset,
+                        name.map(|n| format!(" `{n}`")).unwrap_or_default()
+                    ));
+                }
+                continue;
+            }
+            Record::Ram(RamRecord::MemSize { blocks, .. }) if block.is_none() => {
+                let i = match &a.block {
+                    Some(n) => blocks
+                        .iter()
+                        .position(|b| &b.name == n)
+                        .ok_or_else(|| anyhow!("the stream has no RAM block `{n}`"))?,
+                    None => (0..blocks.len())
+                        .max_by_key(|&i| blocks[i].used_length)
+                        .ok_or_else(|| anyhow!("MEM_SIZE lists no RAM block"))?,
+                };
+                if a.against.is_some() {
+                    last = vec![None; (blocks[i].used_length / 4096) as usize];
+                }
+                block = Some(i);
+                continue;
+            }
+            Record::Ram(RamRecord::Page { page, data }) if Some(page.block) == block => {
+                let wanted = a.page.contains(&(page.offset / 4096));
+                let h = (wanted || !last.is_empty()).then(|| short(data));
+                (page, h.map(|h| (h, format!("PAGE {h:016x}"))))
+            }
+            Record::Ram(RamRecord::Zero { page, fill }) if Some(page.block) == block => {
+                let h = zero_hash(fill);
+                (page, Some((h, format!("ZERO fill {fill:#04x}"))))
+            }
+            _ => continue,
+        };
+        let pfn = page.offset / 4096;
+        let Some((h, what)) = hash else { continue };
+        if a.page.contains(&pfn) {
+            lines.push(format!(
+                "pfn {pfn:>8}  stream offset {:>12}  {what}",
+                item.offset
+            ));
+        }
+        if let Some(slot) = last.get_mut(pfn as usize) {
+            *slot = Some((h, item.offset));
+        }
+    }
+    let trailer = rd.trailer().cloned();
+    let st = rd.decoder().stats();
+    println!(
+        "{}: {} bytes, {} PAGE records, {} ZERO records, {} ram section headers, {} bytes of device state{}",
+        a.file.display(),
+        st.total_bytes,
+        st.pages,
+        st.zero_pages,
+        st.ram_sections,
+        st.device_bytes,
+        if trailer.and_then(|t| t.eof_offset).is_some() { ", ends with EOF" } else { ", no EOF" }
+    );
+    for l in lines {
+        println!("{l}");
+    }
+    if let Some(ram) = &a.against {
+        let f = std::fs::File::open(ram)
+            .with_context(|| format!("opening the RAM image {}", ram.display()))?;
+        let mut buf = vec![0u8; 4096];
+        let (mut differ, mut missing) = (Vec::new(), 0u64);
+        for (pfn, slot) in last.iter().enumerate() {
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut buf, pfn as u64 * 4096)
+                .with_context(|| format!("reading page {pfn} of {}", ram.display()))?;
+            match slot {
+                None => missing += 1,
+                Some((h, at)) if *h != short(&buf) => differ.push((pfn, *at)),
+                Some(_) => {}
+            }
+        }
+        println!(
+            "against {}: {} pages, {} never sent, {} differ from their last record",
+            ram.display(),
+            last.len(),
+            missing,
+            differ.len()
+        );
+        for (pfn, at) in differ.iter().take(20) {
+            println!("  pfn {pfn:>8}: last sent at stream offset {at}");
+        }
+    }
     Ok(())
 }

@@ -42,6 +42,9 @@ pub struct GuestMemory {
     regions: Vec<Region>,
     vmcoreinfo: Option<String>,
     description: String,
+    /// The QEMU RAM block this mapping *is*, for a live memory-backend-file: offsets in the
+    /// mapping are that block's offsets, and its contents change as the guest runs.
+    live_block: Option<String>,
 }
 
 /// How a raw RAM file maps to guest-physical addresses.
@@ -62,15 +65,25 @@ impl GuestMemory {
 
     /// Like [`open`](Self::open), with an explicit layout for raw files.
     pub fn open_with(path: &Path, layout: RawLayout) -> Result<GuestMemory, MemError> {
+        Self::open_file(path, layout, false)
+    }
+
+    /// `populate`: map every page now (MAP_POPULATE), so that a later pass over all of
+    /// guest RAM (the switchover check, during the downtime) takes no page faults.
+    fn open_file(path: &Path, layout: RawLayout, populate: bool) -> Result<GuestMemory, MemError> {
         let file = File::open(path).map_err(|source| MemError::Open {
             path: path.to_owned(),
             source,
         })?;
+        let mut opts = memmap2::MmapOptions::new();
+        if populate {
+            opts.populate();
+        }
         // SAFETY: the mapping is read-only and private to this process. Guest RAM may be
         // changed underneath by a running QEMU or truncated by someone else; every read
         // goes through `slice`, which bounds-checks against the length taken here, and
         // callers treat all contents as untrusted (torn reads are expected and checked).
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| MemError::Open {
+        let map = unsafe { opts.map(&file) }.map_err(|source| MemError::Open {
             path: path.to_owned(),
             source,
         })?;
@@ -81,6 +94,7 @@ impl GuestMemory {
                 vmcoreinfo,
                 description: format!("ELF core {}", path.display()),
                 map,
+                live_block: None,
             });
         }
         let len = map.len() as u64;
@@ -117,6 +131,7 @@ impl GuestMemory {
             regions,
             vmcoreinfo: None,
             description: format!("raw RAM file {}", path.display()),
+            live_block: None,
         })
     }
 
@@ -139,7 +154,34 @@ impl GuestMemory {
             }],
             vmcoreinfo: None,
             description: description.to_owned(),
+            live_block: None,
         })
+    }
+
+    /// Marks this view as the live RAM block `name` (for tests of what needs a live view).
+    #[cfg(test)]
+    pub(crate) fn into_live_block(mut self, name: &str) -> GuestMemory {
+        self.live_block = Some(name.to_owned());
+        self
+    }
+
+    /// A live QEMU RAM file (a memory-backend-file with share=on), mapped in full.
+    pub(crate) fn open_live_file(path: &Path) -> Result<GuestMemory, MemError> {
+        Self::open_file(path, RawLayout::Identity, true)
+    }
+
+    /// The QEMU RAM block behind a live memory-backend-file view, and the page at `offset`
+    /// in that block as it is now; `None` for images, copies, and offsets past the end.
+    pub fn live_block_page(&self, offset: u64) -> Option<(&str, &[u8])> {
+        let name = self.live_block.as_deref()?;
+        let start = usize::try_from(offset).ok()?;
+        let page = self.map.get(start..start.checked_add(4096)?)?;
+        Some((name, page))
+    }
+
+    /// The QEMU RAM block this is a live view of (see [`live_block_page`](Self::live_block_page)).
+    pub fn live_block(&self) -> Option<&str> {
+        self.live_block.as_deref()
     }
 
     /// The guest-physical regions present.

@@ -136,7 +136,7 @@ pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
             len: b.size,
         }];
     }
-    let mut mem = GuestMemory::open(&b.mem_path)?;
+    let mut mem = GuestMemory::open_live_file(&b.mem_path)?;
     mem.regions = regions
         .into_iter()
         .filter(|r| {
@@ -150,6 +150,7 @@ pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
         socket.display(),
         b.mem_path.display()
     );
+    mem.live_block = Some(b.id.clone());
     Ok(mem)
 }
 

@@ -7,6 +7,8 @@
 //! - [`refmap`]: the cache map translated into QEMU's RAM-block offsets.
 //! - [`sender`] / [`receiver`]: the two ends of one migration.
 //! - [`qemu_ctl`]: driving both QEMUs over QMP (capabilities, `migrate`, status).
+//! - [`switchover`]: the check, with the guest stopped, that the stream holds its RAM as it
+//!   is (re-sending what QEMU's dirty tracking missed).
 //! - [`summary`]: statistics of one migration, as text and JSON.
 //!
 //! The sender parses the stream QEMU writes, forwards everything verbatim except RAM
@@ -21,4 +23,5 @@ pub mod refmap;
 pub mod sender;
 pub mod stream;
 pub mod summary;
+pub mod switchover;
 pub mod wire;

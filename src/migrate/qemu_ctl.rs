@@ -101,6 +101,12 @@ pub fn run_state(qmp: &mut Qmp) -> Result<String, CtlError> {
     Ok(st["status"].as_str().unwrap_or("?").to_owned())
 }
 
+/// True if the guest's vCPUs run under KVM (`query-kvm`); false for TCG.
+pub fn uses_kvm(qmp: &mut Qmp) -> Result<bool, CtlError> {
+    let v = qmp.execute("query-kvm", None)?;
+    Ok(v["enabled"].as_bool().unwrap_or(false))
+}
+
 /// Starts the outgoing migration into `uri` (e.g. `unix:/run/pct/x.sock`).
 pub fn start_source(qmp: &mut Qmp, uri: &str) -> Result<(), CtlError> {
     qmp.execute(

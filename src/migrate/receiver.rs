@@ -17,7 +17,7 @@
 //!   hashes and the assembled run against its run hash before anything is emitted. The
 //!   emitter acks runs so the sender can drop its originals.
 
-use super::stream::Decoder;
+use super::stream::{Decoder, Recorder};
 use super::wire::{
     hash_page, read_frame, write_frame, Frame, PageRefs, WireError, WireStats, PAGE_SIZE,
 };
@@ -43,6 +43,8 @@ pub struct ReceiverOptions {
     /// After a failed run hash, ask for per-page hashes and fetch only the pages that
     /// differ (otherwise fetch the whole run).
     pub page_hashes: bool,
+    /// Keep a copy of the stream given to QEMU in this file (diagnosis).
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for ReceiverOptions {
@@ -52,6 +54,7 @@ impl Default for ReceiverOptions {
             restore_queue: 32,
             ack_every: 32,
             page_hashes: true,
+            record: None,
         }
     }
 }
@@ -341,6 +344,10 @@ fn emit(
     let mut names: Vec<String> = Vec::new();
     let mut out = Vec::with_capacity(1 << 20);
     let mut acked = 0u64;
+    let mut recorder = match &opts.record {
+        Some(p) => Some(Recorder::create(p).map_err(RecvError::Io)?),
+        None => None,
+    };
     let next = |held: &mut VecDeque<Item>| -> Result<Item, RecvError> {
         if let Some(i) = held.pop_front() {
             return Ok(i);
@@ -355,6 +362,9 @@ fn emit(
     };
     let mut write = |bytes: &[u8], r: &mut ReceiverReport, names: &mut Vec<String>| {
         qemu.write_all(bytes).map_err(RecvError::Qemu)?;
+        if let Some(rec) = recorder.as_mut() {
+            rec.record(bytes).map_err(RecvError::Io)?;
+        }
         r.stream_bytes += bytes.len() as u64;
         if let Some(p) = probe.as_mut() {
             p.feed(bytes);
@@ -444,6 +454,9 @@ fn emit(
                 }
                 qemu.flush().map_err(RecvError::Qemu)?;
                 let _ = qemu.shutdown(Shutdown::Write);
+                if let Some(rec) = recorder.take() {
+                    rec.finish().map_err(RecvError::Io)?;
+                }
                 if r.runs > acked {
                     control(tcp, stats, &Frame::Ack { runs: r.runs })?;
                 }

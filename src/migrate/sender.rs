@@ -21,7 +21,8 @@
 
 use super::flow::{Outbox, TokenBucket};
 use super::refmap::RefMap;
-use super::stream::{RamBlock, RamRecord, Record, StreamError, StreamStats};
+use super::stream::{RamBlock, RamRecord, Record, Recorder, StreamError, StreamStats};
+use super::switchover::{SwitchoverCheck, SwitchoverReport};
 use super::wire::{
     hash_pages, read_frame, Frame, PageRefs, Payload, RunBuilder, Session, WireError, WireStats,
 };
@@ -49,6 +50,8 @@ pub struct SenderOptions {
     pub max_run_pages: usize,
     /// Read size on QEMU's socket.
     pub read_chunk: usize,
+    /// Keep a copy of QEMU's stream in this file (diagnosis).
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for SenderOptions {
@@ -60,6 +63,7 @@ impl Default for SenderOptions {
             bandwidth: None,
             max_run_pages: 32,
             read_chunk: 256 << 10,
+            record: None,
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct SenderReport {
     pub map_pages: u64,
     /// Largest amount of original page bytes kept for fallback at one time.
     pub peak_originals: usize,
+    /// What the switchover check found, if it ran.
+    pub switchover: Option<SwitchoverReport>,
     /// When the receiver's `Complete` arrived.
     pub completed_at: Instant,
     pub receiver: ReceiverEnd,
@@ -201,7 +207,9 @@ fn readable(fd: &impl AsRawFd) -> bool {
 /// Runs one migration's sender side. `tcp` has completed the hello exchange (`session`);
 /// `qemu` is QEMU's migration connection. `map` is called once with QEMU's RAM blocks,
 /// right after dirty tracking started, and returns the reference map for one block (or
-/// `None`: send everything). Returns once the receiver confirmed completion.
+/// `None`: send everything). `check`, if given, runs the switchover check on its RAM block
+/// ([`SwitchoverCheck`]). Returns once the receiver confirmed completion.
+#[allow(clippy::too_many_arguments)]
 pub fn send<F>(
     mut qemu: UnixStream,
     tcp: TcpStream,
@@ -209,6 +217,7 @@ pub fn send<F>(
     opts: &SenderOptions,
     wire_stats: WireStats,
     map: F,
+    check: Option<SwitchoverCheck<'_>>,
     counters: Arc<Counters>,
 ) -> Result<SenderReport, SendError>
 where
@@ -267,7 +276,7 @@ where
     };
 
     let encoded = encode(
-        &mut qemu, &session, opts, &outbox, &stats, &originals, map, &counters,
+        &mut qemu, &session, opts, &outbox, &stats, &originals, map, check, &counters,
     );
     if encoded.is_err() {
         outbox.abort();
@@ -304,6 +313,7 @@ where
         runs: enc.runs,
         fallback_pages: counters.fallback_pages.load(Ordering::Relaxed),
         map_pages: enc.map_pages,
+        switchover: enc.switchover,
         peak_originals,
         completed_at: Instant::now(),
         receiver,
@@ -315,6 +325,7 @@ struct Encoded {
     ref_pages: u64,
     runs: u64,
     map_pages: u64,
+    switchover: Option<SwitchoverReport>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -326,6 +337,7 @@ fn encode<F>(
     stats: &Mutex<WireStats>,
     originals: &Mutex<Originals>,
     map: F,
+    mut check: Option<SwitchoverCheck<'_>>,
     counters: &Counters,
 ) -> Result<Encoded, SendError>
 where
@@ -340,6 +352,16 @@ where
     let mut batch: Vec<u8> = Vec::with_capacity(opts.batch_bytes + 8192);
     let (mut ref_pages, mut run_count) = (0u64, 0u64);
     let level = opts.zstd_level;
+    // Stream bytes pct adds (pages the switchover check re-sent).
+    let mut added = 0u64;
+    let mut switchover = None;
+    let mut recorder = match &opts.record {
+        Some(p) => Some(Recorder::create(p).map_err(|source| SendError::Io {
+            what: "recording the stream",
+            source,
+        })?),
+        None => None,
+    };
 
     let flush_batch = |batch: &mut Vec<u8>| -> Result<(), SendError> {
         if !batch.is_empty() {
@@ -360,6 +382,33 @@ where
         while dec.advance()? {
             let Some(item) = dec.item() else { break };
             counters.stream_bytes.store(dec.offset(), Ordering::Relaxed);
+            let record_err = |source| SendError::Io {
+                what: "recording the stream",
+                source,
+            };
+            if check.as_mut().is_some_and(|c| c.observe(&item.record)) {
+                // The END part's EOS: the guest is stopped, everything QEMU will send for
+                // RAM is out. Re-send what it missed, before the EOS.
+                let c = check
+                    .as_mut()
+                    .ok_or_else(|| SendError::Map("check vanished".into()))?;
+                if let Some(done) = runs.flush() {
+                    send_run(done, &mut run_pages, &mut run_count)?;
+                }
+                let mut extra = Vec::new();
+                let report = c
+                    .repair(&mut extra)
+                    .map_err(|e| SendError::Protocol(format!("re-sending pages: {e}")))?;
+                if let Some(r) = recorder.as_mut() {
+                    r.record(&extra).map_err(record_err)?;
+                }
+                added += extra.len() as u64;
+                batch.extend_from_slice(&extra);
+                switchover = Some(report);
+            }
+            if let Some(r) = recorder.as_mut() {
+                r.record(item.raw).map_err(record_err)?;
+            }
             if let Record::Ram(RamRecord::Page { page, data }) = item.record {
                 let disk = match refmap.as_mut() {
                     Some((b, m)) if *b == page.block => m.lookup(page.offset),
@@ -426,12 +475,18 @@ where
         send_run(done, &mut run_pages, &mut run_count)?;
     }
     flush_batch(&mut batch)?;
+    if let Some(r) = recorder {
+        r.finish().map_err(|source| SendError::Io {
+            what: "recording the stream",
+            source,
+        })?;
+    }
     counters.stream_bytes.store(dec.offset(), Ordering::Relaxed);
     queue(
         outbox,
         stats,
         &Frame::End {
-            stream_bytes: dec.offset(),
+            stream_bytes: dec.offset() + added,
             runs: run_count,
         },
         false,
@@ -441,6 +496,7 @@ where
         ref_pages,
         runs: run_count,
         map_pages,
+        switchover,
     })
 }
 

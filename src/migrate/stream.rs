@@ -27,9 +27,11 @@
 
 pub mod decode;
 pub mod encode;
+pub mod record;
 
 pub use decode::{Decoder, Item, StreamReader, StreamStats, Trailer};
 pub use encode::{encode_record, put_page, put_zero, EncodeError};
+pub use record::Recorder;
 
 use std::fmt;
 

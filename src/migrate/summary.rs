@@ -3,6 +3,7 @@
 
 use super::receiver::ReceiverReport;
 use super::sender::SenderReport;
+use super::switchover::SwitchoverReport;
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -72,6 +73,8 @@ pub struct Summary {
     pub capabilities_disabled: Vec<String>,
     /// Receiver's restore rate from its disk image, MB/s.
     pub restore_mb_per_s: Option<f64>,
+    /// The check of the stream against the stopped source's RAM (`None`: not run).
+    pub switchover_check: Option<SwitchoverReport>,
 }
 
 impl Summary {
@@ -113,6 +116,7 @@ impl Summary {
                 ..Timing::default()
             },
             map_pages: s.map_pages,
+            switchover_check: s.switchover.clone(),
             restore_mb_per_s: rx
                 .as_ref()
                 .filter(|r| r.restore_seconds > 0.0)
@@ -180,6 +184,15 @@ impl Summary {
             let _ = writeln!(
                 t,
                 "  restore          {s:.2} s at the receiver ({r:.0} MB/s)"
+            );
+        }
+        if let Some(c) = &self.switchover_check {
+            let _ = writeln!(
+                t,
+                "  switchover check {} pages compared with the stopped guest in {:.0} ms, {} re-sent (missed by QEMU's dirty tracking)",
+                c.pages_checked,
+                c.time.as_secs_f64() * 1e3,
+                c.pages_resent
             );
         }
         if !self.capabilities_disabled.is_empty() {

@@ -370,22 +370,52 @@ pub fn migrate(
     extra: &[&str],
     via: Option<&dyn Fn(u16) -> u16>,
 ) -> Run {
+    // PCT_TEST_RECORD_DIR=DIR keeps both sides' copies of the stream there (for
+    // `pct-migrate inspect-stream` after a failure).
+    let dir = std::env::var_os("PCT_TEST_RECORD_DIR").map(PathBuf::from);
+    migrate_recorded(src, dst, disk, extra, via, dir.as_deref())
+}
+
+/// The stream records `migrate_recorded` asks for in `dir`: the sender's (what the source
+/// QEMU sent) and the receiver's (what the destination QEMU got).
+pub fn stream_records(src: &Vm, dir: &Path) -> (PathBuf, PathBuf) {
+    let tag = src
+        .ram
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let tag = tag.unwrap_or_default();
+    let p = |side: &str| dir.join(format!("{tag}.{side}.stream"));
+    (p("src"), p("dst"))
+}
+
+/// [`migrate`], with both pct processes recording the stream into the directory `record`
+/// (see [`stream_records`]).
+pub fn migrate_recorded(
+    src: &Vm,
+    dst: &Vm,
+    disk: &Path,
+    extra: &[&str],
+    via: Option<&dyn Fn(u16) -> u16>,
+    record: Option<&Path>,
+) -> Run {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let dst_qmp = dst.qmp_path();
-    let receiver = Pct::spawn(
-        "receiver",
-        &[
-            "receive",
-            "--listen",
-            &listen,
-            "--qmp",
-            dst_qmp.to_str().expect("path"),
-            "--disk",
-            disk.to_str().expect("path"),
-            "--json",
-        ],
-    );
+    let record = record.map(|d| stream_records(src, d));
+    let mut rargs = vec![
+        "receive",
+        "--listen",
+        &listen,
+        "--qmp",
+        dst_qmp.to_str().expect("path"),
+        "--disk",
+        disk.to_str().expect("path"),
+        "--json",
+    ];
+    if let Some((_, d)) = &record {
+        rargs.extend(["--record-stream", d.to_str().expect("path")]);
+    }
+    let receiver = Pct::spawn("receiver", &rargs);
     let to_port = via.map_or(port, |f| f(port));
     let to = format!("127.0.0.1:{to_port}");
     let src_qmp = src.qmp_path();
@@ -399,6 +429,9 @@ pub fn migrate(
         "--json",
     ];
     args.extend_from_slice(extra);
+    if let Some((s, _)) = &record {
+        args.extend(["--record-stream", s.to_str().expect("path")]);
+    }
     let sender = Pct::spawn("sender", &args);
     let (sender_pid, receiver_pid) = (sender.pid(), receiver.pid());
     let sender = sender.wait(Duration::from_secs(300));
@@ -425,10 +458,15 @@ pub fn migrate(
 }
 
 /// Source and destination guests for `spec`, the source ready; the destination runs on a
-/// copy of the source's disk (the "mirrored" disk), returned with it.
+/// copy of the source's disk taken after a guest `sync` (the "mirrored" disk), returned
+/// with it.
 pub fn pair(spec: &VmSpec) -> (Vm, Vm, PathBuf) {
     let mut src = Vm::start(spec);
     src.wait_ready();
+    // What the guest has written so far reaches its disk before the copy, as it would
+    // reach a mirror: a page cleaned by writeback after the copy would be stale there.
+    let line = src.command("sync", "PCT-SYNCED", Duration::from_secs(60));
+    assert!(line.starts_with("PCT-SYNCED"), "{line}");
     let disk = src.path("dst-disk.img");
     let st = Command::new("cp")
         .args(["--sparse=always"])

@@ -76,4 +76,8 @@ print(f"\npct: QEMU's stream {p['stream_bytes']/1e6:.1f} MB; {pg['teleported']} 
       f"({pg['verified']} verified, {pg['fallen_back']} fallen back), {pg['sent']} sent, {pg['zero']} zero;")
 print(f"     {p['reference_bytes_per_page']:.2f} bytes per teleported page, data compressed "
       f"{p['compression_ratio']:.2f}:1, cache map taken in {p['time']['scan_s']:.2f} s")
+c = p.get("switchover_check")
+if c:
+    print(f"     switchover check: {c['pages_checked']} pages compared with the stopped guest in "
+          f"{c['time']:.0f} ms, {c['pages_resent']} re-sent (writes QEMU's dirty tracking missed)")
 PY

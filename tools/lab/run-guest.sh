@@ -3,7 +3,7 @@
 #
 #   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|idle|db] [--fileset web|mini|db]
 #       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
-#       [--mem MiB] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
+#       [--mem MiB|KiBK] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
 #
 # RUNDIR receives: disk.img (a copy of the pristine lab disk, unless --disk names one),
@@ -61,9 +61,19 @@ fi
 root=/dev/vda
 [ "$layout" = part ] && root=/dev/vda1
 
+# --mem is MiB, or KiB with a K suffix (e.g. 1048584K: 1 GiB + 8 KiB, see
+# tools/qemu-lost-writes.sh).
+case "$mem" in
+*K) mem_kb=${mem%K} ;;
+*) mem_kb=$mem; [[ "$mem" =~ ^[0-9]+$ ]] && mem_kb=$((mem * 1024)) ;;
+esac
+[[ "$mem_kb" =~ ^[0-9]+$ ]] && [ "$mem_kb" -gt 0 ] && [ $((mem_kb % 8)) -eq 0 ] ||
+	die "--mem $mem: give MiB, or KiB with a K suffix (a multiple of 8)"
+mem=$((mem_kb / 1024))
+
 # Guest RAM in /dev/shm: check room first, a full tmpfs kills QEMU with SIGBUS later.
 avail_kb=$(df -k --output=avail /dev/shm | tail -1)
-[ "$avail_kb" -ge $((mem * 1024)) ] ||
+[ "$avail_kb" -ge "$mem_kb" ] ||
 	die "/dev/shm has $((avail_kb / 1024)) MiB free, the guest needs $mem MiB: remove stale /dev/shm/pct-* files or enlarge /dev/shm"
 name=${name:-pct-lab-$$}
 ram=/dev/shm/$name
@@ -71,11 +81,11 @@ echo "$ram" >"$dir/ram.path"
 rm -f "$dir/qmp.sock" "$dir/qmp-pct.sock" "$dir/serial.sock"
 
 if [ -n "$anon_ram" ]; then
-	ram_args=(-machine pc-i440fx-7.2 -m "${mem}M")
+	ram_args=(-machine pc-i440fx-7.2 -m "${mem_kb}K")
 	: >"$dir/ram.path"
 else
-	ram_args=(-machine pc-i440fx-7.2,memory-backend=ram0 -m "${mem}M"
-		-object "memory-backend-file,id=ram0,size=${mem}M,mem-path=$ram,share=on")
+	ram_args=(-machine pc-i440fx-7.2,memory-backend=ram0 -m "${mem_kb}K"
+		-object "memory-backend-file,id=ram0,size=${mem_kb}K,mem-path=$ram,share=on")
 fi
 args=(
 	-name "$name" -accel "$accel" "${ram_args[@]}"

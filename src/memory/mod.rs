@@ -184,6 +184,11 @@ impl GuestMemory {
         self.live_block.as_deref()
     }
 
+    /// Bytes of the live view's mapping (the RAM block's size as QEMU's file has it).
+    pub fn live_block_len(&self) -> Option<u64> {
+        self.live_block.as_ref().map(|_| self.map.len() as u64)
+    }
+
     /// The guest-physical regions present.
     pub fn regions(&self) -> &[Region] {
         &self.regions

@@ -106,7 +106,12 @@ impl<'a> SwitchoverCheck<'a> {
     fn announce(&mut self, blocks: &[RamBlock]) {
         if let Some(i) = blocks.iter().position(|b| b.name == self.name) {
             self.block = Some(i);
-            self.sent = vec![0; (blocks[i].used_length / PAGE) as usize];
+            // Pages past the RAM file cannot be checked; the stream's length is QEMU's word,
+            // the file's is the kernel's: keep the smaller.
+            let len = blocks[i]
+                .used_length
+                .min(self.ram.live_block_len().unwrap_or(0));
+            self.sent = vec![0; (len / PAGE) as usize];
         }
     }
 

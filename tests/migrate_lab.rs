@@ -35,6 +35,18 @@ fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
 
 fn assert_identical(src: &Vm, dst: &Vm) {
     let (first, count) = diff_pages(&src.ram, &dst.ram);
+    if count > 0 {
+        // With PCT_TEST_RECORD_DIR set, keep both RAM files next to the stream records
+        // (`pct-migrate inspect-stream REC --against RAM`).
+        if let Some(dir) = std::env::var_os("PCT_TEST_RECORD_DIR") {
+            for (vm, side) in [(src, "src"), (dst, "dst")] {
+                let name = vm.ram.file_name().map(|n| n.to_string_lossy().into_owned());
+                let to = std::path::Path::new(&dir)
+                    .join(format!("{}.{side}.ram", name.unwrap_or_default()));
+                let _ = std::fs::copy(&vm.ram, to);
+            }
+        }
+    }
     assert_eq!(
         count,
         0,

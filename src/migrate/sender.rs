@@ -50,7 +50,8 @@ pub struct SenderOptions {
     pub max_run_pages: usize,
     /// Read size on QEMU's socket.
     pub read_chunk: usize,
-    /// Keep a copy of QEMU's stream in this file (diagnosis).
+    /// Keep a copy of the stream as forwarded (QEMU's, plus pages the switchover check
+    /// re-sent) in this file, for diagnosis.
     pub record: Option<std::path::PathBuf>,
 }
 
@@ -355,11 +356,12 @@ where
     // Stream bytes pct adds (pages the switchover check re-sent).
     let mut added = 0u64;
     let mut switchover = None;
+    let recording = |source| SendError::Io {
+        what: "recording the stream",
+        source,
+    };
     let mut recorder = match &opts.record {
-        Some(p) => Some(Recorder::create(p).map_err(|source| SendError::Io {
-            what: "recording the stream",
-            source,
-        })?),
+        Some(p) => Some(Recorder::create(p).map_err(recording)?),
         None => None,
     };
 
@@ -382,16 +384,13 @@ where
         while dec.advance()? {
             let Some(item) = dec.item() else { break };
             counters.stream_bytes.store(dec.offset(), Ordering::Relaxed);
-            let record_err = |source| SendError::Io {
-                what: "recording the stream",
-                source,
+            let at_switchover = match check.as_mut() {
+                Some(c) => c.observe(&item.record).then_some(c),
+                None => None,
             };
-            if check.as_mut().is_some_and(|c| c.observe(&item.record)) {
+            if let Some(c) = at_switchover {
                 // The END part's EOS: the guest is stopped, everything QEMU will send for
                 // RAM is out. Re-send what it missed, before the EOS.
-                let c = check
-                    .as_mut()
-                    .ok_or_else(|| SendError::Map("check vanished".into()))?;
                 if let Some(done) = runs.flush() {
                     send_run(done, &mut run_pages, &mut run_count)?;
                 }
@@ -400,14 +399,14 @@ where
                     .repair(&mut extra)
                     .map_err(|e| SendError::Protocol(format!("re-sending pages: {e}")))?;
                 if let Some(r) = recorder.as_mut() {
-                    r.record(&extra).map_err(record_err)?;
+                    r.record(&extra).map_err(recording)?;
                 }
                 added += extra.len() as u64;
                 batch.extend_from_slice(&extra);
                 switchover = Some(report);
             }
             if let Some(r) = recorder.as_mut() {
-                r.record(item.raw).map_err(record_err)?;
+                r.record(item.raw).map_err(recording)?;
             }
             if let Record::Ram(RamRecord::Page { page, data }) = item.record {
                 let disk = match refmap.as_mut() {
@@ -476,10 +475,7 @@ where
     }
     flush_batch(&mut batch)?;
     if let Some(r) = recorder {
-        r.finish().map_err(|source| SendError::Io {
-            what: "recording the stream",
-            source,
-        })?;
+        r.finish().map_err(recording)?;
     }
     counters.stream_bytes.store(dec.offset(), Ordering::Relaxed);
     queue(

@@ -11,6 +11,7 @@
 //! The tests share two CPU cores with everything else: they run one at a time, on the
 //! `mini` fileset.
 
+mod common;
 mod migrate_support;
 
 use migrate_support::*;
@@ -102,7 +103,7 @@ fn apache_bit_identical_and_keeps_running() {
         return;
     }
     let _one = serial();
-    let spec = VmSpec::new("apache", "mini", "plain");
+    let spec = GuestSpec::new("apache").layout("mini", "plain");
     let (src, mut dst, disk) = pair(&spec);
     let run = migrate(&src, &dst, &disk, &[], None);
     assert!(run.sender.status.success(), "sender failed");
@@ -139,7 +140,7 @@ fn idle_bit_identical() {
         return;
     }
     let _one = serial();
-    let spec = VmSpec::new("idle", "mini", "plain");
+    let spec = GuestSpec::new("idle").layout("mini", "plain");
     let (src, mut dst, disk) = pair(&spec);
     let run = migrate_recorded(&src, &dst, &disk, &[], None, Some(src.dir.path()));
     assert!(
@@ -188,7 +189,7 @@ fn switchover_check_resends_a_write_qemu_did_not_see() {
     }
     let _one = serial();
     const PFN: u64 = 0x60;
-    let spec = VmSpec::new("idle", "mini", "plain");
+    let spec = GuestSpec::new("idle").layout("mini", "plain");
     let (src, dst, disk) = pair(&spec);
     let pattern: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(131) >> 3) as u8)
@@ -268,7 +269,7 @@ fn stale_destination_disk_falls_back_bit_identical() {
         return;
     }
     let _one = serial();
-    let spec = VmSpec::new("apache", "mini", "part");
+    let spec = GuestSpec::new("apache").layout("mini", "part");
     let (src, dst, disk) = pair(&spec);
 
     // The cache map as the sender will see it; corrupt one page of every 40th run.
@@ -370,7 +371,7 @@ fn cut_link_leaves_source_running() {
         return;
     }
     let _one = serial();
-    let spec = VmSpec::new("apache", "mini", "plain");
+    let spec = GuestSpec::new("apache").layout("mini", "plain");
     let (mut src, mut dst, disk) = pair(&spec);
     let cut = Arc::new(AtomicBool::new(false));
     let relay = cutting_relay(8 << 20, cut.clone());
@@ -425,7 +426,7 @@ fn db_bit_identical_while_writing() {
         return;
     }
     let _one = serial();
-    let spec = VmSpec::new("db", "db", "plain");
+    let spec = GuestSpec::new("db").layout("db", "plain");
     let (src, mut dst, disk) = pair(&spec);
     let run = migrate(&src, &dst, &disk, &[], None);
     assert!(run.sender.status.success(), "sender failed");

@@ -78,6 +78,103 @@ impl GuestSpec {
         self.layout = layout;
         self
     }
+
+    /// A migration target for this guest, on `disk`, kept paused after the migration.
+    pub fn destination(&self, disk: &Path) -> GuestSpec {
+        GuestSpec {
+            disk: Some(disk.to_owned()),
+            incoming: true,
+            paused: true,
+            ..self.clone()
+        }
+    }
+}
+
+/// Starts `tools/lab/run-guest.sh` for `spec` in `dir`, guest RAM in /dev/shm/`name`, with
+/// QEMU's output in `dir` and a parent-death signal. The caller owns the process.
+pub fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("tools/lab/run-guest.sh"))
+        .arg("--dir")
+        .arg(dir)
+        .args(["--workload", spec.workload, "--layout", spec.layout])
+        .args([
+            "--flavour",
+            spec.flavour,
+            "--accel",
+            &accel(),
+            "--name",
+            name,
+        ])
+        .args(["--mem", &spec.mem_mib.to_string()]);
+    if let Some(fs) = spec.fileset {
+        cmd.args(["--fileset", fs]);
+    }
+    if let Some(d) = &spec.disk {
+        cmd.arg("--disk").arg(d);
+    }
+    if spec.incoming {
+        cmd.arg("--incoming");
+    }
+    if spec.paused {
+        cmd.arg("--paused");
+    }
+    if spec.anon_ram {
+        cmd.arg("--anon-ram");
+    }
+    if let Some(cpu) = spec.cpu {
+        cmd.args(["--cpu", cpu]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("qemu.out")).expect("qemu.out"))
+        .stderr(std::fs::File::create(dir.join("qemu.err")).expect("qemu.err"));
+    die_with_parent(&mut cmd);
+    cmd.spawn().expect("spawn tools/lab/run-guest.sh")
+}
+
+/// Gives the process `cmd` starts a parent-death signal (SIGKILL): it cannot outlive the
+/// test process, even one killed without unwinding.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Waits until the serial log in run directory `dir` holds a line starting with `marker`
+/// after byte `skip`; panics with the log's tail if the guest reports an error, its QEMU
+/// (`child`) exits, or `timeout` passes.
+pub fn wait_serial(
+    dir: &Path,
+    child: &mut Child,
+    skip: usize,
+    marker: &str,
+    timeout: Duration,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+        if let Some(tail) = log.get(skip..) {
+            if let Some(line) = tail.lines().find(|l| l.starts_with(marker)) {
+                return line.to_owned();
+            }
+            if let Some(err) = tail.lines().find(|l| l.starts_with("PCT-ERROR")) {
+                panic!("guest reported: {err}\n{}", log_tail(dir));
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("QEMU exited with {st}\n{}", log_tail(dir));
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no '{marker}' within {timeout:?}\n{}",
+            log_tail(dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A running lab guest.
@@ -105,50 +202,8 @@ impl Guest {
             std::process::id(),
             dir.path().file_name().unwrap().to_string_lossy()
         );
-        let mut cmd = Command::new("bash");
-        cmd.arg(repo().join("tools/lab/run-guest.sh"))
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--workload", spec.workload, "--layout", spec.layout])
-            .args([
-                "--flavour",
-                spec.flavour,
-                "--accel",
-                &accel(),
-                "--name",
-                &name,
-            ])
-            .args(["--mem", &spec.mem_mib.to_string()]);
-        if let Some(fs) = spec.fileset {
-            cmd.args(["--fileset", fs]);
-        }
-        if let Some(d) = &spec.disk {
-            cmd.arg("--disk").arg(d);
-        }
-        if spec.incoming {
-            cmd.arg("--incoming");
-        }
-        if spec.paused {
-            cmd.arg("--paused");
-        }
-        if spec.anon_ram {
-            cmd.arg("--anon-ram");
-        }
-        if let Some(cpu) = spec.cpu {
-            cmd.args(["--cpu", cpu]);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("qemu.out")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("qemu.err")).unwrap());
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
         let ram_path = PathBuf::from(format!("/dev/shm/{name}"));
-        let child = cmd.spawn().expect("spawn tools/lab/run-guest.sh");
+        let child = spawn_run_guest(&spec, dir.path(), &name);
         let started = Instant::now();
         // The first start may build the kernel, initramfs and disk (minutes).
         let qmp_path = dir.path().join("qmp.sock");
@@ -200,27 +255,7 @@ impl Guest {
 
     /// Waits until the serial log holds a line starting with `marker` (after `skip` bytes).
     pub fn wait_serial_from(&mut self, skip: usize, marker: &str, timeout: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let log = self.serial_log();
-            if let Some(tail) = log.get(skip..) {
-                if let Some(line) = tail.lines().find(|l| l.starts_with(marker)) {
-                    return line.to_owned();
-                }
-                if let Some(err) = tail.lines().find(|l| l.starts_with("PCT-ERROR")) {
-                    panic!("guest reported: {err}\n{}", log_tail(self.dir.path()));
-                }
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("QEMU exited with {st}\n{}", log_tail(self.dir.path()));
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "no '{marker}' within {timeout:?}\n{}",
-                log_tail(self.dir.path())
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_serial(self.dir.path(), &mut self.child, skip, marker, timeout)
     }
 
     /// Waits for the ready marker; returns the time since QEMU started.
@@ -301,7 +336,8 @@ impl Drop for Guest {
     }
 }
 
-fn log_tail(dir: &Path) -> String {
+/// The last lines of QEMU's output and the guest's serial log in run directory `dir`.
+pub fn log_tail(dir: &Path) -> String {
     let mut s = String::new();
     for f in ["qemu.err", "qemu.out", "serial.log"] {
         let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();

@@ -1,16 +1,18 @@
-//! Support for the migration tests: lab guests (tools/lab/run-guest.sh) that hold no QMP
-//! connection of their own, so `pct-migrate` can own the QMP socket while it migrates, and
-//! `pct-migrate` processes. Everything is killed and removed on drop, also when a test
-//! fails: QEMU and pct processes (with a parent-death signal as a second line), RAM files
-//! in /dev/shm, run directories.
+//! Support for the migration tests: lab guests that hold no QMP connection of their own,
+//! so `pct-migrate` can own the QMP socket while it migrates (started by the launcher in
+//! tests/common/lab.rs), and `pct-migrate` processes. Everything is killed and removed on
+//! drop, also when a test fails: QEMU and pct processes (with a parent-death signal as a
+//! second line), RAM files in /dev/shm, run directories.
 
 #![allow(dead_code)]
 
+pub use crate::common::lab::repo;
+pub use crate::common::lab::GuestSpec;
+use crate::common::lab::{die_with_parent, log_tail, spawn_run_guest, wait_serial};
 use pct::qmp::Qmp;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,60 +21,12 @@ use std::time::{Duration, Instant};
 pub const PROFILE: &str = "profiles/debian-6.1.0-56-cloud-amd64.json";
 pub const PAGE: usize = 4096;
 
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 // One QEMU check for every test that boots QEMU.
 #[path = "../stream_support/mod.rs"]
 mod stream_support;
 pub use stream_support::have_qemu;
 
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no Rust state.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
 static N: AtomicU32 = AtomicU32::new(0);
-
-/// What to boot.
-#[derive(Clone, Debug)]
-pub struct VmSpec {
-    pub workload: &'static str,
-    pub fileset: &'static str,
-    pub layout: &'static str,
-    pub disk: Option<PathBuf>,
-    pub incoming: bool,
-    pub paused: bool,
-}
-
-impl VmSpec {
-    pub fn new(workload: &'static str, fileset: &'static str, layout: &'static str) -> VmSpec {
-        VmSpec {
-            workload,
-            fileset,
-            layout,
-            disk: None,
-            incoming: false,
-            paused: false,
-        }
-    }
-
-    /// A migration target for this guest, on `disk`, kept paused after the migration.
-    pub fn destination(&self, disk: &Path) -> VmSpec {
-        VmSpec {
-            disk: Some(disk.to_owned()),
-            incoming: true,
-            paused: true,
-            ..self.clone()
-        }
-    }
-}
 
 /// A lab guest; QMP is connected only for the duration of each call.
 pub struct Vm {
@@ -82,7 +36,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn start(spec: &VmSpec) -> Vm {
+    pub fn start(spec: &GuestSpec) -> Vm {
         let dir = tempfile::Builder::new()
             .prefix("pct-mig-")
             .tempdir()
@@ -92,29 +46,7 @@ impl Vm {
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         );
-        let mut cmd = Command::new("bash");
-        cmd.arg(repo().join("tools/lab/run-guest.sh"))
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--workload", spec.workload, "--fileset", spec.fileset])
-            .args(["--layout", spec.layout, "--name", &name]);
-        if let Ok(a) = std::env::var("PCT_ACCEL") {
-            cmd.args(["--accel", &a]);
-        }
-        if let Some(d) = &spec.disk {
-            cmd.arg("--disk").arg(d);
-        }
-        if spec.incoming {
-            cmd.arg("--incoming");
-        }
-        if spec.paused {
-            cmd.arg("--paused");
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("qemu.out")).expect("qemu.out"))
-            .stderr(std::fs::File::create(dir.path().join("qemu.err")).expect("qemu.err"));
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn().expect("spawn run-guest.sh");
+        let child = spawn_run_guest(spec, dir.path(), &name);
         let mut vm = Vm {
             ram: PathBuf::from(format!("/dev/shm/{name}")),
             dir,
@@ -168,23 +100,7 @@ impl Vm {
 
     /// Waits for a line starting with `marker` after byte `skip` of the serial log.
     pub fn wait_serial(&mut self, skip: usize, marker: &str, timeout: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(tail) = self.serial_log().get(skip..) {
-                if let Some(l) = tail.lines().find(|l| l.starts_with(marker)) {
-                    return l.to_owned();
-                }
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("QEMU exited with {st}\n{}", self.log_tail());
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "no '{marker}' within {timeout:?}\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_serial(self.dir.path(), &mut self.child, skip, marker, timeout)
     }
 
     pub fn wait_ready(&mut self) {
@@ -220,14 +136,7 @@ impl Vm {
     }
 
     pub fn log_tail(&self) -> String {
-        let mut s = String::new();
-        for f in ["qemu.err", "qemu.out", "serial.log"] {
-            let text = std::fs::read_to_string(self.path(f)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("HEARTBEAT")).collect();
-            let from = lines.len().saturating_sub(20);
-            s += &format!("--- {f} ---\n{}\n", lines[from..].join("\n"));
-        }
-        s
+        log_tail(self.dir.path())
     }
 }
 
@@ -460,7 +369,7 @@ pub fn migrate_recorded(
 /// Source and destination guests for `spec`, the source ready; the destination runs on a
 /// copy of the source's disk taken after a guest `sync` (the "mirrored" disk), returned
 /// with it.
-pub fn pair(spec: &VmSpec) -> (Vm, Vm, PathBuf) {
+pub fn pair(spec: &GuestSpec) -> (Vm, Vm, PathBuf) {
     let mut src = Vm::start(spec);
     src.wait_ready();
     // What the guest has written so far reaches its disk before the copy, as it would

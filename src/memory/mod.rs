@@ -170,13 +170,13 @@ impl GuestMemory {
         Self::open_file(path, RawLayout::Identity, true)
     }
 
-    /// The QEMU RAM block behind a live memory-backend-file view, and the page at `offset`
-    /// in that block as it is now; `None` for images, copies, and offsets past the end.
-    pub fn live_block_page(&self, offset: u64) -> Option<(&str, &[u8])> {
-        let name = self.live_block.as_deref()?;
+    /// For a live memory-backend-file view, the page at `offset` in its RAM block
+    /// ([`live_block`](Self::live_block)) as it is now; `None` for images, copies, and
+    /// offsets past the end.
+    pub fn live_block_page(&self, offset: u64) -> Option<&[u8]> {
+        self.live_block.as_ref()?;
         let start = usize::try_from(offset).ok()?;
-        let page = self.map.get(start..start.checked_add(4096)?)?;
-        Some((name, page))
+        self.map.get(start..start.checked_add(4096)?)
     }
 
     /// The QEMU RAM block this is a live view of (see [`live_block_page`](Self::live_block_page)).

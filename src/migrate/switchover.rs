@@ -61,6 +61,8 @@ pub struct SwitchoverCheck<'a> {
     /// Inside the `ram` section's END part: the guest is stopped.
     in_final: bool,
     done: bool,
+    /// The hash of a zero page (nearly every `ZERO` record's), computed once.
+    zero_page: u64,
 }
 
 impl<'a> SwitchoverCheck<'a> {
@@ -75,6 +77,7 @@ impl<'a> SwitchoverCheck<'a> {
             ram_section: None,
             in_final: false,
             done: false,
+            zero_page: page_hash(&[0; PAGE as usize]),
         })
     }
 
@@ -95,7 +98,11 @@ impl<'a> SwitchoverCheck<'a> {
                 self.note(page.offset, page_hash(data))
             }
             Record::Ram(RamRecord::Zero { page, fill }) if Some(page.block) == self.block => {
-                self.note(page.offset, page_hash(&[*fill; PAGE as usize]))
+                let hash = match fill {
+                    0 => self.zero_page,
+                    f => page_hash(&[*f; PAGE as usize]),
+                };
+                self.note(page.offset, hash)
             }
             Record::Ram(RamRecord::Eos) => return self.in_final && !self.done,
             _ => {}
@@ -136,7 +143,7 @@ impl<'a> SwitchoverCheck<'a> {
                 r.pages_never_sent += 1;
                 continue;
             }
-            let Some((_, now)) = self.ram.live_block_page(offset) else {
+            let Some(now) = self.ram.live_block_page(offset) else {
                 continue;
             };
             r.pages_checked += 1;

@@ -14,14 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rate=${1:-50mbit}
-bash tools/lab/ensure-host.sh
-bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
-cargo build --release --quiet --bin pct-migrate
 source tools/migrate-lib.sh
-
-RUN=$(mktemp -d /tmp/pct-bench.XXXXXX)
-NS=pb$$
-ml_setup "$rate"
+ml_start bench "$rate"
 
 echo "== booting the apache guest"
 ml_guest a "$RUN/g1" "pct-bench-1-$$" --workload apache

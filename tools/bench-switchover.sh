@@ -9,14 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-4} rate=${2:-50mbit}
-bash tools/lab/ensure-host.sh
-bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
-cargo build --release --quiet --bin pct-migrate
 source tools/migrate-lib.sh
-
-RUN=$(mktemp -d /tmp/pct-bench-so.XXXXXX)
-NS=ps$$
-ml_setup "$rate"
+ml_start switchover "$rate"
 
 echo "== booting the apache guest"
 ml_guest a "$RUN/src" "pct-bso-src-$$" --workload apache

@@ -19,16 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rate=${1:-50mbit}
-bash tools/lab/ensure-host.sh
-bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
-
-echo "== building pct"
-cargo build --release --quiet --bin pct-migrate
 source tools/migrate-lib.sh
-
-RUN=$(mktemp -d /tmp/pct-demo.XXXXXX)
-NS=pd$$
-ml_setup "$rate"
+echo "== building pct"
+ml_start demo "$rate"
 echo "== link: namespaces $NS-a (10.77.0.1) and $NS-b (10.77.0.2), veth shaped to $rate"
 
 echo "== booting the source guest (apache workload) in $NS-a"

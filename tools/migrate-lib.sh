@@ -2,8 +2,9 @@
 # network namespaces joined by a shaped link (tools/netns.sh), migrations with pct and with
 # stock QEMU across it, and cleanup of everything on exit.
 #
-# The caller sets RUN (a scratch directory) and NS (a short name for the namespace pair),
-# then calls ml_setup RATE. Everything started here is stopped by ml_cleanup (an EXIT trap).
+# The caller calls ml_start TAG [RATE] (or sets RUN, a scratch directory, and NS, a short
+# name for the namespace pair, then calls ml_setup RATE). Everything started here is
+# stopped by ml_cleanup (an EXIT trap).
 
 ML_PIDS=()
 ML_RAMS=()
@@ -31,6 +32,23 @@ ml_setup() {
 	trap 'exit 130' INT TERM
 	bash tools/netns.sh down "$NS"
 	bash tools/netns.sh up "$NS" "$1"
+}
+
+# ml_start TAG [RATE]: the lab ready (host packages, the guest kernel, pct-migrate built), a
+# scratch directory in RUN (/tmp/pct-TAG.*), everything cleaned up on exit; with RATE, also
+# the two namespaces NS-a and NS-b joined by a link shaped to RATE.
+ml_start() {
+	bash tools/lab/ensure-host.sh
+	bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
+	cargo build --release --quiet --bin pct-migrate
+	RUN=$(mktemp -d "/tmp/pct-$1.XXXXXX")
+	if [ -n "${2:-}" ]; then
+		NS=p${1:0:1}$$
+		ml_setup "$2"
+	else
+		trap ml_cleanup EXIT
+		trap 'exit 130' INT TERM
+	fi
 }
 
 # qmp SOCK COMMAND [ARGUMENTS-JSON]: prints the command's return value as JSON.

@@ -19,12 +19,8 @@ fileset=$workload
 [ "$workload" = idle ] && fileset=mini
 [ "$workload" = apache ] && fileset=mini
 
-cargo build --release --quiet --bin pct-migrate
-PCT=target/release/pct-migrate
 source tools/migrate-lib.sh
-RUN=$(mktemp -d /tmp/pct-lost.XXXXXX)
-trap ml_cleanup EXIT
-trap 'exit 130' INT TERM
+ml_start lost
 
 lost_runs=0
 for i in $(seq 1 "$runs"); do

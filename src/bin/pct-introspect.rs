@@ -2,7 +2,8 @@
 //!
 //! Subcommands:
 //! - `build-profile INPUT`: a vmlinux (with `--module` for types that live in modules), a
-//!   Volatility 2 profile zip, or a Volatility 3 ISF (`.json`, `.json.xz`) → pct profile JSON.
+//!   Volatility 2 profile zip, or a Volatility 3 ISF (`.json`, `.json.xz`) → pct profile JSON;
+//!   `build-profile --from-memory (--memory IMG | --qmp SOCK)`: the same from a guest's memory.
 //! - `profiles`: list the shipped profiles, or pick the one matching a banner/build-id.
 //! - `scan`: the forensic dry-run over a guest's memory (see `scan.rs`).
 
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 #[path = "pct-introspect/scan.rs"]
 mod scan;
+use pct::kernel::self_profile::build_profile_from_memory;
 use pct::profile::{self, BuildOptions, Method, Profile};
 
 #[derive(Parser)]
@@ -38,9 +40,20 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["input", "from_memory"])))]
 struct BuildArgs {
     /// vmlinux (ELF with .BTF and/or DWARF), Volatility 2 profile (.zip) or ISF (.json[.xz]).
-    input: PathBuf,
+    input: Option<PathBuf>,
+    /// Build from a guest's memory alone (its kallsyms and BTF), no vmlinux needed:
+    /// give --memory IMG or --qmp SOCK.
+    #[arg(long, conflicts_with_all = ["input", "modules", "method", "export_isf"])]
+    from_memory: bool,
+    /// With --from-memory: a raw RAM file or a `dump-guest-memory` ELF core.
+    #[arg(long, requires = "from_memory", conflicts_with = "qmp")]
+    memory: Option<PathBuf>,
+    /// With --from-memory: a live QEMU's QMP socket.
+    #[arg(long, requires = "from_memory")]
+    qmp: Option<PathBuf>,
     /// Kernel module (or its -dbg debug file) providing types vmlinux lacks, e.g. ext4.ko.
     #[arg(long = "module", value_name = "KO")]
     modules: Vec<PathBuf>,
@@ -80,7 +93,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::BuildProfile(a) => build(a),
-        Cmd::Profiles(a) => profiles(a),
+        Cmd::Profiles(a) => profiles(a).map_err(|e| e.to_string()),
         Cmd::Scan(a) => {
             return scan::run(a).unwrap_or_else(|e| {
                 eprintln!("pct-introspect scan: error: {e}");
@@ -97,20 +110,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn build(a: BuildArgs) -> Result<ExitCode, profile::Error> {
+fn build(a: BuildArgs) -> Result<ExitCode, String> {
     let t0 = Instant::now();
     let method = match a.method {
         MethodArg::Auto => Method::Auto,
         MethodArg::Btf => Method::Btf,
         MethodArg::Dwarf => Method::Dwarf,
     };
-    let p: Profile = profile::import_any(
-        &a.input,
-        &BuildOptions {
-            modules: a.modules.clone(),
-            method,
-        },
-    )?;
+    let p: Profile = match (&a.input, a.from_memory) {
+        (Some(input), false) => profile::import_any(
+            input,
+            &BuildOptions {
+                modules: a.modules.clone(),
+                method,
+            },
+        )
+        .map_err(|e| e.to_string())?,
+        _ => {
+            let mem = scan::open_memory(a.memory.as_deref(), a.qmp.as_deref())?;
+            build_profile_from_memory(&mem)
+                .map_err(|e| format!("building a profile from {}: {e}", mem.description()))?
+                .0
+        }
+    };
     let elapsed = t0.elapsed();
     let json = p.to_json();
     if a.stdout {
@@ -119,10 +141,7 @@ fn build(a: BuildArgs) -> Result<ExitCode, profile::Error> {
         let out = a
             .output
             .unwrap_or_else(|| Path::new("profiles").join(profile::default_file_name(&p)));
-        std::fs::write(&out, &json).map_err(|e| profile::Error::Io {
-            path: out.clone(),
-            source: e,
-        })?;
+        std::fs::write(&out, &json).map_err(|e| format!("writing {}: {e}", out.display()))?;
         eprintln!(
             "wrote {} ({} bytes): release {}, build-id {}, {} symbols, {} types, {} enums, {} absent, via {} in {:.3} s",
             out.display(),
@@ -139,10 +158,7 @@ fn build(a: BuildArgs) -> Result<ExitCode, profile::Error> {
     }
     if let Some(isf) = a.export_isf {
         let text = profile::isf::export(&p);
-        std::fs::write(&isf, text).map_err(|e| profile::Error::Io {
-            path: isf.clone(),
-            source: e,
-        })?;
+        std::fs::write(&isf, text).map_err(|e| format!("writing {}: {e}", isf.display()))?;
         eprintln!("wrote {}", isf.display());
     }
     Ok(ExitCode::SUCCESS)

@@ -18,7 +18,7 @@ use pct::migrate::sender::{self, Counters, SenderOptions};
 use pct::migrate::summary::Summary;
 use pct::migrate::switchover::SwitchoverCheck;
 use pct::migrate::wire::{write_frame, Frame, Role, WireStats};
-use pct::profile::{self, Profile};
+use pct::profile::Profile;
 use pct::qmp::Qmp;
 use serde_json::Value;
 use std::io::IsTerminal;
@@ -195,24 +195,9 @@ impl Drop for SockDir {
 }
 
 fn load_profile(path: Option<&Path>, mem: &GuestMemory) -> Result<Profile> {
-    if let Some(p) = path {
-        return Profile::load(p).map_err(|e| anyhow!("loading profile {}: {e}", p.display()));
-    }
-    let key = mem
-        .vmcoreinfo()
-        .and_then(|t| {
-            pct::kernel::vmcoreinfo::VmcoreInfo::parse(t)
-                .build_id()
-                .map(str::to_owned)
-        })
-        .ok_or_else(|| anyhow!("no --profile given and the guest's RAM shows no VMCOREINFO build-id to pick one by"))?;
-    match profile::find_matching(&key).map_err(|e| anyhow!("{e}"))? {
-        Some((path, p, _)) => {
-            eprintln!("pct-migrate: using profile {}", path.display());
-            Ok(p)
-        }
-        None => bail!("no shipped profile matches build-id {key}: build one with `pct-introspect build-profile VMLINUX`"),
-    }
+    let selected = pct::kernel::select::select_profile(mem, path).map_err(|e| anyhow!("{e}"))?;
+    eprintln!("pct-migrate: using profile {}", selected.origin);
+    Ok(selected.profile)
 }
 
 /// The RAM block name of the guest's main memory backend.

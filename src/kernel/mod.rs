@@ -7,7 +7,11 @@
 //! `init_task`, whose `files` pointer gives the virtual shift
 //! (`init_task.files - &init_files`).
 
+pub mod btf;
+pub mod kallsyms;
 pub mod pagetable;
+pub mod select;
+pub mod self_profile;
 pub mod vmcoreinfo;
 
 use crate::memory::{GuestMemory, MemError};
@@ -98,6 +102,91 @@ pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, Method)> {
     None
 }
 
+impl Location {
+    /// Where the kernel is, from VMCOREINFO alone (the randomised direct-map and vmemmap
+    /// bases are left 0: reading them needs the profile's symbols).
+    pub fn from_vmcoreinfo(info: &VmcoreInfo, method: Method) -> Result<Location, LocateError> {
+        let virt_offset = info
+            .kernel_offset()
+            .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no KERNELOFFSET".into()))?;
+        let phys_base = info
+            .number("phys_base")
+            .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no NUMBER(phys_base)".into()))?
+            as u64;
+        let levels = if info.number("pgtable_l5_enabled") == Some(1) {
+            5
+        } else {
+            4
+        };
+        let pgd_va = info
+            .symbol("init_top_pgt")
+            .or_else(|| info.symbol("swapper_pg_dir"))
+            .ok_or_else(|| LocateError::NotFound("VMCOREINFO names no init_top_pgt".into()))?;
+        Ok(Location {
+            method,
+            release: info.release().map(str::to_owned),
+            build_id: info.build_id().map(str::to_owned),
+            virt_offset,
+            phys_base,
+            page_offset_base: 0,
+            vmemmap_base: 0,
+            pgd: pgd_va
+                .wrapping_sub(START_KERNEL_MAP)
+                .wrapping_add(phys_base),
+            levels,
+        })
+    }
+
+    /// Guest-physical address of kernel VA `va`: the direct map by formula once its base
+    /// is known, everything else (the kernel image, modules, vmalloc) through the page
+    /// tables. Modules sit right above the image, so the image formula would give them
+    /// wrong addresses.
+    pub fn va_to_pa(&self, mem: &GuestMemory, va: u64) -> Option<u64> {
+        let end = mem.end_gpa();
+        if self.page_offset_base != 0
+            && va >= self.page_offset_base
+            && va - self.page_offset_base < end
+        {
+            return Some(va - self.page_offset_base);
+        }
+        pagetable::translate(mem, self.pgd, self.levels, va)
+    }
+
+    /// `len` bytes at kernel VA `va` (copied only when they span discontiguous pages).
+    pub fn read<'m>(
+        &self,
+        mem: &'m GuestMemory,
+        va: u64,
+        len: u64,
+        what: &str,
+    ) -> Result<Cow<'m, [u8]>, LocateError> {
+        let unmapped = |at: u64| LocateError::Unmapped {
+            va: at,
+            what: what.to_owned(),
+        };
+        let first = self.va_to_pa(mem, va).ok_or_else(|| unmapped(va))?;
+        let in_page = 4096 - (va & 4095);
+        if len <= in_page {
+            return Ok(Cow::Borrowed(mem.slice(first, len)?));
+        }
+        // Spans pages: contiguous in the direct map, otherwise gather page by page.
+        if self.page_offset_base != 0 && va >= self.page_offset_base && va < START_KERNEL_MAP {
+            if let Ok(s) = mem.slice(first, len) {
+                return Ok(Cow::Borrowed(s));
+            }
+        }
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(1 << 30));
+        let mut cur = va;
+        while (out.len() as u64) < len {
+            let pa = self.va_to_pa(mem, cur).ok_or_else(|| unmapped(cur))?;
+            let n = (4096 - (cur & 4095)).min(len - out.len() as u64);
+            out.extend_from_slice(mem.slice(pa, n)?);
+            cur = cur.wrapping_add(n);
+        }
+        Ok(Cow::Owned(out))
+    }
+}
+
 impl<'a> Kernel<'a> {
     /// Finds the kernel described by `profile` in `mem`.
     pub fn locate(mem: &'a GuestMemory, profile: &'a Profile) -> Result<Kernel<'a>, LocateError> {
@@ -127,13 +216,10 @@ impl<'a> Kernel<'a> {
             release.unwrap_or("an unknown release"),
             build_id.unwrap_or("unknown")
         );
-        let key = build_id.or(release).unwrap_or_default();
-        let hint = match crate::profile::find_matching(key) {
-            Ok(Some((path, _, _))) => {
-                format!("; the shipped profile {} matches it", path.display())
-            }
-            _ => "; no shipped profile matches it: build one with `pct-introspect build-profile` \
-                  from that kernel's -dbg vmlinux"
+        let known = build_id.and_then(select::known_profile);
+        let hint = match known {
+            Some(path) => format!("; the profile {} matches it", path.display()),
+            None => "; run without --profile and pct builds the guest's profile from its own                      memory (or build one from its -dbg vmlinux with `pct-introspect build-profile`)"
                 .to_owned(),
         };
         Err(LocateError::WrongProfile {
@@ -154,36 +240,7 @@ impl<'a> Kernel<'a> {
         method: Method,
     ) -> Result<Kernel<'a>, LocateError> {
         Self::check_identity(profile, info.release(), info.build_id())?;
-        let virt_offset = info
-            .kernel_offset()
-            .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no KERNELOFFSET".into()))?;
-        let phys_base = info
-            .number("phys_base")
-            .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no NUMBER(phys_base)".into()))?
-            as u64;
-        let levels = if info.number("pgtable_l5_enabled") == Some(1) {
-            5
-        } else {
-            4
-        };
-        let pgd_va = info
-            .symbol("init_top_pgt")
-            .or_else(|| info.symbol("swapper_pg_dir"))
-            .ok_or_else(|| LocateError::NotFound("VMCOREINFO names no init_top_pgt".into()))?;
-        let loc = Location {
-            method,
-            release: info.release().map(str::to_owned),
-            build_id: info.build_id().map(str::to_owned),
-            virt_offset,
-            phys_base,
-            page_offset_base: 0,
-            vmemmap_base: 0,
-            pgd: pgd_va
-                .wrapping_sub(START_KERNEL_MAP)
-                .wrapping_add(phys_base),
-            levels,
-        };
-        Self::finish(mem, profile, loc)
+        Self::finish(mem, profile, Location::from_vmcoreinfo(info, method)?)
     }
 
     /// The fallback for kernels without VMCOREINFO, usable on its own: the profile's
@@ -309,42 +366,12 @@ impl<'a> Kernel<'a> {
 
     /// Guest-physical address of kernel VA `va`.
     pub fn va_to_pa(&self, va: u64) -> Option<u64> {
-        let end = self.mem.end_gpa();
-        if va >= self.loc.page_offset_base && va - self.loc.page_offset_base < end {
-            return Some(va - self.loc.page_offset_base);
-        }
-        // Everything else, the kernel image and modules included (modules sit right above
-        // the image, so the image formula would give them wrong addresses), goes through
-        // the page tables.
-        pagetable::translate(self.mem, self.loc.pgd, self.loc.levels, va)
+        self.loc.va_to_pa(self.mem, va)
     }
 
     /// `len` bytes at kernel VA `va` (copied only when they span discontiguous pages).
     pub fn read(&self, va: u64, len: u64, what: &str) -> Result<Cow<'a, [u8]>, LocateError> {
-        let unmapped = || LocateError::Unmapped {
-            va,
-            what: what.to_owned(),
-        };
-        let first = self.va_to_pa(va).ok_or_else(unmapped)?;
-        let in_page = 4096 - (va & 4095);
-        if len <= in_page {
-            return Ok(Cow::Borrowed(self.mem.slice(first, len)?));
-        }
-        // Spans pages: contiguous in the direct map, otherwise gather page by page.
-        if va >= self.loc.page_offset_base && va < START_KERNEL_MAP {
-            if let Ok(s) = self.mem.slice(first, len) {
-                return Ok(Cow::Borrowed(s));
-            }
-        }
-        let mut out = Vec::with_capacity(len as usize);
-        let mut cur = va;
-        while (out.len() as u64) < len {
-            let pa = self.va_to_pa(cur).ok_or_else(unmapped)?;
-            let n = (4096 - (cur & 4095)).min(len - out.len() as u64);
-            out.extend_from_slice(self.mem.slice(pa, n)?);
-            cur += n;
-        }
-        Ok(Cow::Owned(out))
+        self.loc.read(self.mem, va, len, what)
     }
 
     pub fn read_u64(&self, va: u64, what: &str) -> Result<u64, LocateError> {

@@ -7,6 +7,10 @@
 //! kind-specific data. With kind_flag set on a struct, a member's offset word holds the
 //! bitfield width in its top 8 bits and the bit offset in the low 24.
 //! BTF has no symbol addresses: those come from the ELF symbol table.
+//!
+//! A module's BTF is *split* BTF on top of vmlinux's: its type ids continue after the
+//! base's last one and its string offsets after the base's string section, so ids and
+//! names below those points are the base's ([`Btf::parse_split`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -42,9 +46,16 @@ pub struct Btf<'a> {
     data: Cow<'a, [u8]>,
     types: (usize, usize),
     strs: (usize, usize),
-    /// Byte offset (inside `data`) of each type's record; index 0 (void) unused.
+    /// Byte offset (inside `data`) of each own type's record: entry k is type id
+    /// `first_id + k - 1`; entry 0 is unused (void, or the base's types).
     offs: Vec<usize>,
     index: HashMap<(Kind, String), u32>,
+    /// For split BTF: the base it extends.
+    base: Option<&'a Btf<'a>>,
+    /// The first type id this blob defines (1, or the base's next id).
+    first_id: u32,
+    /// The first string offset this blob's string section holds (0, or the base's length).
+    first_str: u32,
 }
 
 /// One decoded record header.
@@ -69,13 +80,36 @@ fn u32_at(d: &[u8], off: usize) -> RResult<u32> {
 impl<'a> Btf<'a> {
     /// Parse and index a BTF blob.
     pub fn parse(data: Cow<'a, [u8]>, path: &Path) -> Result<Self> {
-        Self::parse_inner(data).map_err(|m| Error::Btf {
+        Self::parse_inner(data, None).map_err(|m| Error::Btf {
             path: path.into(),
             msg: m.0,
         })
     }
 
-    fn parse_inner(data: Cow<'a, [u8]>) -> RResult<Self> {
+    /// Parse and index a module's split BTF on top of `base` (vmlinux's).
+    pub fn parse_split(data: Cow<'a, [u8]>, base: &'a Btf<'a>, path: &Path) -> Result<Self> {
+        Self::parse_inner(data, Some(base)).map_err(|m| Error::Btf {
+            path: path.into(),
+            msg: m.0,
+        })
+    }
+
+    /// Parse, checking only the structure (for callers with no file to name).
+    pub fn parse_blob(data: Cow<'a, [u8]>, base: Option<&'a Btf<'a>>) -> RResult<Self> {
+        Self::parse_inner(data, base)
+    }
+
+    /// The next type id after this blob's last.
+    fn next_id(&self) -> u32 {
+        self.first_id + self.len() as u32
+    }
+
+    /// The string offset just past this blob's string section.
+    fn next_str(&self) -> u32 {
+        self.first_str + (self.strs.1 - self.strs.0) as u32
+    }
+
+    fn parse_inner(data: Cow<'a, [u8]>, base: Option<&'a Btf<'a>>) -> RResult<Self> {
         let d: &[u8] = &data;
         if d.len() < 24 {
             return Err(malformed("shorter than the BTF header"));
@@ -113,11 +147,14 @@ impl<'a> Btf<'a> {
             strs,
             offs: Vec::new(),
             index: HashMap::new(),
+            base,
+            first_id: base.map_or(1, |b| b.next_id()),
+            first_str: base.map_or(0, |b| b.next_str()),
         };
         let mut pos = types.0;
         while pos < types.1 {
             let rec = Self::rec_at(d, pos, types.1)?;
-            let id = offs.len() as u32;
+            let id = me.first_id + offs.len() as u32 - 1;
             offs.push(pos);
             let kind = match rec.kind {
                 STRUCT | UNION => Some(Kind::Aggregate),
@@ -169,7 +206,11 @@ impl<'a> Btf<'a> {
         Ok(rec)
     }
 
-    fn str_in<'d>(&self, d: &'d [u8], off: u32) -> RResult<&'d str> {
+    fn str_in<'d>(&'d self, d: &'d [u8], off: u32) -> RResult<&'d str> {
+        if let (Some(base), true) = (self.base, off < self.first_str) {
+            return base.str_in(&base.data, off);
+        }
+        let off = off - self.first_str;
         let start = self
             .strs
             .0
@@ -201,13 +242,31 @@ impl<'a> Btf<'a> {
         self.len() == 0
     }
 
+    /// The record of one of this blob's own types (not the base's).
     fn rec(&self, id: u32) -> RResult<Rec> {
-        let pos = *self
-            .offs
-            .get(id as usize)
-            .filter(|_| id != 0)
+        let pos = *id
+            .checked_sub(self.first_id)
+            .and_then(|k| self.offs.get(k as usize + 1))
             .ok_or_else(|| malformed(format!("type id {id} out of range")))?;
         Self::rec_at(&self.data, pos, self.types.1)
+    }
+
+    /// Whether `id` is the base's (split BTF).
+    fn in_base(&self, id: u32) -> Option<&'a Btf<'a>> {
+        self.base.filter(|_| id != 0 && id < self.first_id)
+    }
+
+    /// The encoding word of an INT type, wherever it is defined.
+    fn int_encoding(&self, id: u32) -> Option<(u32, u32)> {
+        if let Some(base) = self.in_base(id) {
+            return base.int_encoding(id);
+        }
+        let t = self.rec(id).ok()?;
+        (t.kind == INT).then(|| {
+            u32_at(&self.data, t.extra)
+                .ok()
+                .map(|e| (e, t.size_or_type))
+        })?
     }
 
     fn tid(&self, t: u32) -> TypeId {
@@ -224,6 +283,9 @@ impl<'a> Btf<'a> {
         for _ in 0..64 {
             if id == 0 {
                 return Ok(Node::Void);
+            }
+            if let Some(base) = self.in_base(id) {
+                return base.decode(TypeId::from(id));
             }
             let r = self.rec(id)?;
             if r.kind == TYPE_TAG {
@@ -265,15 +327,12 @@ impl<'a> Btf<'a> {
                     };
                     if !r.kflag {
                         // Old-style bitfield: encoded in the INT member type.
-                        if let Ok(t) = self.rec(ty) {
-                            if t.kind == INT {
-                                let enc = u32_at(d, t.extra)?;
-                                let bits = enc & 0xff;
-                                let shift = (enc >> 16) & 0xff;
-                                if bits != t.size_or_type * 8 || shift != 0 {
-                                    bit_offset += u64::from(shift);
-                                    bit_size = Some(bits);
-                                }
+                        if let Some((enc, size)) = self.int_encoding(ty) {
+                            let bits = enc & 0xff;
+                            let shift = (enc >> 16) & 0xff;
+                            if bits != size * 8 || shift != 0 {
+                                bit_offset += u64::from(shift);
+                                bit_size = Some(bits);
                             }
                         }
                     }

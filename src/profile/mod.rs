@@ -12,6 +12,7 @@
 
 pub mod btf;
 pub mod build;
+pub mod cache;
 pub mod dwarf;
 pub mod elf;
 pub mod error;

@@ -1,14 +1,15 @@
 //! `pct-introspect scan`: the forensic dry-run.
 
 use pct::introspect::{scan, ScanOptions};
+use pct::kernel::select::select_profile;
 use pct::memory::{qemu, GuestMemory};
-use pct::profile::{self, Profile};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
 pub struct ScanArgs {
-    /// Kernel profile (JSON) [default: the shipped profile matching the image].
+    /// Kernel profile (JSON) [default: the shipped or cached profile with the guest's
+    /// build-id, else one built from the guest's memory and cached].
     #[arg(long)]
     profile: Option<PathBuf>,
     /// Guest RAM: a raw RAM file (QEMU memory-backend-file) or a `dump-guest-memory` ELF core.
@@ -39,28 +40,21 @@ enum Format {
     Json,
 }
 
-pub fn run(a: ScanArgs) -> Result<ExitCode, String> {
-    let mem = match (&a.memory, &a.qmp) {
+/// Guest memory from `--memory` or `--qmp`.
+pub fn open_memory(memory: Option<&Path>, qmp: Option<&Path>) -> Result<GuestMemory, String> {
+    match (memory, qmp) {
         (Some(p), _) => GuestMemory::open(p),
         (None, Some(q)) => qemu::open_live(q),
-        (None, None) => unreachable!("clap requires --memory or --qmp"),
+        (None, None) => return Err("give --memory IMG or --qmp SOCK".into()),
     }
-    .map_err(|e| e.to_string())?;
-    let profile = match &a.profile {
-        Some(p) => Profile::load(p).map_err(|e| e.to_string())?,
-        None => {
-            let key = pct::kernel::find_vmcoreinfo(&mem)
-                .and_then(|(info, _)| info.build_id().or(info.release()).map(str::to_owned))
-                .ok_or("no --profile given and no VMCOREINFO in the image to pick one by: pass --profile")?;
-            match profile::find_matching(&key).map_err(|e| e.to_string())? {
-                Some((path, p, _)) => {
-                    eprintln!("using profile {}", path.display());
-                    p
-                }
-                None => return Err(format!("no shipped profile matches {key}: build one with `pct-introspect build-profile VMLINUX`")),
-            }
-        }
-    };
+    .map_err(|e| e.to_string())
+}
+
+pub fn run(a: ScanArgs) -> Result<ExitCode, String> {
+    let mem = open_memory(a.memory.as_deref(), a.qmp.as_deref())?;
+    let selected = select_profile(&mem, a.profile.as_deref()).map_err(|e| e.to_string())?;
+    eprintln!("using profile {}", selected.origin);
+    let profile = selected.profile;
     let disk = match &a.disk {
         Some(p) => Some(
             std::fs::File::open(p)

@@ -1,0 +1,493 @@
+//! The kernel's own symbol table, kallsyms, read out of guest memory.
+//!
+//! `scripts/kallsyms` compresses every symbol name against a table of 256 tokens and
+//! lays the tables out in `.rodata`, in this order:
+//!
+//! ```text
+//! kallsyms_offsets[n]        s32 each, addresses relative to kallsyms_relative_base
+//! kallsyms_relative_base     u64
+//! kallsyms_num_syms          u32 (unsigned long before 6.x: the low half reads the same)
+//! kallsyms_names             per symbol: length (1 byte, or 2 with the top bit set: ≥ 6.1),
+//!                            then that many token numbers; the first expanded character
+//!                            is the symbol's type letter (T, t, D, d, R, r, B, b …)
+//! kallsyms_markers, …
+//! kallsyms_token_table       256 NUL-terminated token strings
+//! kallsyms_token_index[256]  u16 offset of each token in the table
+//! ```
+//!
+//! VMCOREINFO names the tables on kernels that export them (Debian 6.1 does); elsewhere
+//! [`find_tables`] finds them by that structure. Decoding mirrors the kernel's
+//! `kallsyms_expand_symbol` and `kallsyms_sym_address`. All of it is guest data: every
+//! length and offset is bounded, and anything inconsistent is an error naming what and where.
+
+use super::vmcoreinfo::VmcoreInfo;
+use super::{LocateError, Location, START_KERNEL_MAP};
+use crate::memory::GuestMemory;
+use std::collections::HashMap;
+
+/// More symbols than any kernel has (Debian's generic kernel has about 190,000).
+const MAX_SYMS: u32 = 4 << 20;
+/// Upper bound on the compressed names table.
+const MAX_NAMES_BYTES: u64 = 64 << 20;
+/// How far past the kernel's `_stext` the structural search looks.
+const SEARCH_SPAN: u64 = 96 << 20;
+
+/// Why the symbol table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum KallsymsError {
+    #[error(transparent)]
+    Read(#[from] LocateError),
+    #[error(
+        "the kernel's symbol table (kallsyms) was not found in guest memory: VMCOREINFO names \
+         no kallsyms tables and none were found by their structure{0}"
+    )]
+    NotFound(String),
+    #[error("kallsyms table {table} at {va:#x} is malformed: {msg}")]
+    Malformed {
+        table: &'static str,
+        va: u64,
+        msg: String,
+    },
+}
+
+/// Where the tables are (runtime virtual addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tables {
+    pub offsets: u64,
+    pub relative_base: u64,
+    pub num_syms: u64,
+    pub names: u64,
+    pub token_table: u64,
+    pub token_index: u64,
+    /// How the tables were found.
+    pub found_by: FoundBy,
+}
+
+/// How [`Tables`] were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FoundBy {
+    Vmcoreinfo,
+    Structure,
+}
+
+/// One decoded symbol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sym {
+    /// Runtime address (KASLR applied; per-CPU symbols are offsets, never shifted).
+    pub address: u64,
+    /// The `nm`-style type letter: upper case for global symbols.
+    pub kind: u8,
+}
+
+impl Sym {
+    pub fn is_global(&self) -> bool {
+        self.kind.is_ascii_uppercase()
+    }
+}
+
+/// The decoded symbol table: name → symbol, a global definition winning over a local one
+/// (as in the ELF symbol table, where pct's vmlinux profiles take their symbols from).
+pub struct Kallsyms {
+    pub tables: Tables,
+    syms: HashMap<String, Sym>,
+    /// Whether the kernel stores per-CPU symbols as absolute values
+    /// (`CONFIG_KALLSYMS_ABSOLUTE_PERCPU`).
+    pub absolute_percpu: bool,
+}
+
+impl Kallsyms {
+    /// Finds and decodes the symbol table of the kernel at `loc`.
+    pub fn read(
+        mem: &GuestMemory,
+        loc: &Location,
+        info: &VmcoreInfo,
+    ) -> Result<Kallsyms, KallsymsError> {
+        let tables = match tables_from_vmcoreinfo(info) {
+            Some(t) => t,
+            None => find_tables(mem, loc, info)?,
+        };
+        Self::decode(mem, loc, tables)
+    }
+
+    /// `kallsyms_lookup_name`: the runtime address of `name`.
+    pub fn lookup_name(&self, name: &str) -> Option<u64> {
+        self.syms.get(name).map(|s| s.address)
+    }
+
+    /// The symbol called `name`.
+    pub fn get(&self, name: &str) -> Option<Sym> {
+        self.syms.get(name).copied()
+    }
+
+    /// Number of distinct names.
+    pub fn len(&self) -> usize {
+        self.syms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.syms.is_empty()
+    }
+
+    /// Decodes the tables at `t`.
+    pub fn decode(mem: &GuestMemory, loc: &Location, t: Tables) -> Result<Kallsyms, KallsymsError> {
+        let bad =
+            |table: &'static str, va: u64, msg: String| KallsymsError::Malformed { table, va, msg };
+        let num = read_u32(mem, loc, t.num_syms, "kallsyms_num_syms")?;
+        if num == 0 || num > MAX_SYMS {
+            return Err(bad(
+                "kallsyms_num_syms",
+                t.num_syms,
+                format!("{num} symbols is not plausible"),
+            ));
+        }
+        let tokens = Tokens::read(mem, loc, t.token_table, t.token_index)?;
+        let names_len = t
+            .token_table
+            .checked_sub(t.names)
+            .filter(|&l| l > 0 && l <= MAX_NAMES_BYTES)
+            .ok_or_else(|| {
+                bad(
+                    "kallsyms_names",
+                    t.names,
+                    format!(
+                        "does not lie before the token table at {:#x} within {MAX_NAMES_BYTES} bytes",
+                        t.token_table
+                    ),
+                )
+            })?;
+        let names = loc.read(mem, t.names, names_len, "kallsyms_names")?;
+        let offsets = loc.read(mem, t.offsets, u64::from(num) * 4, "kallsyms_offsets")?;
+        let base = read_u64(mem, loc, t.relative_base, "kallsyms_relative_base")?;
+        let offsets: Vec<i32> = offsets
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        // With CONFIG_KALLSYMS_ABSOLUTE_PERCPU, every non-per-CPU symbol is stored as a
+        // negative offset; without it no offset is negative (the base is the lowest address).
+        let absolute_percpu = offsets.iter().any(|&o| o < 0);
+        let mut syms: HashMap<String, Sym> = HashMap::with_capacity(num as usize);
+        let mut pos = 0usize;
+        let mut name = Vec::with_capacity(128);
+        for &off in offsets.iter() {
+            let (len, entry_at) = name_entry(&names, pos).ok_or_else(|| {
+                bad(
+                    "kallsyms_names",
+                    t.names + pos as u64,
+                    "runs past the end of the table".into(),
+                )
+            })?;
+            let entry = names.get(entry_at..entry_at + len).ok_or_else(|| {
+                bad(
+                    "kallsyms_names",
+                    t.names + pos as u64,
+                    format!("a {len}-byte name runs past the end of the table"),
+                )
+            })?;
+            pos = entry_at + len;
+            tokens.expand(entry, &mut name);
+            let Some((&kind, rest)) = name.split_first() else {
+                return Err(bad(
+                    "kallsyms_names",
+                    t.names + pos as u64,
+                    "empty symbol name".into(),
+                ));
+            };
+            let Ok(text) = std::str::from_utf8(rest) else {
+                continue; // not a name anything looks up
+            };
+            let address = if absolute_percpu {
+                if off >= 0 {
+                    off as u64
+                } else {
+                    base.wrapping_sub(1).wrapping_sub(i64::from(off) as u64)
+                }
+            } else {
+                base.wrapping_add(u64::from(off as u32))
+            };
+            let sym = Sym { address, kind };
+            match syms.get(text) {
+                Some(old) if old.is_global() || !sym.is_global() => {}
+                _ => {
+                    syms.insert(text.to_owned(), sym);
+                }
+            }
+        }
+        Ok(Kallsyms {
+            tables: t,
+            syms,
+            absolute_percpu,
+        })
+    }
+}
+
+/// The tables VMCOREINFO names, if it names them all.
+pub fn tables_from_vmcoreinfo(info: &VmcoreInfo) -> Option<Tables> {
+    Some(Tables {
+        offsets: info.symbol("kallsyms_offsets")?,
+        relative_base: info.symbol("kallsyms_relative_base")?,
+        num_syms: info.symbol("kallsyms_num_syms")?,
+        names: info.symbol("kallsyms_names")?,
+        token_table: info.symbol("kallsyms_token_table")?,
+        token_index: info.symbol("kallsyms_token_index")?,
+        found_by: FoundBy::Vmcoreinfo,
+    })
+}
+
+/// The length of the name entry at `pos` and where its token bytes start: one length byte,
+/// or two when the first has its top bit set (little-endian base 128, as 6.1 writes it).
+fn name_entry(names: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let first = *names.get(pos)?;
+    if first & 0x80 == 0 {
+        return Some((usize::from(first), pos + 1));
+    }
+    let second = *names.get(pos + 1)?;
+    Some((
+        usize::from(first & 0x7f) | (usize::from(second) << 7),
+        pos + 2,
+    ))
+}
+
+/// The 256 tokens, as byte strings.
+struct Tokens {
+    table: Vec<u8>,
+    /// (start, end) of each token in `table`.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Tokens {
+    fn read(
+        mem: &GuestMemory,
+        loc: &Location,
+        table_va: u64,
+        index_va: u64,
+    ) -> Result<Tokens, KallsymsError> {
+        let index = loc.read(mem, index_va, 512, "kallsyms_token_index")?;
+        let index: Vec<usize> = index
+            .chunks_exact(2)
+            .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        let max = index.iter().copied().max().unwrap_or(0);
+        // The last token ends before the index (the table ends where the index starts,
+        // give or take alignment); read up to the index, at most 64 KiB.
+        let len = index_va
+            .checked_sub(table_va)
+            .filter(|&l| l as usize > max && l <= 64 << 10)
+            .ok_or_else(|| KallsymsError::Malformed {
+                table: "kallsyms_token_table",
+                va: table_va,
+                msg: format!(
+                    "the token index at {index_va:#x} does not follow the table closely \
+                     (largest token offset {max})"
+                ),
+            })?;
+        let table = loc
+            .read(mem, table_va, len, "kallsyms_token_table")?
+            .into_owned();
+        let spans = Self::spans(&table, &index).map_err(|msg| KallsymsError::Malformed {
+            table: "kallsyms_token_table",
+            va: table_va,
+            msg,
+        })?;
+        Ok(Tokens { table, spans })
+    }
+
+    /// Each token's span: it starts at its index entry and ends at the next NUL.
+    fn spans(table: &[u8], index: &[usize]) -> Result<Vec<(usize, usize)>, String> {
+        index
+            .iter()
+            .enumerate()
+            .map(|(i, &start)| {
+                let rest = table
+                    .get(start..)
+                    .ok_or_else(|| format!("token {i} starts past the table"))?;
+                let n = rest
+                    .iter()
+                    .position(|&b| b == 0)
+                    .ok_or_else(|| format!("token {i} is not NUL-terminated"))?;
+                if n == 0 {
+                    return Err(format!("token {i} is empty"));
+                }
+                Ok((start, start + n))
+            })
+            .collect()
+    }
+
+    /// `kallsyms_expand_symbol`: the token bytes of one entry → the name, type letter first.
+    fn expand(&self, entry: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        for &t in entry {
+            let (s, e) = self.spans[usize::from(t)];
+            out.extend_from_slice(&self.table[s..e]);
+        }
+    }
+}
+
+fn read_u32(
+    mem: &GuestMemory,
+    loc: &Location,
+    va: u64,
+    what: &'static str,
+) -> Result<u32, LocateError> {
+    let b = loc.read(mem, va, 4, what)?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn read_u64(
+    mem: &GuestMemory,
+    loc: &Location,
+    va: u64,
+    what: &'static str,
+) -> Result<u64, LocateError> {
+    let b = loc.read(mem, va, 8, what)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    Ok(u64::from_le_bytes(a))
+}
+
+/// Finds the tables by their structure, for kernels whose VMCOREINFO does not name them.
+///
+/// Anchor: `kallsyms_relative_base` holds the runtime address of the kernel's lowest text
+/// symbol, `_stext`'s (VMCOREINFO names `_stext`), and is followed by a plausible symbol
+/// count and a names table whose entries parse; the offsets table ends right before it. The
+/// token table and index follow the names, past the markers: an index of 256 increasing
+/// u16 whose entries point just past the NULs of the table right before it.
+pub fn find_tables(
+    mem: &GuestMemory,
+    loc: &Location,
+    info: &VmcoreInfo,
+) -> Result<Tables, KallsymsError> {
+    let stext = info
+        .symbol("_stext")
+        .ok_or_else(|| KallsymsError::NotFound(": VMCOREINFO names no _stext either".into()))?;
+    let start_pa = stext
+        .wrapping_sub(START_KERNEL_MAP)
+        .wrapping_add(loc.phys_base);
+    let image = mem
+        .chunks()
+        .find_map(|(gpa, bytes)| {
+            let rel = start_pa.checked_sub(gpa)?;
+            let rel = usize::try_from(rel).ok()?;
+            let end = rel.saturating_add(SEARCH_SPAN as usize).min(bytes.len());
+            bytes.get(rel..end)
+        })
+        .ok_or_else(|| {
+            KallsymsError::NotFound(format!(
+                ": the kernel image (_stext at {stext:#x}, physical {start_pa:#x}) is not in this memory"
+            ))
+        })?;
+    let va_of = |off: usize| stext + off as u64;
+    let needle = stext.to_le_bytes();
+    let mut from = 0;
+    while let Some(i) = memchr::memmem::find(&image[from..], &needle) {
+        let at = from + i;
+        from = at + 1;
+        if at % 8 != 0 {
+            continue;
+        }
+        let Some(num) = image
+            .get(at + 8..at + 12)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            continue;
+        };
+        if !(1000..=MAX_SYMS).contains(&num) {
+            continue;
+        }
+        let names_at = at + 16;
+        let Some(names_end) = names_extent(&image[names_at..], num) else {
+            continue;
+        };
+        let names_end = names_at + names_end;
+        let Some((table, index)) = find_token_tables(&image[names_end..]) else {
+            continue;
+        };
+        let offsets_len = 4 * num as usize;
+        // The offsets end at the base, padded to 8 bytes.
+        for pad in [0usize, 4] {
+            let Some(off_at) = at.checked_sub(offsets_len + pad) else {
+                continue;
+            };
+            let t = Tables {
+                offsets: va_of(off_at),
+                relative_base: va_of(at),
+                num_syms: va_of(at + 8),
+                names: va_of(names_at),
+                token_table: va_of(names_end + table),
+                token_index: va_of(names_end + index),
+                found_by: FoundBy::Structure,
+            };
+            // The right padding makes `_stext` decode to its VMCOREINFO address.
+            if let Ok(k) = Kallsyms::decode(mem, loc, t) {
+                if k.lookup_name("_stext") == Some(stext) {
+                    return Ok(t);
+                }
+            }
+        }
+    }
+    Err(KallsymsError::NotFound(
+        " (kernel built without CONFIG_KALLSYMS_ALL, or not a Linux image)".into(),
+    ))
+}
+
+/// The byte length of a names table of `num` entries at the start of `bytes`, if every
+/// entry's length fits.
+fn names_extent(bytes: &[u8], num: u32) -> Option<usize> {
+    let mut pos = 0;
+    for _ in 0..num {
+        let (len, at) = name_entry(bytes, pos)?;
+        if len == 0 {
+            return None;
+        }
+        pos = at + len;
+        if pos > bytes.len() {
+            return None;
+        }
+    }
+    Some(pos)
+}
+
+/// The token table and index (their offsets in `bytes`) within the first 16 MiB after
+/// the names: an 8-aligned run of 256 u16, the first 0 and each larger than the last,
+/// preceded by a table in which token i ends with a NUL just before token i+1 starts.
+fn find_token_tables(bytes: &[u8]) -> Option<(usize, usize)> {
+    let span = bytes.len().min(16 << 20);
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let mut at = 0;
+    while at + 512 <= span {
+        // Cheap rejection first: nearly every position fails on its first two entries.
+        let quick = u16_at(at) == Some(0) && u16_at(at + 2).is_some_and(|v| (2..64).contains(&v));
+        let index: Option<Vec<usize>> = if quick {
+            (0..256).map(|i| u16_at(at + 2 * i)).collect()
+        } else {
+            None
+        };
+        let ok = index
+            .as_ref()
+            .is_some_and(|ix| ix.windows(2).all(|w| w[1] > w[0] + 1 && w[1] - w[0] < 64));
+        if let (true, Some(ix)) = (ok, index) {
+            let last = ix[255];
+            // The table starts `last + len(token 255) + 1` bytes before the index, plus padding.
+            for table_len in last + 2..(last + 72).min(at + 1) {
+                let t = at - table_len;
+                let table = &bytes[t..at];
+                let ends_right = ix.windows(2).all(|w| {
+                    table.get(w[1] - 1) == Some(&0) && !table[w[0]..w[1] - 1].contains(&0)
+                });
+                let last_ok = table
+                    .get(last..)
+                    .and_then(|r| r.iter().position(|&b| b == 0))
+                    .is_some_and(|n| n > 0 && table[last + n + 1..].iter().all(|&b| b == 0));
+                if ends_right && last_ok {
+                    return Some((t, at));
+                }
+            }
+        }
+        at += 8;
+    }
+    None
+}

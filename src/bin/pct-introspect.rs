@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 #[path = "pct-introspect/scan.rs"]
 mod scan;
-use pct::kernel::self_profile::build_profile_from_memory;
+use pct::kernel::self_profile::build_profile_from_memory_with;
 use pct::profile::{self, BuildOptions, Method, Profile};
 
 #[derive(Parser)]
@@ -54,6 +54,10 @@ struct BuildArgs {
     /// With --from-memory: a live QEMU's QMP socket.
     #[arg(long, requires = "from_memory")]
     qmp: Option<PathBuf>,
+    /// With --from-memory: also write the BTF found in memory to DIR (vmlinux.btf and one
+    /// <module>.btf each), for pahole or bpftool.
+    #[arg(long, value_name = "DIR", requires = "from_memory")]
+    dump_btf: Option<PathBuf>,
     /// Kernel module (or its -dbg debug file) providing types vmlinux lacks, e.g. ext4.ko.
     #[arg(long = "module", value_name = "KO")]
     modules: Vec<PathBuf>,
@@ -128,7 +132,7 @@ fn build(a: BuildArgs) -> Result<ExitCode, String> {
         .map_err(|e| e.to_string())?,
         _ => {
             let mem = scan::open_memory(a.memory.as_deref(), a.qmp.as_deref())?;
-            build_profile_from_memory(&mem)
+            build_profile_from_memory_with(&mem, a.dump_btf.as_deref())
                 .map_err(|e| format!("building a profile from {}: {e}", mem.description()))?
                 .0
         }

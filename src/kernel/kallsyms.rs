@@ -399,7 +399,7 @@ pub fn find_tables(
             continue;
         };
         let names_end = names_at + names_end;
-        let Some((table, index)) = find_token_tables(&image[names_end..]) else {
+        let Some((table, index)) = find_token_tables(image, names_end) else {
             continue;
         };
         let offsets_len = 4 * num as usize;
@@ -413,13 +413,14 @@ pub fn find_tables(
                 relative_base: va_of(at),
                 num_syms: va_of(at + 8),
                 names: va_of(names_at),
-                token_table: va_of(names_end + table),
-                token_index: va_of(names_end + index),
+                token_table: va_of(table),
+                token_index: va_of(index),
                 found_by: FoundBy::Structure,
             };
-            // The right padding makes `_stext` decode to its VMCOREINFO address.
+            // The right padding makes the symbols VMCOREINFO names decode to its addresses
+            // (`_stext` alone cannot tell: `_text` and `startup_64` share its address).
             if let Ok(k) = Kallsyms::decode(mem, loc, t) {
-                if k.lookup_name("_stext") == Some(stext) {
+                if agrees_with_vmcoreinfo(&k, info) {
                     return Ok(t);
                 }
             }
@@ -428,6 +429,32 @@ pub fn find_tables(
     Err(KallsymsError::NotFound(
         " (kernel built without CONFIG_KALLSYMS_ALL, or not a Linux image)".into(),
     ))
+}
+
+/// Whether every kernel-image symbol VMCOREINFO names (at least three) decodes to the
+/// address VMCOREINFO gives.
+fn agrees_with_vmcoreinfo(k: &Kallsyms, info: &VmcoreInfo) -> bool {
+    let mut matched = 0;
+    for (key, value) in &info.values {
+        let Some(name) = key
+            .strip_prefix("SYMBOL(")
+            .and_then(|r| r.strip_suffix(')'))
+        else {
+            continue;
+        };
+        let Ok(addr) = u64::from_str_radix(value, 16) else {
+            continue;
+        };
+        if addr < START_KERNEL_MAP {
+            continue; // a pointer's value (mem_section), not the symbol's address
+        }
+        match k.lookup_name(name) {
+            Some(a) if a == addr => matched += 1,
+            Some(_) => return false,
+            None => {}
+        }
+    }
+    matched >= 3
 }
 
 /// The byte length of a names table of `num` entries at the start of `bytes`, if every
@@ -447,17 +474,17 @@ fn names_extent(bytes: &[u8], num: u32) -> Option<usize> {
     Some(pos)
 }
 
-/// The token table and index (their offsets in `bytes`) within the first 16 MiB after
-/// the names: an 8-aligned run of 256 u16, the first 0 and each larger than the last,
+/// The token table and index (their offsets in `bytes`, which starts page-aligned) within
+/// 16 MiB after offset `from` (the end of the names): a run of 256 u16 at an even address, the first 0 and each larger than the last,
 /// preceded by a table in which token i ends with a NUL just before token i+1 starts.
-fn find_token_tables(bytes: &[u8]) -> Option<(usize, usize)> {
-    let span = bytes.len().min(16 << 20);
+fn find_token_tables(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
+    let span = bytes.len().min(from.saturating_add(16 << 20));
     let u16_at = |o: usize| {
         bytes
             .get(o..o + 2)
             .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
     };
-    let mut at = 0;
+    let mut at = from + (from & 1);
     while at + 512 <= span {
         // Cheap rejection first: nearly every position fails on its first two entries.
         let quick = u16_at(at) == Some(0) && u16_at(at + 2).is_some_and(|v| (2..64).contains(&v));
@@ -472,7 +499,7 @@ fn find_token_tables(bytes: &[u8]) -> Option<(usize, usize)> {
         if let (true, Some(ix)) = (ok, index) {
             let last = ix[255];
             // The table starts `last + len(token 255) + 1` bytes before the index, plus padding.
-            for table_len in last + 2..(last + 72).min(at + 1) {
+            for table_len in last + 2..(last + 72).min(at - from + 1) {
                 let t = at - table_len;
                 let table = &bytes[t..at];
                 let ends_right = ix.windows(2).all(|w| {
@@ -487,7 +514,7 @@ fn find_token_tables(bytes: &[u8]) -> Option<(usize, usize)> {
                 }
             }
         }
-        at += 8;
+        at += 2;
     }
     None
 }

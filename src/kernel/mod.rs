@@ -83,18 +83,35 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The guest's VMCOREINFO: from the source's own note (an ELF core), else found in RAM
 /// (the first note whose text carries KERNELOFFSET and phys_base).
+///
+/// Since 4.x the kernel allocates the note with `alloc_pages_exact`, so its name sits 12
+/// bytes into a page (after namesz, descsz and type): that one spot per page is looked at
+/// first, which is quick even when the page lies at the top of a large guest. Older kernels
+/// keep the note in the image's `.bss`, anywhere in a page: a full scan finds those.
 pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, Method)> {
     if let Some(text) = mem.vmcoreinfo() {
         return Some((VmcoreInfo::parse(text), Method::VmcoreinfoNote));
     }
+    let usable = |bytes: &[u8]| {
+        VmcoreInfo::from_note_bytes(bytes)
+            .filter(|info| info.kernel_offset().is_some() && info.number("phys_base").is_some())
+    };
+    let marker = vmcoreinfo::NOTE_MARKER;
     for (_, bytes) in mem.chunks() {
-        let mut from = 0;
-        while let Some(i) = find(&bytes[from..], vmcoreinfo::NOTE_MARKER) {
-            let at = from + i;
-            if let Some(info) = VmcoreInfo::from_note_bytes(&bytes[at..]) {
-                if info.kernel_offset().is_some() && info.number("phys_base").is_some() {
+        for at in (12..bytes.len()).step_by(4096) {
+            if bytes[at..].starts_with(marker) {
+                if let Some(info) = usable(&bytes[at..]) {
                     return Some((info, Method::VmcoreinfoInRam));
                 }
+            }
+        }
+    }
+    for (_, bytes) in mem.chunks() {
+        let mut from = 0;
+        while let Some(i) = find(&bytes[from..], marker) {
+            let at = from + i;
+            if let Some(info) = usable(&bytes[at..]) {
+                return Some((info, Method::VmcoreinfoInRam));
             }
             from = at + 1;
         }

@@ -59,6 +59,16 @@ pub struct SelfProfileStats {
 pub fn build_profile_from_memory(
     mem: &GuestMemory,
 ) -> Result<(Profile, SelfProfileStats), SelfProfileError> {
+    build_profile_from_memory_with(mem, None)
+}
+
+/// [`build_profile_from_memory`], also writing the BTF blobs it read into `dump_btf`:
+/// `vmlinux.btf` and `<module>.btf` (split BTF), raw, as `/sys/kernel/btf/` shows them,
+/// for `pahole` (`--btf_base vmlinux.btf` for a module) or `bpftool btf dump file`.
+pub fn build_profile_from_memory_with(
+    mem: &GuestMemory,
+    dump_btf: Option<&Path>,
+) -> Result<(Profile, SelfProfileStats), SelfProfileError> {
     let t0 = Instant::now();
     let (info, method) = find_vmcoreinfo(mem).ok_or(SelfProfileError::NoVmcoreinfo)?;
     let loc = Location::from_vmcoreinfo(&info, method)?;
@@ -114,23 +124,43 @@ pub fn build_profile_from_memory(
         len: len as u64,
         msg,
     };
+    if let Some(dir) = dump_btf {
+        dump(dir, "vmlinux", &btf_bytes)?;
+    }
     let base = Btf::parse_blob(Cow::Owned(btf_bytes), None)
         .map_err(|m| invalid("vmlinux BTF", btf_va, btf_len, m.0))?;
-    let modules = match ksyms.lookup_name("btf_modules") {
-        Some(head) => module_btfs(mem, &loc, &base, head)?,
+    // Module BTF only matters where the manifest's types live in modules (ext4 on Debian's
+    // generic kernels): a module whose BTF cannot be read is left out, and named in the
+    // error should a required type then be missing.
+    let mut module_problems = Vec::new();
+    let all_modules = match ksyms.lookup_name("btf_modules") {
+        Some(head) => module_btfs(mem, &loc, &base, head).unwrap_or_else(|e| {
+            module_problems.push(e.to_string());
+            Vec::new()
+        }),
         None => Vec::new(), // CONFIG_DEBUG_INFO_BTF_MODULES off: vmlinux must do
     };
-    let mut split = Vec::with_capacity(modules.len());
-    for m in &modules {
-        let b = Btf::parse_blob(Cow::Borrowed(&m.data[..]), Some(&base)).map_err(|e| {
-            invalid(
-                &format!("BTF of module {}", m.name),
-                m.va,
-                m.data.len(),
-                e.0,
-            )
-        })?;
-        split.push(b);
+    let mut modules = Vec::with_capacity(all_modules.len());
+    let mut split = Vec::with_capacity(all_modules.len());
+    for m in &all_modules {
+        match Btf::parse_blob(Cow::Borrowed(&m.data[..]), Some(&base)) {
+            Ok(b) => {
+                if let Some(dir) = dump_btf {
+                    dump(dir, &m.name, &m.data)?;
+                }
+                split.push(b);
+                modules.push(m);
+            }
+            Err(e) => module_problems.push(
+                invalid(
+                    &format!("BTF of module {}", m.name),
+                    m.va,
+                    m.data.len(),
+                    e.0,
+                )
+                .to_string(),
+            ),
+        }
     }
     let mut sources: Vec<&dyn TypeSource> = vec![&base];
     sources.extend(split.iter().map(|b| b as &dyn TypeSource));
@@ -170,7 +200,7 @@ pub fn build_profile_from_memory(
             .any(|a| a.required && a.key.starts_with("ext4_"));
         let hint = if ext4 {
             format!(
-                " (ext4's types are in no BTF the guest holds: {} module BTFs were read [{}]; \
+                " (ext4's types are in no BTF the guest holds: {} module BTFs were read [{}]{}; \
                  is ext4 a module not loaded yet, or the kernel built without \
                  CONFIG_DEBUG_INFO_BTF_MODULES?)",
                 modules.len(),
@@ -178,7 +208,12 @@ pub fn build_profile_from_memory(
                     .iter()
                     .map(|m| m.name.as_str())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                if module_problems.is_empty() {
+                    String::new()
+                } else {
+                    format!("; others could not be: {}", module_problems.join("; "))
+                }
             )
         } else {
             String::new()
@@ -189,10 +224,18 @@ pub fn build_profile_from_memory(
         kallsyms_found_by: ksyms.tables.found_by,
         symbols_decoded: ksyms.len(),
         vmlinux_btf_bytes: btf_len,
-        modules: modules.into_iter().map(|m| m.name).collect(),
+        modules: modules.iter().map(|m| m.name.clone()).collect(),
         elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
     };
     Ok((profile, stats))
+}
+
+/// Writes one BTF blob as `dir/<name>.btf` (`name` is sanitised guest data: no `/`).
+fn dump(dir: &Path, name: &str, data: &[u8]) -> Result<(), SelfProfileError> {
+    let file = dir.join(format!("{}.btf", name.replace(['/', '.'], "_")));
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&file, data))
+        .map_err(|e| SelfProfileError::Profile(format!("writing {}: {e}", file.display())))
 }
 
 /// The page tables VMCOREINFO points at must map the kernel image where its physical
@@ -208,6 +251,15 @@ fn check_page_tables(
     let want = stext
         .wrapping_sub(START_KERNEL_MAP)
         .wrapping_add(loc.phys_base);
+    let end = mem.end_gpa();
+    if loc.pgd >= end || want >= end {
+        return Err(LocateError::NotFound(format!(
+            "the kernel's page tables ({:#x}) or image ({want:#x}) lie past the end of this \
+             memory image ({end:#x}): a truncated dump?",
+            loc.pgd
+        ))
+        .into());
+    }
     match loc.va_to_pa(mem, stext) {
         Some(pa) if pa == want => Ok(()),
         got => Err(LocateError::NotFound(format!(

@@ -529,3 +529,100 @@ fn kallsyms_structure_selection_and_bad_images() {
     assert!(e.contains("truncated"), "{e}");
     eprintln!("truncated at {cut:#x}: {e}");
 }
+
+/// Hostile guest data where the from-memory build reads it: 60 rounds of random 8-byte
+/// writes into the kallsyms tables, the BTF blobs of vmlinux and the modules, and the
+/// VMCOREINFO text of a real amd64 guest (ext4 a module). Each round gives a profile or an
+/// error, within a few seconds, never a panic.
+#[test]
+fn hostile_kallsyms_and_btf_give_errors_not_panics() {
+    let mut spec = GuestSpec::new("idle");
+    spec.flavour = "amd64";
+    let mut g = Guest::start(spec);
+    g.wait_ready();
+    g.stop();
+    let file = std::fs::File::open(&g.ram_path).expect("guest RAM");
+    let mem = GuestMemory::open(&g.ram_path).expect("guest RAM");
+
+    // Physical ranges worth corrupting, found by pct's own readers on the intact image.
+    let (info, method) = find_vmcoreinfo(&mem).expect("VMCOREINFO");
+    let loc = Location::from_vmcoreinfo(&info, method).expect("location");
+    let k = Kallsyms::read(&mem, &loc, &info).unwrap_or_else(|e| panic!("{e}"));
+    let pa = |va: u64| loc.va_to_pa(&mem, va).expect("mapped") as usize;
+    let t = k.tables;
+    let start_btf = k.lookup_name("__start_BTF").expect("__start_BTF");
+    let mut targets: Vec<(usize, usize)> = vec![
+        (pa(t.token_table), 1024),
+        (pa(t.token_index), 512),
+        (pa(t.names), 64 << 10),
+        (pa(t.offsets), 64 << 10),
+        (pa(t.num_syms), 8),
+        (pa(start_btf), 4096),
+        (pa(start_btf + (1 << 20)), 4096),
+    ];
+    let vmci = {
+        // SAFETY: read-only view of this test's guest RAM.
+        let ro = unsafe { memmap2::Mmap::map(&file) }.expect("map");
+        vmcoreinfo_range(&ro)
+    };
+    targets.push((vmci.start, vmci.len()));
+    let base = {
+        let btf = vmlinux_btf(&mem, &loc, Some(start_btf), k.lookup_name("__stop_BTF"))
+            .expect("vmlinux BTF")
+            .1;
+        pct::profile::btf::Btf::parse_blob(std::borrow::Cow::Owned(btf), None).expect("BTF")
+    };
+    let modules = pct::kernel::btf::module_btfs(
+        &mem,
+        &loc,
+        &base,
+        k.lookup_name("btf_modules").expect("btf_modules"),
+    )
+    .expect("module BTF");
+    for m in modules.iter().filter(|m| m.name == "ext4") {
+        targets.push((pa(m.va), 4096));
+    }
+    drop((base, k, mem));
+
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut ok, mut err) = (0, 0);
+    for round in 0..60 {
+        // SAFETY: a private copy-on-write mapping: the writes stay in this process.
+        let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.expect("map");
+        for _ in 0..(1 + rnd() % 8) {
+            let (start, len) = targets[(rnd() % targets.len() as u64) as usize];
+            let off = start + (rnd() as usize % len.max(8)) / 8 * 8;
+            if let Some(dst) = map.get_mut(off..off + 8) {
+                dst.copy_from_slice(&rnd().to_le_bytes());
+            }
+        }
+        let mem = GuestMemory::from_map(map.make_read_only().expect("read-only"), "hostile")
+            .expect("image");
+        let t = Instant::now();
+        match build_profile_from_memory(&mem) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                err += 1;
+                if round < 8 {
+                    eprintln!("round {round}: {e}");
+                }
+            }
+        }
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "round {round} took {:?}",
+            t.elapsed()
+        );
+    }
+    eprintln!("hostile rounds: {ok} profiles, {err} errors, no panic");
+    assert!(
+        err > 0,
+        "no corruption was noticed: the rounds did not reach the readers"
+    );
+}

@@ -3,7 +3,8 @@
 //! `PCT_FUZZ_DUMP` names a raw RAM file of a lab guest (e.g. a copy of
 //! /dev/shm/pct-lab-*), `PCT_FUZZ_PROFILE` its profile. Each input is a list of
 //! (guest-physical page, offset, 8-byte value) writes applied to a private
-//! copy-on-write mapping of the image; the scan must return a map or an error, never
+//! copy-on-write mapping of the image; the scan, and the build of a profile from the
+//! image alone (kallsyms, BTF, module BTF), must return a result or an error, never
 //! panic, hang or grow without bound. Run with
 //! `cargo fuzz run scan_dump -- -max_total_time=600 -rss_limit_mb=2048`.
 #![no_main]
@@ -40,6 +41,20 @@ fn base() -> &'static Base {
             .filter_map(|va| k.va_to_pa(va))
             .map(|pa| pa / 4096)
             .collect();
+        // What the from-memory profile build reads: VMCOREINFO, kallsyms, the BTF blobs.
+        if let Some((info, method)) = pct::kernel::find_vmcoreinfo(&mem) {
+            if let Ok(loc) = pct::kernel::Location::from_vmcoreinfo(&info, method) {
+                if let Ok(ks) = pct::kernel::kallsyms::Kallsyms::read(&mem, &loc, &info) {
+                    let t = ks.tables;
+                    let mut vas = vec![t.num_syms, t.token_table, t.token_index, t.offsets];
+                    vas.extend((0..16).map(|i| t.names + i * 4096));
+                    if let Some(btf) = ks.lookup_name("__start_BTF") {
+                        vas.extend((0..64).map(|i| btf + i * 16384));
+                    }
+                    hot.extend(vas.into_iter().filter_map(|va| loc.va_to_pa(&mem, va)).map(|pa| pa / 4096));
+                }
+            }
+        }
         hot.sort_unstable();
         hot.dedup();
         Base { file, profile, hot }
@@ -64,4 +79,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(map) = map.make_read_only() else { return };
     let Ok(mem) = GuestMemory::from_map(map, "fuzzed dump") else { return };
     let _ = scan(&mem, &b.profile, None, ScanOptions { cross_check: true, verify: false });
+    let _ = pct::kernel::self_profile::build_profile_from_memory(&mem);
 });

@@ -50,7 +50,7 @@ pub fn vmlinux_btf(
     let stop = stop.ok_or(MemBtfError::NoBtf("__stop_BTF"))?;
     let len = stop
         .checked_sub(start)
-        .filter(|&l| l >= 24 && l <= MAX_BTF)
+        .filter(|l| (24..=MAX_BTF).contains(l))
         .ok_or_else(|| MemBtfError::Invalid {
             what: "vmlinux BTF".into(),
             va: start,
@@ -129,7 +129,7 @@ pub fn module_btfs(
             .chars()
             .map(|c| if c.is_ascii_graphic() { c } else { '?' })
             .collect();
-        if size < 24 || size > MAX_BTF {
+        if !(24..=MAX_BTF).contains(&size) {
             return Err(MemBtfError::Invalid {
                 what: format!("BTF of module {name}"),
                 va: data,

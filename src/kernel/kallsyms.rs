@@ -518,3 +518,78 @@ fn find_token_tables(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_lengths_take_one_byte_or_two() {
+        assert_eq!(name_entry(&[5], 0), Some((5, 1)));
+        // 0x81 0x02: (1 | 2 << 7) = 257 bytes, as 6.1 writes big names.
+        assert_eq!(name_entry(&[0x81, 0x02], 0), Some((257, 2)));
+        assert_eq!(name_entry(&[0x81], 0), None);
+        assert_eq!(names_extent(&[2, 7, 7, 1, 9], 2), Some(5));
+        assert_eq!(names_extent(&[2, 7, 7, 3, 9], 2), None, "runs past the end");
+        assert_eq!(names_extent(&[0, 7], 1), None, "empty entry");
+    }
+
+    /// A token table of 256 tokens ("T", "a", "b", …) followed by its index.
+    fn tables(pad: usize) -> (Vec<u8>, usize, usize) {
+        let mut table = Vec::new();
+        let mut index = Vec::new();
+        for i in 0..256u32 {
+            index.push(table.len() as u16);
+            let tok = match i {
+                0 => "T".to_owned(),
+                1 => "_stext".to_owned(),
+                _ => format!("t{i}"),
+            };
+            table.extend_from_slice(tok.as_bytes());
+            table.push(0);
+        }
+        let mut bytes = vec![0xeeu8; 100]; // what precedes: the names' tail, markers…
+        let t = bytes.len();
+        bytes.extend_from_slice(&table);
+        bytes.extend(std::iter::repeat_n(0, pad));
+        let ix = bytes.len();
+        for v in index {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        (bytes, t, ix)
+    }
+
+    #[test]
+    fn token_tables_are_found_by_structure_with_any_padding() {
+        let mut tried = 0;
+        for pad in 0..8 {
+            let (bytes, t, ix) = tables(pad);
+            if ix % 2 == 0 {
+                // The index is u16-aligned in every kernel.
+                assert_eq!(find_token_tables(&bytes, 0), Some((t, ix)), "pad {pad}");
+                tried += 1;
+            }
+        }
+        assert_eq!(tried, 4);
+    }
+
+    #[test]
+    fn tokens_expand_and_reject_garbage() {
+        let (bytes, t, ix) = tables(0);
+        let index: Vec<usize> = bytes[ix..]
+            .chunks_exact(2)
+            .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        let table = bytes[t..ix].to_vec();
+        let spans = Tokens::spans(&table, &index).expect("spans");
+        let tokens = Tokens { table, spans };
+        let mut out = Vec::new();
+        tokens.expand(&[0, 1], &mut out);
+        assert_eq!(out, b"T_stext");
+        let mut bad = index.clone();
+        bad[7] = 100_000;
+        assert!(Tokens::spans(&tokens.table, &bad).is_err());
+        let no_nul = vec![b'x'; 32];
+        assert!(Tokens::spans(&no_nul, &[0]).is_err());
+    }
+}

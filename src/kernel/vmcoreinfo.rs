@@ -27,8 +27,8 @@ impl VmcoreInfo {
     pub fn from_note_bytes(at_marker: &[u8]) -> Option<VmcoreInfo> {
         let text = at_marker.get(12..)?;
         let end = text.iter().take(64 * 1024).position(|&b| b == 0)?;
-        let text = std::str::from_utf8(&text[..end]).ok()?;
-        let info = VmcoreInfo::parse(text);
+        // Guest bytes: a corrupt byte spoils its own line only.
+        let info = VmcoreInfo::parse(&String::from_utf8_lossy(&text[..end]));
         info.get("OSRELEASE").is_some().then_some(info)
     }
 

@@ -426,3 +426,57 @@ impl TypeSource for Btf<'_> {
         self.decode(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::types::{find_path, size_of};
+
+    /// A BTF blob from raw type records and a string section.
+    fn blob(types: &[u32], strs: &[u8]) -> Vec<u8> {
+        let tlen = (types.len() * 4) as u32;
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.extend_from_slice(&[1, 0]);
+        for v in [24u32, 0, tlen, tlen, strs.len() as u32] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in types {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(strs);
+        b
+    }
+
+    #[test]
+    fn split_btf_continues_the_base_ids_and_strings() {
+        // Base: [1] int "int" (4 bytes, 32 bits); [2] ptr -> 1.
+        let base_strs = b"\0int\0";
+        let base = blob(&[1, INT << 24, 4, 32, 0, PTR << 24, 1], base_strs);
+        let base = Btf::parse_blob(Cow::Owned(base), None).expect("base");
+        assert_eq!(base.len(), 2);
+        // Split: [3] struct "mod_s" (16 bytes) { int a; int *p at 64 bits }; its member
+        // "a" names itself with the base's string "int" (offset 1) to cross the boundary.
+        let first = base_strs.len() as u32;
+        let split_strs = b"\0mod_s\0p\0";
+        let split = blob(
+            &[first + 1, (STRUCT << 24) | 2, 16, 1, 1, 0, first + 7, 2, 64],
+            split_strs,
+        );
+        let m = Btf::parse_blob(Cow::Owned(split), Some(&base)).expect("split");
+        assert_eq!(m.len(), 1);
+        let id = m.find(Kind::Aggregate, "mod_s").unwrap().expect("found");
+        assert_eq!(id, 3);
+        assert_eq!(size_of(&m, id).unwrap(), 16);
+        let a = find_path(&m, id, "int")
+            .unwrap()
+            .expect("member named from the base");
+        assert_eq!((a.bit_offset, a.ty), (0, 1));
+        let p = find_path(&m, id, "p").unwrap().expect("member p");
+        assert_eq!(p.bit_offset, 64);
+        assert!(matches!(m.node(p.ty).unwrap(), Node::Pointer { target: 1 }));
+        assert!(m.find(Kind::Aggregate, "int").unwrap().is_none());
+        // An id past the split's last is an error, not a base type.
+        assert!(m.node(4).is_err());
+    }
+}

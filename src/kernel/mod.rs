@@ -84,7 +84,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// The guest's VMCOREINFO: from the source's own note (an ELF core), else found in RAM
 /// (the first note whose text carries KERNELOFFSET and phys_base).
 ///
-/// Since 4.x the kernel allocates the note with `alloc_pages_exact`, so its name sits 12
+/// Since 4.13 the kernel allocates the note with `alloc_pages_exact`, so its name sits 12
 /// bytes into a page (after namesz, descsz and type): that one spot per page is looked at
 /// first, which is quick even when the page lies at the top of a large guest. Older kernels
 /// keep the note in the image's `.bss`, anywhere in a page: a full scan finds those.

@@ -274,7 +274,7 @@ fn stale_destination_disk_falls_back_bit_identical() {
 
     // The cache map as the sender will see it; corrupt one page of every 40th run.
     let mem = pct::memory::qemu::open_live(&src.qmp_path()).expect("map source RAM");
-    let profile = pct::profile::Profile::load(&repo().join(PROFILE)).expect("profile");
+    let (_, profile) = common::profile::lab_profile("cloud-amd64");
     let (map, _) = pct::introspect::scan(&mem, &profile, None, Default::default()).expect("scan");
     assert!(map.runs.len() > 40, "cache map has {} runs", map.runs.len());
     let f = std::fs::OpenOptions::new()

@@ -1,16 +1,30 @@
-//! Volatility 3 ISF: importing dwarf2json's ISF of the Debian 6.1 cloud kernel gives the same
-//! layouts as our own build; exporting gives an ISF that Volatility 3 loads with the same
-//! offsets.
+//! Volatility 3 ISF: importing dwarf2json's ISF of a Debian 6.1 cloud kernel gives the same
+//! layouts as pct's own build of that kernel; exporting gives an ISF that Volatility 3 loads
+//! with the same offsets.
 
 mod profile_common;
 
 use std::process::Command;
 
 use pct::profile::{isf, Profile};
-use profile_common::{repo, shared};
+use profile_common::{lab_profile, repo, shared};
 
-fn shipped() -> Profile {
-    Profile::load(&repo().join("profiles/debian-6.1.0-56-cloud-amd64.json")).unwrap()
+/// The ISF fixture, dwarf2json's output for one Debian cloud-amd64 kernel build.
+const ISF: &str = "isf/debian-6.1.0-56-cloud-amd64.json.xz";
+
+/// The profile pct built (`pct-introspect build-profile`, from the -dbg vmlinux) of the same
+/// kernel build the ISF fixture describes: a fixed test fixture, so the comparison does not
+/// depend on the shipped profiles nor on which kernel Debian serves today. The ISF carries no
+/// build-id: the test matches the two by release and banner.
+fn isf_kernel_profile() -> Profile {
+    Profile::load(&repo().join("tests/fixtures/isf-kernel.profile.json")).unwrap()
+}
+
+/// A profile pct builds today: the lab kernel's (None, with a message, when it cannot be
+/// fetched here).
+fn built_profile() -> Option<Profile> {
+    profile_common::kernel_dir("cloud-amd64")?;
+    Some(lab_profile("cloud-amd64").1)
 }
 
 /// Same layouts, symbol addresses and enums (ISF has no typedefs or symbol sizes, so type
@@ -50,7 +64,7 @@ fn assert_same_layouts(a: &Profile, b: &Profile, what: &str) {
 
 #[test]
 fn dwarf2json_isf_import_agrees_with_our_build() {
-    let path = shared().join("isf/debian-6.1.0-56-cloud-amd64.json.xz");
+    let path = shared().join(ISF);
     if !path.exists() {
         profile_common::skip_or_fail(&format!("{} is not there", path.display()));
         return;
@@ -58,15 +72,35 @@ fn dwarf2json_isf_import_agrees_with_our_build() {
     let p = isf::import_file(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.source.method, "isf");
     assert!(p.kernel.build_id.is_none(), "ISF carries no build-id");
-    assert_same_layouts(&p, &shipped(), "dwarf2json ISF vs pct build");
+    let ours = isf_kernel_profile();
+    assert!(
+        ours.source.method.starts_with("btf") || ours.source.method.starts_with("dwarf"),
+        "the fixture is pct's build from vmlinux, not an import: {}",
+        ours.source.method
+    );
+    assert!(
+        ours.kernel.build_id.is_some(),
+        "the fixture names its build"
+    );
+    // The same kernel build: same release and the same banner (build number, compiler, date).
+    assert_eq!(
+        (&p.kernel.release, &p.kernel.banner),
+        (&ours.kernel.release, &ours.kernel.banner),
+        "the ISF fixture and tests/fixtures/isf-kernel.profile.json describe different kernels"
+    );
+    assert_same_layouts(&p, &ours, "dwarf2json ISF vs pct build");
 }
 
 #[test]
 fn isf_export_round_trips() {
-    let p = shipped();
-    let v = isf::export_value(&p);
-    let back = isf::import_value(&v, "export").unwrap_or_else(|e| panic!("{}", e.0));
-    assert_same_layouts(&back, &p, "export → import");
+    for p in [Some(isf_kernel_profile()), built_profile()]
+        .into_iter()
+        .flatten()
+    {
+        let v = isf::export_value(&p);
+        let back = isf::import_value(&v, "export").unwrap_or_else(|e| panic!("{}", e.0));
+        assert_same_layouts(&back, &p, "export → import");
+    }
 }
 
 const VOL3_CHECK: &str = r#"
@@ -118,14 +152,26 @@ fn exported_isf_loads_in_volatility3() {
         );
         return;
     };
-    let p = shipped();
-    let dir = std::env::temp_dir().join(format!("pct-isf-{}", std::process::id()));
+    // pct's fixed build of the ISF fixture's kernel, and what pct builds today.
+    for (n, p) in [Some(isf_kernel_profile()), built_profile()]
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        check_in_volatility3(&py, &p, n);
+    }
+}
+
+/// Volatility 3 loads pct's ISF export of `p` and reads the same sizes, offsets, symbol
+/// addresses and enum values from it.
+fn check_in_volatility3(py: &str, p: &Profile, n: usize) {
+    let dir = std::env::temp_dir().join(format!("pct-isf-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let isf_path = dir.join("pct-export.json");
-    std::fs::write(&isf_path, isf::export(&p)).unwrap();
+    std::fs::write(&isf_path, isf::export(p)).unwrap();
     let script = dir.join("check.py");
     std::fs::write(&script, VOL3_CHECK).unwrap();
-    let out = Command::new(&py)
+    let out = Command::new(py)
         .arg(&script)
         .arg(&isf_path)
         .output()

@@ -58,54 +58,132 @@ fn btf_and_dwarf_profiles_agree() {
     assert_eq!(a, b, "BTF and DWARF give different profiles");
 }
 
-/// The shipped profile for a kernel equals a fresh build (all but the generator line), and
-/// `find_matching` picks it by build-id and by banner.
-fn check_shipped(dir: &std::path::Path, modules: Vec<std::path::PathBuf>) {
-    let p = build(dir, Method::Auto, modules);
-    let profiles = profile_common::repo().join("profiles");
-    let path = profiles.join(pct::profile::default_file_name(&p));
-    let shipped = pct::profile::Profile::load(&path)
-        .unwrap_or_else(|e| panic!("shipped profile {}: {e}", path.display()));
-    assert_eq!(
-        shipped.kernel, p.kernel,
-        "kernel identity differs from the fetched vmlinux"
+/// Every profile shipped in `profiles/` loads and names its kernel: release, and for those
+/// built from a vmlinux, build-id, banner and the file name `build-profile` gives them.
+/// Shipped profiles are a convenience: any number of them (none included) is fine.
+#[test]
+fn shipped_profiles_load_and_name_their_kernel() {
+    let dir = profile_common::repo().join("profiles");
+    if !dir.exists() {
+        return;
+    }
+    let mut build_ids = std::collections::BTreeMap::new();
+    for (path, p) in pct::profile::list_profiles(&dir).unwrap() {
+        let p = p.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let what = path.display();
+        let release = p.kernel.release.as_deref();
+        assert!(release.is_some_and(|r| !r.is_empty()), "{what}: no release");
+        if p.source.method == "volatility2" {
+            // Imports of Volatility 2 profiles carry no build-id and are named after the
+            // profile they came from (tests/profile_vol2.rs checks them).
+            assert!(p.kernel.build_id.is_none(), "{what}");
+            continue;
+        }
+        assert_eq!(
+            path.file_name().and_then(|n| n.to_str()),
+            Some(pct::profile::default_file_name(&p).as_str()),
+            "{what}: not the name build-profile gives it"
+        );
+        let id = p.kernel.build_id.clone();
+        let id = id.unwrap_or_else(|| panic!("{what}: no build-id"));
+        assert!(
+            id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{what}: build-id {id}"
+        );
+        assert!(p.kernel.banner.is_some(), "{what}: no banner");
+        if let Some(other) = build_ids.insert(id.clone(), path.clone()) {
+            panic!("{what} and {} are for the same build {id}", other.display());
+        }
+        let m = pct::profile::find_matching_in(&dir, &id).unwrap();
+        assert_eq!(
+            m.map(|m| m.0).as_ref(),
+            Some(&path),
+            "{what}: not found by build-id"
+        );
+    }
+}
+
+/// The lab's profile of a flavour's fetched kernel (tests/profile_common's lab_profile, the
+/// one the lab tests, the demo and the benches use) equals a fresh build, is found in the
+/// cache by build-id and by banner, and agrees with pahole: vmlinux's types with its BTF,
+/// ext4's with ext4.ko's DWARF where ext4 is a module.
+fn check_lab_profile(flavour: &str) {
+    let Some(dir) = kernel_dir(flavour) else {
+        return;
+    };
+    let ko = dir.join("ext4.ko.debug");
+    let modular = ko.exists();
+    let mut fresh = build(
+        &dir,
+        Method::Auto,
+        modular.then(|| ko.clone()).into_iter().collect(),
     );
+    let (path, mut lab) = profile_common::lab_profile(flavour);
     assert_eq!(
-        shipped.types,
-        p.types,
-        "{}: stale, rebuild it",
-        path.display()
+        lab.kernel.release.as_deref(),
+        Some(std::fs::read_to_string(dir.join("release")).unwrap().trim())
     );
-    assert_eq!(shipped.symbols, p.symbols);
-    assert_eq!(shipped.enums, p.enums);
-    assert_eq!(shipped.absent, p.absent);
-    let m = pct::profile::find_matching_in(&profiles, p.kernel.build_id.as_deref().unwrap())
-        .unwrap()
-        .expect("shipped profile found by build-id");
-    assert_eq!(
-        (m.0, m.2),
-        (path.clone(), pct::profile::MatchQuality::BuildId)
+    fresh.source.generator.clear();
+    lab.source.generator.clear();
+    assert_eq!(lab, fresh, "{}: stale", path.display());
+    let cache = profile_common::lab_profiles_dir();
+    for (key, q) in [
+        (
+            lab.kernel.build_id.as_deref(),
+            pct::profile::MatchQuality::BuildId,
+        ),
+        (
+            lab.kernel.banner.as_deref(),
+            pct::profile::MatchQuality::Banner,
+        ),
+    ] {
+        let m = pct::profile::find_matching_in(&cache, key.expect("build-id and banner"))
+            .unwrap()
+            .expect("the lab profile is found in the cache");
+        assert_eq!((&m.0, m.2), (&path, q));
+    }
+
+    let vmlinux_types: Vec<&str> = lab
+        .types
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !modular || *k != "ext4_inode_info")
+        .collect();
+    let names = type_names(&lab);
+    let names: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !modular || *n != "ext4_inode_info")
+        .collect();
+    let n = compare_with_pahole(
+        &lab,
+        &pahole(&dir.join("vmlinux"), "btf", &names),
+        Some(&vmlinux_types),
     );
-    let m = pct::profile::find_matching_in(&profiles, p.kernel.banner.as_deref().unwrap())
-        .unwrap()
-        .expect("shipped profile found by banner");
-    assert_eq!((m.0, m.2), (path, pct::profile::MatchQuality::Banner));
+    assert!(n > 80, "{flavour}: compared only {n} fields");
+    if modular {
+        assert!(lab
+            .source
+            .inputs
+            .iter()
+            .any(|i| i.contains("ext4.ko.debug")));
+        let ph = pahole(&ko, "dwarf", &["ext4_inode_info"]);
+        let n = compare_with_pahole(&lab, &ph, Some(&["ext4_inode_info"]));
+        assert!(
+            n >= 3,
+            "{flavour}: compared only {n} ext4_inode_info fields"
+        );
+    }
 }
 
 #[test]
-fn shipped_cloud_profile_is_current() {
-    let Some(dir) = kernel_dir("cloud-amd64") else {
-        return;
-    };
-    check_shipped(&dir, vec![]);
+fn lab_cloud_profile_is_current_and_matches_pahole() {
+    check_lab_profile("cloud-amd64");
 }
 
 #[test]
-fn shipped_amd64_profile_is_current() {
-    let Some(dir) = kernel_dir("amd64") else {
-        return;
-    };
-    check_shipped(&dir, vec![dir.join("ext4.ko.debug")]);
+fn lab_amd64_profile_is_current_and_matches_pahole() {
+    check_lab_profile("amd64");
 }
 
 /// The rt flavour is a ~1 GB download: checked when it is already in the cache, or when
@@ -124,30 +202,10 @@ fn rt_dir() -> Option<std::path::PathBuf> {
 }
 
 #[test]
-fn rt_profile_matches_pahole_and_is_shipped() {
-    let Some(dir) = rt_dir() else { return };
-    let ko = dir.join("ext4.ko.debug");
-    let p = build(&dir, Method::Auto, vec![ko.clone()]);
-    let names = type_names(&p);
-    let names: Vec<&str> = names
-        .iter()
-        .map(String::as_str)
-        .filter(|n| *n != "ext4_inode_info")
-        .collect();
-    let others: Vec<&str> = p
-        .types
-        .keys()
-        .map(String::as_str)
-        .filter(|k| *k != "ext4_inode_info")
-        .collect();
-    compare_with_pahole(
-        &p,
-        &pahole(&dir.join("vmlinux"), "btf", &names),
-        Some(&others),
-    );
-    let ph = pahole(&ko, "dwarf", &["ext4_inode_info"]);
-    compare_with_pahole(&p, &ph, Some(&["ext4_inode_info"]));
-    check_shipped(&dir, vec![ko]);
+fn lab_rt_profile_is_current_and_matches_pahole() {
+    if rt_dir().is_some() {
+        check_lab_profile("rt-amd64");
+    }
 }
 
 #[test]

@@ -6,16 +6,38 @@
 
 mod common;
 
-use common::lab::repo;
+use common::profile::shared;
 use pct::kernel::{Kernel, Location, Method};
 use pct::memory::GuestMemory;
 use pct::profile::{PageCacheTree, Profile};
 use pct::walk::radix_tree::radix_tree_for_each;
 use pct::walk::WalkError;
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 const POB: u64 = 0xffff_8800_0000_0000;
 const MEM: usize = 32 << 20;
+
+/// The profile pct imports from a Volatility 2 profile in `../shared` (named as the shipped
+/// copy in `profiles/` is, which the tests do not need), imported once per process.
+fn vol2_profile(name: &str) -> Profile {
+    static CACHE: Mutex<BTreeMap<String, Profile>> = Mutex::new(BTreeMap::new());
+    let zip = match name {
+        "debian-2.6.32.json" => "Debian608.zip",
+        "debian-3.2.json" => "Debian73.zip",
+        "debian-4.9.json" => "Debian94.zip",
+        other => panic!("no Volatility 2 profile for {other}"),
+    };
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(name.to_owned())
+        .or_insert_with(|| {
+            let path = shared().join("volatility2-profiles").join(zip);
+            pct::profile::vol2::import_zip(&path)
+                .unwrap_or_else(|e| panic!("importing {}: {e}", path.display()))
+        })
+        .clone()
+}
 
 /// A memory image being built: nodes are allocated in the direct map.
 struct Image {
@@ -26,7 +48,7 @@ struct Image {
 
 impl Image {
     fn new(profile: &str) -> Image {
-        let p = Profile::load(&repo().join("profiles").join(profile)).expect("shipped profile");
+        let p = vol2_profile(profile);
         Image {
             bytes: vec![0; MEM],
             next: 0x10000,

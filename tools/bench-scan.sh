@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-7}
 bash tools/lab/ensure-host.sh
 kdir=$(bash tools/lab/fetch-kernel.sh cloud-amd64 | tail -1)
+profile=$(bash tools/lab/lab-profile.sh cloud-amd64)
 python3 -c 'import drgn' 2>/dev/null || python3 -m pip install -q drgn
 cargo build --release --quiet --bin pct-introspect
 pct=target/release/pct-introspect
@@ -41,7 +42,6 @@ json.loads(f.readline()); call("qmp_capabilities"); call("stop")
 call("dump-guest-memory", paging=False, protocol="file:" + sys.argv[2])
 PY
 ram=$(cat "$run/ram.path")
-profile=profiles/debian-$(cat "$kdir/release").json
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : >"$run/pct.t"; : >"$run/walk.t"; : >"$run/rss.t"; : >"$run/drgn.t"

@@ -9,7 +9,9 @@
 ML_PIDS=()
 ML_RAMS=()
 PCT=${PCT:-target/release/pct-migrate}
-PROFILE=${PROFILE:-profiles/debian-6.1.0-56-cloud-amd64.json}
+# The guest kernel's profile: set by ml_start to the lab's (tools/lab/lab-profile.sh) unless
+# given.
+PROFILE=${PROFILE:-}
 
 ml_cleanup() {
 	local p
@@ -34,12 +36,12 @@ ml_setup() {
 	bash tools/netns.sh up "$NS" "$1"
 }
 
-# ml_start TAG [RATE]: the lab ready (host packages, the guest kernel, pct-migrate built), a
-# scratch directory in RUN (/tmp/pct-TAG.*), everything cleaned up on exit; with RATE, also
-# the two namespaces NS-a and NS-b joined by a link shaped to RATE.
+# ml_start TAG [RATE]: the lab ready (host packages, the guest kernel and its profile in
+# PROFILE, pct-migrate built), a scratch directory in RUN (/tmp/pct-TAG.*), everything cleaned
+# up on exit; with RATE, also the two namespaces NS-a and NS-b joined by a link shaped to RATE.
 ml_start() {
 	bash tools/lab/ensure-host.sh
-	bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
+	[ -n "$PROFILE" ] || PROFILE=$(bash tools/lab/lab-profile.sh cloud-amd64)
 	cargo build --release --quiet --bin pct-migrate
 	RUN=$(mktemp -d "/tmp/pct-$1.XXXXXX")
 	if [ -n "${2:-}" ]; then

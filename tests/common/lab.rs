@@ -22,20 +22,8 @@ pub fn repo() -> PathBuf {
 
 /// The fetched default (cloud-amd64) kernel's directory (fetching it if needed).
 pub fn kernel_dir() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo().join("tools/lab/fetch-kernel.sh"))
-        .output()
-        .expect("run tools/lab/fetch-kernel.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("fetch-kernel.sh prints the kernel directory")
-        .into()
+    crate::common::profile::kernel_dir("cloud-amd64")
+        .expect("tools/lab/fetch-kernel.sh cloud-amd64 gives the kernel directory")
 }
 
 /// What to boot.

@@ -2,3 +2,7 @@
 #![allow(dead_code)]
 pub mod lab;
 pub mod oracle;
+/// Kernels and their profiles (the lab's profile: `profile::lab_profile`), shared with the
+/// profile tests.
+#[path = "../profile_common/mod.rs"]
+pub mod profile;

@@ -18,7 +18,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub const PROFILE: &str = "profiles/debian-6.1.0-56-cloud-amd64.json";
+/// The profile of the lab's default (cloud-amd64) kernel, built and cached at first use.
+pub fn profile_path() -> PathBuf {
+    crate::common::profile::lab_profile("cloud-amd64").0
+}
 pub const PAGE: usize = 4096;
 
 // One QEMU check for every test that boots QEMU.
@@ -328,9 +331,10 @@ pub fn migrate_recorded(
     let to_port = via.map_or(port, |f| f(port));
     let to = format!("127.0.0.1:{to_port}");
     let src_qmp = src.qmp_path();
+    let profile = profile_path();
     let mut args = vec![
         "--profile",
-        PROFILE,
+        profile.to_str().expect("path"),
         "--qmp",
         src_qmp.to_str().expect("path"),
         "--to",

@@ -1,11 +1,13 @@
-//! Shared helpers for the profile tests: kernels from the lab's fetch script, pahole as the
-//! independent oracle, and the reference data in `../shared`.
+//! Shared helpers for the profile tests and the lab tests (tests/common includes this file):
+//! kernels from the lab's fetch script, the lab kernel's profile, pahole as the independent
+//! oracle, and the reference data in `../shared`.
 #![allow(dead_code)]
 
+use pct::profile::{build_profile, BuildOptions, Method, Profile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -49,6 +51,96 @@ pub fn kernel_dir(flavour: &str) -> Option<PathBuf> {
     };
     m.insert(flavour.to_owned(), dir.clone());
     dir
+}
+
+/// `$PCT_CACHE` (default /var/cache/pct), where the lab keeps what it downloads and builds.
+pub fn pct_cache() -> PathBuf {
+    std::env::var_os("PCT_CACHE").map_or_else(|| PathBuf::from("/var/cache/pct"), PathBuf::from)
+}
+
+/// The directory of cached lab profiles, `$PCT_CACHE/profiles` (shared with
+/// tools/lab/lab-profile.sh).
+pub fn lab_profiles_dir() -> PathBuf {
+    pct_cache().join("profiles")
+}
+
+type Cell = Arc<OnceLock<(PathBuf, Profile)>>;
+static LAB_PROFILES: OnceLock<Mutex<BTreeMap<String, Cell>>> = OnceLock::new();
+
+/// The profile of the lab's kernel of `flavour` (the one fetch-kernel.sh resolves), and its
+/// path: `$PCT_CACHE/profiles/<build-id>.json`, as tools/lab/lab-profile.sh makes it. Built
+/// from the fetched vmlinux (with ext4.ko.debug where ext4 is a module) when the cache lacks
+/// it or holds one older than the manifest or the profile builder (src/profile/), and
+/// published atomically (temporary file, rename): tests and scripts running at the same time
+/// share it. Once per flavour per process. Panics when the kernel cannot be fetched.
+pub fn lab_profile(flavour: &str) -> (PathBuf, Profile) {
+    let cell = {
+        let m = LAB_PROFILES.get_or_init(|| Mutex::new(BTreeMap::new()));
+        let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(flavour.to_owned()).or_default().clone()
+    };
+    cell.get_or_init(|| {
+        let dir = kernel_dir(flavour)
+            .unwrap_or_else(|| panic!("the lab's {flavour} kernel is not available"));
+        cached_lab_profile(&dir)
+    })
+    .clone()
+}
+
+fn cached_lab_profile(kdir: &Path) -> (PathBuf, Profile) {
+    let vmlinux = kdir.join("vmlinux");
+    let map = pct::profile::elf::map_file(&vmlinux).unwrap_or_else(|e| panic!("{e}"));
+    let build_id = pct::profile::elf::ElfImage::parse(&vmlinux, &map)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .build_id()
+        .unwrap_or_else(|| panic!("{} has no build-id", vmlinux.display()));
+    drop(map);
+    let dir = lab_profiles_dir();
+    let path = dir.join(format!("{build_id}.json"));
+    if is_current(&path) {
+        if let Ok(p) = Profile::load(&path) {
+            if p.kernel.build_id.as_deref() == Some(build_id.as_str()) {
+                return (path, p);
+            }
+        }
+    }
+    let ko = kdir.join("ext4.ko.debug");
+    let opts = BuildOptions {
+        modules: ko.exists().then_some(ko).into_iter().collect(),
+        method: Method::Auto,
+    };
+    let p = build_profile(&vmlinux, &opts)
+        .unwrap_or_else(|e| panic!("building the lab profile from {}: {e}", vmlinux.display()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp.")
+        .tempfile_in(&dir)
+        .unwrap_or_else(|e| panic!("temporary file in {}: {e}", dir.display()));
+    std::fs::write(tmp.path(), p.to_json()).expect("write the lab profile");
+    let _ = std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    );
+    tmp.persist(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (path, p)
+}
+
+/// Is the cached profile at `path` newer than the manifest and every file of the profile
+/// builder (src/profile/)? (tools/lab/lab-profile.sh applies the same rule.)
+fn is_current(path: &Path) -> bool {
+    let Ok(cached) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let mut inputs = vec![repo().join("symbols/manifest.toml")];
+    if let Ok(rd) = std::fs::read_dir(repo().join("src/profile")) {
+        inputs.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+    }
+    inputs.iter().all(|f| {
+        std::fs::metadata(f)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t <= cached)
+    })
 }
 
 /// A missing prerequisite (a kernel that could not be fetched, a fixture under

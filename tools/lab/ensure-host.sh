@@ -17,6 +17,7 @@ declare -A PKG=(
 	[cpio]=cpio
 	[sfdisk]=fdisk
 	[python3]=python3
+	[readelf]=binutils
 )
 
 missing=()

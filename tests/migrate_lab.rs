@@ -135,17 +135,27 @@ fn apache_bit_identical_and_keeps_running() {
 /// An idle guest: bit-identical, and the destination QEMU got the source's stream byte
 /// for byte (both pct processes record it).
 #[test]
-fn idle_bit_identical() {
+fn idle_bit_identical_with_a_profile_from_memory() {
     if !have_qemu() {
         return;
     }
     let _one = serial();
     let spec = GuestSpec::new("idle").layout("mini", "plain");
     let (src, mut dst, disk) = pair(&spec);
-    let run = migrate_recorded(&src, &dst, &disk, &[], None, Some(src.dir.path()));
+    // No --profile and none shipped or cached: the sender builds it from the guest's memory.
+    let profiles = tempfile::tempdir().expect("temporary directory");
+    let choice = ProfileChoice::FromMemory {
+        dir: profiles.path().to_owned(),
+    };
+    let run = migrate_with(&src, &dst, &disk, &[], None, Some(src.dir.path()), &choice);
     assert!(
         run.sender.status.success() && run.receiver.status.success(),
         "migration failed"
+    );
+    let err = String::from_utf8_lossy(&run.sender.stderr);
+    assert!(
+        err.contains("using profile built from the guest's memory"),
+        "the sender did not build its profile from memory: {err}"
     );
     let s = run.summary.expect("JSON summary");
     assert_eq!(s["result"], "completed");

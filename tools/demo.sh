@@ -19,6 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rate=${1:-50mbit}
+# As a user runs it: no --profile. pct takes a shipped or cached profile with the guest's
+# build-id, or builds one from the guest's memory (and says which).
+PROFILE=${PROFILE:-auto}
 source tools/migrate-lib.sh
 echo "== building pct"
 ml_start demo "$rate"
@@ -32,7 +35,8 @@ cp --sparse=always "$RUN/src/disk.img" "$RUN/dst.img"
 ml_guest b "$RUN/dst" "pct-demo-dst-$$" --workload apache --disk "$RUN/dst.img" --incoming
 
 echo "== what pct sees in the guest (pct-migrate --dry-run)"
-"$PCT" --profile "$PROFILE" --qmp "$RUN/src/qmp.sock" --dry-run | sed -n '/predicted/,$p'
+mapfile -t profile_args < <(ml_profile_args)
+"$PCT" "${profile_args[@]}" --qmp "$RUN/src/qmp.sock" --dry-run | sed -n '/predicted/,$p'
 
 echo "== migration 1: pct, $NS-a -> $NS-b"
 ml_pct "$RUN/src" "$RUN/dst" "$RUN/dst.img" "$RUN/pct"
@@ -55,14 +59,15 @@ p = json.load(open(f"{run}/pct.json"))
 s = json.load(open(f"{run}/stock.json"))
 pw = int(open(f"{run}/pct.wire").read())
 sw = int(open(f"{run}/stock.wire").read())
-pt, st = p["time"]["total_s"], s["total-time"] / 1e3
+pt, st = p["time"]["total_s"], s.get("total-time", 0) / 1e3
+ratio = lambda a, b: a / b if b else float("nan")
 pd = p["time"].get("downtime_end_to_end_ms") or float("nan")
 sd = s.get("downtime_end_to_end_ms", float("nan"))
 print(f"apache guest, 1 GiB RAM, over {rate} (tbf on veth between two namespaces)")
 print(f"{'':28}{'stock QEMU 7.2':>16}{'pct':>14}{'pct / stock':>14}")
-print(f"{'bytes on the link (MB)':28}{sw/1e6:16.1f}{pw/1e6:14.1f}{pw/sw:14.3f}")
-print(f"{'total time (s)':28}{st:16.1f}{pt:14.1f}{pt/st:14.3f}")
-print(f"{'downtime (ms)':28}{sd:16.0f}{pd:14.0f}{pd/sd:14.3f}   (source STOP to destination RESUME)")
+print(f"{'bytes on the link (MB)':28}{sw/1e6:16.1f}{pw/1e6:14.1f}{ratio(pw, sw):14.3f}")
+print(f"{'total time (s)':28}{st:16.1f}{pt:14.1f}{ratio(pt, st):14.3f}")
+print(f"{'downtime (ms)':28}{sd:16.0f}{pd:14.0f}{ratio(pd, sd):14.3f}   (source STOP to destination RESUME)")
 print(f"{'  as QEMU reports it':28}{s.get('downtime', 0):16.0f}{p['time']['downtime_qemu_ms'] or 0:14.0f}")
 pg = p["pages"]
 print(f"\npct: QEMU's stream {p['stream_bytes']/1e6:.1f} MB; {pg['teleported']} pages teleported "

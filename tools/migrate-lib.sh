@@ -10,7 +10,7 @@ ML_PIDS=()
 ML_RAMS=()
 PCT=${PCT:-target/release/pct-migrate}
 # The guest kernel's profile: set by ml_start to the lab's (tools/lab/lab-profile.sh) unless
-# given.
+# given; `auto` passes no --profile, so pct picks or builds one itself (ml_profile_args).
 PROFILE=${PROFILE:-}
 
 ml_cleanup() {
@@ -39,6 +39,11 @@ ml_setup() {
 # ml_start TAG [RATE]: the lab ready (host packages, the guest kernel and its profile in
 # PROFILE, pct-migrate built), a scratch directory in RUN (/tmp/pct-TAG.*), everything cleaned
 # up on exit; with RATE, also the two namespaces NS-a and NS-b joined by a link shaped to RATE.
+# ml_profile_args: the --profile arguments for pct-migrate (none for PROFILE=auto).
+ml_profile_args() {
+	[ "$PROFILE" = auto ] || printf '%s\n' --profile "$PROFILE"
+}
+
 ml_start() {
 	bash tools/lab/ensure-host.sh
 	[ -n "$PROFILE" ] || PROFILE=$(bash tools/lab/lab-profile.sh cloud-amd64)
@@ -154,7 +159,9 @@ ml_pct() {
 	ip netns exec "$NS-b" "$PCT" receive --listen 10.77.0.2:7400 --qmp "$dst/qmp.sock" --disk "$disk" --json >"$out.recv.json" 2>"$out.recv.err" &
 	rpid=$!
 	ML_PIDS+=("$rpid")
-	if ! ip netns exec "$NS-a" "$PCT" --profile "$PROFILE" --qmp "$src/qmp.sock" --to 10.77.0.2:7400 --json "$@" >"$out.json" 2>"$out.err"; then
+	local profile_args
+	mapfile -t profile_args < <(ml_profile_args)
+	if ! ip netns exec "$NS-a" "$PCT" "${profile_args[@]}" --qmp "$src/qmp.sock" --to 10.77.0.2:7400 --json "$@" >"$out.json" 2>"$out.err"; then
 		cat "$out.err" "$out.recv.err" >&2
 		return 1
 	fi

@@ -159,8 +159,14 @@ pub struct Pct {
 
 impl Pct {
     pub fn spawn(what: &'static str, args: &[&str]) -> Pct {
+        Self::spawn_env(what, args, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables.
+    pub fn spawn_env(what: &'static str, args: &[&str], env: &[(&str, &Path)]) -> Pct {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pct-migrate"));
         cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .current_dir(repo())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -300,6 +306,15 @@ pub fn stream_records(src: &Vm, dir: &Path) -> (PathBuf, PathBuf) {
     (p("src"), p("dst"))
 }
 
+/// Which profile the sender uses.
+pub enum ProfileChoice {
+    /// `--profile` with the lab kernel's profile (built from its vmlinux).
+    Lab,
+    /// No `--profile`, no shipped profile (`PCT_PROFILES` an empty directory) and an empty
+    /// cache in `dir` (`PCT_PROFILE_CACHE`): the sender builds one from the guest's memory.
+    FromMemory { dir: PathBuf },
+}
+
 /// [`migrate`], with both pct processes recording the stream into the directory `record`
 /// (see [`stream_records`]).
 pub fn migrate_recorded(
@@ -309,6 +324,19 @@ pub fn migrate_recorded(
     extra: &[&str],
     via: Option<&dyn Fn(u16) -> u16>,
     record: Option<&Path>,
+) -> Run {
+    migrate_with(src, dst, disk, extra, via, record, &ProfileChoice::Lab)
+}
+
+/// [`migrate_recorded`] with the sender's profile chosen by `choice`.
+pub fn migrate_with(
+    src: &Vm,
+    dst: &Vm,
+    disk: &Path,
+    extra: &[&str],
+    via: Option<&dyn Fn(u16) -> u16>,
+    record: Option<&Path>,
+    choice: &ProfileChoice,
 ) -> Run {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -332,20 +360,31 @@ pub fn migrate_recorded(
     let to = format!("127.0.0.1:{to_port}");
     let src_qmp = src.qmp_path();
     let profile = profile_path();
-    let mut args = vec![
-        "--profile",
-        profile.to_str().expect("path"),
+    let mut args = match choice {
+        ProfileChoice::Lab => vec!["--profile", profile.to_str().expect("path")],
+        ProfileChoice::FromMemory { .. } => vec![],
+    };
+    args.extend([
         "--qmp",
         src_qmp.to_str().expect("path"),
         "--to",
         &to,
         "--json",
-    ];
+    ]);
     args.extend_from_slice(extra);
     if let Some((s, _)) = &record {
         args.extend(["--record-stream", s.to_str().expect("path")]);
     }
-    let sender = Pct::spawn("sender", &args);
+    let (shipped, cache);
+    let env: Vec<(&str, &Path)> = match choice {
+        ProfileChoice::Lab => vec![],
+        ProfileChoice::FromMemory { dir } => {
+            (shipped, cache) = (dir.join("shipped"), dir.join("cache"));
+            std::fs::create_dir_all(&shipped).expect("empty profiles directory");
+            vec![("PCT_PROFILES", &shipped), ("PCT_PROFILE_CACHE", &cache)]
+        }
+    };
+    let sender = Pct::spawn_env("sender", &args, &env);
     let (sender_pid, receiver_pid) = (sender.pid(), receiver.pid());
     let sender = sender.wait(Duration::from_secs(300));
     let receiver = receiver.wait(Duration::from_secs(60));

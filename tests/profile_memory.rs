@@ -294,34 +294,45 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The VMCOREINFO text's range in a raw image.
-fn vmcoreinfo_range(ram: &[u8]) -> std::ops::Range<usize> {
-    let at = find(ram, b"VMCOREINFO\0\0OSRELEASE=").expect("VMCOREINFO in RAM") + 12;
-    let len = ram[at..].iter().position(|&b| b == 0).expect("NUL");
-    at..at + len
+/// The ranges of every VMCOREINFO note text in a raw image (RAM may hold stale or partial
+/// copies besides the kernel's own note).
+fn vmcoreinfo_ranges(ram: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let marker = b"VMCOREINFO\0\0OSRELEASE=";
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(i) = memchr::memmem::find(&ram[from..], marker) {
+        let at = from + i + 12;
+        let len = ram[at..].iter().take(64 << 10).position(|&b| b == 0).unwrap_or(0);
+        out.push(at..at + len);
+        from = at;
+    }
+    assert!(!out.is_empty(), "no VMCOREINFO in RAM");
+    out
 }
 
-/// Renames VMCOREINFO's `SYMBOL(kallsyms_…)` entries so pct must find the tables itself.
+/// The range of the kernel's own note: the first that says where the kernel is.
+fn vmcoreinfo_range(ram: &[u8]) -> std::ops::Range<usize> {
+    vmcoreinfo_ranges(ram)
+        .into_iter()
+        .find(|r| {
+            let t = &ram[r.clone()];
+            find(t, b"KERNELOFFSET=").is_some() && find(t, b"NUMBER(phys_base)=").is_some()
+        })
+        .expect("a complete VMCOREINFO note in RAM")
+}
+
+/// Renames the `SYMBOL(kallsyms_…)` entries of every VMCOREINFO copy, so that pct must find
+/// the tables itself.
 fn hide_kallsyms_from_vmcoreinfo(ram: &mut [u8]) {
-    let r = vmcoreinfo_range(ram);
-    let text = &mut ram[r];
     let mut hidden = 0;
-    while let Some(i) = find(text, b"SYMBOL(kallsyms_") {
-        text[i + 7] = b'x';
-        hidden += 1;
+    for r in vmcoreinfo_ranges(ram) {
+        let text = &mut ram[r];
+        while let Some(i) = find(text, b"SYMBOL(kallsyms_") {
+            text[i + 7] = b'x';
+            hidden += 1;
+        }
     }
     assert!(hidden >= 6, "VMCOREINFO named {hidden} kallsyms tables");
-}
-
-/// Guest-physical address of a runtime kernel-image VA in `ram` (VMCOREINFO's phys_base).
-fn image_pa(ram: &[u8], va: u64) -> usize {
-    let text = String::from_utf8_lossy(&ram[vmcoreinfo_range(ram)]).into_owned();
-    let phys_base: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("NUMBER(phys_base)="))
-        .and_then(|v| v.parse().ok())
-        .expect("phys_base");
-    (va - 0xffff_ffff_8000_0000 + phys_base) as usize
 }
 
 /// One booted cloud guest serves the structural search, profile selection, both CLIs, and
@@ -434,7 +445,7 @@ fn kallsyms_structure_selection_and_bad_images() {
 
     // Bad images: each gives a clear error, never a panic. Addresses come from pct's own
     // kallsyms reader on the copy (its tables found by structure, as checked above).
-    let (start_btf, token_index) = {
+    let (pa, ipa) = {
         let mem = GuestMemory::open(&copy.path).expect("copy");
         let (info, method) = find_vmcoreinfo(&mem).expect("VMCOREINFO");
         let loc = Location::from_vmcoreinfo(&info, method).expect("location");
@@ -448,14 +459,12 @@ fn kallsyms_structure_selection_and_bad_images() {
                 && e.contains("build-profile"),
             "{e}"
         );
+        let pa = |va: u64| loc.va_to_pa(&mem, va).expect("mapped") as usize;
         (
-            k.lookup_name("__start_BTF").expect("__start_BTF"),
-            k.tables.token_index,
+            pa(k.lookup_name("__start_BTF").expect("__start_BTF")),
+            pa(k.tables.token_index),
         )
     };
-    let ram = std::fs::read(&copy.path).expect("read copy");
-    let (pa, ipa) = (image_pa(&ram, start_btf), image_pa(&ram, token_index));
-    drop(ram);
 
     // The vmlinux BTF fails validation: a bad magic, then a section past the end.
     let mut saved = [0u8; 24];

@@ -302,7 +302,11 @@ fn vmcoreinfo_ranges(ram: &[u8]) -> Vec<std::ops::Range<usize>> {
     let mut from = 0;
     while let Some(i) = memchr::memmem::find(&ram[from..], marker) {
         let at = from + i + 12;
-        let len = ram[at..].iter().take(64 << 10).position(|&b| b == 0).unwrap_or(0);
+        let len = ram[at..]
+            .iter()
+            .take(64 << 10)
+            .position(|&b| b == 0)
+            .unwrap_or(0);
         out.push(at..at + len);
         from = at;
     }

@@ -285,7 +285,7 @@ impl Profile {
     }
 }
 
-/// Page-cache tree generations (see DESIGN.md).
+/// Page-cache tree generations (docs/design.md, "The page cache").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageCacheTree {
     /// Radix tree, nodes carry `height` (< 3.15).

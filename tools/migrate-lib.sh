@@ -46,6 +46,8 @@ ml_profile_args() {
 
 ml_start() {
 	bash tools/lab/ensure-host.sh
+	# The kernel is fetched here, outside the namespaces: inside them there is no network.
+	bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
 	[ -n "$PROFILE" ] || PROFILE=$(bash tools/lab/lab-profile.sh cloud-amd64)
 	cargo build --release --quiet --bin pct-migrate
 	RUN=$(mktemp -d "/tmp/pct-$1.XXXXXX")

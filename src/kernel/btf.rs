@@ -96,12 +96,7 @@ pub fn module_btfs(
     let size_off = off("btf", "data_size")?;
     let name_off = off("btf", "name")?;
 
-    let u64_at = |va: u64, what: &str| -> Result<u64, LocateError> {
-        let b = loc.read(mem, va, 8, what)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[..8]);
-        Ok(u64::from_le_bytes(a))
-    };
+    let u64_at = |va: u64, what: &str| loc.read_u64(mem, va, what);
     let mut out = Vec::new();
     let mut node = u64_at(list_head, "btf_modules.next")?;
     let mut seen = std::collections::HashSet::new();
@@ -118,8 +113,7 @@ pub fn module_btfs(
         let entry = node.wrapping_sub(list_off);
         let btf = u64_at(entry + btf_ptr_off, "btf_module.btf")?;
         let data = u64_at(btf + data_off, "btf.data")?;
-        let size = loc.read(mem, btf + size_off, 4, "btf.data_size")?;
-        let size = u64::from(u32::from_le_bytes([size[0], size[1], size[2], size[3]]));
+        let size = u64::from(loc.read_u32(mem, btf + size_off, "btf.data_size")?);
         let raw_name = loc.read(mem, btf + name_off, 56, "btf.name")?;
         let end = raw_name
             .iter()

@@ -133,7 +133,7 @@ impl Kallsyms {
     pub fn decode(mem: &GuestMemory, loc: &Location, t: Tables) -> Result<Kallsyms, KallsymsError> {
         let bad =
             |table: &'static str, va: u64, msg: String| KallsymsError::Malformed { table, va, msg };
-        let num = read_u32(mem, loc, t.num_syms, "kallsyms_num_syms")?;
+        let num = loc.read_u32(mem, t.num_syms, "kallsyms_num_syms")?;
         if num == 0 || num > MAX_SYMS {
             return Err(bad(
                 "kallsyms_num_syms",
@@ -158,7 +158,7 @@ impl Kallsyms {
             })?;
         let names = loc.read(mem, t.names, names_len, "kallsyms_names")?;
         let offsets = loc.read(mem, t.offsets, u64::from(num) * 4, "kallsyms_offsets")?;
-        let base = read_u64(mem, loc, t.relative_base, "kallsyms_relative_base")?;
+        let base = loc.read_u64(mem, t.relative_base, "kallsyms_relative_base")?;
         let offsets: Vec<i32> = offsets
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -321,28 +321,6 @@ impl Tokens {
             out.extend_from_slice(&self.table[s..e]);
         }
     }
-}
-
-fn read_u32(
-    mem: &GuestMemory,
-    loc: &Location,
-    va: u64,
-    what: &'static str,
-) -> Result<u32, LocateError> {
-    let b = loc.read(mem, va, 4, what)?;
-    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-fn read_u64(
-    mem: &GuestMemory,
-    loc: &Location,
-    va: u64,
-    what: &'static str,
-) -> Result<u64, LocateError> {
-    let b = loc.read(mem, va, 8, what)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    Ok(u64::from_le_bytes(a))
 }
 
 /// Finds the tables by their structure, for kernels whose VMCOREINFO does not name them.

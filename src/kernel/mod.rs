@@ -202,6 +202,28 @@ impl Location {
         }
         Ok(Cow::Owned(out))
     }
+
+    /// The little-endian u32 at kernel VA `va`.
+    pub fn read_u32(&self, mem: &GuestMemory, va: u64, what: &str) -> Result<u32, LocateError> {
+        Ok(u32::from_le_bytes(self.read_array(mem, va, what)?))
+    }
+
+    /// The little-endian u64 at kernel VA `va`.
+    pub fn read_u64(&self, mem: &GuestMemory, va: u64, what: &str) -> Result<u64, LocateError> {
+        Ok(u64::from_le_bytes(self.read_array(mem, va, what)?))
+    }
+
+    fn read_array<const N: usize>(
+        &self,
+        mem: &GuestMemory,
+        va: u64,
+        what: &str,
+    ) -> Result<[u8; N], LocateError> {
+        let b = self.read(mem, va, N as u64, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(&b[..N]);
+        Ok(a)
+    }
 }
 
 impl<'a> Kernel<'a> {
@@ -392,7 +414,6 @@ impl<'a> Kernel<'a> {
     }
 
     pub fn read_u64(&self, va: u64, what: &str) -> Result<u64, LocateError> {
-        let b = self.read(va, 8, what)?;
-        Ok(u64::from_le_bytes(b[..8].try_into().expect("8 bytes")))
+        self.loc.read_u64(self.mem, va, what)
     }
 }

@@ -8,7 +8,7 @@ use crate::memory::GuestMemory;
 use crate::profile::Profile;
 use crate::report::{self, CrossCheck, KernelSummary, ScanReport};
 use crate::walk::fs::walk_page_cache;
-use crate::walk::page_scan::scan_struct_pages;
+use crate::walk::page_scan::for_each_page;
 use crate::walk::WalkError;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -55,7 +55,7 @@ pub fn scan(
     let mut cross_check = None;
     if opts.cross_check {
         let mappings: BTreeSet<u64> = walk.inodes.iter().map(|i| i.mapping).collect();
-        let lin = scan_struct_pages(&k, &mappings)?;
+        let lin = for_each_page(&k, &mappings)?;
         let tree: BTreeSet<(u64, u64, u64)> = walk
             .inodes
             .iter()

@@ -2,6 +2,7 @@
 //! which inode, which block, what was wrong. Guest and disk data are hostile, so every
 //! structural check that fails ends up here instead of in a panic.
 
+use crate::memory::reader::FieldError;
 use std::io;
 
 /// Where an extent-tree node came from: the root in the inode's `i_block`, or a disk block.
@@ -59,6 +60,13 @@ pub enum BlockMapError {
     Unmappable { ino: u64, why: &'static str },
     #[error("inode {ino}: disk offset of physical block {pblk} overflows")]
     Overflow { ino: u64, pblk: u64 },
+    /// A field outside the bytes read for it (a block shorter than the block size).
+    #[error("inode {ino}: {source}")]
+    Field {
+        ino: u64,
+        #[source]
+        source: FieldError,
+    },
 }
 
 /// Errors of the on-disk reader ([`super::ondisk`]).
@@ -87,4 +95,7 @@ pub enum OnDiskError {
     NotFound { path: String },
     #[error(transparent)]
     Map(#[from] BlockMapError),
+    /// A field outside the bytes read for it (a short sector, block or entry).
+    #[error(transparent)]
+    Field(#[from] FieldError),
 }

@@ -21,22 +21,15 @@
 use super::error::{BlockMapError, NodeAt};
 use super::meta::{BlockExtent, MapKind, MetaReader};
 use super::source::BlockSource;
+use crate::memory::reader::{FieldError, LeSlice};
 
 pub const EXT4_EXT_MAGIC: u16 = 0xF30A;
 /// Longest initialized extent; a larger `ee_len` means unwritten.
 pub const EXT_INIT_MAX_LEN: u16 = 1 << 15;
 pub const EXT4_MAX_EXTENT_DEPTH: u16 = 5;
-const ENTRY: usize = 12;
+const ENTRY: u64 = 12;
 /// Logical block numbers are 32-bit: the tree covers `0..2^32`.
 const LBLK_END: u64 = 1 << 32;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 /// `struct ext4_extent_header`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,14 +42,19 @@ pub struct Ext4ExtentHeader {
 }
 
 impl Ext4ExtentHeader {
-    pub fn parse(b: &[u8]) -> Option<Ext4ExtentHeader> {
-        let b = b.get(..ENTRY)?;
-        Some(Ext4ExtentHeader {
-            eh_magic: le16(b, 0),
-            eh_entries: le16(b, 2),
-            eh_max: le16(b, 4),
-            eh_depth: le16(b, 6),
-            eh_generation: le32(b, 8),
+    /// The header at the start of `b` (bytes of unknown origin).
+    pub fn parse(b: &[u8]) -> Result<Ext4ExtentHeader, FieldError> {
+        Self::read(&LeSlice::detached(b, "ext4_extent_header"))
+    }
+
+    /// The header at the start of `r`.
+    pub fn read(r: &LeSlice) -> Result<Ext4ExtentHeader, FieldError> {
+        Ok(Ext4ExtentHeader {
+            eh_magic: r.u16(0, "eh_magic")?,
+            eh_entries: r.u16(2, "eh_entries")?,
+            eh_max: r.u16(4, "eh_max")?,
+            eh_depth: r.u16(6, "eh_depth")?,
+            eh_generation: r.u32(8, "eh_generation")?,
         })
     }
 }
@@ -69,11 +67,16 @@ pub struct Ext4ExtentIdx {
 }
 
 impl Ext4ExtentIdx {
-    pub fn parse(b: &[u8]) -> Option<Ext4ExtentIdx> {
-        let b = b.get(..ENTRY)?;
-        Some(Ext4ExtentIdx {
-            ei_block: le32(b, 0),
-            ei_leaf: u64::from(le32(b, 4)) | u64::from(le16(b, 8)) << 32,
+    /// The index entry at the start of `b` (bytes of unknown origin).
+    pub fn parse(b: &[u8]) -> Result<Ext4ExtentIdx, FieldError> {
+        Self::read(&LeSlice::detached(b, "ext4_extent_idx"))
+    }
+
+    /// The index entry at the start of `r`.
+    pub fn read(r: &LeSlice) -> Result<Ext4ExtentIdx, FieldError> {
+        Ok(Ext4ExtentIdx {
+            ei_block: r.u32(0, "ei_block")?,
+            ei_leaf: u64::from(r.u32(4, "ei_leaf_lo")?) | u64::from(r.u16(8, "ei_leaf_hi")?) << 32,
         })
     }
 }
@@ -87,12 +90,18 @@ pub struct Ext4Extent {
 }
 
 impl Ext4Extent {
-    pub fn parse(b: &[u8]) -> Option<Ext4Extent> {
-        let b = b.get(..ENTRY)?;
-        Some(Ext4Extent {
-            ee_block: le32(b, 0),
-            ee_len: le16(b, 4),
-            ee_start: u64::from(le16(b, 6)) << 32 | u64::from(le32(b, 8)),
+    /// The extent at the start of `b` (bytes of unknown origin).
+    pub fn parse(b: &[u8]) -> Result<Ext4Extent, FieldError> {
+        Self::read(&LeSlice::detached(b, "ext4_extent"))
+    }
+
+    /// The extent at the start of `r`.
+    pub fn read(r: &LeSlice) -> Result<Ext4Extent, FieldError> {
+        Ok(Ext4Extent {
+            ee_block: r.u32(0, "ee_block")?,
+            ee_len: r.u16(4, "ee_len")?,
+            ee_start: u64::from(r.u16(6, "ee_start_hi")?) << 32
+                | u64::from(r.u32(8, "ee_start_lo")?),
         })
     }
 
@@ -118,19 +127,20 @@ impl Ext4Extent {
 #[derive(Clone, Copy, Debug)]
 pub struct ExtentNode<'a> {
     pub header: Ext4ExtentHeader,
-    bytes: &'a [u8],
+    bytes: LeSlice<'a>,
 }
 
 impl<'a> ExtentNode<'a> {
     /// Validate the header of a node held in `bytes` (60 bytes for the root, a block
     /// otherwise). `depth`: the depth the parent says this node must have.
     pub fn check(bytes: &'a [u8], depth: Option<u16>) -> Result<ExtentNode<'a>, &'static str> {
-        let h = Ext4ExtentHeader::parse(bytes).ok_or("node shorter than its header")?;
+        let bytes = LeSlice::detached(bytes, "extent tree node");
+        let h = Ext4ExtentHeader::read(&bytes).map_err(|_| "node shorter than its header")?;
         if h.eh_magic != EXT4_EXT_MAGIC {
             return Err("bad magic (want 0xF30A)");
         }
-        let room = (bytes.len() - ENTRY) / ENTRY;
-        if h.eh_max == 0 || usize::from(h.eh_max) > room {
+        let room = (bytes.len() as u64 - ENTRY) / ENTRY;
+        if h.eh_max == 0 || u64::from(h.eh_max) > room {
             return Err("eh_max does not fit the node");
         }
         if h.eh_entries > h.eh_max {
@@ -152,37 +162,39 @@ impl<'a> ExtentNode<'a> {
         usize::from(self.header.eh_entries)
     }
 
-    fn entry(&self, i: usize) -> &'a [u8] {
-        // In bounds: i < eh_entries <= eh_max <= room, checked in `check`.
-        &self.bytes[ENTRY * (i + 1)..ENTRY * (i + 2)]
+    /// Entry `i` (in bounds for `i < eh_entries <= eh_max <= room`, checked in `check`).
+    fn entry(&self, i: usize) -> Result<LeSlice<'a>, FieldError> {
+        self.bytes
+            .sub(ENTRY * (i as u64 + 1), ENTRY, "extent entry")
     }
 
     pub fn index(&self, i: usize) -> Option<Ext4ExtentIdx> {
         (self.header.eh_depth > 0 && i < self.entries())
-            .then(|| Ext4ExtentIdx::parse(self.entry(i)))
+            .then(|| Ext4ExtentIdx::read(&self.entry(i).ok()?).ok())
             .flatten()
     }
 
     pub fn extent(&self, i: usize) -> Option<Ext4Extent> {
         (self.header.eh_depth == 0 && i < self.entries())
-            .then(|| Ext4Extent::parse(self.entry(i)))
+            .then(|| Ext4Extent::read(&self.entry(i).ok()?).ok())
             .flatten()
     }
 
     /// Number of leading entries whose first logical block is `<= lblk` (binary search;
     /// the entries are sorted, see `check_entries`).
-    fn upto(&self, lblk: u64) -> usize {
-        let first = |i: usize| u64::from(le32(self.entry(i), 0));
+    fn upto(&self, lblk: u64) -> Result<usize, FieldError> {
+        // `ei_block` and `ee_block` alike: the first field of either entry.
+        let first = |i: usize| self.entry(i)?.u32(0, "ee_block").map(u64::from);
         let (mut lo, mut hi) = (0, self.entries());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if first(mid) <= lblk {
+            if first(mid)? <= lblk {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
-        lo
+        Ok(lo)
     }
 }
 
@@ -241,7 +253,9 @@ impl<'s, S: BlockSource + ?Sized> ExtentTree<'s, S> {
         }
         let at = self.leaf_at.unwrap_or(NodeAt::Root);
         let leaf = ExtentNode::check(&self.leaf, Some(0)).map_err(|w| self.bad(at, w))?;
-        let n = leaf.upto(lblk);
+        let n = leaf
+            .upto(lblk)
+            .map_err(|_| self.bad(at, "entry outside the node"))?;
         if n > 0 {
             if let Some(ex) = leaf.extent(n - 1) {
                 let start = u64::from(ex.ee_block);
@@ -287,7 +301,10 @@ impl<'s, S: BlockSource + ?Sized> ExtentTree<'s, S> {
                 break;
             }
             // The last index starting at or before lblk; the first if lblk precedes all.
-            let i = node.upto(lblk).saturating_sub(1);
+            let i = node
+                .upto(lblk)
+                .map_err(|_| self.bad(at, "entry outside the node"))?
+                .saturating_sub(1);
             let idx = node
                 .index(i)
                 .ok_or_else(|| self.bad(at, "index entry missing"))?;

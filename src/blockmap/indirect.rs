@@ -13,6 +13,7 @@
 use super::error::BlockMapError;
 use super::meta::{BlockExtent, MapKind, MetaReader};
 use super::source::BlockSource;
+use crate::memory::reader::{FieldError, LeSlice};
 
 pub const EXT4_NDIR_BLOCKS: usize = 12;
 pub const EXT4_IND_BLOCK: usize = 12;
@@ -20,9 +21,9 @@ pub const EXT4_DIND_BLOCK: usize = 13;
 pub const EXT4_TIND_BLOCK: usize = 14;
 pub const EXT4_N_BLOCKS: usize = 15;
 
-fn le32_at(b: &[u8], i: usize) -> Option<u32> {
-    let s = b.get(4 * i..4 * i + 4)?;
-    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+/// Pointer `i` of a pointer array (`i_block`, or an indirect block).
+fn le32_at(b: &[u8], i: usize, what: &'static str) -> Result<u32, FieldError> {
+    LeSlice::detached(b, what).u32(4 * i as u64, "block pointer")
 }
 
 /// Where logical block `lblk` sits: the `i_block` slot then one offset per indirect level
@@ -93,7 +94,9 @@ impl<'s, S: BlockSource + ?Sized> IndirectMap<'s, S> {
         // Position of lblk inside the subtree an entry at level `l` covers.
         let pos_in = |l: usize| (l + 1..depth).map(|j| path[j] * span(j)).sum::<u64>();
 
-        let mut ptr = le32_at(&self.i_block, path[0] as usize).unwrap_or(0);
+        let ino = self.rd.ino;
+        let field = |e| BlockMapError::Field { ino, source: e };
+        let mut ptr = le32_at(&self.i_block, path[0] as usize, "i_block").map_err(field)?;
         for (level, &offset) in path.iter().enumerate().take(depth).skip(1) {
             if ptr == 0 {
                 return Ok(hole(span(level - 1) - pos_in(level - 1)));
@@ -107,25 +110,28 @@ impl<'s, S: BlockSource + ?Sized> IndirectMap<'s, S> {
                 self.cache[level - 1] = (pblk, buf);
             }
             let block = &self.cache[level - 1].1;
-            ptr = le32_at(block, offset as usize).ok_or(BlockMapError::Indirect {
-                ino: self.rd.ino,
-                lblk,
-                why: "pointer offset beyond the block",
+            ptr = le32_at(block, offset as usize, "indirect block").map_err(|_| {
+                BlockMapError::Indirect {
+                    ino,
+                    lblk,
+                    why: "pointer offset beyond the block",
+                }
             })?;
         }
         // The array holding the data pointer, and the run starting at it.
-        let (array, first, end): (&[u8], usize, usize) = if depth == 1 {
-            (&self.i_block, path[0] as usize, EXT4_NDIR_BLOCKS)
+        let (array, what, first, end): (&[u8], _, usize, usize) = if depth == 1 {
+            (&self.i_block, "i_block", path[0] as usize, EXT4_NDIR_BLOCKS)
         } else {
             (
                 &self.cache[depth - 2].1,
+                "indirect block",
                 path[depth - 1] as usize,
                 ppb as usize,
             )
         };
         let mut len = 1u64;
         for i in first + 1..end {
-            let p = le32_at(array, i).unwrap_or(0);
+            let p = le32_at(array, i, what).map_err(field)?;
             let continues = if ptr == 0 {
                 p == 0
             } else {

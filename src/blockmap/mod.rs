@@ -3,7 +3,8 @@
 //! Given what a walker read of an ext4 inode (`ext4_inode_info.i_data`, `i_flags`,
 //! `i_size`) and of its filesystem (block size, partition start), this stage says for
 //! each 4 KiB page of the file whether its bytes are one contiguous byte range of the
-//! disk, and where: `partition start + physical block × block size` (DESIGN.md, "ext4").
+//! disk, and where: `partition start + physical block × block size` (the partition start
+//! is the block device's `bd_start_sect` × 512, see [`crate::walk::fs`]).
 //!
 //! - [`extent`]: extent trees (`ext4_extent_header` / `_idx` / `ext4_extent`), validated.
 //! - [`indirect`]: direct / indirect / double / triple indirect block maps.

@@ -19,15 +19,8 @@ use super::error::OnDiskError;
 use super::inode::{BlockMapper, Ext4Inode, Ext4Volume, EXT4_INLINE_DATA_FL};
 use super::meta::MapKind;
 use super::source::{BlockSource, ImageFile};
+use crate::memory::reader::{Addr, LeSlice};
 use std::path::Path;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 /// One primary MBR partition entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,13 +41,18 @@ impl MbrPartition {
 /// The non-empty primary partitions of an MBR held in `sector0` (512 bytes).
 pub fn parse_mbr(sector0: &[u8]) -> Result<Vec<MbrPartition>, OnDiskError> {
     let s = sector0.get(..512).ok_or(OnDiskError::Mbr("short sector"))?;
-    if s[510] != 0x55 || s[511] != 0xAA {
+    let s = LeSlice::new(s, Addr::Disk(0), "MBR");
+    if s.array::<2>(510, "signature")? != [0x55, 0xAA] {
         return Err(OnDiskError::Mbr("no 0x55AA signature"));
     }
     let mut parts = Vec::new();
     for n in 0..4u8 {
-        let e = &s[446 + 16 * usize::from(n)..][..16];
-        let (kind, start_lba, sectors) = (e[4], le32(e, 8), le32(e, 12));
+        let e = s.sub(446 + 16 * u64::from(n), 16, "partition entry")?;
+        let (kind, start_lba, sectors) = (
+            e.u8(4, "type")?,
+            e.u32(8, "first LBA")?,
+            e.u32(12, "sectors")?,
+        );
         if kind != 0 && sectors != 0 {
             parts.push(MbrPartition {
                 number: n + 1,
@@ -94,29 +92,39 @@ pub struct Ext4SuperBlock {
 impl Ext4SuperBlock {
     /// Parse and sanity-check the 1024 superblock bytes.
     pub fn parse(b: &[u8]) -> Result<Ext4SuperBlock, OnDiskError> {
+        Self::parse_at(b, Addr::Detached(0))
+    }
+
+    /// Like [`parse`](Self::parse), for bytes read at `at` (named in errors).
+    pub fn parse_at(b: &[u8], at: Addr) -> Result<Ext4SuperBlock, OnDiskError> {
         let b = b.get(..1024).ok_or(OnDiskError::SuperBlock("short"))?;
-        if le16(b, 0x38) != EXT4_SUPER_MAGIC {
+        let b = LeSlice::new(b, at, "ext4_super_block");
+        if b.u16(0x38, "s_magic")? != EXT4_SUPER_MAGIC {
             return Err(OnDiskError::SuperBlock("bad magic (want 0xEF53)"));
         }
-        let incompat = le32(b, 0x60);
+        let incompat = b.u32(0x60, "s_feature_incompat")?;
         let is64 = incompat & EXT4_FEATURE_INCOMPAT_64BIT != 0;
-        let rev = le32(b, 0x4C);
+        let rev = b.u32(0x4C, "s_rev_level")?;
         let sb = Ext4SuperBlock {
-            s_inodes_count: le32(b, 0x0),
-            s_blocks_count: u64::from(le32(b, 0x4))
+            s_inodes_count: b.u32(0x0, "s_inodes_count")?,
+            s_blocks_count: u64::from(b.u32(0x4, "s_blocks_count_lo")?)
                 | if is64 {
-                    u64::from(le32(b, 0x150)) << 32
+                    u64::from(b.u32(0x150, "s_blocks_count_hi")?) << 32
                 } else {
                     0
                 },
-            s_first_data_block: le32(b, 0x14),
-            s_log_block_size: le32(b, 0x18),
-            s_blocks_per_group: le32(b, 0x20),
-            s_inodes_per_group: le32(b, 0x28),
+            s_first_data_block: b.u32(0x14, "s_first_data_block")?,
+            s_log_block_size: b.u32(0x18, "s_log_block_size")?,
+            s_blocks_per_group: b.u32(0x20, "s_blocks_per_group")?,
+            s_inodes_per_group: b.u32(0x28, "s_inodes_per_group")?,
             s_rev_level: rev,
-            s_inode_size: if rev == 0 { 128 } else { le16(b, 0x58) },
+            s_inode_size: if rev == 0 {
+                128
+            } else {
+                b.u16(0x58, "s_inode_size")?
+            },
             s_feature_incompat: incompat,
-            s_desc_size: le16(b, 0xFE),
+            s_desc_size: b.u16(0xFE, "s_desc_size")?,
         };
         if sb.s_log_block_size > 2 {
             return Err(OnDiskError::Unsupported("block size above 4096"));
@@ -231,7 +239,7 @@ impl<S: BlockSource> Ext4Fs<S> {
                 offset: partition_start + 1024,
                 source,
             })?;
-        let sb = Ext4SuperBlock::parse(&sb)?;
+        let sb = Ext4SuperBlock::parse_at(&sb, Addr::Disk(partition_start.saturating_add(1024)))?;
         Ok(Ext4Fs {
             source,
             sb,
@@ -253,6 +261,14 @@ impl<S: BlockSource> Ext4Fs<S> {
             partition_start: self.partition_start,
             blocks_count: Some(self.sb.s_blocks_count),
         }
+    }
+
+    /// Where block `pblk` lies on the disk.
+    fn block_addr(&self, pblk: u64) -> Addr {
+        Addr::Disk(
+            pblk.saturating_mul(u64::from(self.sb.block_size()))
+                .saturating_add(self.partition_start),
+        )
     }
 
     fn read_block(&self, pblk: u64, what: &'static str) -> Result<Vec<u8>, OnDiskError> {
@@ -295,13 +311,14 @@ impl<S: BlockSource> Ext4Fs<S> {
         let byte = group.checked_mul(dsz).ok_or(bad("offset overflows"))?;
         let blk = u64::from(self.sb.s_first_data_block) + 1 + byte / bs;
         let b = self.read_block(blk, "group descriptor")?;
-        let d = &b[(byte % bs) as usize..][..dsz as usize];
+        let b = LeSlice::new(&b, self.block_addr(blk), "group descriptor block");
+        let d = b.sub(byte % bs, dsz, "ext4_group_desc")?;
         let hi = if dsz >= 64 {
-            u64::from(le32(d, 0x28))
+            u64::from(d.u32(0x28, "bg_inode_table_hi")?)
         } else {
             0
         };
-        let table = u64::from(le32(d, 0x08)) | hi << 32;
+        let table = u64::from(d.u32(0x08, "bg_inode_table_lo")?) | hi << 32;
         if table == 0 || table >= self.sb.s_blocks_count {
             return Err(OnDiskError::GroupDesc {
                 group,
@@ -325,18 +342,21 @@ impl<S: BlockSource> Ext4Fs<S> {
         let bs = u64::from(self.sb.block_size());
         let isz = u64::from(self.sb.s_inode_size);
         let byte = index * isz;
-        let blk = self.inode_table(group)?.checked_add(byte / bs);
-        let b = self.read_block(blk.ok_or(bad("inode table overflows"))?, "inode table")?;
-        let r = &b[(byte % bs) as usize..][..128];
-        let mut i_block = [0u8; 60];
-        i_block.copy_from_slice(&r[0x28..0x64]);
+        let blk = self
+            .inode_table(group)?
+            .checked_add(byte / bs)
+            .ok_or(bad("inode table overflows"))?;
+        let b = self.read_block(blk, "inode table")?;
+        let b = LeSlice::new(&b, self.block_addr(blk), "inode table block");
+        let r = b.sub(byte % bs, 128, "ext4_inode")?;
         Ok(OnDiskInode {
             ino,
-            i_mode: le16(r, 0x0),
-            i_links_count: le16(r, 0x1A),
-            i_flags: le32(r, 0x20),
-            i_size: u64::from(le32(r, 0x4)) | u64::from(le32(r, 0x6C)) << 32,
-            i_block,
+            i_mode: r.u16(0x0, "i_mode")?,
+            i_links_count: r.u16(0x1A, "i_links_count")?,
+            i_flags: r.u32(0x20, "i_flags")?,
+            i_size: u64::from(r.u32(0x4, "i_size_lo")?)
+                | u64::from(r.u32(0x6C, "i_size_high")?) << 32,
+            i_block: r.array(0x28, "i_block")?,
         })
     }
 
@@ -363,18 +383,20 @@ impl<S: BlockSource> Ext4Fs<S> {
                 _ => continue,
             };
             let b = self.read_block(pblk, "directory block")?;
-            let mut at = 0usize;
-            while at + 8 <= b.len() {
-                let inode = le32(&b, at);
-                let rec_len = usize::from(le16(&b, at + 4));
+            let b = LeSlice::new(&b, self.block_addr(pblk), "directory block");
+            let mut at = 0u64;
+            while at + 8 <= b.len() as u64 {
+                let e = b.sub(at, 8, "ext4_dir_entry_2")?;
+                let inode = e.u32(0, "inode")?;
+                let rec_len = u64::from(e.u16(4, "rec_len")?);
                 let (name_len, file_type) = if with_type {
-                    (usize::from(b[at + 6]), b[at + 7])
+                    (u64::from(e.u8(6, "name_len")?), e.u8(7, "file_type")?)
                 } else {
-                    (usize::from(le16(&b, at + 6)), 0)
+                    (u64::from(e.u16(6, "name_len")?), 0)
                 };
                 if rec_len < 8
                     || rec_len % 4 != 0
-                    || at + rec_len > b.len()
+                    || at + rec_len > b.len() as u64
                     || 8 + name_len > rec_len
                 {
                     return Err(bad("corrupt directory entry"));
@@ -383,7 +405,7 @@ impl<S: BlockSource> Ext4Fs<S> {
                     out.push(DirEntry {
                         inode,
                         file_type,
-                        name: b[at + 8..at + 8 + name_len].to_vec(),
+                        name: b.slice(at + 8, name_len, "entry name")?.to_vec(),
                     });
                 }
                 at += rec_len;

@@ -4,10 +4,12 @@
 //! an ELF core written by QEMU's `dump-guest-memory` (its PT_LOAD segments give the
 //! guest-physical layout, its PT_NOTE may carry VMCOREINFO), or a live QEMU found
 //! through QMP (see [`qemu`]). Everything above this module asks for guest-physical
-//! ranges and gets byte slices or an error naming the address.
+//! ranges and gets byte slices or an error naming the address, and reads fields out of
+//! them with [`reader::LeSlice`], which fails on a short read instead of making up a 0.
 
 pub mod elfcore;
 pub mod qemu;
+pub mod reader;
 
 use memmap2::Mmap;
 use std::fs::File;
@@ -79,10 +81,24 @@ impl GuestMemory {
         if populate {
             opts.populate();
         }
-        // SAFETY: the mapping is read-only and private to this process. Guest RAM may be
-        // changed underneath by a running QEMU or truncated by someone else; every read
-        // goes through `slice`, which bounds-checks against the length taken here, and
-        // callers treat all contents as untrusted (torn reads are expected and checked).
+        // SAFETY: `MmapOptions::map` makes a read-only *shared* mapping (PROT_READ,
+        // MAP_SHARED) of the file's pages: it is not a private copy, and writes to the file
+        // by anyone else show through it. That is the point for a live memory-backend-file
+        // (`open_live_file`): the running QEMU writes guest RAM into it as pct reads. pct
+        // itself never writes through it (PROT_READ), hands out only `&[u8]` (every bit
+        // pattern is a valid `u8`, so changing bytes can give wrong values but never invalid
+        // ones), and treats all contents as untrusted: no reader assumes two reads of the
+        // same bytes agree; the walkers cross-check back-pointers to catch torn reads,
+        // `--verify` and the receiver's hash check catch what changed meanwhile.
+        // Bounds: every read goes through `slice`/`chunks`/`live_block_page` or the ELF
+        // core parser (`object`'s checked accessors), all checked against the length
+        // taken here.
+        // Remaining risk: a bounds check cannot stop SIGBUS. If the file is truncated below
+        // that length after it was mapped (an image rewritten in place, a RAM block shrunk
+        // under a live view), or a page of it cannot be supplied (a hugetlbfs hole with no
+        // huge page free), touching such a page kills pct with SIGBUS. No handler catches
+        // it: pct fails loudly, it does not read wrong bytes. Unlinking the file does not
+        // truncate it and is harmless.
         let map = unsafe { opts.map(&file) }.map_err(|source| MemError::Open {
             path: path.to_owned(),
             source,

@@ -1,8 +1,8 @@
 //! `dentry_path`: a file's name, from its inode's first alias dentry up through
 //! `d_parent` to the filesystem root (like the kernel's `dentry_path_raw`).
 
+use super::at_va;
 use super::fs::sanitize;
-use super::{u32_at, u64_at};
 use crate::kernel::Kernel;
 
 const MAX_DEPTH: usize = 64;
@@ -25,15 +25,22 @@ pub fn dentry_path(k: &Kernel, inode: u64) -> Option<String> {
     let mut dentry = first.wrapping_sub(d_alias);
     let mut parts = Vec::new();
     for _ in 0..MAX_DEPTH {
-        let d = k.read(dentry, d_name + 16, "dentry").ok()?;
-        let parent = u64_at(&d, d_parent);
+        let b = k
+            .read(dentry, (d_name + 16).max(d_parent + 8), "dentry")
+            .ok()?;
+        let d = at_va(&b, dentry, "dentry");
+        let parent = d.u64(d_parent, "d_parent").ok()?;
         if parent == dentry || parent == 0 {
             parts.reverse();
             return Some(format!("/{}", parts.join("/")));
         }
-        let len = (u32_at(&d, d_name + q_len) as u64).min(MAX_NAME);
+        let len = u64::from(d.u32(d_name + q_len, "d_name.len").ok()?).min(MAX_NAME);
         let name = k
-            .read(u64_at(&d, d_name + q_name), len, "dentry name")
+            .read(
+                d.u64(d_name + q_name, "d_name.name").ok()?,
+                len,
+                "dentry name",
+            )
             .ok()?;
         parts.push(sanitize(&name).replace('/', "\\x2f"));
         dentry = parent;

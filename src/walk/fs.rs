@@ -6,7 +6,7 @@ use super::list::list_for_each_entry;
 use super::page::{PageState, Pages};
 use super::radix_tree::radix_tree_for_each;
 use super::xarray::xa_for_each;
-use super::{need, u16_at, u32_at, u64_at, u8_at, WalkError};
+use super::{at_va, need, LeSlice, WalkError};
 use crate::kernel::Kernel;
 use crate::profile::PageCacheTree;
 
@@ -53,12 +53,15 @@ pub struct InodeCache {
     /// The block device's own inode (raw disk blocks: ext4 metadata, directories…).
     pub is_bdev: bool,
     /// ext4 only: the in-memory `i_data` (extent root or block pointers) and `i_flags`.
-    pub ext4: Option<Ext4Inode>,
+    pub ext4: Option<Ext4InodeInfo>,
     pub pages: Vec<CachedPage>,
 }
 
+/// What the walk reads of an ext4 inode's `struct ext4_inode_info` (the in-memory inode
+/// that embeds the VFS `struct inode` as `vfs_inode`). Not to be confused with
+/// [`crate::blockmap::Ext4Inode`], the block mapper's input built from it.
 #[derive(Debug, Clone, Copy)]
-pub struct Ext4Inode {
+pub struct Ext4InodeInfo {
     pub i_data: [u8; 60],
     pub i_flags: u32,
 }
@@ -110,6 +113,9 @@ struct Offsets {
     /// `xarray.xa_head` (XArray kernels; radix-tree kernels read the root themselves).
     xa_head: Option<u64>,
     bd_start_sect: Option<u64>,
+    /// `block_device.bd_part` → `hd_struct.start_sect` (≤ 5.10).
+    bd_part: Option<(u64, u64)>,
+    bd_partno: Option<u64>,
     bd_inode: Option<u64>,
     ext4_vfs_inode: Option<u64>,
     ext4_i_data: Option<u64>,
@@ -147,6 +153,8 @@ impl Offsets {
             a_nrpages: need(p, "address_space", "nrpages")?,
             xa_head: p.offset("xarray", "xa_head"),
             bd_start_sect: o("block_device", "bd_start_sect"),
+            bd_part: o("block_device", "bd_part").zip(o("hd_struct", "start_sect")),
+            bd_partno: o("block_device", "bd_partno"),
             bd_inode: o("block_device", "bd_inode"),
             ext4_vfs_inode: o("ext4_inode_info", "vfs_inode"),
             ext4_i_data: o("ext4_inode_info", "i_data"),
@@ -204,39 +212,17 @@ pub fn walk_page_cache(k: &Kernel) -> Result<CacheWalk, WalkError> {
                 continue;
             }
         };
-        let fs_type = k
-            .read(u64_at(&b, o.s_type), o.fst_name + 8, "file_system_type")
-            .ok()
-            .and_then(|t| {
-                k.read(u64_at(&t, o.fst_name), 32, "file_system_type.name")
-                    .ok()
-                    .map(|n| sanitize(c_string(&n)))
-            })
-            .unwrap_or_else(|| "?".into());
-        let bdev = u64_at(&b, o.s_bdev);
-        let mut part_start = 0;
-        let mut bd_inode = 0;
-        if bdev != 0 {
-            if let (Some(ss), Ok(bd)) = (o.bd_start_sect, k.read(bdev, 64, "block_device")) {
-                part_start = u64_at(&bd, ss).saturating_mul(512);
-                if let Some(bi) = o.bd_inode {
-                    bd_inode = u64_at(&bd, bi);
+        let (info, bd_inode) =
+            match read_super_block(k, &o, sb, &at_va(&b, sb, "super_block"), &mut out.problems) {
+                Ok(x) => x,
+                Err(e) => {
+                    out.problems.push(format!("super_block {sb:#x}: {e}"));
+                    continue;
                 }
-            }
-        }
+            };
+        let fs_type = info.fs_type.clone();
         let sbi = out.super_blocks.len();
-        out.super_blocks.push(SuperBlockInfo {
-            va: sb,
-            fs_type: fs_type.clone(),
-            id: sanitize(c_string(
-                b.get(o.s_id as usize..o.s_id as usize + 32)
-                    .unwrap_or_default(),
-            )),
-            dev: u32_at(&b, o.s_dev),
-            blocksize_bits: u8_at(&b, o.s_blocksize_bits),
-            bdev,
-            part_start,
-        });
+        out.super_blocks.push(info);
         // The bdev pseudo-filesystem's inodes are the block devices: each mounted
         // filesystem reaches its own through `s_bdev->bd_inode` below.
         if fs_type == "bdev" {
@@ -281,10 +267,134 @@ pub fn walk_page_cache(k: &Kernel) -> Result<CacheWalk, WalkError> {
     Ok(out)
 }
 
+/// The [`SuperBlockInfo`] of the `super_block` at `sb`, whose bytes `r` holds, and its
+/// block device's `bd_inode` (0 when there is none to walk). Problems with the block
+/// device go to `problems`.
+fn read_super_block(
+    k: &Kernel,
+    o: &Offsets,
+    sb: u64,
+    r: &LeSlice,
+    problems: &mut Vec<String>,
+) -> Result<(SuperBlockInfo, u64), WalkError> {
+    let s_type = r.u64(o.s_type, "s_type")?;
+    let fs_type = k
+        .read(s_type, o.fst_name + 8, "file_system_type")
+        .ok()
+        .and_then(|t| {
+            let name = at_va(&t, s_type, "file_system_type")
+                .u64(o.fst_name, "name")
+                .ok()?;
+            k.read(name, 32, "file_system_type.name")
+                .ok()
+                .map(|n| sanitize(c_string(&n)))
+        })
+        .unwrap_or_else(|| "?".into());
+    let id = sanitize(c_string(r.slice(o.s_id, 32, "s_id")?));
+    let bdev = r.u64(o.s_bdev, "s_bdev")?;
+    let (part_start, bd_inode) = if bdev == 0 {
+        (0, 0)
+    } else {
+        match block_device(k, o, bdev) {
+            Ok((start, bd_inode, problem)) => {
+                if let Some(p) = problem {
+                    problems.push(format!("block device {bdev:#x} of {id} ({fs_type}): {p}"));
+                }
+                (start, bd_inode)
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "block device {bdev:#x} of {id} ({fs_type}): {e}; partition start assumed 0"
+                ));
+                (0, 0)
+            }
+        }
+    };
+    let info = SuperBlockInfo {
+        va: sb,
+        fs_type,
+        id,
+        dev: r.u32(o.s_dev, "s_dev")?,
+        blocksize_bits: r.u8(o.s_blocksize_bits, "s_blocksize_bits")?,
+        bdev,
+        part_start,
+    };
+    Ok((info, bd_inode))
+}
+
+/// Where the filesystem on block device `bdev` starts on its disk (bytes), the device's
+/// `bd_inode` (0 when its page cache is not to be walked), and a problem to record.
+///
+/// The start is `bd_start_sect` (≥ 5.11) or `bd_part->start_sect` (≤ 5.10), in 512-byte
+/// sectors. A profile with neither cannot place a partition: the start is then assumed 0,
+/// which is right for a whole disk only, and is recorded as a problem unless `bd_partno`
+/// says the device is a whole disk. The device's own page cache is walked only when its
+/// start is known (its pages are mapped at start + index × 4 KiB).
+fn block_device(
+    k: &Kernel,
+    o: &Offsets,
+    bdev: u64,
+) -> Result<(u64, u64, Option<String>), WalkError> {
+    let len = [o.bd_start_sect, o.bd_part.map(|(part, _)| part), o.bd_inode]
+        .iter()
+        .flatten()
+        .map(|off| off + 8)
+        .max()
+        .unwrap_or(0);
+    let bytes = if len > 0 {
+        k.read(bdev, len, "block_device")?
+    } else {
+        Default::default()
+    };
+    let bd = at_va(&bytes, bdev, "block_device");
+    let start_sect = if let Some(ss) = o.bd_start_sect {
+        Some(bd.u64(ss, "bd_start_sect")?)
+    } else if let Some((part, start_off)) = o.bd_part {
+        let hd = bd.u64(part, "bd_part")?;
+        let h = k.read(hd, start_off + 8, "hd_struct")?;
+        Some(at_va(&h, hd, "hd_struct").u64(start_off, "start_sect")?)
+    } else {
+        None
+    };
+    let bd_inode = match o.bd_inode {
+        Some(off) => bd.u64(off, "bd_inode")?,
+        None => 0,
+    };
+    if let Some(ss) = start_sect {
+        return Ok((ss.saturating_mul(512), bd_inode, None));
+    }
+    let lacks = "the profile has neither block_device.bd_start_sect nor block_device.bd_part";
+    let partno = match o.bd_partno {
+        Some(off) => {
+            let b = k.read(bdev + off, 1, "block_device.bd_partno")?;
+            Some(at_va(&b, bdev + off, "block_device").u8(0, "bd_partno")?)
+        }
+        None => None,
+    };
+    let problem = match partno {
+        // A whole disk: its filesystem starts at 0.
+        Some(0) => return Ok((0, bd_inode, None)),
+        Some(n) => format!(
+            "partition {n} of its disk, but {lacks}: its start is unknown, assumed 0 \
+             (the disk offsets of its blocks will not match)"
+        ),
+        None => format!(
+            "{lacks} (nor bd_partno): cannot tell whether it is a partition; partition start \
+             assumed 0"
+        ),
+    };
+    Ok((0, 0, Some(problem)))
+}
+
 /// A block-device page is as on disk only if each of its buffers is up to date, not
 /// dirty, not locked and not owned by the journal (any bit from BH_PrivateStart up).
 /// Without the buffer_head layout in the profile this cannot be known: not clean.
-fn buffers_clean(k: &Kernel, o: &Offsets, page: &[u8]) -> bool {
+fn buffers_clean(k: &Kernel, o: &Offsets, page: &LeSlice) -> bool {
+    // A buffer_head that cannot be read leaves the page's state unknown: not clean.
+    try_buffers_clean(k, o, page).unwrap_or(false)
+}
+
+fn try_buffers_clean(k: &Kernel, o: &Offsets, page: &LeSlice) -> Result<bool, WalkError> {
     let (
         Some(priv_off),
         Some(pg_private),
@@ -299,34 +409,33 @@ fn buffers_clean(k: &Kernel, o: &Offsets, page: &[u8]) -> bool {
         o.bh_bits,
     )
     else {
-        return false;
+        return Ok(false);
     };
-    if u64_at(page, o.page_flags) >> pg_private & 1 == 0 {
+    if page.u64(o.page_flags, "flags")? >> pg_private & 1 == 0 {
         // No buffers: nothing says which of its blocks were read from the disk (ext4
         // builds some metadata blocks in memory, e.g. a fresh inode-table block).
-        return false;
+        return Ok(false);
     }
-    let first = u64_at(page, priv_off);
+    let first = page.u64(priv_off, "private")?;
     let mut bh = first;
     // At most 4096 / 512 buffers share a page.
     for _ in 0..8 {
-        let Ok(b) = k.read(bh, next_off.max(st_off) + 8, "buffer_head") else {
-            return false;
-        };
-        let state = u64_at(&b, st_off);
+        let bytes = k.read(bh, next_off.max(st_off) + 8, "buffer_head")?;
+        let b = at_va(&bytes, bh, "buffer_head");
+        let state = b.u64(st_off, "b_state")?;
         if state >> up & 1 == 0
             || state >> dirty & 1 == 1
             || state >> lock & 1 == 1
             || state >> private_start != 0
         {
-            return false;
+            return Ok(false);
         }
-        bh = u64_at(&b, next_off);
+        bh = b.u64(next_off, "b_this_page")?;
         if bh == first {
-            return true;
+            return Ok(true);
         }
     }
-    false
+    Ok(false)
 }
 
 fn walk_inode(
@@ -338,23 +447,29 @@ fn walk_inode(
     is_ext4: bool,
     is_bdev: bool,
 ) -> Result<Option<InodeCache>, WalkError> {
-    let b = k.read(inode, o.inode_size, "inode")?;
-    let mapping = u64_at(&b, o.i_mapping);
+    let bytes = k.read(inode, o.inode_size, "inode")?;
+    let b = at_va(&bytes, inode, "inode");
+    let mapping = b.u64(o.i_mapping, "i_mapping")?;
     if mapping == 0 {
         return Ok(None);
     }
-    let a = k.read(mapping, o.a_nrpages + 8, "address_space")?;
-    if u64_at(&a, o.a_nrpages) == 0 {
+    let a_len = (o.a_nrpages + 8).max(o.xa_head.map_or(0, |x| o.a_i_pages + x + 8));
+    let a_bytes = k.read(mapping, a_len, "address_space")?;
+    let a = at_va(&a_bytes, mapping, "address_space");
+    if a.u64(o.a_nrpages, "nrpages")? == 0 {
         return Ok(None);
     }
-    let head = o.xa_head.map(|x| u64_at(&a, o.a_i_pages + x)).unwrap_or(0);
+    let head = match o.xa_head {
+        Some(x) => a.u64(o.a_i_pages + x, "i_pages.xa_head")?,
+        None => 0,
+    };
     let mut ic = InodeCache {
         va: inode,
         sb,
-        ino: u64_at(&b, o.i_ino),
-        mode: u16_at(&b, o.i_mode),
-        size: u64_at(&b, o.i_size),
-        nlink: o.i_nlink.map(|off| u32_at(&b, off)),
+        ino: b.u64(o.i_ino, "i_ino")?,
+        mode: b.u16(o.i_mode, "i_mode")?,
+        size: b.u64(o.i_size, "i_size")?,
+        nlink: o.i_nlink.map(|off| b.u32(off, "i_nlink")).transpose()?,
         mapping,
         is_bdev,
         ext4: None,
@@ -363,12 +478,11 @@ fn walk_inode(
     if is_ext4 {
         if let (Some(vfs), Some(d), Some(fl)) = (o.ext4_vfs_inode, o.ext4_i_data, o.ext4_i_flags) {
             let ei = inode.wrapping_sub(vfs);
-            let e = k.read(ei, d.max(fl) + 60, "ext4_inode_info")?;
-            let mut i_data = [0u8; 60];
-            i_data.copy_from_slice(&e[d as usize..d as usize + 60]);
-            ic.ext4 = Some(Ext4Inode {
-                i_data,
-                i_flags: u32_at(&e, fl),
+            let bytes = k.read(ei, d.max(fl) + 60, "ext4_inode_info")?;
+            let e = at_va(&bytes, ei, "ext4_inode_info");
+            ic.ext4 = Some(Ext4InodeInfo {
+                i_data: e.array(d, "i_data")?,
+                i_flags: e.u32(fl, "i_flags")?,
             });
         }
     }
@@ -381,8 +495,9 @@ fn walk_inode(
             });
         };
         let state = match k.read(entry, pages.struct_size(), "struct page") {
-            Ok(pb) => {
-                let st = pages.state_of(&pb, mapping, index);
+            Ok(bytes) => {
+                let pb = at_va(&bytes, entry, "page");
+                let st = pages.state_of(&pb, mapping, index)?;
                 if is_bdev && st == PageState::Clean && !buffers_clean(k, o, &pb) {
                     PageState::BuffersBusy
                 } else {

@@ -1,6 +1,6 @@
 //! `list_for_each_entry`: circular doubly-linked `struct list_head` lists.
 
-use super::{u64_at, WalkError};
+use super::{at_va, WalkError};
 use crate::kernel::Kernel;
 use std::collections::HashSet;
 
@@ -30,15 +30,16 @@ pub fn list_for_each_entry(
         if !seen.insert(cur) {
             return Err(corrupt(format!("cycle at {cur:#x}")));
         }
-        let node = k.read(cur, 16, what)?;
-        if u64_at(&node, 8) != prev {
+        let b = k.read(cur, 16, what)?;
+        let node = at_va(&b, cur, "list_head");
+        if node.u64(8, "prev")? != prev {
             return Err(corrupt(format!(
                 "entry {cur:#x}: prev does not point back to {prev:#x} (list changing?)"
             )));
         }
         f(cur.wrapping_sub(link_off))?;
         prev = cur;
-        cur = u64_at(&node, 0);
+        cur = node.u64(0, "next")?;
     }
     Ok(())
 }

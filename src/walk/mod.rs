@@ -3,8 +3,11 @@
 //! kernel source is their documentation.
 //!
 //! Every walk treats guest memory as hostile: pointers are bounds-checked by
-//! [`Kernel::read`](crate::kernel::Kernel::read), lists and trees carry cycle guards
-//! and iteration caps, and back-pointers are cross-checked to catch torn reads.
+//! [`Kernel::read`](crate::kernel::Kernel::read), fields are read with
+//! [`LeSlice`](crate::memory::reader::LeSlice) (a field outside what was read is a
+//! [`WalkError::Field`] naming `struct.field` and its address, never a 0), lists and
+//! trees carry cycle guards and iteration caps, and back-pointers are cross-checked to
+//! catch torn reads.
 
 pub mod dentry;
 pub mod fs;
@@ -15,6 +18,7 @@ pub mod radix_tree;
 pub mod xarray;
 
 use crate::kernel::LocateError;
+pub(crate) use crate::memory::reader::{Addr, FieldError, LeSlice};
 
 /// Why a walk stopped early. Walks return what they found so far plus these.
 #[derive(Debug, thiserror::Error)]
@@ -25,29 +29,15 @@ pub enum WalkError {
     Corrupt { what: String, msg: String },
     #[error("the profile lacks {0}")]
     ProfileLacks(String),
+    /// A field lies outside the bytes read for its struct (a profile whose offsets do
+    /// not fit its sizes): an error, never a 0.
+    #[error(transparent)]
+    Field(#[from] FieldError),
 }
 
-/// Little-endian field readers over a byte slice read from the guest.
-pub(crate) fn u64_at(b: &[u8], off: u64) -> u64 {
-    let o = off as usize;
-    b.get(o..o + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-        .unwrap_or(0)
-}
-pub(crate) fn u32_at(b: &[u8], off: u64) -> u32 {
-    let o = off as usize;
-    b.get(o..o + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
-        .unwrap_or(0)
-}
-pub(crate) fn u16_at(b: &[u8], off: u64) -> u16 {
-    let o = off as usize;
-    b.get(o..o + 2)
-        .map(|s| u16::from_le_bytes(s.try_into().expect("2 bytes")))
-        .unwrap_or(0)
-}
-pub(crate) fn u8_at(b: &[u8], off: u64) -> u8 {
-    b.get(off as usize).copied().unwrap_or(0)
+/// A reader over bytes of struct `ty` read at kernel VA `va`.
+pub(crate) fn at_va<'a>(bytes: &'a [u8], va: u64, ty: &'static str) -> LeSlice<'a> {
+    LeSlice::new(bytes, Addr::Va(va), ty)
 }
 
 /// A field offset the walk cannot do without.

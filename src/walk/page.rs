@@ -1,7 +1,7 @@
 //! `struct page`: `pfn_to_page`/`page_to_pfn` over the vmemmap array, and the
 //! page-cache state of a page as its flags, `mapping` and `index` tell it.
 
-use super::{need, u64_at, WalkError};
+use super::{at_va, need, FieldError, LeSlice, WalkError};
 use crate::kernel::Kernel;
 
 /// Bit numbers of the page flags pct reads, from the profile's `enum pageflags`.
@@ -127,18 +127,18 @@ impl Pages {
         index: u64,
     ) -> Result<PageState, WalkError> {
         let b = k.read(page, self.size, "struct page")?;
-        Ok(self.state_of(&b, mapping, index))
+        Ok(self.state_of(&at_va(&b, page, "page"), mapping, index)?)
     }
 
     /// Classifies from the bytes of a `struct page`.
-    pub fn state_of(&self, b: &[u8], mapping: u64, index: u64) -> PageState {
-        let flags = u64_at(b, self.flags_off);
+    pub fn state_of(&self, b: &LeSlice, mapping: u64, index: u64) -> Result<PageState, FieldError> {
+        let (flags, page_mapping, page_index) = self.fields(b)?;
         let bit = |n: u32| flags >> n & 1 == 1;
         let f = &self.bits;
-        if u64_at(b, self.mapping_off) != mapping || u64_at(b, self.index_off) != index {
-            return PageState::Inconsistent;
+        if page_mapping != mapping || page_index != index {
+            return Ok(PageState::Inconsistent);
         }
-        if bit(f.swapbacked) {
+        Ok(if bit(f.swapbacked) {
             PageState::Shmem
         } else if bit(f.head) {
             PageState::LargeFolio
@@ -152,15 +152,15 @@ impl Pages {
             PageState::NotUptodate
         } else {
             PageState::Clean
-        }
+        })
     }
 
     /// `(flags, mapping, index)` of a page's bytes, for the linear scan.
-    pub fn fields(&self, b: &[u8]) -> (u64, u64, u64) {
-        (
-            u64_at(b, self.flags_off),
-            u64_at(b, self.mapping_off),
-            u64_at(b, self.index_off),
-        )
+    pub fn fields(&self, b: &LeSlice) -> Result<(u64, u64, u64), FieldError> {
+        Ok((
+            b.u64(self.flags_off, "flags")?,
+            b.u64(self.mapping_off, "mapping")?,
+            b.u64(self.index_off, "index")?,
+        ))
     }
 }

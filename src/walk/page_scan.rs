@@ -3,7 +3,7 @@
 //! to cross-check the tree walk.
 
 use super::page::Pages;
-use super::{need, u64_at, WalkError};
+use super::{at_va, need, FieldError, LeSlice, WalkError};
 use crate::kernel::Kernel;
 use std::collections::{BTreeSet, HashMap};
 
@@ -57,13 +57,12 @@ struct Classifier {
     free_run: u64,
 }
 
-/// Scans every `struct page` of guest RAM and returns those whose `page->mapping` is
-/// in `mappings` (head and order-0 pages only: tail pages point at their head), with
-/// a census of what all of RAM holds.
-pub fn scan_struct_pages(
-    k: &Kernel,
-    mappings: &BTreeSet<u64>,
-) -> Result<StructPageScan, WalkError> {
+/// Scans every `struct page` of guest RAM, in PFN order like drgn's `for_each_page`
+/// helper, and returns those whose `page->mapping` is in `mappings` (head and order-0
+/// pages only: tail pages point at their head), with a census of what all of RAM holds.
+/// Fails when a field the scan reads lies outside `sizeof(struct page)` (a profile whose
+/// offsets do not fit its sizes).
+pub fn for_each_page(k: &Kernel, mappings: &BTreeSet<u64>) -> Result<StructPageScan, WalkError> {
     let pages = Pages::new(k)?;
     let size = pages.struct_size();
     let p = k.profile;
@@ -93,13 +92,13 @@ pub fn scan_struct_pages(
         if off + size > 4096 {
             // A struct page straddling two vmemmap pages: read it through the kernel view.
             if let Ok(b) = k.read(va, size, "struct page") {
-                cls.consider(&pages, &b, pfn, mappings, &mut out);
+                cls.consider(&pages, &at_va(&b, va, "page"), pfn, mappings, &mut out)?;
             }
             pfn += 1;
             continue;
         }
         if let Ok(b) = k.mem.slice(pa + off, size) {
-            cls.consider(&pages, b, pfn, mappings, &mut out);
+            cls.consider(&pages, &at_va(b, va, "page"), pfn, mappings, &mut out)?;
         }
         pfn += 1;
         if cache.len() > 1024 {
@@ -113,31 +112,35 @@ impl Classifier {
     fn consider(
         &mut self,
         pages: &Pages,
-        b: &[u8],
+        b: &LeSlice,
         pfn: u64,
         mappings: &BTreeSet<u64>,
         out: &mut StructPageScan,
-    ) {
+    ) -> Result<(), FieldError> {
         let c = &mut out.census;
         c.pages += 1;
         if self.free_run > 0 {
             self.free_run -= 1;
             c.free += 1;
-            return;
+            return Ok(());
         }
-        if u64_at(b, self.head_off) & 1 == 1 {
+        if b.u64(self.head_off, "compound_head")? & 1 == 1 {
             // Tail page of a compound page: counts as its head did.
             self.count(c, self.last);
-            return;
+            return Ok(());
         }
-        let (flags, mapping, index) = pages.fields(b);
-        let page_type = self
-            .mapcount_off
-            .map(|o| super::u32_at(b, o))
-            .unwrap_or(u32::MAX);
+        let (flags, mapping, index) = pages.fields(b)?;
+        let page_type = match self.mapcount_off {
+            Some(o) => b.u32(o, "_mapcount")?,
+            None => u32::MAX,
+        };
         let kind = if page_type & 0xf000_0080 == 0xf000_0000 {
             // PageBuddy: the head of a free block of 2^order frames (order in `private`).
-            let order = self.private_off.map(|o| u64_at(b, o)).unwrap_or(0).min(10);
+            let order = match self.private_off {
+                Some(o) => b.u64(o, "private")?,
+                None => 0,
+            }
+            .min(10);
             self.free_run = (1 << order) - 1;
             Kind::Free
         } else if self.slab_bit.is_some_and(|bit| flags >> bit & 1 == 1) {
@@ -159,6 +162,7 @@ impl Classifier {
         };
         self.last = kind;
         self.count(c, kind);
+        Ok(())
     }
 
     fn count(&self, c: &mut Census, kind: Kind) {

@@ -1,5 +1,5 @@
 //! `radix_tree_for_each_slot`: the page-cache radix tree of kernels before 4.20, in its
-//! three generations (see DESIGN.md):
+//! three generations (as `symbols/manifest.toml` lists them):
 //!
 //! - *height* (< 3.15) and *path* (3.15–4.6): the root records the tree's height; the
 //!   root pointer is tagged as indirect (bit 0) when it points at a node; a node's
@@ -11,7 +11,7 @@
 //! Exceptional entries (low bits `10`: shadow, swap, DAX) are skipped in every generation.
 
 use super::xarray::{walk_shift_tree, ShiftTree, Slot, MAX_NODES};
-use super::{u32_at, u64_at, WalkError};
+use super::{at_va, WalkError};
 use crate::kernel::Kernel;
 use crate::profile::PageCacheTree;
 
@@ -27,7 +27,7 @@ const EXCEPTIONAL: u64 = 2;
 fn classify_shift(e: u64, node: u64, node_size: u64) -> Slot {
     match e & TAG_MASK {
         _ if e == 0 => Slot::Skip,
-        0 => Slot::Item(e),
+        0 => Slot::Page(e),
         1 => {
             let child = e & !TAG_MASK;
             if child == 0 || (child >= node && child < node + node_size) {
@@ -71,8 +71,14 @@ pub fn radix_tree_for_each(
         what: what.to_owned(),
         msg,
     };
-    let r = k.read(root, rnode_off + 8, what)?;
-    let rnode = u64_at(&r, rnode_off);
+    // `height` (before 4.7) lies before `rnode`, but read as far as either goes.
+    let root_len = p
+        .offset("radix_tree_root", "height")
+        .map_or(0, |h| h + 4)
+        .max(rnode_off + 8);
+    let root_bytes = k.read(root, root_len, what)?;
+    let r = at_va(&root_bytes, root, "radix_tree_root");
+    let rnode = r.u64(rnode_off, "rnode")?;
     if rnode == 0 {
         return Ok(());
     }
@@ -81,6 +87,7 @@ pub fn radix_tree_for_each(
         PageCacheTree::XArray => Err(lacks("a radix-tree profile (this one describes an XArray)")),
         PageCacheTree::RadixShift => {
             let tree = ShiftTree {
+                ty: "radix_tree_node",
                 shift_off: p
                     .offset("radix_tree_node", "shift")
                     .ok_or_else(|| lacks("radix_tree_node.shift"))?,
@@ -92,7 +99,7 @@ pub fn radix_tree_for_each(
             };
             match classify_shift(rnode, 0, 0) {
                 Slot::Skip => Ok(()),
-                Slot::Item(e) => f(0, e),
+                Slot::Page(e) => f(0, e),
                 Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut f),
             }
         }
@@ -100,7 +107,7 @@ pub fn radix_tree_for_each(
             let height_off = p
                 .offset("radix_tree_root", "height")
                 .ok_or_else(|| lacks("radix_tree_root.height"))?;
-            let height = u32_at(&r, height_off) as u64;
+            let height = u64::from(r.u32(height_off, "height")?);
             if height > MAX_HEIGHT {
                 return Err(corrupt(format!("root height {height}")));
             }
@@ -124,9 +131,10 @@ pub fn radix_tree_for_each(
                 if nodes > MAX_NODES {
                     return Err(corrupt(format!("more than {MAX_NODES} nodes")));
                 }
-                let b = k.read(node, node_size, what)?;
+                let bytes = k.read(node, node_size, what)?;
+                let b = at_va(&bytes, node, "radix_tree_node");
                 if let Some(lo) = level_off {
-                    let got = u64::from(u32_at(&b, lo)) & level_mask;
+                    let got = u64::from(b.u32(lo, "height/path")?) & level_mask;
                     if got != level {
                         return Err(corrupt(format!(
                             "node {node:#x}: level {got} where {level} was expected"
@@ -135,7 +143,7 @@ pub fn radix_tree_for_each(
                 }
                 let mut children = Vec::new();
                 for slot in 0..nslots {
-                    let e = u64_at(&b, slots_off + slot * 8);
+                    let e = b.u64(slots_off + slot * 8, "slots")?;
                     if e == 0 {
                         continue;
                     }

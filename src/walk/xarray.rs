@@ -5,7 +5,7 @@
 //! otherwise sibling/retry/zero markers (skipped). Anything else is a pointer to the
 //! `struct page` of a folio.
 
-use super::{need, u64_at, u8_at, WalkError};
+use super::{at_va, need, WalkError};
 use crate::kernel::Kernel;
 
 /// Most nodes one tree may have (a 64-slot tree of depth 6 over 2^36 pages is far more
@@ -28,13 +28,15 @@ pub(crate) enum Slot {
     Skip,
     /// A child node at this VA.
     Node(u64),
-    /// An item (a `struct page` pointer).
-    Item(u64),
+    /// An entry the tree stores: a `struct page` pointer.
+    Page(u64),
 }
 
 /// The layout of a shift-indexed tree node (`xa_node`, or `radix_tree_node` since
 /// 4.7) and how its entries are tagged.
 pub(crate) struct ShiftTree {
+    /// The node's struct name, for errors.
+    pub ty: &'static str,
     pub shift_off: u64,
     pub offset_off: Option<u64>,
     pub parent_off: Option<u64>,
@@ -66,7 +68,8 @@ pub(crate) fn walk_shift_tree(
         what: what.to_owned(),
         msg,
     };
-    let top_shift = u8_at(&k.read(top, node_size, what)?, t.shift_off) as u64;
+    let top_shift =
+        u64::from(at_va(&k.read(top, node_size, what)?, top, t.ty).u8(t.shift_off, "shift")?);
     if top_shift % chunk_shift != 0 || top_shift >= 64 {
         return Err(corrupt(format!("root node {top:#x} has shift {top_shift}")));
     }
@@ -78,15 +81,16 @@ pub(crate) fn walk_shift_tree(
         if nodes > MAX_NODES {
             return Err(corrupt(format!("more than {MAX_NODES} nodes")));
         }
-        let b = k.read(node, node_size, what)?;
-        if u8_at(&b, t.shift_off) as u64 != shift {
+        let bytes = k.read(node, node_size, what)?;
+        let b = at_va(&bytes, node, t.ty);
+        let got = u64::from(b.u8(t.shift_off, "shift")?);
+        if got != shift {
             return Err(corrupt(format!(
-                "node {node:#x}: shift {} where {shift} was expected",
-                u8_at(&b, t.shift_off)
+                "node {node:#x}: shift {got} where {shift} was expected"
             )));
         }
         if let (Some(o), Some(oo), Some(po)) = (offset, t.offset_off, t.parent_off) {
-            if u8_at(&b, oo) as u64 != o || u64_at(&b, po) != parent {
+            if u64::from(b.u8(oo, "offset")?) != o || b.u64(po, "parent")? != parent {
                 return Err(corrupt(format!(
                     "node {node:#x}: parent/offset back-pointers disagree (tree changing?)"
                 )));
@@ -96,7 +100,7 @@ pub(crate) fn walk_shift_tree(
         let mut children = Vec::new();
         for slot in 0..t.nslots {
             let index = base | (slot << shift);
-            match (t.classify)(u64_at(&b, t.slots_off + slot * 8), node, node_size) {
+            match (t.classify)(b.u64(t.slots_off + slot * 8, "slots")?, node, node_size) {
                 Slot::Skip => {}
                 Slot::Node(child) => {
                     if shift < chunk_shift {
@@ -107,7 +111,7 @@ pub(crate) fn walk_shift_tree(
                     children.push((child, node, Some(slot), shift - chunk_shift, index));
                 }
                 // At shift > 0 this is a multi-index entry (a large folio).
-                Slot::Item(e) => f(index, e)?,
+                Slot::Page(e) => f(index, e)?,
             }
         }
         stack.extend(children.into_iter().rev());
@@ -123,7 +127,7 @@ fn classify(e: u64, _node: u64, _size: u64) -> Slot {
     } else if is_internal(e) {
         Slot::Skip
     } else {
-        Slot::Item(e)
+        Slot::Page(e)
     }
 }
 
@@ -137,6 +141,7 @@ pub fn xa_for_each(
 ) -> Result<(), WalkError> {
     let p = k.profile;
     let tree = ShiftTree {
+        ty: "xa_node",
         shift_off: need(p, "xa_node", "shift")?,
         offset_off: Some(need(p, "xa_node", "offset")?),
         parent_off: Some(need(p, "xa_node", "parent")?),
@@ -149,7 +154,7 @@ pub fn xa_for_each(
     };
     match classify(head, 0, 0) {
         Slot::Skip => Ok(()),
-        Slot::Item(e) => f(0, e),
+        Slot::Page(e) => f(0, e),
         Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut f),
     }
 }

@@ -247,7 +247,11 @@ fn machine_name(m: u16) -> &'static str {
 /// Memory-map a file read-only.
 pub fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the mapping is read-only and private to this process; a concurrent writer could
-    // change bytes under us, which the readers tolerate (all bounds are checked).
+    // SAFETY: a read-only shared mapping (memmap2 maps MAP_SHARED): only `&[u8]` reads are made
+    // through it. Another process writing the file changes bytes under us, which the readers
+    // tolerate (every offset and length is bounds-checked, content is never trusted). What no
+    // check prevents is SIGBUS if the file is truncated while mapped; kernel debug files and
+    // profiles are not rewritten in place by any tool pct expects (package managers replace
+    // them by rename, which leaves this mapping intact).
     unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
 }

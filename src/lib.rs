@@ -16,6 +16,8 @@ pub mod kernel;
 pub mod memory;
 pub mod migrate;
 pub mod profile;
-pub mod qmp;
+pub mod qemu;
+/// Old path of [`qemu::monitor`], kept while callers move.
+pub use qemu::monitor as qmp;
 pub mod report;
 pub mod walk;

@@ -8,7 +8,8 @@
 //! them with [`reader::LeSlice`], which fails on a short read instead of making up a 0.
 
 pub mod elfcore;
-pub mod qemu;
+/// Old path of [`crate::qemu::ram`], kept while callers move.
+pub use crate::qemu::ram as qemu;
 pub mod reader;
 
 use memmap2::Mmap;
@@ -181,9 +182,32 @@ impl GuestMemory {
         self
     }
 
-    /// A live QEMU RAM file (a memory-backend-file with share=on), mapped in full.
-    pub(crate) fn open_live_file(path: &Path) -> Result<GuestMemory, MemError> {
-        Self::open_file(path, RawLayout::Identity, true)
+    /// A live QEMU RAM block: `block`'s memory-backend-file (share=on) at `path`, mapped in
+    /// full, showing the guest-physical `regions` QEMU's memory map gives it (those that lie
+    /// inside the file).
+    pub(crate) fn open_live_block(
+        path: &Path,
+        block: &str,
+        regions: Vec<Region>,
+        description: String,
+    ) -> Result<GuestMemory, MemError> {
+        let mut mem = Self::open_file(path, RawLayout::Identity, true)?.with_regions(regions);
+        mem.description = description;
+        mem.live_block = Some(block.to_owned());
+        Ok(mem)
+    }
+
+    /// This mapping laid out as `regions` (guest-physical ranges at offsets of the mapping),
+    /// keeping only those that lie inside it.
+    pub(crate) fn with_regions(mut self, regions: Vec<Region>) -> GuestMemory {
+        let len = self.map.len() as u64;
+        let mut regions: Vec<Region> = regions
+            .into_iter()
+            .filter(|r| r.offset.checked_add(r.len).is_some_and(|e| e <= len))
+            .collect();
+        regions.sort_by_key(|r| r.gpa);
+        self.regions = regions;
+        self
     }
 
     /// For a live memory-backend-file view, the page at `offset` in its RAM block

@@ -7,8 +7,8 @@
 //! /proc/PID/mem from the host address HMP `gpa2hva` reports — a snapshot taken while
 //! the guest may run, which the walkers' back-pointer checks are made for.
 
-use super::{GuestMemory, MemError, Region};
-use crate::qmp::Qmp;
+use super::Qmp;
+use crate::memory::{GuestMemory, MemError, Region};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +22,7 @@ pub struct Backend {
     pub share: bool,
 }
 
-fn qmp_err(e: crate::qmp::QmpError) -> MemError {
+fn qmp_err(e: super::QmpError) -> MemError {
     MemError::Format {
         path: PathBuf::from("QMP"),
         msg: e.to_string(),
@@ -136,22 +136,16 @@ pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
             len: b.size,
         }];
     }
-    let mut mem = GuestMemory::open_live_file(&b.mem_path)?;
-    mem.regions = regions
-        .into_iter()
-        .filter(|r| {
-            r.offset
-                .checked_add(r.len)
-                .is_some_and(|e| e <= mem.map.len() as u64)
-        })
-        .collect();
-    mem.description = format!(
-        "live QEMU {} (RAM file {})",
-        socket.display(),
-        b.mem_path.display()
-    );
-    mem.live_block = Some(b.id.clone());
-    Ok(mem)
+    GuestMemory::open_live_block(
+        &b.mem_path,
+        &b.id,
+        regions,
+        format!(
+            "live QEMU {} (RAM file {})",
+            socket.display(),
+            b.mem_path.display()
+        ),
+    )
 }
 
 /// The main RAM block's name: the one holding guest-physical 1 MiB.
@@ -223,10 +217,9 @@ fn copy_process_ram(qmp: &mut Qmp, mtree: &str, socket: &Path) -> Result<GuestMe
         path: path.clone(),
         source,
     })?;
-    let mut mem = GuestMemory::from_map(
+    let mem = GuestMemory::from_map(
         map,
         &format!("live QEMU pid {pid} (RAM copied from {})", path.display()),
     )?;
-    mem.regions = regions;
-    Ok(mem)
+    Ok(mem.with_regions(regions))
 }

@@ -4,9 +4,8 @@
 //! chosen blocks replaced (an overlay), never from a mock of the mapper. Every case must
 //! end in an error or an unrestorable page, never a panic, within bounded reads and time.
 
-mod blockmap_support;
+mod support;
 
-use blockmap_support::*;
 use pct::blockmap::inode::{EXT4_EXTENTS_FL, EXT4_INLINE_DATA_FL};
 use pct::blockmap::{
     BlockMapError, BlockSource, Ext4Inode, Ext4Volume, ImageFile, MapOptions, NodeAt, PageMapper,
@@ -14,6 +13,7 @@ use pct::blockmap::{
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use support::blockmap::*;
 
 /// The image with some blocks replaced.
 struct Overlay<'a> {

@@ -3,15 +3,15 @@
 //! partitioned, block-mapped) every page's mapping is checked against `debugfs bmap` for
 //! each of its blocks and its disk bytes against `debugfs cat`.
 
-mod blockmap_support;
+mod support;
 
-use blockmap_support::*;
 use pct::blockmap::extent::Ext4ExtentHeader;
 use pct::blockmap::inode::EXT4_EXTENTS_FL;
 use pct::blockmap::{
     BlockMapper, Ext4Volume, MapKind, MapOptions, PageMapper, PageState, Unrestorable, PAGE_SIZE,
 };
 use std::path::Path;
+use support::blockmap::*;
 
 const SPECIALS: [&str; 5] = [
     "/special/sparse",

@@ -3,14 +3,14 @@
 //! the mapped disk bytes of each file must hash to the image's own /SHA256SUMS entry.
 //! Prints how long mapping took and how many runs and metadata reads it needed.
 
-mod blockmap_support;
+mod support;
 
-use blockmap_support::*;
 use pct::blockmap::{FileMap, MapOptions, PageMapper, PAGE_SIZE};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::time::Instant;
+use support::blockmap::*;
 
 fn sha256(bytes: &[u8]) -> String {
     let mut child = Command::new("sha256sum")

@@ -2,11 +2,15 @@
 //! kernel under QEMU, reaches its ready marker, reports its page cache through the
 //! in-guest oracle, and yields a memory dump that carries VMCOREINFO.
 
-mod common;
+mod support;
 
-use common::lab::{kernel_dir, repo, Guest, GuestSpec};
-use common::oracle::{kpf, Oracle};
+use object::elf::PT_LOAD;
+use object::read::elf::{ElfFile64, ProgramHeader};
 use std::time::Duration;
+use support::lab::{Guest, GuestSpec};
+use support::oracle::{kpf, Oracle};
+use support::profile::kernel_dir;
+use support::repo;
 
 /// Boots `spec`, checks the guest and a dump of it, and returns the guest's oracle.
 fn boot_and_dump(spec: GuestSpec) -> (Guest, Oracle) {
@@ -35,7 +39,12 @@ fn boot_and_dump(spec: GuestSpec) -> (Guest, Oracle) {
     g.dump_elf(&core, false);
     let elf = std::fs::read(&core).expect("read core");
     assert_eq!(&elf[..4], b"\x7fELF", "{label}: dump is not ELF");
-    let release = std::fs::read_to_string(kernel_dir().join("release")).unwrap();
+    let release = std::fs::read_to_string(
+        kernel_dir("cloud-amd64")
+            .expect("the lab kernel")
+            .join("release"),
+    )
+    .unwrap();
     let needle = format!("OSRELEASE={}", release.trim());
     assert!(
         find(&elf, b"VMCOREINFO").is_some() && find(&elf, needle.as_bytes()).is_some(),
@@ -63,21 +72,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// (file offset, file size) of the first PT_LOAD segment of an ELF64 core.
 fn first_load(elf: &[u8]) -> (u64, u64) {
-    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
-    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
-    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
-    for i in 0..phnum as usize {
-        let ph = phoff + i * phentsize;
-        if u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap()) == 1 {
-            assert_eq!(
-                u64_at(ph + 0x18),
-                0,
-                "first PT_LOAD is not at guest-physical 0"
-            );
-            return (u64_at(ph + 8), u64_at(ph + 0x20));
-        }
-    }
-    panic!("no PT_LOAD in core");
+    let file = ElfFile64::<object::Endianness>::parse(elf).expect("parse the ELF core");
+    let e = file.endian();
+    let ph = file
+        .elf_program_headers()
+        .iter()
+        .find(|ph| ph.p_type(e) == PT_LOAD)
+        .expect("no PT_LOAD in core");
+    assert_eq!(ph.p_paddr(e), 0, "first PT_LOAD is not at guest-physical 0");
+    (ph.p_offset(e), ph.p_filesz(e))
 }
 
 /// Special files every lab disk carries behave as the lab promises.
@@ -169,9 +172,9 @@ fn db_guest_keeps_writing() {
     // The load runs on: it reports every 100 random reads/writes (with fsync).
     let t = std::time::Instant::now();
     let skip = g.serial_log().len();
-    let a = g.wait_serial_from(skip, "PCT-DB ops=", Duration::from_secs(120));
+    let a = g.wait_serial(skip, "PCT-DB ops=", Duration::from_secs(120));
     let skip = g.serial_log().len();
-    let b = g.wait_serial_from(skip, "PCT-DB ops=", Duration::from_secs(120));
+    let b = g.wait_serial(skip, "PCT-DB ops=", Duration::from_secs(120));
     let ops = |l: &str| l.trim_start_matches("PCT-DB ops=").parse::<u64>().unwrap();
     assert!(
         ops(&b) > ops(&a),

@@ -11,20 +11,43 @@
 //! The tests share two CPU cores with everything else: they run one at a time, on the
 //! `mini` fileset.
 
-mod common;
-mod migrate_support;
+mod support;
 
-use migrate_support::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use support::lab::{have_qemu, Guest, GuestSpec};
+use support::migrate::*;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+fn serial() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Source and destination guests of `workload` on the disk FILESET/LAYOUT ([`pair`]), and
+/// the guard that runs the tests one at a time; `None` (the test skips) without QEMU.
+fn lab_pair(
+    workload: &'static str,
+    fileset: &'static str,
+    layout: &'static str,
+) -> Option<(MutexGuard<'static, ()>, Guest, Guest, PathBuf)> {
+    if !have_qemu() {
+        return None;
+    }
+    let one = serial();
+    let (src, dst, disk) = pair(&GuestSpec::new(workload).layout(fileset, layout));
+    Some((one, src, dst, disk))
+}
+
+/// The sender's JSON summary of a migration both pct processes report a success.
+fn succeeded(run: &Run) -> serde_json::Value {
+    assert!(run.sender.status.success(), "sender failed");
+    assert!(run.receiver.status.success(), "receiver failed");
+    run.summary.clone().expect("JSON summary")
 }
 
 fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
@@ -34,17 +57,20 @@ fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
         .unwrap_or_else(|| panic!("summary has no {path:?}: {v}"))
 }
 
-fn assert_identical(src: &Vm, dst: &Vm) {
-    let (first, count) = diff_pages(&src.ram, &dst.ram);
+fn assert_identical(src: &Guest, dst: &Guest) {
+    let (first, count) = diff_pages(&src.ram_path, &dst.ram_path);
     if count > 0 {
         // With PCT_TEST_RECORD_DIR set, keep both RAM files next to the stream records
         // (`pct-migrate inspect-stream REC --against RAM`).
         if let Some(dir) = std::env::var_os("PCT_TEST_RECORD_DIR") {
             for (vm, side) in [(src, "src"), (dst, "dst")] {
-                let name = vm.ram.file_name().map(|n| n.to_string_lossy().into_owned());
+                let name = vm
+                    .ram_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
                 let to = std::path::Path::new(&dir)
                     .join(format!("{}.{side}.ram", name.unwrap_or_default()));
-                let _ = std::fs::copy(&vm.ram, to);
+                let _ = std::fs::copy(&vm.ram_path, to);
             }
         }
     }
@@ -53,7 +79,7 @@ fn assert_identical(src: &Vm, dst: &Vm) {
         0,
         "{count} pages of destination RAM differ from the source, first {first:?}; \
          differing bytes (page: offset src dst): {}",
-        describe_diffs(&src.ram, &dst.ram, &first)
+        describe_diffs(&src.ram_path, &dst.ram_path, &first)
     );
 }
 
@@ -99,16 +125,11 @@ fn describe_diffs(a: &std::path::Path, b: &std::path::Path, pages: &[u64]) -> St
 /// runs on and its files check out.
 #[test]
 fn apache_bit_identical_and_keeps_running() {
-    if !have_qemu() {
+    let Some((_one, src, mut dst, disk)) = lab_pair("apache", "mini", "plain") else {
         return;
-    }
-    let _one = serial();
-    let spec = GuestSpec::new("apache").layout("mini", "plain");
-    let (src, mut dst, disk) = pair(&spec);
+    };
     let run = migrate(&src, &dst, &disk, &[], None);
-    assert!(run.sender.status.success(), "sender failed");
-    assert!(run.receiver.status.success(), "receiver failed");
-    let s = run.summary.expect("JSON summary");
+    let s = succeeded(&run);
     assert_eq!(s["result"], "completed");
     assert_eq!(src.status(), "postmigrate");
     assert_eq!(dst.status(), "paused");
@@ -125,7 +146,7 @@ fn apache_bit_identical_and_keeps_running() {
 
     // The guest resumes at the destination and re-reads its files from its (page) cache.
     drop(src);
-    dst.execute("cont");
+    dst.cont();
     let line = dst.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
     assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
     let skip = dst.serial_log().len();
@@ -136,28 +157,27 @@ fn apache_bit_identical_and_keeps_running() {
 /// for byte (both pct processes record it).
 #[test]
 fn idle_bit_identical_with_a_profile_from_memory() {
-    if !have_qemu() {
+    let Some((_one, src, mut dst, disk)) = lab_pair("idle", "mini", "plain") else {
         return;
-    }
-    let _one = serial();
-    let spec = GuestSpec::new("idle").layout("mini", "plain");
-    let (src, mut dst, disk) = pair(&spec);
+    };
     // No --profile and none shipped or cached: the sender builds it from the guest's memory.
     let profiles = tempfile::tempdir().expect("temporary directory");
     let choice = ProfileChoice::FromMemory {
         dir: profiles.path().to_owned(),
     };
-    let run = migrate_with(&src, &dst, &disk, &[], None, Some(src.dir.path()), &choice);
-    assert!(
-        run.sender.status.success() && run.receiver.status.success(),
-        "migration failed"
-    );
+    let how = How {
+        extra: &[],
+        via: None,
+        record: Some(src.dir.path()),
+        profile: choice,
+    };
+    let run = migrate_with(&src, &dst, &disk, &how);
+    let s = succeeded(&run);
     let err = String::from_utf8_lossy(&run.sender.stderr);
     assert!(
         err.contains("using profile built from the guest's memory"),
         "the sender did not build its profile from memory: {err}"
     );
-    let s = run.summary.expect("JSON summary");
     assert_eq!(s["result"], "completed");
     assert_identical(&src, &dst);
 
@@ -183,7 +203,7 @@ fn idle_bit_identical_with_a_profile_from_memory() {
     assert!(teleported > 100, "only {teleported} pages teleported");
     assert_eq!(u(&s, &["pages", "fallen_back"]), 0);
     drop(src);
-    dst.execute("cont");
+    dst.cont();
     let line = dst.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
     assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
 }
@@ -194,18 +214,15 @@ fn idle_bit_identical_with_a_profile_from_memory() {
 /// only not on demand. The page is below 1 MiB, which Linux reserves and leaves alone.
 #[test]
 fn switchover_check_resends_a_write_qemu_did_not_see() {
-    if !have_qemu() {
-        return;
-    }
-    let _one = serial();
     const PFN: u64 = 0x60;
-    let spec = GuestSpec::new("idle").layout("mini", "plain");
-    let (src, dst, disk) = pair(&spec);
+    let Some((_one, src, dst, disk)) = lab_pair("idle", "mini", "plain") else {
+        return;
+    };
     let pattern: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(131) >> 3) as u8)
         .collect();
     let monitor = src.path("qmp-pct.sock");
-    let ram = src.ram.clone();
+    let ram = src.ram_path.clone();
     let pat = pattern.clone();
     // Once QEMU has sent the first 20 MB of the stream (the first pass goes up from page 0),
     // write the page behind QEMU's back; report whether the migration was still going.
@@ -249,18 +266,14 @@ fn switchover_check_resends_a_write_qemu_did_not_see() {
         Ok("active"),
         "the write did not land mid-migration"
     );
-    assert!(
-        run.sender.status.success() && run.receiver.status.success(),
-        "migration failed"
-    );
-    let s = run.summary.expect("JSON summary");
+    let s = succeeded(&run);
     assert_identical(&src, &dst);
     assert!(
         u(&s, &["switchover_check", "pages_resent"]) >= 1,
         "the switchover check re-sent nothing: {s}"
     );
     let mut page = vec![0u8; 4096];
-    std::fs::File::open(&dst.ram)
+    std::fs::File::open(&dst.ram_path)
         .and_then(|mut f| {
             use std::io::Seek;
             f.seek(std::io::SeekFrom::Start(PFN * 4096))?;
@@ -275,16 +288,13 @@ fn switchover_check_resends_a_write_qemu_did_not_see() {
 /// them, the guest is still bit-identical.
 #[test]
 fn stale_destination_disk_falls_back_bit_identical() {
-    if !have_qemu() {
+    let Some((_one, src, dst, disk)) = lab_pair("apache", "mini", "part") else {
         return;
-    }
-    let _one = serial();
-    let spec = GuestSpec::new("apache").layout("mini", "part");
-    let (src, dst, disk) = pair(&spec);
+    };
 
     // The cache map as the sender will see it; corrupt one page of every 40th run.
     let mem = pct::memory::qemu::open_live(&src.qmp_path()).expect("map source RAM");
-    let (_, profile) = common::profile::lab_profile("cloud-amd64");
+    let (_, profile) = support::profile::lab_profile("cloud-amd64");
     let (map, _) = pct::introspect::scan(&mem, &profile, None, Default::default()).expect("scan");
     assert!(map.runs.len() > 40, "cache map has {} runs", map.runs.len());
     let f = std::fs::OpenOptions::new()
@@ -302,9 +312,7 @@ fn stale_destination_disk_falls_back_bit_identical() {
     drop(mem);
 
     let run = migrate(&src, &dst, &disk, &[], None);
-    assert!(run.sender.status.success(), "sender failed");
-    assert!(run.receiver.status.success(), "receiver failed");
-    let s = run.summary.expect("JSON summary");
+    let s = succeeded(&run);
     assert_identical(&src, &dst);
     let fallen = u(&s, &["pages", "fallen_back"]);
     eprintln!(
@@ -377,12 +385,9 @@ fn cutting_relay(cut_after: u64, cut: Arc<AtomicBool>) -> impl Fn(u16) -> u16 {
 /// QEMU and both pct processes exit with an error, no socket directories are left.
 #[test]
 fn cut_link_leaves_source_running() {
-    if !have_qemu() {
+    let Some((_one, mut src, mut dst, disk)) = lab_pair("apache", "mini", "plain") else {
         return;
-    }
-    let _one = serial();
-    let spec = GuestSpec::new("apache").layout("mini", "plain");
-    let (mut src, mut dst, disk) = pair(&spec);
+    };
     let cut = Arc::new(AtomicBool::new(false));
     let relay = cutting_relay(8 << 20, cut.clone());
     // Slow enough that 8 MB is well inside the migration.
@@ -432,16 +437,11 @@ fn cut_link_leaves_source_running() {
 /// runs on at the destination.
 #[test]
 fn db_bit_identical_while_writing() {
-    if !have_qemu() {
+    let Some((_one, src, mut dst, disk)) = lab_pair("db", "db", "plain") else {
         return;
-    }
-    let _one = serial();
-    let spec = GuestSpec::new("db").layout("db", "plain");
-    let (src, mut dst, disk) = pair(&spec);
+    };
     let run = migrate(&src, &dst, &disk, &[], None);
-    assert!(run.sender.status.success(), "sender failed");
-    assert!(run.receiver.status.success(), "receiver failed");
-    let s = run.summary.expect("JSON summary");
+    let s = succeeded(&run);
     assert_identical(&src, &dst);
     assert!(u(&s, &["pages", "teleported"]) > 20_000, "{s}");
     eprintln!(
@@ -457,6 +457,6 @@ fn db_bit_identical_while_writing() {
     std::fs::copy(src.path("disk.img"), &disk).expect("sync the destination disk");
     drop(src);
     let skip = dst.serial_log().len();
-    dst.execute("cont");
+    dst.cont();
     dst.wait_serial(skip, "PCT-DB ops=", Duration::from_secs(60));
 }

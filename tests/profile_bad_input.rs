@@ -1,11 +1,11 @@
 //! Bad inputs give a clear error and a non-zero exit, never a panic.
 
-mod profile_common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use profile_common::{kernel_dir, shared};
+use support::profile::{kernel_dir, shared};
 
 fn introspect(args: &[&std::ffi::OsStr]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pct-introspect"))
@@ -33,6 +33,14 @@ fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
+/// Writes `bytes` to the temporary file `name` and expects `build-profile` of it to fail
+/// mentioning `needle`.
+fn expect_refused(name: &str, bytes: &[u8], needle: &str) {
+    let p = tmp(name);
+    std::fs::write(&p, bytes).unwrap();
+    expect_error(&build(&p), needle);
+}
+
 fn build(input: &Path) -> Vec<&std::ffi::OsStr> {
     vec![
         "build-profile".as_ref(),
@@ -57,21 +65,13 @@ fn stripped_and_foreign_elves_are_refused() {
     // The same file with e_machine set to AArch64.
     let mut bytes = std::fs::read(exe).unwrap();
     bytes[18..20].copy_from_slice(&183u16.to_le_bytes());
-    let arm = tmp("aarch64.elf");
-    std::fs::write(&arm, &bytes).unwrap();
-    expect_error(&build(&arm), "x86_64");
+    expect_refused("aarch64.elf", &bytes, "x86_64");
     // 32-bit class.
     bytes[4] = 1;
-    let elf32 = tmp("elf32.elf");
-    std::fs::write(&elf32, &bytes).unwrap();
-    expect_error(&build(&elf32), "32-bit");
+    expect_refused("elf32.elf", &bytes, "32-bit");
     // Not an ELF at all, and empty.
-    let txt = tmp("text");
-    std::fs::write(&txt, b"hello\n").unwrap();
-    expect_error(&build(&txt), "not an ELF");
-    let empty = tmp("empty");
-    std::fs::write(&empty, b"").unwrap();
-    expect_error(&build(&empty), "empty");
+    expect_refused("text", b"hello\n", "not an ELF");
+    expect_refused("empty", b"", "empty");
 }
 
 #[test]
@@ -81,9 +81,7 @@ fn truncated_vmlinux_is_refused() {
     };
     let data = std::fs::read(dir.join("vmlinux")).unwrap();
     for len in [40usize, 4096, 8 << 20] {
-        let p = tmp(&format!("vmlinux.{len}"));
-        std::fs::write(&p, &data[..len]).unwrap();
-        expect_error(&build(&p), "truncated");
+        expect_refused(&format!("vmlinux.{len}"), &data[..len], "truncated");
     }
 }
 
@@ -128,27 +126,19 @@ fn modules_without_debug_info_or_needed_types_are_refused() {
 fn corrupt_zips_are_refused() {
     let src = shared().join("volatility2-profiles/Debian608.zip");
     let Ok(data) = std::fs::read(&src) else {
-        profile_common::skip_or_fail(&format!("{} missing", src.display()));
+        support::profile::skip_or_fail(&format!("{} missing", src.display()));
         return;
     };
-    let truncated = tmp("trunc-archive");
-    std::fs::write(&truncated, &data[..data.len() / 2]).unwrap();
-    expect_error(&build(&truncated), "zip");
+    expect_refused("trunc-archive", &data[..data.len() / 2], "zip");
     let mut flipped = data.clone();
     for b in &mut flipped[1000..200_000] {
         *b ^= 0x5a;
     }
-    let corrupt = tmp("flipped-archive");
-    std::fs::write(&corrupt, &flipped).unwrap();
-    expect_error(&build(&corrupt), "corrupt");
+    expect_refused("flipped-archive", &flipped, "corrupt");
 }
 
 #[test]
 fn garbage_isf_is_refused() {
-    let p = tmp("isf-garbage");
-    std::fs::write(&p, b"{\"metadata\": 3").unwrap();
-    expect_error(&build(&p), "json");
-    let p = tmp("isf-garbage-xz");
-    std::fs::write(&p, b"\xfd7zXZ\x00garbage").unwrap();
-    expect_error(&build(&p), "xz");
+    expect_refused("isf-garbage", b"{\"metadata\": 3", "json");
+    expect_refused("isf-garbage-xz", b"\xfd7zXZ\x00garbage", "xz");
 }

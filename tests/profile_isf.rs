@@ -2,12 +2,13 @@
 //! layouts as pct's own build of that kernel; exporting gives an ISF that Volatility 3 loads
 //! with the same offsets.
 
-mod profile_common;
+mod support;
 
 use std::process::Command;
 
 use pct::profile::{isf, Profile};
-use profile_common::{lab_profile, repo, shared};
+use support::profile::{lab_profile, shared};
+use support::{repo, run_ok};
 
 /// The ISF fixture, dwarf2json's output for one Debian cloud-amd64 kernel build.
 const ISF: &str = "isf/debian-6.1.0-56-cloud-amd64.json.xz";
@@ -23,7 +24,7 @@ fn isf_kernel_profile() -> Profile {
 /// A profile pct builds today: the lab kernel's (None, with a message, when it cannot be
 /// fetched here).
 fn built_profile() -> Option<Profile> {
-    profile_common::kernel_dir("cloud-amd64")?;
+    support::profile::kernel_dir("cloud-amd64")?;
     Some(lab_profile("cloud-amd64").1)
 }
 
@@ -66,7 +67,7 @@ fn assert_same_layouts(a: &Profile, b: &Profile, what: &str) {
 fn dwarf2json_isf_import_agrees_with_our_build() {
     let path = shared().join(ISF);
     if !path.exists() {
-        profile_common::skip_or_fail(&format!("{} is not there", path.display()));
+        support::profile::skip_or_fail(&format!("{} is not there", path.display()));
         return;
     }
     let p = isf::import_file(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -147,7 +148,7 @@ fn vol3_python() -> Option<String> {
 #[test]
 fn exported_isf_loads_in_volatility3() {
     let Some(py) = vol3_python() else {
-        profile_common::skip_or_fail(
+        support::profile::skip_or_fail(
             "volatility3 is not importable (pip install volatility3, or set PCT_VOL3_PYTHON)",
         );
         return;
@@ -171,16 +172,9 @@ fn check_in_volatility3(py: &str, p: &Profile, n: usize) {
     std::fs::write(&isf_path, isf::export(p)).unwrap();
     let script = dir.join("check.py");
     std::fs::write(&script, VOL3_CHECK).unwrap();
-    let out = Command::new(py)
-        .arg(&script)
-        .arg(&isf_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "volatility3 could not load the exported ISF: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut check = Command::new(py);
+    check.arg(&script).arg(&isf_path);
+    let out = run_ok(&mut check, "volatility3 could not load the exported ISF");
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut checked = 0;
     for (key, t) in &p.types {

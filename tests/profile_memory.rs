@@ -5,10 +5,8 @@
 //! `.BTF` sections of vmlinux and ext4.ko; a scan gives the identical cache map with
 //! either profile; and bad or hostile images give clear errors.
 
-mod common;
+mod support;
 
-use common::lab::{Guest, GuestSpec};
-use common::profile::{compare_with_pahole, kernel_dir, lab_profile, parse_pahole, type_names};
 use pct::introspect::{scan, ScanOptions};
 use pct::kernel::btf::vmlinux_btf;
 use pct::kernel::kallsyms::{FoundBy, Kallsyms};
@@ -20,6 +18,8 @@ use pct::profile::Profile;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
+use support::lab::{Guest, GuestSpec};
+use support::profile::{compare_with_pahole, kernel_dir, lab_profile, pahole, type_names};
 
 /// Field-by-field comparison of a profile from memory with one from vmlinux; returns a
 /// one-line account of what was compared. Symbol sizes: kallsyms has none, so only the
@@ -121,31 +121,6 @@ fn btf_section(path: &Path) -> Vec<u8> {
     sec.data().expect(".BTF data").to_vec()
 }
 
-/// pahole's layouts of `types` from a raw BTF file (split on `base` when given).
-fn pahole_btf(
-    file: &Path,
-    base: Option<&Path>,
-    types: &[&str],
-) -> std::collections::BTreeMap<String, common::profile::PaholeStruct> {
-    let mut cmd = Command::new("pahole");
-    cmd.arg("-F").arg("btf");
-    if let Some(b) = base {
-        cmd.arg("--btf_base").arg(b);
-    }
-    let out = cmd
-        .arg("-C")
-        .arg(types.join(","))
-        .arg(file)
-        .output()
-        .expect("pahole runs (Debian package dwarves)");
-    assert!(
-        out.status.success(),
-        "pahole failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_pahole(&String::from_utf8_lossy(&out.stdout))
-}
-
 fn check_flavour(flavour: &'static str) {
     let (_, elf_profile) = lab_profile(flavour);
     let kdir = kernel_dir(flavour).expect("the lab kernel");
@@ -206,12 +181,17 @@ fn check_flavour(flavour: &'static str) {
             .map(|(k, _)| k.clone())
             .collect()
     };
-    let ph = pahole_btf(&vmlinux_btf, None, &in_vmlinux);
+    let ph = pahole(&vmlinux_btf, "btf", None, &in_vmlinux);
     let vk = keys_of(&in_vmlinux);
     let vk: Vec<&str> = vk.iter().map(String::as_str).collect();
     let mut n = compare_with_pahole(&p, &ph, Some(&vk));
     if modular {
-        let ph = pahole_btf(&dump.path().join("ext4.btf"), Some(&vmlinux_btf), &in_ext4);
+        let ph = pahole(
+            &dump.path().join("ext4.btf"),
+            "btf",
+            Some(&vmlinux_btf),
+            &in_ext4,
+        );
         let ek = keys_of(&in_ext4);
         let ek: Vec<&str> = ek.iter().map(String::as_str).collect();
         n += compare_with_pahole(&p, &ph, Some(&ek));

@@ -1,9 +1,9 @@
 //! Profiles built from real Debian kernels agree with pahole, field by field.
 
-mod profile_common;
+mod support;
 
 use pct::profile::{build_profile, BuildOptions, Method};
-use profile_common::{compare_with_pahole, kernel_dir, pahole, type_names};
+use support::profile::{compare_with_pahole, kernel_dir, pahole, type_names};
 
 fn build(
     dir: &std::path::Path,
@@ -14,33 +14,31 @@ fn build(
         .unwrap_or_else(|e| panic!("build-profile failed: {e}"))
 }
 
-#[test]
-fn cloud_profile_dwarf_matches_pahole() {
-    let Some(dir) = kernel_dir("cloud-amd64") else {
-        return;
-    };
-    let p = build(&dir, Method::Dwarf, vec![]);
+/// Builds the cloud kernel's profile with `method` and compares every field with
+/// `pahole -F format`: (fields compared, types), `None` without the kernel.
+fn compare_cloud_profile(method: Method, format: &str) -> Option<(usize, usize)> {
+    let dir = kernel_dir("cloud-amd64")?;
+    let p = build(&dir, method, vec![]);
     let names = type_names(&p);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let ph = pahole(&dir.join("vmlinux"), "dwarf", &names);
-    let n = compare_with_pahole(&p, &ph, None);
+    let ph = pahole(&dir.join("vmlinux"), format, None, &names);
+    Some((compare_with_pahole(&p, &ph, None), names.len()))
+}
+
+#[test]
+fn cloud_profile_dwarf_matches_pahole() {
+    let Some((n, types)) = compare_cloud_profile(Method::Dwarf, "dwarf") else {
+        return;
+    };
     assert!(n > 80, "compared only {n} fields");
-    eprintln!(
-        "compared {n} fields of {} types with pahole -F dwarf",
-        names.len()
-    );
+    eprintln!("compared {n} fields of {types} types with pahole -F dwarf");
 }
 
 #[test]
 fn cloud_profile_btf_matches_pahole() {
-    let Some(dir) = kernel_dir("cloud-amd64") else {
+    let Some((n, _)) = compare_cloud_profile(Method::Btf, "btf") else {
         return;
     };
-    let p = build(&dir, Method::Btf, vec![]);
-    let names = type_names(&p);
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let ph = pahole(&dir.join("vmlinux"), "btf", &names);
-    let n = compare_with_pahole(&p, &ph, None);
     assert!(n > 80, "compared only {n} fields");
 }
 
@@ -63,7 +61,7 @@ fn btf_and_dwarf_profiles_agree() {
 /// Shipped profiles are a convenience: any number of them (none included) is fine.
 #[test]
 fn shipped_profiles_load_and_name_their_kernel() {
-    let dir = profile_common::repo().join("profiles");
+    let dir = support::repo().join("profiles");
     if !dir.exists() {
         return;
     }
@@ -103,7 +101,7 @@ fn shipped_profiles_load_and_name_their_kernel() {
     }
 }
 
-/// The lab's profile of a flavour's fetched kernel (tests/profile_common's lab_profile, the
+/// The lab's profile of a flavour's fetched kernel (support::profile::lab_profile, the
 /// one the lab tests, the demo and the benches use) equals a fresh build, is found in the
 /// cache by build-id and by banner, and agrees with pahole: vmlinux's types with its BTF,
 /// ext4's with ext4.ko's DWARF where ext4 is a module.
@@ -118,7 +116,7 @@ fn check_lab_profile(flavour: &str) {
         Method::Auto,
         modular.then(|| ko.clone()).into_iter().collect(),
     );
-    let (path, mut lab) = profile_common::lab_profile(flavour);
+    let (path, mut lab) = support::profile::lab_profile(flavour);
     assert_eq!(
         lab.kernel.release.as_deref(),
         Some(std::fs::read_to_string(dir.join("release")).unwrap().trim())
@@ -126,7 +124,7 @@ fn check_lab_profile(flavour: &str) {
     fresh.source.generator.clear();
     lab.source.generator.clear();
     assert_eq!(lab, fresh, "{}: stale", path.display());
-    let cache = profile_common::lab_profiles_dir();
+    let cache = support::profile::lab_profiles_dir();
     for (key, q) in [
         (
             lab.kernel.build_id.as_deref(),
@@ -157,7 +155,7 @@ fn check_lab_profile(flavour: &str) {
         .collect();
     let n = compare_with_pahole(
         &lab,
-        &pahole(&dir.join("vmlinux"), "btf", &names),
+        &pahole(&dir.join("vmlinux"), "btf", None, &names),
         Some(&vmlinux_types),
     );
     assert!(n > 80, "{flavour}: compared only {n} fields");
@@ -167,7 +165,7 @@ fn check_lab_profile(flavour: &str) {
             .inputs
             .iter()
             .any(|i| i.contains("ext4.ko.debug")));
-        let ph = pahole(&ko, "dwarf", &["ext4_inode_info"]);
+        let ph = pahole(&ko, "dwarf", None, &["ext4_inode_info"]);
         let n = compare_with_pahole(&lab, &ph, Some(&["ext4_inode_info"]));
         assert!(
             n >= 3,
@@ -232,7 +230,7 @@ fn ext4_module_types_match_pahole() {
 
     let p = build(&dir, Method::Auto, vec![ko.clone()]);
     assert!(p.source.inputs.iter().any(|i| i.contains("ext4.ko.debug")));
-    let ph = pahole(&ko, "dwarf", &["ext4_inode_info"]);
+    let ph = pahole(&ko, "dwarf", None, &["ext4_inode_info"]);
     let n = compare_with_pahole(&p, &ph, Some(&["ext4_inode_info"]));
     assert!(n >= 3);
     // The rest of the generic flavour's vmlinux, against pahole (BTF) too.
@@ -242,7 +240,7 @@ fn ext4_module_types_match_pahole() {
         .map(String::as_str)
         .filter(|n| *n != "ext4_inode_info")
         .collect();
-    let ph = pahole(&dir.join("vmlinux"), "btf", &names);
+    let ph = pahole(&dir.join("vmlinux"), "btf", None, &names);
     let others: Vec<&str> = p
         .types
         .keys()

@@ -2,10 +2,11 @@
 //! walker can use; the shipped `profiles/debian-*.json`, where shipped, are exactly what the
 //! importer makes.
 
-mod profile_common;
+mod support;
 
 use pct::profile::{vol2, PageCacheTree, Profile};
-use profile_common::{repo, shared};
+use support::profile::shared;
+use support::repo;
 
 /// (zip, shipped profile, expected generation, release)
 const CASES: &[(&str, &str, PageCacheTree, &str)] = &[
@@ -32,7 +33,7 @@ const CASES: &[(&str, &str, PageCacheTree, &str)] = &[
 fn import(zip: &str) -> Option<Profile> {
     let path = shared().join("volatility2-profiles").join(zip);
     if !path.exists() {
-        profile_common::skip_or_fail(&format!("{} is not there", path.display()));
+        support::profile::skip_or_fail(&format!("{} is not there", path.display()));
         return None;
     }
     Some(vol2::import_zip(&path).unwrap_or_else(|e| panic!("{zip}: {e}")))

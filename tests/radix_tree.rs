@@ -4,9 +4,8 @@
 //! booted here, so the trees are built in a memory image by these tests, with the
 //! profiles' real offsets, sizes and slot counts.
 
-mod common;
+mod support;
 
-use common::profile::shared;
 use pct::kernel::{Kernel, Location, Method};
 use pct::memory::GuestMemory;
 use pct::profile::{PageCacheTree, Profile};
@@ -14,6 +13,7 @@ use pct::walk::radix_tree::radix_tree_for_each;
 use pct::walk::WalkError;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use support::profile::shared;
 
 const POB: u64 = 0xffff_8800_0000_0000;
 const MEM: usize = 32 << 20;

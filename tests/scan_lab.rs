@@ -3,11 +3,8 @@
 //! the filesystem's own block map (debugfs), against drgn, and against pct's second,
 //! independent pass (the linear struct page scan).
 
-mod common;
+mod support;
 
-use common::lab::{kernel_dir, repo, Guest, GuestSpec};
-use common::oracle::Oracle;
-use common::profile::lab_profile;
 use pct::cachemap::CacheMap;
 use pct::introspect::{scan, ScanOptions};
 use pct::kernel::Kernel;
@@ -17,6 +14,10 @@ use pct::report::ScanReport;
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::lab::{Guest, GuestSpec};
+use support::oracle::Oracle;
+use support::profile::{kernel_dir, lab_profile};
+use support::{repo, run_ok};
 
 /// The profile of the default (cloud-amd64) guest kernel.
 fn profile() -> Profile {
@@ -357,8 +358,7 @@ fn banner_fallback_finds_the_same_kernel() {
 /// And drgn, walking the same ELF core with its own helpers, finds the same page frames.
 #[test]
 fn sources_agree_and_drgn_agrees() {
-    let (mut g, raw_map, report, _) =
-        boot_and_scan(GuestSpec::new("apache").layout("mini", "plain"));
+    let (g, raw_map, report, _) = boot_and_scan(GuestSpec::new("apache").layout("mini", "plain"));
     let core = g.path("core.elf");
     g.dump_elf(&core, false);
     let p = profile();
@@ -391,19 +391,15 @@ fn sources_agree_and_drgn_agrees() {
     same_runs(&raw_map, &ondisk_map, "on-disk inodes");
 
     // drgn (from PyPI) as the independent oracle.
-    let vmlinux = kernel_dir().join("vmlinux");
-    let out = Command::new("python3")
-        .arg(repo().join("tools/drgn-pagecache.py"))
+    let vmlinux = kernel_dir("cloud-amd64")
+        .expect("the lab kernel")
+        .join("vmlinux");
+    let mut drgn = Command::new("python3");
+    drgn.arg(repo().join("tools/drgn-pagecache.py"))
         .arg(&core)
         .arg(&vmlinux)
-        .arg("vda")
-        .output()
-        .expect("run drgn");
-    assert!(
-        out.status.success(),
-        "drgn failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg("vda");
+    let out = run_ok(&mut drgn, "drgn failed");
     let drgn: BTreeSet<u64> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
@@ -454,21 +450,15 @@ fn scan_command_reports_and_writes_map() {
     let (g, map, _, _) = boot_and_scan(GuestSpec::new("apache").layout("mini", "plain"));
     let bin = env!("CARGO_BIN_EXE_pct-introspect");
     let mapfile = g.path("map.jsonl");
-    let out = Command::new(bin)
-        .args(["scan", "--format", "json", "--verify", "--cross-check"])
+    let mut scan = Command::new(bin);
+    scan.args(["scan", "--format", "json", "--verify", "--cross-check"])
         .arg("--memory")
         .arg(&g.ram_path)
         .arg("--disk")
         .arg(g.path("disk.img"))
         .arg("--map-out")
-        .arg(&mapfile)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&mapfile);
+    let out = run_ok(&mut scan, "pct-introspect scan");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(json["restorable_bytes"].as_u64(), Some(map.bytes()));
     assert_eq!(json["verify"]["mismatching_pages"].as_u64(), Some(0));

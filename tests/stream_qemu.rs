@@ -1,7 +1,7 @@
 //! The stream codec against real QEMU 7.2 streams: a `pc-i440fx-7.2` TCG guest running
 //! SeaBIOS, RAM in a /dev/shm file with a known pattern.
 
-mod stream_support;
+mod support;
 
 use pct::migrate::stream::{
     encode_record, put_page, Decoder, ErrorKind, RamRecord, Record, SectionKind, StreamReader,
@@ -12,7 +12,8 @@ use std::io::{BufWriter, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::OnceLock;
 use std::time::Duration;
-use stream_support::*;
+use support::lab::{have_qemu, Guest, GuestSpec};
+use support::stream::*;
 
 /// One real stream (to a file) and the source's guest RAM once the migration completed.
 struct Captured {
@@ -28,14 +29,7 @@ fn captured() -> Option<&'static Captured> {
             if !have_qemu() {
                 return None;
             }
-            let mut files = TempFiles::new();
-            let out = files.path("/tmp", "stream.bin");
-            let mut src = patterned_source(&mut files, Duration::from_millis(500));
-            src.migrate(&format!("exec:cat > {}", out.display()));
-            src.wait_migration(Duration::from_secs(120));
-            // The source is stopped now ("postmigrate"): its RAM is what was sent last.
-            let ram = std::fs::read(&src.ram).expect("read source RAM");
-            let stream = std::fs::read(&out).expect("read stream");
+            let (stream, ram) = capture_stream(Duration::from_millis(500));
             Some(Captured { stream, ram })
         })
         .as_ref()
@@ -195,16 +189,18 @@ fn rewritten_stream_is_accepted_by_destination_qemu() {
     if !have_qemu() {
         return;
     }
-    let mut files = TempFiles::new();
-    let src_sock = files.path("/tmp", "src.sock");
-    let dst_sock = files.path("/tmp", "dst.sock");
-    let dst_ram = files.path("/dev/shm", "dst-ram");
-    let mut dst = Vm::start(&dst_ram, true);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let src_sock = dir.path().join("src.sock");
+    let dst_sock = dir.path().join("dst.sock");
+    let dst = Guest::start(GuestSpec {
+        incoming: true,
+        ..firmware_guest()
+    });
     dst.exec(
         "migrate-incoming",
         json!({ "uri": format!("unix:{}", dst_sock.display()) }),
     );
-    let mut src = patterned_source(&mut files, Duration::from_millis(500));
+    let src = patterned_source(Duration::from_millis(500));
     let listener = UnixListener::bind(&src_sock).expect("bind");
     src.migrate(&format!("unix:{}", src_sock.display()));
     let (from_src, _) = listener.accept().expect("accept source");
@@ -237,22 +233,23 @@ fn rewritten_stream_is_accepted_by_destination_qemu() {
     assert!(rewritten > 0, "no CONTINUE page was rewritten");
     assert!(out_bytes > in_bytes);
 
-    let a = std::fs::read(&src.ram).expect("source RAM");
-    let b = std::fs::read(&dst.ram).expect("destination RAM");
+    let a = std::fs::read(&src.ram_path).expect("source RAM");
+    let b = std::fs::read(&dst.ram_path).expect("destination RAM");
     assert_eq!(a.len(), b.len());
     let first_diff = a.iter().zip(&b).position(|(x, y)| x != y);
     assert_eq!(first_diff, None, "destination RAM differs");
     eprintln!("{in_bytes} B in, {out_bytes} B out, {rewritten} CONTINUE pages named");
 }
 
-/// A stream from a paused patterned guest with migration capabilities `caps` switched on;
-/// with `complete` false, only what QEMU wrote in the first second.
-fn capture_with(caps: &[&str], extra: &[&str], complete: bool) -> Vec<u8> {
-    let mut files = TempFiles::new();
-    let out = files.path("/tmp", "stream.bin");
-    let ram = files.path("/dev/shm", "cap-ram");
-    make_source_ram(&ram);
-    let mut vm = Vm::start_with(&ram, false, extra);
+/// A stream from a paused patterned guest (with `uuid`) with migration capabilities `caps`
+/// switched on; with `complete` false, only what QEMU wrote in the first second.
+fn capture_with(caps: &[&str], uuid: Option<&'static str>, complete: bool) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let out = dir.path().join("stream.bin");
+    let vm = Guest::start(GuestSpec {
+        uuid,
+        ..patterned_guest()
+    });
     let caps: Vec<Value> = caps
         .iter()
         .map(|c| json!({ "capability": c, "state": true }))
@@ -284,11 +281,7 @@ fn real_stream_with_configuration_subsections() {
         return;
     }
     let uuid = "6c0cd5b5-6d3c-4d6b-9f0a-3a1d6a0e5c11";
-    let s = capture_with(
-        &["x-ignore-shared", "validate-uuid"],
-        &["-uuid", uuid],
-        true,
-    );
+    let s = capture_with(&["x-ignore-shared", "validate-uuid"], Some(uuid), true);
     assert!(decode_all(&s).expect("decode") == s);
     let mut reader = StreamReader::new(&s[..]);
     let mut subs = Vec::new();
@@ -317,7 +310,7 @@ fn real_stream_with_unsupported_capabilities_is_refused() {
     }
     // Postcopy does not complete over `exec:` (no return path), but announces itself first.
     for (cap, complete) in [("compress", true), ("postcopy-ram", false)] {
-        let s = capture_with(&[cap], &[], complete);
+        let s = capture_with(&[cap], None, complete);
         let err = decode_all(&s).expect_err(cap);
         match &err.kind {
             ErrorKind::Capability { capability, .. } => assert_eq!(*capability, cap, "{err}"),

@@ -1,10 +1,13 @@
 //! The stream codec on hand-built streams: grammar corner cases, refusals with context,
 //! truncation, and garbage (bit flips, random bytes) that must give errors, never panics.
 
+mod support;
+
 use pct::migrate::stream::{
     encode_record, put_page, put_zero, section_type, ConfigSubsection, Decoder, ErrorKind,
     RamBlock, RamRecord, Record, SectionHeader, SectionIdent, SectionKind, StreamError, PAGE_SIZE,
 };
+use support::rng;
 
 fn put(out: &mut Vec<u8>, rec: Record<'_>) {
     encode_record(&rec, out).expect("encode");
@@ -433,17 +436,6 @@ fn decoder_is_poisoned_after_an_error() {
         dec.advance().unwrap_err().kind,
         ErrorKind::Poisoned
     ));
-}
-
-/// xorshift64*: reproducible garbage.
-fn rng(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed | 1;
-    move || {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 #[test]

@@ -1,10 +1,13 @@
 //! pct's wire protocol: every frame round-trips, hellos negotiate, reference runs stay
 //! within the overhead budget, hashes verify, and garbage gives errors, never panics.
 
+mod support;
+
 use pct::migrate::wire::{
     caps, hash_page, hash_run, read_frame, write_frame, Codec, Frame, Hello, PageRef, PageRefs,
     Payload, Role, WireError, WireStats, HEADER_LEN, MAX_PAYLOAD, PAGE_SIZE,
 };
+use support::rng;
 
 fn round_trip(f: &Frame) -> usize {
     let mut buf = Vec::new();
@@ -375,17 +378,6 @@ fn stats_split_bytes_by_kind() {
     assert!(s.passthrough_wire < 1000);
     assert_eq!((s.ref_pages, s.ref_hash_bytes), (32, 32 * 16));
     assert_eq!(s.fallback_pages, 1);
-}
-
-/// xorshift64*: reproducible garbage.
-fn rng(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed | 1;
-    move || {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! restores those pages from a disk image, falls back to the sender's originals where the
 //! disk is stale, and must reproduce the source stream byte for byte.
 
-mod stream_support;
+mod support;
 
 use pct::migrate::stream::{Decoder, RamRecord, Record, StreamReader};
 use pct::migrate::wire::{
@@ -11,7 +11,8 @@ use pct::migrate::wire::{
     WireStats, MAX_PAYLOAD,
 };
 use std::time::Duration;
-use stream_support::*;
+use support::lab::have_qemu;
+use support::stream::*;
 
 /// Where the "cache map" puts ram0 pages on the disk image.
 const DISK_SHIFT: u64 = 1 << 20;
@@ -196,14 +197,7 @@ fn real_stream_through_sender_and_receiver_is_identical() {
     if !have_qemu() {
         return;
     }
-    let mut files = TempFiles::new();
-    let out = files.path("/tmp", "stream.bin");
-    let mut src = patterned_source(&mut files, Duration::from_millis(300));
-    src.migrate(&format!("exec:cat > {}", out.display()));
-    src.wait_migration(Duration::from_secs(120));
-    let ram = std::fs::read(&src.ram).expect("RAM");
-    let stream = std::fs::read(&out).expect("stream");
-    drop(src);
+    let (stream, ram) = capture_stream(Duration::from_millis(300));
 
     // The destination's disk holds the cached pages, two of them stale.
     let mut disk = vec![0u8; ram.len() + DISK_SHIFT as usize];

@@ -1,30 +1,22 @@
-//! Lab helpers for the integration tests: boot real Debian guests under QEMU.
+//! The lab's guest launcher: real Debian guests (or, with [`GuestSpec::bare`], SeaBIOS
+//! alone) under QEMU, started by `tools/lab/run-guest.sh`, which holds the QEMU command
+//! line.
 //!
-//! A [`Guest`] owns its QEMU process and its RAM file in /dev/shm: dropping it
-//! (also while a failing test unwinds) kills QEMU and removes both, and QEMU is
-//! started with a parent-death signal so it dies with the test process too.
-//! The QEMU command line itself lives in `tools/lab/run-guest.sh`.
+//! A [`Guest`] owns its QEMU process and its RAM file in /dev/shm: dropping it (also while
+//! a failing test unwinds) kills QEMU and removes both, and QEMU is started with a
+//! parent-death signal so it dies with the test process too.
 
-#![allow(dead_code)]
-
+use super::oracle::Oracle;
+use super::repo;
 use pct::qmp::Qmp;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The fetched default (cloud-amd64) kernel's directory (fetching it if needed).
-pub fn kernel_dir() -> PathBuf {
-    crate::common::profile::kernel_dir("cloud-amd64")
-        .expect("tools/lab/fetch-kernel.sh cloud-amd64 gives the kernel directory")
-}
 
 /// What to boot.
 #[derive(Clone, Debug)]
@@ -44,6 +36,17 @@ pub struct GuestSpec {
     pub cpu: Option<&'static str>,
     /// Anonymous guest RAM (no shared file: pct must copy it through /proc/PID/mem).
     pub anon_ram: bool,
+    /// Firmware (SeaBIOS) only: no kernel, disks, serial port or vmcoreinfo (`--bare`).
+    pub bare: bool,
+    /// QEMU's accelerator; `None`: `$PCT_ACCEL`, else tcg.
+    pub accel: Option<&'static str>,
+    /// The guest's `-uuid`.
+    pub uuid: Option<&'static str>,
+    /// Writes the RAM file before QEMU starts, which then runs on its contents.
+    pub ram_init: Option<fn(&Path)>,
+    /// Keep one QMP connection (on qmp.sock) for the guest's life. Without it each QMP call
+    /// is a short session of its own, and the monitor is free for others between calls.
+    pub hold_qmp: bool,
 }
 
 impl GuestSpec {
@@ -59,8 +62,24 @@ impl GuestSpec {
             paused: false,
             cpu: None,
             anon_ram: false,
+            bare: false,
+            accel: None,
+            uuid: None,
+            ram_init: None,
+            hold_qmp: true,
         }
     }
+
+    /// A firmware-only guest with `mem_mib` of RAM, paused.
+    pub fn bare(mem_mib: u32) -> GuestSpec {
+        GuestSpec {
+            mem_mib,
+            bare: true,
+            paused: true,
+            ..GuestSpec::new("idle")
+        }
+    }
+
     pub fn layout(mut self, fileset: &'static str, layout: &'static str) -> GuestSpec {
         self.fileset = Some(fileset);
         self.layout = layout;
@@ -78,41 +97,60 @@ impl GuestSpec {
     }
 }
 
+/// True if QEMU can be run here. Without it the calling test fails, unless
+/// `PCT_ALLOW_SKIP` is set: then it returns false and the test skips, saying so.
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        // tools/test.sh installs QEMU: its absence is a broken setup, not a reason to pass.
+        assert!(
+            std::env::var_os("PCT_ALLOW_SKIP").is_some(),
+            "qemu-system-x86_64 is not available: run tools/lab/ensure-host.sh (set PCT_ALLOW_SKIP=1 to skip)"
+        );
+        eprintln!("qemu-system-x86_64 not available: skipping");
+    }
+    ok
+}
+
 /// Starts `tools/lab/run-guest.sh` for `spec` in `dir`, guest RAM in /dev/shm/`name`, with
 /// QEMU's output in `dir` and a parent-death signal. The caller owns the process.
-pub fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
+fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
+    let accel = spec.accel.map_or_else(
+        || std::env::var("PCT_ACCEL").unwrap_or_else(|_| "tcg".into()),
+        str::to_owned,
+    );
     let mut cmd = Command::new("bash");
     cmd.arg(repo().join("tools/lab/run-guest.sh"))
         .arg("--dir")
         .arg(dir)
         .args(["--workload", spec.workload, "--layout", spec.layout])
-        .args([
-            "--flavour",
-            spec.flavour,
-            "--accel",
-            &accel(),
-            "--name",
-            name,
-        ])
+        .args(["--flavour", spec.flavour, "--accel", &accel, "--name", name])
         .args(["--mem", &spec.mem_mib.to_string()]);
-    if let Some(fs) = spec.fileset {
-        cmd.args(["--fileset", fs]);
+    let options = [
+        ("--fileset", spec.fileset),
+        ("--cpu", spec.cpu),
+        ("--uuid", spec.uuid),
+    ];
+    for (option, value) in options {
+        if let Some(v) = value {
+            cmd.args([option, v]);
+        }
     }
     if let Some(d) = &spec.disk {
         cmd.arg("--disk").arg(d);
     }
-    if spec.incoming {
-        cmd.arg("--incoming");
-    }
-    if spec.paused {
-        cmd.arg("--paused");
-    }
-    if spec.anon_ram {
-        cmd.arg("--anon-ram");
-    }
-    if let Some(cpu) = spec.cpu {
-        cmd.args(["--cpu", cpu]);
-    }
+    let flags = [
+        ("--incoming", spec.incoming),
+        ("--paused", spec.paused),
+        ("--anon-ram", spec.anon_ram),
+        ("--bare", spec.bare),
+    ];
+    cmd.args(flags.iter().filter(|(_, on)| *on).map(|(f, _)| f));
     cmd.stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("qemu.out")).expect("qemu.out"))
         .stderr(std::fs::File::create(dir.join("qemu.err")).expect("qemu.err"));
@@ -132,51 +170,15 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// Waits until the serial log in run directory `dir` holds a line starting with `marker`
-/// after byte `skip`; panics with the log's tail if the guest reports an error, its QEMU
-/// (`child`) exits, or `timeout` passes.
-pub fn wait_serial(
-    dir: &Path,
-    child: &mut Child,
-    skip: usize,
-    marker: &str,
-    timeout: Duration,
-) -> String {
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
-        if let Some(tail) = log.get(skip..) {
-            if let Some(line) = tail.lines().find(|l| l.starts_with(marker)) {
-                return line.to_owned();
-            }
-            if let Some(err) = tail.lines().find(|l| l.starts_with("PCT-ERROR")) {
-                panic!("guest reported: {err}\n{}", log_tail(dir));
-            }
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("QEMU exited with {st}\n{}", log_tail(dir));
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "no '{marker}' within {timeout:?}\n{}",
-            log_tail(dir)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A running lab guest.
 pub struct Guest {
     pub spec: GuestSpec,
     pub dir: tempfile::TempDir,
     pub ram_path: PathBuf,
     child: Child,
-    pub qmp: Qmp,
+    /// The held QMP connection ([`GuestSpec::hold_qmp`]).
+    qmp: Option<Mutex<Qmp>>,
     booted: Instant,
-}
-
-fn accel() -> String {
-    std::env::var("PCT_ACCEL").unwrap_or_else(|_| "tcg".into())
 }
 
 impl Guest {
@@ -191,25 +193,34 @@ impl Guest {
             dir.path().file_name().unwrap().to_string_lossy()
         );
         let ram_path = PathBuf::from(format!("/dev/shm/{name}"));
-        let child = spawn_run_guest(&spec, dir.path(), &name);
+        // From here on, `guard` kills QEMU and removes the RAM file if starting fails.
+        let mut guard = Partial {
+            child: None,
+            ram: Some(ram_path.clone()),
+        };
+        if let Some(init) = spec.ram_init {
+            init(&ram_path);
+        }
+        let child = guard
+            .child
+            .insert(spawn_run_guest(&spec, dir.path(), &name));
         let started = Instant::now();
         // The first start may build the kernel, initramfs and disk (minutes).
         let qmp_path = dir.path().join("qmp.sock");
-        let mut guard = Partial {
-            child: Some(child),
-            ram: ram_path.clone(),
-        };
         let qmp = loop {
             if qmp_path.exists() {
+                if !spec.hold_qmp {
+                    break None;
+                }
                 match Qmp::connect(&qmp_path, Duration::from_secs(5)) {
-                    Ok(q) => break q,
+                    Ok(q) => break Some(Mutex::new(q)),
                     Err(e) if started.elapsed() > Duration::from_secs(900) => {
                         panic!("QMP: {e}\n{}", log_tail(dir.path()))
                     }
                     Err(_) => {}
                 }
             }
-            if let Some(st) = guard.child.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(st) = child.try_wait().unwrap() {
                 panic!(
                     "QEMU/run-guest.sh exited with {st}\n{}",
                     log_tail(dir.path())
@@ -220,9 +231,10 @@ impl Guest {
                 "no QMP socket after 900 s\n{}",
                 log_tail(dir.path())
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         };
         let child = guard.child.take().unwrap();
+        guard.ram = None;
         Guest {
             spec,
             dir,
@@ -237,18 +249,81 @@ impl Guest {
         self.dir.path().join(name)
     }
 
+    /// The monitor the guest's QMP calls use (with [`GuestSpec::hold_qmp`], only they).
+    pub fn qmp_path(&self) -> PathBuf {
+        self.path("qmp.sock")
+    }
+
+    /// Runs a QMP command (`args` null: none); panics if it fails.
+    pub fn exec(&self, cmd: &str, args: Value) -> Value {
+        let args = (!args.is_null()).then_some(args);
+        let run = |q: &mut Qmp| q.execute(cmd, args);
+        let res =
+            match &self.qmp {
+                Some(held) => run(&mut held.lock().unwrap_or_else(|e| e.into_inner())),
+                None => run(&mut Qmp::connect(&self.qmp_path(), Duration::from_secs(10))
+                    .expect("QMP connect")),
+            };
+        res.unwrap_or_else(|e| panic!("QMP {cmd}: {e}"))
+    }
+
+    /// QEMU's run state (`running`, `paused`, `postmigrate`…).
+    pub fn status(&self) -> String {
+        let v = self.exec("query-status", Value::Null);
+        v["status"].as_str().unwrap_or("?").to_owned()
+    }
+
+    pub fn stop(&self) {
+        self.exec("stop", Value::Null);
+    }
+
+    pub fn cont(&self) {
+        self.exec("cont", Value::Null);
+    }
+
+    /// Writes an ELF core with QEMU's `dump-guest-memory` (synchronous).
+    pub fn dump_elf(&self, path: &Path, paging: bool) {
+        let protocol = format!("file:{}", path.display());
+        self.exec(
+            "dump-guest-memory",
+            json!({ "paging": paging, "protocol": protocol }),
+        );
+    }
+
     pub fn serial_log(&self) -> String {
         std::fs::read_to_string(self.path("serial.log")).unwrap_or_default()
     }
 
-    /// Waits until the serial log holds a line starting with `marker` (after `skip` bytes).
-    pub fn wait_serial_from(&mut self, skip: usize, marker: &str, timeout: Duration) -> String {
-        wait_serial(self.dir.path(), &mut self.child, skip, marker, timeout)
+    /// Waits until the serial log holds a line starting with `marker` after byte `skip`;
+    /// panics with the log's tail if the guest reports an error, QEMU exits, or `timeout`
+    /// passes.
+    pub fn wait_serial(&mut self, skip: usize, marker: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.serial_log();
+            if let Some(tail) = log.get(skip..) {
+                if let Some(line) = tail.lines().find(|l| l.starts_with(marker)) {
+                    return line.to_owned();
+                }
+                if let Some(err) = tail.lines().find(|l| l.starts_with("PCT-ERROR")) {
+                    panic!("guest reported: {err}\n{}", self.log_tail());
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("QEMU exited with {st}\n{}", self.log_tail());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no '{marker}' within {timeout:?}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits for the ready marker; returns the time since QEMU started.
     pub fn wait_ready(&mut self) -> Duration {
-        self.wait_serial_from(0, "PCT-READY", Duration::from_secs(300));
+        self.wait_serial(0, "PCT-READY", Duration::from_secs(300));
         self.booted.elapsed()
     }
 
@@ -256,28 +331,11 @@ impl Guest {
     pub fn command(&mut self, cmd: &str, answer: &str, timeout: Duration) -> String {
         let skip = self.serial_log().len();
         let mut s = UnixStream::connect(self.path("serial.sock")).expect("serial socket");
-        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-        let line = self.wait_serial_from(skip, answer, timeout);
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .expect("serial write");
+        let line = self.wait_serial(skip, answer, timeout);
         drop(s);
         line
-    }
-
-    pub fn stop(&mut self) {
-        self.qmp.execute("stop", None).expect("QMP stop");
-    }
-
-    pub fn cont(&mut self) {
-        self.qmp.execute("cont", None).expect("QMP cont");
-    }
-
-    /// Writes an ELF core with QEMU's `dump-guest-memory` (synchronous).
-    pub fn dump_elf(&mut self, path: &Path, paging: bool) {
-        self.qmp
-            .execute(
-                "dump-guest-memory",
-                Some(json!({ "paging": paging, "protocol": format!("file:{}", path.display()) })),
-            )
-            .expect("dump-guest-memory");
     }
 
     /// Copies the raw guest RAM file (the memory-backend-file) to `path`.
@@ -286,20 +344,41 @@ impl Guest {
     }
 
     /// Reads what the guest's pct-oracle last wrote.
-    pub fn oracle(&self) -> crate::common::oracle::Oracle {
+    pub fn oracle(&self) -> Oracle {
         let raw = std::fs::read(self.path("oracle.img")).expect("oracle.img");
-        crate::common::oracle::Oracle::parse(&raw).expect("parse oracle output")
+        Oracle::parse(&raw).expect("parse oracle output")
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// True while QEMU runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    pub fn log_tail(&self) -> String {
+        log_tail(self.dir.path())
     }
 }
 
 /// Kills QEMU and removes its RAM file if `Guest::start` fails half-way.
 struct Partial {
     child: Option<Child>,
-    ram: PathBuf,
+    ram: Option<PathBuf>,
 }
 
 impl Drop for Partial {
@@ -307,7 +386,9 @@ impl Drop for Partial {
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
-            let _ = std::fs::remove_file(&self.ram);
+        }
+        if let Some(ram) = &self.ram {
+            let _ = std::fs::remove_file(ram);
         }
     }
 }
@@ -325,7 +406,7 @@ impl Drop for Guest {
 }
 
 /// The last lines of QEMU's output and the guest's serial log in run directory `dir`.
-pub fn log_tail(dir: &Path) -> String {
+fn log_tail(dir: &Path) -> String {
     let mut s = String::new();
     for f in ["qemu.err", "qemu.out", "serial.log"] {
         let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();

@@ -1,7 +1,5 @@
 //! The guest's own view of its page cache, as `pct-oracle` (tools/lab/guest) reports it.
 
-#![allow(dead_code)]
-
 /// /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h).
 pub mod kpf {
     pub const LOCKED: u64 = 1 << 0;

@@ -1,17 +1,12 @@
-//! Shared helpers for the profile tests and the lab tests (tests/common includes this file):
-//! kernels from the lab's fetch script, the lab kernel's profile, pahole as the independent
-//! oracle, and the reference data in `../shared`.
-#![allow(dead_code)]
+//! Kernels from the lab's fetch script, the lab kernels' profiles, pahole as the
+//! independent oracle, and the reference data in `../shared`.
 
+use super::{repo, run_ok};
 use pct::profile::{build_profile, BuildOptions, Method, Profile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
-
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `$CARGO_MANIFEST_DIR/../shared`.
 pub fn shared() -> PathBuf {
@@ -170,21 +165,21 @@ pub struct PaholeStruct {
     pub fields: BTreeMap<String, PaholeField>,
 }
 
-/// Run `pahole -F <format> -C a,b,c FILE` and parse every printed struct/union.
-pub fn pahole(file: &Path, format: &str, types: &[&str]) -> BTreeMap<String, PaholeStruct> {
-    let out = Command::new("pahole")
-        .arg("-F")
-        .arg(format)
-        .arg("-C")
-        .arg(types.join(","))
-        .arg(file)
-        .output()
-        .expect("pahole runs (Debian package dwarves)");
-    assert!(
-        out.status.success(),
-        "pahole failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Run `pahole -F <format> [--btf_base BASE] -C a,b,c FILE` and parse every printed
+/// struct/union (`base`: the BTF that a split BTF `file` builds on).
+pub fn pahole(
+    file: &Path,
+    format: &str,
+    base: Option<&Path>,
+    types: &[&str],
+) -> BTreeMap<String, PaholeStruct> {
+    let mut cmd = Command::new("pahole");
+    cmd.arg("-F").arg(format);
+    if let Some(b) = base {
+        cmd.arg("--btf_base").arg(b);
+    }
+    cmd.arg("-C").arg(types.join(",")).arg(file);
+    let out = run_ok(&mut cmd, "pahole (Debian package dwarves) failed");
     parse_pahole(&String::from_utf8_lossy(&out.stdout))
 }
 

@@ -7,7 +7,7 @@
 # $PCT_CACHE/profiles/<build-id>.json, built with `pct-introspect build-profile` from the
 # kernel's vmlinux (plus ext4.ko.debug where ext4 is a module) when the cache lacks it or
 # holds one older than the manifest or the profile builder (src/profile/). The Rust tests'
-# lab_profile() (tests/profile_common/mod.rs) reads and writes the same cache.
+# lab_profile() (tests/support/profile.rs) reads and writes the same cache.
 source "$(dirname "$0")/common.sh"
 
 FLAVOUR=${1:-cloud-amd64}

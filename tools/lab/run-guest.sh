@@ -5,19 +5,23 @@
 #       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
 #       [--mem MiB|KiBK] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
+#       [--uuid UUID]  (the guest's -uuid)
+#       [--bare]       (SeaBIOS alone: no kernel, disks, serial port or vmcoreinfo; the
+#                       stream tests' guest. Only qmp.sock, qmp-pct.sock, ram.path, qemu.pid)
 #
 # RUNDIR receives: disk.img (a copy of the pristine lab disk, unless --disk names one),
 # oracle.img (where the guest's pct-oracle writes), qmp.sock and qmp-pct.sock (two
 # monitors: QEMU serves one client each, so pct gets its own), serial.sock (write
 # commands here), serial.log (everything the guest printed), ram.path (the path of the
-# guest RAM file in /dev/shm, memory-backend-file share=on), qemu.pid.
+# guest RAM file in /dev/shm, memory-backend-file share=on), qemu.pid. A RAM file that
+# already exists is used with its contents.
 # With --incoming the guest waits for a migration (-incoming defer) instead of booting.
 #
 # Ready marker: the line "PCT-READY" in serial.log. Kill the QEMU process and remove
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram=
+dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -33,6 +37,8 @@ while [ $# -gt 0 ]; do
 	--paused) paused=1 ;;
 	--anon-ram) anon_ram=1 ;;
 	--name) name=$2; shift ;;
+	--uuid) uuid=$2; shift ;;
+	--bare) bare=1 ;;
 	*) die "unknown argument '$1' (see the header of $0)" ;;
 	esac
 	shift
@@ -47,17 +53,18 @@ kvm) [ -w /dev/kvm ] || die "--accel kvm needs a writable /dev/kvm" ;;
 esac
 
 bash "$LAB_DIR/ensure-host.sh"
-kdir=$(bash "$LAB_DIR/fetch-kernel.sh" "$flavour" | tail -1)
-initrd=$(bash "$LAB_DIR/build-initramfs.sh" "$kdir" | tail -1)
-master=$(bash "$LAB_DIR/build-disk.sh" "$fileset" "$layout" | tail -1)
-
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-if [ -z "$disk" ]; then
-	disk=$dir/disk.img
-	[ -f "$disk" ] || cp --sparse=always "$master" "$disk"
+if [ -z "$bare" ]; then
+	kdir=$(bash "$LAB_DIR/fetch-kernel.sh" "$flavour" | tail -1)
+	initrd=$(bash "$LAB_DIR/build-initramfs.sh" "$kdir" | tail -1)
+	master=$(bash "$LAB_DIR/build-disk.sh" "$fileset" "$layout" | tail -1)
+	if [ -z "$disk" ]; then
+		disk=$dir/disk.img
+		[ -f "$disk" ] || cp --sparse=always "$master" "$disk"
+	fi
+	[ -f "$dir/oracle.img" ] || truncate -s 64M "$dir/oracle.img"
 fi
-[ -f "$dir/oracle.img" ] || truncate -s 64M "$dir/oracle.img"
 root=/dev/vda
 [ "$layout" = part ] && root=/dev/vda1
 
@@ -87,9 +94,8 @@ else
 	ram_args=(-machine pc-i440fx-7.2,memory-backend=ram0 -m "${mem_kb}K"
 		-object "memory-backend-file,id=ram0,size=${mem_kb}K,mem-path=$ram,share=on")
 fi
-args=(
-	-name "$name" -accel "$accel" "${ram_args[@]}"
-	-smp 1 -nodefaults -display none -no-reboot -no-user-config
+boot=()
+[ -n "$bare" ] || boot=(
 	-kernel "$kdir/vmlinuz" -initrd "$initrd"
 	-append "console=ttyS0 quiet panic=-1 pct.workload=$workload pct.root=$root pct.oracle=/dev/vdb"
 	-drive "file=$disk,format=raw,if=virtio,cache=writeback"
@@ -97,9 +103,15 @@ args=(
 	-device vmcoreinfo
 	-chardev "socket,id=s0,path=$dir/serial.sock,server=on,wait=off,logfile=$dir/serial.log,logappend=on"
 	-serial chardev:s0
+)
+args=(
+	-name "$name" -accel "$accel" "${ram_args[@]}"
+	-smp 1 -nodefaults -display none -no-reboot -no-user-config
+	"${boot[@]}"
 	-qmp "unix:$dir/qmp.sock,server=on,wait=off"
 	-qmp "unix:$dir/qmp-pct.sock,server=on,wait=off"
 )
+[ -n "$uuid" ] && args+=(-uuid "$uuid")
 [ -n "$cpu" ] && args+=(-cpu "$cpu")
 [ -n "$incoming" ] && args+=(-incoming defer)
 [ -n "$paused" ] && args+=(-S)

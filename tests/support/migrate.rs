@@ -1,155 +1,19 @@
-//! Support for the migration tests: lab guests that hold no QMP connection of their own,
-//! so `pct-migrate` can own the QMP socket while it migrates (started by the launcher in
-//! tests/common/lab.rs), and `pct-migrate` processes. Everything is killed and removed on
-//! drop, also when a test fails: QEMU and pct processes (with a parent-death signal as a
-//! second line), RAM files in /dev/shm, run directories.
+//! Support for the migration tests: `pct-migrate` processes, and migrations between two
+//! lab guests ([`Guest`]s that hold no QMP connection of their own, so `pct-migrate` can
+//! own the QMP socket while it migrates). Everything is killed and removed on drop, also
+//! when a test fails: QEMU and pct processes (with a parent-death signal as a second
+//! line), RAM files in /dev/shm, run directories.
 
-#![allow(dead_code)]
-
-pub use crate::common::lab::repo;
-pub use crate::common::lab::GuestSpec;
-use crate::common::lab::{die_with_parent, log_tail, spawn_run_guest, wait_serial};
-use pct::qmp::Qmp;
+use super::lab::{die_with_parent, Guest, GuestSpec};
+use super::profile::lab_profile;
+use super::repo;
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The profile of the lab's default (cloud-amd64) kernel, built and cached at first use.
-pub fn profile_path() -> PathBuf {
-    crate::common::profile::lab_profile("cloud-amd64").0
-}
 pub const PAGE: usize = 4096;
-
-// One QEMU check for every test that boots QEMU.
-#[path = "../stream_support/mod.rs"]
-mod stream_support;
-pub use stream_support::have_qemu;
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-/// A lab guest; QMP is connected only for the duration of each call.
-pub struct Vm {
-    pub dir: tempfile::TempDir,
-    pub ram: PathBuf,
-    child: Child,
-}
-
-impl Vm {
-    pub fn start(spec: &GuestSpec) -> Vm {
-        let dir = tempfile::Builder::new()
-            .prefix("pct-mig-")
-            .tempdir()
-            .expect("run directory");
-        let name = format!(
-            "pct-mig-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let child = spawn_run_guest(spec, dir.path(), &name);
-        let mut vm = Vm {
-            ram: PathBuf::from(format!("/dev/shm/{name}")),
-            dir,
-            child,
-        };
-        let start = Instant::now();
-        while !vm.path("qmp.sock").exists() {
-            if let Ok(Some(st)) = vm.child.try_wait() {
-                panic!("QEMU exited with {st}\n{}", vm.log_tail());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(900),
-                "no QMP socket\n{}",
-                vm.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        vm
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    pub fn qmp_path(&self) -> PathBuf {
-        self.path("qmp.sock")
-    }
-
-    /// One short QMP session.
-    pub fn qmp(&self) -> Qmp {
-        Qmp::connect(&self.qmp_path(), Duration::from_secs(10)).expect("QMP connect")
-    }
-
-    pub fn status(&self) -> String {
-        let v = self
-            .qmp()
-            .execute("query-status", None)
-            .expect("query-status");
-        v["status"].as_str().unwrap_or("?").to_owned()
-    }
-
-    pub fn execute(&self, cmd: &str) -> Value {
-        self.qmp()
-            .execute(cmd, None)
-            .unwrap_or_else(|e| panic!("{cmd}: {e}"))
-    }
-
-    pub fn serial_log(&self) -> String {
-        std::fs::read_to_string(self.path("serial.log")).unwrap_or_default()
-    }
-
-    /// Waits for a line starting with `marker` after byte `skip` of the serial log.
-    pub fn wait_serial(&mut self, skip: usize, marker: &str, timeout: Duration) -> String {
-        wait_serial(self.dir.path(), &mut self.child, skip, marker, timeout)
-    }
-
-    pub fn wait_ready(&mut self) {
-        self.wait_serial(0, "PCT-READY", Duration::from_secs(300));
-    }
-
-    /// Sends a command line to the guest and waits for the answer marker.
-    pub fn command(&mut self, cmd: &str, answer: &str, timeout: Duration) -> String {
-        let skip = self.serial_log().len();
-        let mut s = UnixStream::connect(self.path("serial.sock")).expect("serial socket");
-        s.write_all(format!("{cmd}\n").as_bytes())
-            .expect("serial write");
-        let line = self.wait_serial(skip, answer, timeout);
-        drop(s);
-        line
-    }
-
-    /// True while QEMU runs.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits for QEMU to exit by itself.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    }
-
-    pub fn log_tail(&self) -> String {
-        log_tail(self.dir.path())
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.ram);
-    }
-}
 
 /// A `pct-migrate` process, killed on drop if still running.
 pub struct Pct {
@@ -282,8 +146,8 @@ pub struct Run {
 /// Migrates `src` into `dst` (which must be `-incoming defer`); `extra` are sender flags;
 /// `via` optionally puts a relay between sender and receiver (returns the port to use).
 pub fn migrate(
-    src: &Vm,
-    dst: &Vm,
+    src: &Guest,
+    dst: &Guest,
     disk: &Path,
     extra: &[&str],
     via: Option<&dyn Fn(u16) -> u16>,
@@ -291,14 +155,33 @@ pub fn migrate(
     // PCT_TEST_RECORD_DIR=DIR keeps both sides' copies of the stream there (for
     // `pct-migrate inspect-stream` after a failure).
     let dir = std::env::var_os("PCT_TEST_RECORD_DIR").map(PathBuf::from);
-    migrate_recorded(src, dst, disk, extra, via, dir.as_deref())
+    let how = How {
+        extra,
+        via,
+        record: dir.as_deref(),
+        profile: ProfileChoice::Lab,
+    };
+    migrate_with(src, dst, disk, &how)
 }
 
-/// The stream records `migrate_recorded` asks for in `dir`: the sender's (what the source
+/// How [`migrate_with`] migrates.
+pub struct How<'a> {
+    /// Extra sender flags.
+    pub extra: &'a [&'a str],
+    /// A relay between sender and receiver: given the receiver's port, returns the one the
+    /// sender is to use.
+    pub via: Option<&'a dyn Fn(u16) -> u16>,
+    /// Both pct processes record the stream into this directory (see [`stream_records`]).
+    pub record: Option<&'a Path>,
+    /// The sender's profile.
+    pub profile: ProfileChoice,
+}
+
+/// The stream records [`migrate_with`] asks for in `dir`: the sender's (what the source
 /// QEMU sent) and the receiver's (what the destination QEMU got).
-pub fn stream_records(src: &Vm, dir: &Path) -> (PathBuf, PathBuf) {
+pub fn stream_records(src: &Guest, dir: &Path) -> (PathBuf, PathBuf) {
     let tag = src
-        .ram
+        .ram_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     let tag = tag.unwrap_or_default();
@@ -315,29 +198,14 @@ pub enum ProfileChoice {
     FromMemory { dir: PathBuf },
 }
 
-/// [`migrate`], with both pct processes recording the stream into the directory `record`
-/// (see [`stream_records`]).
-pub fn migrate_recorded(
-    src: &Vm,
-    dst: &Vm,
-    disk: &Path,
-    extra: &[&str],
-    via: Option<&dyn Fn(u16) -> u16>,
-    record: Option<&Path>,
-) -> Run {
-    migrate_with(src, dst, disk, extra, via, record, &ProfileChoice::Lab)
-}
-
-/// [`migrate_recorded`] with the sender's profile chosen by `choice`.
-pub fn migrate_with(
-    src: &Vm,
-    dst: &Vm,
-    disk: &Path,
-    extra: &[&str],
-    via: Option<&dyn Fn(u16) -> u16>,
-    record: Option<&Path>,
-    choice: &ProfileChoice,
-) -> Run {
+/// Migrates `src` into `dst` (which must be `-incoming defer`) as `how` says.
+pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
+    let How {
+        extra,
+        via,
+        record,
+        profile: choice,
+    } = how;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let dst_qmp = dst.qmp_path();
@@ -359,7 +227,7 @@ pub fn migrate_with(
     let to_port = via.map_or(port, |f| f(port));
     let to = format!("127.0.0.1:{to_port}");
     let src_qmp = src.qmp_path();
-    let profile = profile_path();
+    let profile = lab_profile("cloud-amd64").0;
     let mut args = match choice {
         ProfileChoice::Lab => vec!["--profile", profile.to_str().expect("path")],
         ProfileChoice::FromMemory { .. } => vec![],
@@ -412,8 +280,12 @@ pub fn migrate_with(
 /// Source and destination guests for `spec`, the source ready; the destination runs on a
 /// copy of the source's disk taken after a guest `sync` (the "mirrored" disk), returned
 /// with it.
-pub fn pair(spec: &GuestSpec) -> (Vm, Vm, PathBuf) {
-    let mut src = Vm::start(spec);
+pub fn pair(spec: &GuestSpec) -> (Guest, Guest, PathBuf) {
+    let spec = GuestSpec {
+        hold_qmp: false,
+        ..spec.clone()
+    };
+    let mut src = Guest::start(spec.clone());
     src.wait_ready();
     // What the guest has written so far reaches its disk before the copy, as it would
     // reach a mirror: a page cleaned by writeback after the copy would be stale there.
@@ -427,6 +299,6 @@ pub fn pair(spec: &GuestSpec) -> (Vm, Vm, PathBuf) {
         .status()
         .expect("cp");
     assert!(st.success(), "copying the disk");
-    let dst = Vm::start(&spec.destination(&disk));
+    let dst = Guest::start(spec.destination(&disk));
     (src, dst, disk)
 }

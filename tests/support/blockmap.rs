@@ -1,8 +1,7 @@
 //! Shared helpers of the blockmap tests: lab disk images (tools/lab/build-disk.sh) and
 //! debugfs as the independent oracle (`cat`, `bmap`).
 
-#![allow(dead_code)]
-
+use super::{repo, run_ok};
 use pct::blockmap::ondisk::{parse_mbr, Ext4Fs};
 use pct::blockmap::ImageFile;
 use std::os::unix::fs::FileExt;
@@ -13,17 +12,10 @@ pub const LAYOUTS: [&str; 5] = ["plain", "part", "bs1k", "bs2k", "noextent"];
 
 /// Path of the lab image FILESET/LAYOUT (built on first use, cached under $PCT_CACHE).
 pub fn image(fileset: &str, layout: &str) -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/lab/build-disk.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .args([fileset, layout])
-        .output()
-        .expect("run tools/lab/build-disk.sh");
-    assert!(
-        out.status.success(),
-        "build-disk.sh {fileset} {layout}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("tools/lab/build-disk.sh"))
+        .args([fileset, layout]);
+    let out = run_ok(&mut cmd, &format!("build-disk.sh {fileset} {layout}"));
     let path = String::from_utf8_lossy(&out.stdout);
     PathBuf::from(path.lines().last().expect("image path").trim())
 }

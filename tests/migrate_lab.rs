@@ -230,7 +230,7 @@ fn switchover_check_resends_a_write_qemu_did_not_see() {
         use std::os::unix::fs::FileExt;
         let start = std::time::Instant::now();
         let mut qmp = loop {
-            match pct::qmp::Qmp::connect(&monitor, Duration::from_secs(5)) {
+            match pct::qemu::Qmp::connect(&monitor, Duration::from_secs(5)) {
                 Ok(q) => break q,
                 Err(e) if start.elapsed() > Duration::from_secs(60) => return Err(e.to_string()),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -293,7 +293,7 @@ fn stale_destination_disk_falls_back_bit_identical() {
     };
 
     // The cache map as the sender will see it; corrupt one page of every 40th run.
-    let mem = pct::memory::qemu::open_live(&src.qmp_path()).expect("map source RAM");
+    let mem = pct::qemu::ram::open_live(&src.qmp_path()).expect("map source RAM");
     let (_, profile) = support::profile::lab_profile("cloud-amd64");
     let (map, _) = pct::introspect::scan(&mem, &profile, None, Default::default()).expect("scan");
     assert!(map.runs.len() > 40, "cache map has {} runs", map.runs.len());

@@ -377,7 +377,7 @@ fn sources_agree_and_drgn_agrees() {
     );
     same_runs(&raw_map, &elf_map, "ELF core");
 
-    let live = pct::memory::qemu::open_live(&g.path("qmp-pct.sock")).expect("map live QEMU RAM");
+    let live = pct::qemu::ram::open_live(&g.path("qmp-pct.sock")).expect("map live QEMU RAM");
     let (live_map, _) =
         scan(&live, &p, Some(&disk), ScanOptions::default()).expect("scan live QEMU");
     same_runs(&raw_map, &live_map, "live QEMU");

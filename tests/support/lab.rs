@@ -8,7 +8,7 @@
 
 use super::oracle::Oracle;
 use super::repo;
-use pct::qmp::Qmp;
+use pct::qemu::Qmp;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::os::unix::net::UnixStream;

@@ -2,7 +2,8 @@
 
 use pct::introspect::{scan, ScanOptions};
 use pct::kernel::select::select_profile;
-use pct::memory::{qemu, GuestMemory};
+use pct::memory::GuestMemory;
+use pct::qemu::ram as qemu;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -5,7 +5,6 @@
 use super::wire::{read_frame, write_frame, Frame, Hello, Role, Session, WireError, WireStats};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Kernel send buffer asked for on the sender's socket (Linux doubles it). Small, so that
@@ -34,22 +33,7 @@ pub enum LinkError {
 }
 
 fn set_sndbuf(s: &TcpStream, bytes: usize) -> io::Result<()> {
-    let v = bytes as libc::c_int;
-    // SAFETY: setsockopt with a valid fd and a pointer to a c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::net::sockopt::set_socket_send_buffer_size(s, bytes).map_err(io::Error::from)
 }
 
 /// Connects to the receiver, retrying until `timeout` (it may still be starting).

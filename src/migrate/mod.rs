@@ -5,22 +5,32 @@
 //! - [`link`]: the TCP connection and its hello exchange.
 //! - [`flow`]: bounded queues and rate caps, so QEMU paces itself by the WAN.
 //! - [`refmap`]: the cache map translated into QEMU's RAM-block offsets.
-//! - [`sender`] / [`receiver`]: the two ends of one migration.
-//! - [`qemu_ctl`]: driving both QEMUs over QMP (capabilities, `migrate`, status).
+//! - [`sender`] / [`receiver`]: the two ends of the stream: pct frames out of QEMU's
+//!   stream, QEMU's stream back out of pct frames.
+//! - [`source`] / [`destination`]: one migration end to end on each host (QMP, sockets,
+//!   the sender or receiver, the session's last frames), as `pct-migrate` runs it.
+//! - [`qemu_ctl`]: driving both QEMUs over QMP (capabilities, `migrate`, status) and the
+//!   unix sockets they migrate through.
 //! - [`switchover`]: the check, with the guest stopped, that the stream holds its RAM as it
 //!   is (re-sending what QEMU's dirty tracking missed).
 //! - [`summary`]: statistics of one migration, as text and JSON.
+//! - [`predict`]: `--dry-run`, what a migration would cost now.
+//! - [`inspect`]: reading a recorded stream after the fact.
 //!
 //! The sender parses the stream QEMU writes, forwards everything verbatim except RAM
 //! `PAGE` records it can replace by references, and the receiver rebuilds a standard
 //! stream for the destination QEMU (DESIGN.md, invariants 1 and 2).
 
+pub mod destination;
 pub mod flow;
+pub mod inspect;
 pub mod link;
+pub mod predict;
 pub mod qemu_ctl;
 pub mod receiver;
 pub mod refmap;
 pub mod sender;
+pub mod source;
 pub mod stream;
 pub mod summary;
 pub mod switchover;

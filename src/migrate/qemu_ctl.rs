@@ -7,9 +7,16 @@
 //! pause-before-switchover, COLO) is switched off on both ends before the migration starts.
 //! TLS inside QEMU would make the stream opaque: it is refused. pct paces QEMU by
 //! backpressure, so QEMU's own bandwidth cap is lifted on the source.
+//!
+//! Both QEMUs migrate through a unix socket in a private directory ([`SockDir`]): the
+//! source connects to pct's ([`accept_source`]), pct connects to the destination's
+//! ([`connect_destination`]).
 
 use crate::qmp::{Qmp, QmpError};
 use serde_json::{json, Value};
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Capabilities pct switches off.
@@ -45,6 +52,15 @@ pub enum CtlError {
     State(String),
     #[error("timed out after {0:?} waiting for the migration to {1}")]
     Timeout(Duration, &'static str),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> CtlError {
+    move |source| CtlError::Io {
+        what: what.into(),
+        source,
+    }
 }
 
 /// Switches off what pct cannot carry; returns the names it switched off.
@@ -185,4 +201,78 @@ pub fn wait_final(qmp: &mut Qmp, timeout: Duration) -> Result<Info, CtlError> {
 pub fn cancel(qmp: &mut Qmp) -> Result<(), CtlError> {
     qmp.execute("migrate_cancel", None)?;
     Ok(())
+}
+
+/// A private directory for the QEMU-side unix sockets, removed on drop.
+#[derive(Debug)]
+pub struct SockDir(PathBuf);
+
+impl SockDir {
+    /// `$TMPDIR/pct-migrate-TAG-PID`, created afresh.
+    pub fn new(tag: &str) -> Result<SockDir, CtlError> {
+        let p = std::env::temp_dir().join(format!("pct-migrate-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).map_err(io_err(format!("creating {}", p.display())))?;
+        Ok(SockDir(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SockDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (30 s at most) for the source QEMU, told to `migrate` into `l`'s socket, to
+/// connect, watching its migration status for an early failure.
+pub fn accept_source(l: &UnixListener, qmp: &mut Qmp) -> Result<UnixStream, CtlError> {
+    let accepting = || io_err("accepting QEMU's migration connection");
+    l.set_nonblocking(true).map_err(accepting())?;
+    let start = Instant::now();
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(accepting())?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(accepting()(e)),
+        }
+        let info = query(qmp)?;
+        if info.status == "failed" {
+            return Err(CtlError::State(format!(
+                "QEMU's migration failed before it connected: {}",
+                info.error.unwrap_or_default()
+            )));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let addr = l.local_addr().map_err(accepting())?;
+            return Err(CtlError::State(format!(
+                "QEMU did not connect to {addr:?} within 30 s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connects to the destination QEMU's incoming socket `p` (after `migrate-incoming`),
+/// retrying until `timeout`.
+pub fn connect_destination(p: &Path, timeout: Duration) -> Result<UnixStream, CtlError> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(p) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() > timeout => {
+                return Err(io_err(format!(
+                    "connecting to the destination QEMU's incoming socket {}",
+                    p.display()
+                ))(e))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }

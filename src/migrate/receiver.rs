@@ -14,18 +14,27 @@
 //!   and 2); frames that arrive meanwhile are held back, in order. For a failed run hash
 //!   the emitter first asks for the run's per-page hashes and fetches only the pages that
 //!   differ (or could not be read); the fetched originals are checked against their page
-//!   hashes and the assembled run against its run hash before anything is emitted. The
-//!   emitter acks runs so the sender can drop its originals.
+//!   hashes and the assembled run against its run hash before anything is emitted
+//!   (`receiver/fallback.rs`). The emitter acks runs so the sender can drop its originals.
+//!
+//! Reading a run's pages from disk and writing them back as `PAGE` records is
+//! `receiver/pages.rs`. The session's last frames (`Report` and `Complete`, or `Error`)
+//! wait for the destination QEMU's verdict: [`receive`] returns before, and [`Closing`]
+//! sends them ([`super::destination`] does both).
+
+mod fallback;
+mod pages;
+
+pub use pages::{bench_restore, read_pages, RestoreBench};
 
 use super::stream::{Decoder, Recorder};
-use super::wire::{
-    hash_page, read_frame, write_frame, Frame, PageRefs, WireError, WireStats, PAGE_SIZE,
-};
+use super::wire::{read_frame, write_frame, Frame, PageRefs, WireError, WireStats};
+use fallback::{FailedRun, Link};
+use pages::page_views;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -143,43 +152,11 @@ fn fail(slot: &Failure, e: RecvError) {
     }
 }
 
-/// Reads `refs`' pages from `disk`; returns the bytes (zeros where unreadable) and the
-/// number of unreadable pages.
-pub fn read_pages(disk: &File, refs: &PageRefs) -> (Vec<u8>, Vec<bool>) {
-    let n = refs.pages.len();
-    let mut data = vec![0u8; n * PAGE_SIZE];
-    let mut ok = vec![true; n];
-    let mut i = 0;
-    while i < n {
-        // The longest stretch of pages that are contiguous on disk.
-        let mut j = i + 1;
-        while j < n && refs.pages[j].disk_offset == refs.pages[j - 1].disk_offset + PAGE_SIZE as u64
-        {
-            j += 1;
-        }
-        let buf = &mut data[i * PAGE_SIZE..j * PAGE_SIZE];
-        if disk.read_exact_at(buf, refs.pages[i].disk_offset).is_err() {
-            // Page by page, to find out which ones fail.
-            for k in i..j {
-                let b = &mut data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-                if disk.read_exact_at(b, refs.pages[k].disk_offset).is_err() {
-                    b.fill(0);
-                    ok[k] = false;
-                }
-            }
-        }
-        i = j;
-    }
-    (data, ok)
-}
-
-fn page_views(data: &[u8]) -> Vec<&[u8]> {
-    data.chunks(PAGE_SIZE).collect()
-}
-
 /// Runs one migration's receiver side. `tcp` has completed the hello exchange; `qemu` is
 /// connected to the destination QEMU's incoming socket. Returns once the whole stream was
-/// written to QEMU (the caller then waits for QEMU to finish loading and reports back).
+/// written to QEMU: the caller then waits for QEMU to finish loading it and closes the
+/// session with a [`Closing`] taken before (`Report` and `Complete`, or `Error`), as
+/// [`super::destination`] does.
 pub fn receive(
     tcp: TcpStream,
     disk: File,
@@ -402,16 +379,14 @@ fn emit(
                         held: &mut held,
                         failure,
                     };
-                    fetched = restore_failed(
-                        &mut link,
-                        &refs,
+                    let failed = FailedRun {
+                        refs: &refs,
                         run_no,
-                        &bad,
-                        &unreadable,
-                        &mut data,
-                        opts.page_hashes,
-                        &mut r,
-                    )?;
+                        bad: &bad,
+                        unreadable: &unreadable,
+                        data: &mut data,
+                    };
+                    fetched = link.restore_failed(failed, opts.page_hashes, &mut r)?;
                     r.fallback_wait_seconds += t.elapsed().as_secs_f64();
                 }
                 let name = match (refs.first_named, names.get(refs.block as usize)) {
@@ -466,186 +441,47 @@ fn emit(
     }
 }
 
-/// What the emitter needs to ask the sender something and wait for the answer.
-struct Link<'a> {
-    tcp: &'a mut TcpStream,
-    stats: &'a Mutex<WireStats>,
-    rx: &'a Receiver<Item>,
-    /// Items that arrived while waiting, in order.
-    held: &'a mut VecDeque<Item>,
-    failure: &'a Failure,
+/// The frames that close a session, receiver → sender: [`Frame::Report`] and
+/// [`Frame::Complete`] once the destination QEMU has loaded the whole stream, or
+/// [`Frame::Error`] on failure. Take it before [`receive`] consumes the connection.
+pub struct Closing {
+    tcp: TcpStream,
 }
 
-impl Link<'_> {
-    fn send(&mut self, f: &Frame) -> Result<(), RecvError> {
-        control(self.tcp, self.stats, f)
-    }
-
-    /// The next reply (fallback data or page hashes); everything else that arrives first
-    /// is held back, in order.
-    fn reply(&mut self) -> Result<Item, RecvError> {
-        loop {
-            let item = self.rx.recv().map_err(|_| {
-                self.failure
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                    .unwrap_or(RecvError::Closed)
-            })?;
-            match item {
-                Item::Fallback { .. } | Item::PageHashes { .. } => return Ok(item),
-                other => self.held.push_back(other),
-            }
-        }
-    }
-}
-
-/// Makes `data` (run `run_no`, read from disk) match `refs`' hashes: `bad` are the pages
-/// that failed the check (all of them for a failed run hash), `unreadable` those the disk
-/// would not give. For a failed run hash (with `page_hashes`), asks for the run's per-page
-/// hashes and fetches only the pages that differ from them; otherwise fetches `bad`. The
-/// fetched originals must match their page hashes, and the run its run hash, else the rest
-/// of the run is fetched too; the result must match or this fails. Returns the number of
-/// pages fetched.
-#[allow(clippy::too_many_arguments)]
-fn restore_failed(
-    link: &mut Link<'_>,
-    refs: &PageRefs,
-    run_no: u64,
-    bad: &[usize],
-    unreadable: &[usize],
-    data: &mut [u8],
-    page_hashes: bool,
-    report: &mut ReceiverReport,
-) -> Result<usize, RecvError> {
-    let n = refs.pages.len();
-    let len = refs.hash_len as usize;
-    let mut fetched = vec![false; n];
-    let mut want: Vec<usize> = bad.to_vec();
-    let mut hashes: Option<Vec<u8>> = None;
-    if page_hashes && refs.run_hash() && bad.len() == n {
-        report.hash_requests += 1;
-        let h = fetch_page_hashes(link, run_no, n, refs.hash_len)?;
-        want = (0..n)
-            .filter(|&i| {
-                unreadable.contains(&i)
-                    || hash_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], len)
-                        != h[i * len..(i + 1) * len]
-            })
-            .collect();
-        hashes = Some(h);
-    }
-    fetch_originals(link, run_no, &want, data)?;
-    for &i in &want {
-        fetched[i] = true;
-    }
-    let originals_match = hashes.as_ref().map_or(true, |h| {
-        want.iter().all(|&i| {
-            hash_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], len) == h[i * len..(i + 1) * len]
+impl Closing {
+    /// A handle on the sender's connection (a clone of the socket).
+    pub fn new(tcp: &TcpStream) -> io::Result<Closing> {
+        Ok(Closing {
+            tcp: tcp.try_clone()?,
         })
-    });
-    if !originals_match {
-        return Err(RecvError::Protocol(format!(
-            "the sender's original bytes for run {run_no} do not match its page hashes"
-        )));
     }
-    if !refs.verify(&page_views(data)).is_empty() {
-        // The page hashes agreed with pages the run hash refuses: take the whole run.
-        let rest: Vec<usize> = (0..n).filter(|&i| !fetched[i]).collect();
-        if !rest.is_empty() {
-            fetch_originals(link, run_no, &rest, data)?;
-            for i in rest {
-                fetched[i] = true;
-            }
-        }
-        if !refs.verify(&page_views(data)).is_empty() {
-            return Err(RecvError::Protocol(format!(
-                "the sender's original bytes for run {run_no} do not match its hash"
-            )));
-        }
-    }
-    Ok(fetched.iter().filter(|f| **f).count())
-}
 
-/// Asks for the per-page hashes of the `n` pages of run `run_no` and waits for them.
-fn fetch_page_hashes(
-    link: &mut Link<'_>,
-    run_no: u64,
-    n: usize,
-    hash_len: u8,
-) -> Result<Vec<u8>, RecvError> {
-    link.send(&Frame::HashRequest {
-        run: run_no,
-        first: 0,
-        count: n as u32,
-    })?;
-    match link.reply()? {
-        Item::PageHashes {
-            run,
-            first: 0,
-            count,
-            hash_len: l,
-            hashes,
-        } if run == run_no && count as usize == n && l == hash_len => Ok(hashes),
-        Item::PageHashes { run, .. } | Item::Fallback { run, .. } => {
-            Err(RecvError::Protocol(format!(
-                "got a reply for run {run} that does not answer the hash request for run {run_no}"
-            )))
-        }
-        _ => Err(RecvError::Protocol("unexpected item".into())),
+    /// Tells the sender the migration failed (best effort: the link may be gone).
+    pub fn fail(&mut self, message: &str) {
+        let _ = write_frame(
+            &mut self.tcp,
+            &Frame::Error {
+                code: 1,
+                message: message.to_owned(),
+            },
+        );
     }
-}
 
-/// Asks for the original bytes of pages `bad` of run `run_no` and waits for them,
-/// holding back everything else that arrives meanwhile.
-fn fetch_originals(
-    link: &mut Link<'_>,
-    run_no: u64,
-    bad: &[usize],
-    data: &mut [u8],
-) -> Result<(), RecvError> {
-    // Contiguous ranges of bad pages, one request each.
-    let mut ranges: Vec<(u32, u32)> = Vec::new();
-    for &i in bad {
-        match ranges.last_mut() {
-            Some((f, c)) if (*f + *c) as usize == i => *c += 1,
-            _ => ranges.push((i as u32, 1)),
-        }
-    }
-    for &(first, count) in &ranges {
-        link.send(&Frame::FallbackRequest {
-            run: run_no,
-            first,
-            count,
+    /// Sends `report` (as JSON) and `Complete`, then closes this direction of the
+    /// connection. Returns the JSON sent.
+    pub fn complete(mut self, report: &ReceiverReport) -> Result<String, WireError> {
+        let json = serde_json::to_string(report).map_err(|e| WireError::Malformed {
+            frame: "report",
+            msg: e.to_string(),
         })?;
+        write_frame(&mut self.tcp, &Frame::Report { json: json.clone() })?;
+        write_frame(
+            &mut self.tcp,
+            &Frame::Complete {
+                stream_bytes: report.stream_bytes,
+            },
+        )?;
+        let _ = self.tcp.shutdown(Shutdown::Write);
+        Ok(json)
     }
-    while !ranges.is_empty() {
-        match link.reply()? {
-            Item::Fallback {
-                run,
-                first,
-                data: d,
-            } if run == run_no => {
-                let Some(k) = ranges
-                    .iter()
-                    .position(|&(f, c)| f == first && c as usize * PAGE_SIZE == d.len())
-                else {
-                    return Err(RecvError::Protocol(format!(
-                        "fallback data for run {run} page {first} does not match a request"
-                    )));
-                };
-                ranges.swap_remove(k);
-                let at = first as usize * PAGE_SIZE;
-                data[at..at + d.len()].copy_from_slice(&d);
-            }
-            Item::Fallback { run, .. } | Item::PageHashes { run, .. } => {
-                return Err(RecvError::Protocol(format!(
-                    "fallback data or page hashes for run {run} while waiting for the \
-                     originals of run {run_no}"
-                )))
-            }
-            _ => return Err(RecvError::Protocol("unexpected item".into())),
-        }
-    }
-    Ok(())
 }

@@ -10,7 +10,7 @@
 //!   stream order. The original bytes of every run are kept until the receiver acks it.
 //!   The cache map is asked for once, when the `ram` section's `MEM_SIZE` record arrives:
 //!   QEMU started dirty tracking just before writing it, so any later guest write is re-sent
-//!   by QEMU, and the hash catches whatever the map got wrong;
+//!   by QEMU, and the hash catches whatever the map got wrong (`sender/encoder.rs`);
 //! - the *writer* sends queued frames ([`Outbox`]), urgent ones first, optionally capped by
 //!   a [`TokenBucket`];
 //! - the *listener* reads the receiver's frames: fallback requests and per-page hash
@@ -19,17 +19,19 @@
 //!
 //! Every stage blocks when the next is full, so QEMU drains at the link's pace.
 
+mod encoder;
+
 use super::flow::{Outbox, TokenBucket};
 use super::refmap::RefMap;
-use super::stream::{RamBlock, RamRecord, Record, Recorder, StreamError, StreamStats};
+use super::stream::{RamBlock, StreamError, StreamStats};
 use super::switchover::{SwitchoverCheck, SwitchoverReport};
-use super::wire::{
-    hash_pages, read_frame, Frame, PageRefs, Payload, RunBuilder, Session, WireError, WireStats,
-};
+use super::wire::{hash_pages, read_frame, Frame, Payload, Session, WireError, WireStats};
+use encoder::Encoder;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -161,28 +163,34 @@ impl Originals {
     }
 }
 
-type Shared<T> = Arc<Mutex<T>>;
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Encodes `f`, counts it, and queues it (urgent or not).
-fn queue(
-    outbox: &Outbox,
-    stats: &Mutex<WireStats>,
-    f: &Frame,
-    urgent: bool,
-) -> Result<(), SendError> {
-    let mut buf = Vec::new();
-    let n = f.encode(&mut buf)?;
-    lock(stats).count(f, n);
-    let r = if urgent {
-        outbox.push_urgent(buf)
-    } else {
-        outbox.push(buf)
-    };
-    r.map_err(|_| SendError::Closed)
+/// What the sender's threads share.
+struct Pipeline {
+    /// Frames waiting for the link (the writer drains it).
+    outbox: Outbox,
+    /// Frames counted both ways.
+    stats: Mutex<WireStats>,
+    /// Original bytes of the runs not acked yet (the encoder adds, the listener serves).
+    originals: Mutex<Originals>,
+    counters: Arc<Counters>,
+}
+
+impl Pipeline {
+    /// Encodes `f`, counts it, and queues it (urgent or not).
+    fn queue(&self, f: &Frame, urgent: bool) -> Result<(), SendError> {
+        let mut buf = Vec::new();
+        let n = f.encode(&mut buf)?;
+        lock(&self.stats).count(f, n);
+        let r = if urgent {
+            self.outbox.push_urgent(buf)
+        } else {
+            self.outbox.push(buf)
+        };
+        r.map_err(|_| SendError::Closed)
+    }
 }
 
 /// Bytes for a data or fallback frame: zstd-compressed at `level`, or raw.
@@ -193,59 +201,76 @@ fn pack(data: &[u8], level: Option<i32>) -> Result<Payload, WireError> {
     }
 }
 
-/// True if `fd` has data to read right now.
-fn readable(fd: &impl AsRawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    rc > 0
+/// The connections of one migration's sender side.
+#[derive(Debug)]
+pub struct Connections {
+    /// QEMU's migration connection (the stream comes in here).
+    pub qemu: UnixStream,
+    /// The receiver, after the hello exchange.
+    pub tcp: TcpStream,
+    /// What the hello exchange settled.
+    pub session: Session,
+    /// The hello exchange's frames, counted.
+    pub wire_stats: WireStats,
 }
 
-/// Runs one migration's sender side. `tcp` has completed the hello exchange (`session`);
-/// `qemu` is QEMU's migration connection. `map` is called once with QEMU's RAM blocks,
-/// right after dirty tracking started, and returns the reference map for one block (or
-/// `None`: send everything). `check`, if given, runs the switchover check on its RAM block
-/// ([`SwitchoverCheck`]). Returns once the receiver confirmed completion.
-#[allow(clippy::too_many_arguments)]
+/// What the sender consults besides the stream.
+pub struct SenderHooks<'a, F> {
+    /// Called once with QEMU's RAM blocks, right after dirty tracking started; returns the
+    /// reference map for one block (or `None`: send everything).
+    pub map: F,
+    /// The switchover check on its RAM block, if it is to run ([`SwitchoverCheck`]).
+    pub check: Option<SwitchoverCheck<'a>>,
+    /// Live counters, for a progress display.
+    pub counters: Arc<Counters>,
+}
+
+/// Runs one migration's sender side: reads QEMU's stream from `conn.qemu` and sends it as
+/// pct frames on `conn.tcp`. Returns once the receiver confirmed completion.
 pub fn send<F>(
-    mut qemu: UnixStream,
-    tcp: TcpStream,
-    session: Session,
+    conn: Connections,
     opts: &SenderOptions,
-    wire_stats: WireStats,
-    map: F,
-    check: Option<SwitchoverCheck<'_>>,
-    counters: Arc<Counters>,
+    hooks: SenderHooks<'_, F>,
 ) -> Result<SenderReport, SendError>
 where
     F: FnOnce(&[RamBlock]) -> Result<Option<RefMap>, String>,
 {
-    let outbox = Arc::new(Outbox::new(opts.outbox_bytes));
-    let stats: Shared<WireStats> = Arc::new(Mutex::new(wire_stats));
-    let originals: Shared<Originals> = Arc::default();
+    let Connections {
+        mut qemu,
+        tcp,
+        session,
+        wire_stats,
+    } = conn;
+    let SenderHooks {
+        map,
+        check,
+        counters,
+    } = hooks;
+    let shared = Arc::new(Pipeline {
+        outbox: Outbox::new(opts.outbox_bytes),
+        stats: Mutex::new(wire_stats),
+        originals: Mutex::default(),
+        counters,
+    });
     let io = |what| move |source| SendError::Io { what, source };
 
     let writer = {
         let mut tcp = tcp.try_clone().map_err(io("cloning the TCP socket"))?;
-        let outbox = outbox.clone();
-        let counters = counters.clone();
+        let shared = shared.clone();
         let mut bucket = opts.bandwidth.map(TokenBucket::new);
         std::thread::Builder::new()
             .name("pct-send-writer".into())
             .spawn(move || -> Result<(), io::Error> {
-                while let Some(b) = outbox.pop() {
+                while let Some(b) = shared.outbox.pop() {
                     if let Some(tb) = bucket.as_mut() {
                         tb.take(b.len());
                     }
                     if let Err(e) = tcp.write_all(&b) {
-                        outbox.abort();
+                        shared.outbox.abort();
                         return Err(e);
                     }
-                    counters
+                    shared
+                        .counters
                         .wire_bytes
                         .fetch_add(b.len() as u64, Ordering::Relaxed);
                 }
@@ -257,18 +282,15 @@ where
     let listener = {
         let mut tcp = tcp.try_clone().map_err(io("cloning the TCP socket"))?;
         let qemu = qemu.try_clone().map_err(io("cloning QEMU's socket"))?;
-        let (outbox, stats, originals) = (outbox.clone(), stats.clone(), originals.clone());
-        let (counters, level) = (counters.clone(), opts.zstd_level);
-        let hash_len = session.hash_len;
+        let shared = shared.clone();
+        let (level, hash_len) = (opts.zstd_level, session.hash_len);
         std::thread::Builder::new()
             .name("pct-send-listener".into())
             .spawn(move || {
-                let r = listen(
-                    &mut tcp, &outbox, &stats, &originals, &counters, level, hash_len,
-                );
+                let r = listen(&mut tcp, &shared, level, hash_len);
                 if r.is_err() {
                     // Unblock the encoder wherever it waits.
-                    outbox.abort();
+                    shared.outbox.abort();
                     let _ = qemu.shutdown(Shutdown::Read);
                 }
                 r
@@ -276,11 +298,9 @@ where
             .map_err(io("starting the listener thread"))?
     };
 
-    let encoded = encode(
-        &mut qemu, &session, opts, &outbox, &stats, &originals, map, check, &counters,
-    );
+    let encoded = Encoder::new(&shared, &session, opts, map, check).and_then(|e| e.run(&mut qemu));
     if encoded.is_err() {
-        outbox.abort();
+        shared.outbox.abort();
         let _ = tcp.shutdown(Shutdown::Both);
     }
     // The writer keeps running after the stream ended: fallback requests for the last
@@ -288,7 +308,7 @@ where
     let heard = listener
         .join()
         .unwrap_or_else(|_| Err(SendError::Protocol("listener thread panicked".into())));
-    outbox.close();
+    shared.outbox.close();
     let wrote = writer
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
@@ -305,14 +325,14 @@ where
     };
     wrote.map_err(io("sending to the receiver"))?;
     let (enc, receiver) = end;
-    let peak_originals = lock(&originals).peak;
-    let wire = lock(&stats).clone();
+    let peak_originals = lock(&shared.originals).peak;
+    let wire = lock(&shared.stats).clone();
     Ok(SenderReport {
         stream: enc.stream,
         wire,
         ref_pages: enc.ref_pages,
         runs: enc.runs,
-        fallback_pages: counters.fallback_pages.load(Ordering::Relaxed),
+        fallback_pages: shared.counters.fallback_pages.load(Ordering::Relaxed),
         map_pages: enc.map_pages,
         switchover: enc.switchover,
         peak_originals,
@@ -321,188 +341,10 @@ where
     })
 }
 
-struct Encoded {
-    stream: StreamStats,
-    ref_pages: u64,
-    runs: u64,
-    map_pages: u64,
-    switchover: Option<SwitchoverReport>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn encode<F>(
-    qemu: &mut UnixStream,
-    session: &Session,
-    opts: &SenderOptions,
-    outbox: &Outbox,
-    stats: &Mutex<WireStats>,
-    originals: &Mutex<Originals>,
-    map: F,
-    mut check: Option<SwitchoverCheck<'_>>,
-    counters: &Counters,
-) -> Result<Encoded, SendError>
-where
-    F: FnOnce(&[RamBlock]) -> Result<Option<RefMap>, String>,
-{
-    let mut dec = super::stream::Decoder::new();
-    let mut map = Some(map);
-    let mut refmap: Option<(usize, RefMap)> = None;
-    let mut map_pages = 0;
-    let mut runs = RunBuilder::new(session).with_max_pages(opts.max_run_pages);
-    let mut run_pages: Vec<u8> = Vec::new();
-    let mut batch: Vec<u8> = Vec::with_capacity(opts.batch_bytes + 8192);
-    let (mut ref_pages, mut run_count) = (0u64, 0u64);
-    let level = opts.zstd_level;
-    // Stream bytes pct adds (pages the switchover check re-sent).
-    let mut added = 0u64;
-    let mut switchover = None;
-    let recording = |source| SendError::Io {
-        what: "recording the stream",
-        source,
-    };
-    let mut recorder = match &opts.record {
-        Some(p) => Some(Recorder::create(p).map_err(recording)?),
-        None => None,
-    };
-
-    let flush_batch = |batch: &mut Vec<u8>| -> Result<(), SendError> {
-        if !batch.is_empty() {
-            queue(outbox, stats, &Frame::Data(pack(batch, level)?), false)?;
-            batch.clear();
-        }
-        Ok(())
-    };
-    let send_run = |run: PageRefs, pages: &mut Vec<u8>, count: &mut u64| -> Result<(), SendError> {
-        // Keep the originals before the receiver can ask for them.
-        lock(originals).push(std::mem::take(pages));
-        queue(outbox, stats, &Frame::PageRefs(run), false)?;
-        *count += 1;
-        Ok(())
-    };
-
-    loop {
-        while dec.advance()? {
-            let Some(item) = dec.item() else { break };
-            counters.stream_bytes.store(dec.offset(), Ordering::Relaxed);
-            let at_switchover = match check.as_mut() {
-                Some(c) => c.observe(&item.record).then_some(c),
-                None => None,
-            };
-            if let Some(c) = at_switchover {
-                // The END part's EOS: the guest is stopped, everything QEMU will send for
-                // RAM is out. Re-send what it missed, before the EOS.
-                if let Some(done) = runs.flush() {
-                    send_run(done, &mut run_pages, &mut run_count)?;
-                }
-                let mut extra = Vec::new();
-                let report = c
-                    .repair(&mut extra)
-                    .map_err(|e| SendError::Protocol(format!("re-sending pages: {e}")))?;
-                if let Some(r) = recorder.as_mut() {
-                    r.record(&extra).map_err(recording)?;
-                }
-                added += extra.len() as u64;
-                batch.extend_from_slice(&extra);
-                switchover = Some(report);
-            }
-            if let Some(r) = recorder.as_mut() {
-                r.record(item.raw).map_err(recording)?;
-            }
-            if let Record::Ram(RamRecord::Page { page, data }) = item.record {
-                let disk = match refmap.as_mut() {
-                    Some((b, m)) if *b == page.block => m.lookup(page.offset),
-                    _ => None,
-                };
-                if let Some(disk) = disk {
-                    flush_batch(&mut batch)?;
-                    let block = page.block as u32;
-                    if let Some(done) = runs.push(block, page.offset, page.continued, disk, data) {
-                        send_run(done, &mut run_pages, &mut run_count)?;
-                    }
-                    run_pages.extend_from_slice(data);
-                    ref_pages += 1;
-                    counters.ref_pages.store(ref_pages, Ordering::Relaxed);
-                    continue;
-                }
-            }
-            if let Some(done) = runs.flush() {
-                send_run(done, &mut run_pages, &mut run_count)?;
-            }
-            batch.extend_from_slice(item.raw);
-            let first_mem_size = match item.record {
-                Record::Ram(RamRecord::MemSize { blocks, .. }) if map.is_some() => {
-                    Some(blocks.to_vec())
-                }
-                _ => None,
-            };
-            if let Some(blocks) = first_mem_size {
-                // Dirty tracking is on: take the cache map now.
-                flush_batch(&mut batch)?;
-                let f = map
-                    .take()
-                    .ok_or_else(|| SendError::Map("map taken twice".into()))?;
-                if let Some(m) = f(&blocks).map_err(SendError::Map)? {
-                    if let Some(i) = blocks.iter().position(|b| b.name == m.block()) {
-                        map_pages = m.pages();
-                        refmap = Some((i, m));
-                    }
-                }
-            }
-            if batch.len() >= opts.batch_bytes {
-                flush_batch(&mut batch)?;
-            }
-        }
-        // About to wait for QEMU: send what is pending so the receiver is never starved.
-        if !readable(qemu) {
-            if let Some(done) = runs.flush() {
-                send_run(done, &mut run_pages, &mut run_count)?;
-            }
-            flush_batch(&mut batch)?;
-        }
-        let n = dec
-            .read_from(qemu, opts.read_chunk)
-            .map_err(|e| SendError::Io {
-                what: "reading QEMU's migration stream",
-                source: e,
-            })?;
-        if n == 0 {
-            dec.finish()?;
-            break;
-        }
-    }
-    if let Some(done) = runs.flush() {
-        send_run(done, &mut run_pages, &mut run_count)?;
-    }
-    flush_batch(&mut batch)?;
-    if let Some(r) = recorder {
-        r.finish().map_err(recording)?;
-    }
-    counters.stream_bytes.store(dec.offset(), Ordering::Relaxed);
-    queue(
-        outbox,
-        stats,
-        &Frame::End {
-            stream_bytes: dec.offset() + added,
-            runs: run_count,
-        },
-        false,
-    )?;
-    Ok(Encoded {
-        stream: dec.stats().clone(),
-        ref_pages,
-        runs: run_count,
-        map_pages,
-        switchover,
-    })
-}
-
 /// The listener thread: everything the receiver sends, up to `Complete`.
 fn listen(
     tcp: &mut TcpStream,
-    outbox: &Outbox,
-    stats: &Mutex<WireStats>,
-    originals: &Mutex<Originals>,
-    counters: &Counters,
+    shared: &Pipeline,
     level: Option<i32>,
     hash_len: u8,
 ) -> Result<ReceiverEnd, SendError> {
@@ -511,11 +353,11 @@ fn listen(
         let Some((frame, n)) = read_frame(tcp, super::wire::MAX_PAYLOAD)? else {
             return Err(SendError::Closed);
         };
-        lock(stats).count(&frame, n);
+        lock(&shared.stats).count(&frame, n);
         match frame {
             Frame::FallbackRequest { run, first, count } => {
                 let data = {
-                    let o = lock(originals);
+                    let o = lock(&shared.originals);
                     let pages = o.pages(run, first, count).ok_or_else(|| {
                         SendError::Protocol(format!(
                             "fallback request for run {run} pages {first}+{count}, which is \
@@ -524,7 +366,8 @@ fn listen(
                     })?;
                     pack(pages, level)?
                 };
-                counters
+                shared
+                    .counters
                     .fallback_pages
                     .fetch_add(u64::from(count), Ordering::Relaxed);
                 let reply = Frame::FallbackData {
@@ -533,11 +376,11 @@ fn listen(
                     count,
                     data,
                 };
-                queue(outbox, stats, &reply, true)?;
+                shared.queue(&reply, true)?;
             }
             Frame::HashRequest { run, first, count } => {
                 let hashes = {
-                    let o = lock(originals);
+                    let o = lock(&shared.originals);
                     let pages = o.pages(run, first, count).ok_or_else(|| {
                         SendError::Protocol(format!(
                             "hash request for run {run} pages {first}+{count}, which is not \
@@ -553,9 +396,9 @@ fn listen(
                     hash_len,
                     hashes,
                 };
-                queue(outbox, stats, &reply, true)?;
+                shared.queue(&reply, true)?;
             }
-            Frame::Ack { runs } => lock(originals).ack(runs),
+            Frame::Ack { runs } => lock(&shared.originals).ack(runs),
             Frame::Report { json } => report = serde_json::from_str(&json).ok(),
             Frame::Complete { stream_bytes } => {
                 return Ok(ReceiverEnd {
@@ -574,14 +417,15 @@ fn listen(
     }
 }
 
-/// Waits at most `timeout` for `fd` to become readable; true if it did.
-pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+/// Waits at most `timeout` for `fd` to become readable; true if it did (or if it has
+/// hung up or failed: a read will then not block either).
+pub fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
+    // poll(2) takes milliseconds as a C int: longer waits are capped, as there.
+    let timeout = timeout.min(Duration::from_millis(i32::MAX as u64));
+    let ts = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::from(i32::MAX) / 1000,
+        tv_nsec: 0,
+    });
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    poll(&mut fds, Some(&ts)).is_ok_and(|n| n > 0)
 }

@@ -1,0 +1,143 @@
+//! The destination side of one migration, end to end (`pct-migrate receive`): checking
+//! and preparing the destination QEMU (started with `-incoming defer`), accepting one pct
+//! sender, starting QEMU's incoming migration, running the [`receiver`](super::receiver),
+//! waiting for QEMU to load the whole stream, and closing the session: `Report` and
+//! `Complete` on success, `Error` (with the reason) on any failure after the hello.
+
+use super::link;
+use super::qemu_ctl::{self as ctl, SockDir};
+use super::receiver::{self, Closing, ReceiverOptions, ReceiverReport};
+use super::wire::{Role, WireStats};
+use crate::qmp::Qmp;
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What the destination side is to do.
+#[derive(Debug, Clone)]
+pub struct DestinationOptions {
+    /// Address to listen on for the sender, HOST:PORT.
+    pub listen: String,
+    /// The destination QEMU's QMP socket.
+    pub qmp: PathBuf,
+    /// The destination's copy of the guest disk (raw image).
+    pub disk: PathBuf,
+    /// How long to wait for the sender.
+    pub accept_timeout: Duration,
+    /// The receiver's tunables (and its stream record).
+    pub receiver: ReceiverOptions,
+}
+
+/// A migration received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub report: ReceiverReport,
+    /// The report as sent to the sender (JSON).
+    pub report_json: String,
+    /// From the sender's connection to `Complete`.
+    pub elapsed: Duration,
+}
+
+impl Received {
+    /// The report as sent, with `total_s`.
+    pub fn to_json(&self) -> serde_json::Result<serde_json::Value> {
+        let mut v: serde_json::Value = serde_json::from_str(&self.report_json)?;
+        v["total_s"] = self.elapsed.as_secs_f64().into();
+        Ok(v)
+    }
+
+    /// One line for people; `disk`: the image the pages were restored from.
+    pub fn to_text(&self, disk: &std::path::Path) -> String {
+        let r = &self.report;
+        format!(
+            "received {:.1} MB of QEMU stream in {:.2} s: {} pages restored from {} ({} verified, {} fallen back), restore {:.2} s\n",
+            r.stream_bytes as f64 / 1e6,
+            self.elapsed.as_secs_f64(),
+            r.ref_pages,
+            disk.display(),
+            r.verified_pages,
+            r.fallback_pages,
+            r.restore_seconds
+        )
+    }
+}
+
+/// Receives one migration. `listening` is told the address once the listening socket is
+/// bound (before the sender may connect).
+pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) -> Result<Received> {
+    let disk = File::open(&opts.disk)
+        .with_context(|| format!("opening the destination disk image {}", opts.disk.display()))?;
+    let mut qmp = Qmp::connect(&opts.qmp, Duration::from_secs(10)).with_context(|| {
+        format!(
+            "connecting to the destination QEMU at {}",
+            opts.qmp.display()
+        )
+    })?;
+    let state = ctl::run_state(&mut qmp)?;
+    if state != "inmigrate" {
+        bail!("the destination QEMU is `{state}`, not waiting for a migration: start it with -incoming defer");
+    }
+    ctl::prepare(&mut qmp)?;
+    ctl::enable_events(&mut qmp)?;
+    let l = link::listen(&opts.listen)?;
+    listening(l.local_addr()?);
+    let mut tcp = link::accept(&l, opts.accept_timeout)?;
+    drop(l);
+    let mut wire_stats = WireStats::default();
+    let started = Instant::now();
+    link::handshake(
+        &mut tcp,
+        Role::Receiver,
+        &mut wire_stats,
+        Duration::from_secs(30),
+    )?;
+    let mut closing = Closing::new(&tcp)?;
+
+    let dir = SockDir::new("dst")?;
+    let sock = dir.path().join("qemu.sock");
+    let qemu = ctl::start_destination(&mut qmp, &format!("unix:{}", sock.display()))
+        .and_then(|()| ctl::connect_destination(&sock, Duration::from_secs(10)))
+        .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+    let got = receiver::receive(tcp, disk, qemu, &opts.receiver, wire_stats);
+    let mut report = match got {
+        Ok((report, _)) => report,
+        Err(e) => {
+            closing.fail(&format!("receiver: {e}"));
+            let status = ctl::wait_final(&mut qmp, Duration::from_secs(10))
+                .map(|i| i.status)
+                .unwrap_or_else(|_| "gone (QEMU exited)".into());
+            bail!("{e}\n  destination QEMU migration: {status}");
+        }
+    };
+    let info = ctl::wait_final(&mut qmp, Duration::from_secs(120))
+        .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+    if info.status != "completed" {
+        let msg = format!(
+            "the destination QEMU could not load the stream: migration {} {}",
+            info.status,
+            info.error.unwrap_or_default()
+        );
+        closing.fail(&msg);
+        bail!(msg);
+    }
+    // When the destination had it all, and when the guest resumed there (if not -S): QEMU
+    // sends RESUME before it reports `running`, so one more round trip collects it.
+    let _ = ctl::run_state(&mut qmp);
+    for ev in qmp.take_events() {
+        match ev["event"].as_str() {
+            Some("MIGRATION") if ev["data"]["status"] == "completed" => {
+                report.loaded_at_unix_ms = ctl::event_time_ms(&ev)
+            }
+            Some("RESUME") => report.resumed_at_unix_ms = ctl::event_time_ms(&ev),
+            _ => {}
+        }
+    }
+    let report_json = closing.complete(&report)?;
+    Ok(Received {
+        report,
+        report_json,
+        elapsed: started.elapsed(),
+    })
+}

@@ -1,0 +1,255 @@
+//! The sender's encoder: QEMU's stream in, record by record, frames out (into the
+//! [`Outbox`](super::super::flow::Outbox)), in stream order.
+//!
+//! A `PAGE` record of the mapped RAM block whose page the cache map covers joins a reference
+//! run ([`RunBuilder`]), its bytes kept as the run's originals; any other record is added to
+//! the current batch of stream bytes, sent as a (compressed) data frame when it is full,
+//! before any run, and whenever QEMU's socket has nothing more to read right now. The cache
+//! map is taken when the `ram` section's first `MEM_SIZE` record arrives; at the `ram` END
+//! part's EOS the switchover check, if any, re-sends what QEMU's dirty tracking missed.
+
+use super::{lock, pack, wait_readable, Pipeline, SendError, SenderOptions};
+use crate::migrate::refmap::RefMap;
+use crate::migrate::stream::{Decoder, Item, RamBlock, RamRecord, Record, Recorder, StreamStats};
+use crate::migrate::switchover::{SwitchoverCheck, SwitchoverReport};
+use crate::migrate::wire::{Frame, PageRefs, RunBuilder, Session};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// What the encoder did.
+pub(super) struct Encoded {
+    pub(super) stream: StreamStats,
+    pub(super) ref_pages: u64,
+    pub(super) runs: u64,
+    pub(super) map_pages: u64,
+    pub(super) switchover: Option<SwitchoverReport>,
+}
+
+/// The encoder's state over one stream.
+pub(super) struct Encoder<'a, F> {
+    shared: &'a Pipeline,
+    opts: &'a SenderOptions,
+    /// Asked for the cache map once, at the first `MEM_SIZE` record.
+    map: Option<F>,
+    /// The mapped block's index in `MEM_SIZE`, and its map.
+    refmap: Option<(usize, RefMap)>,
+    map_pages: u64,
+    check: Option<SwitchoverCheck<'a>>,
+    switchover: Option<SwitchoverReport>,
+    runs: RunBuilder,
+    /// The current run's original bytes.
+    run_pages: Vec<u8>,
+    /// Stream bytes waiting for a data frame.
+    batch: Vec<u8>,
+    ref_pages: u64,
+    run_count: u64,
+    /// Stream bytes pct adds (pages the switchover check re-sent).
+    added: u64,
+    recorder: Option<Recorder>,
+}
+
+fn recording(source: std::io::Error) -> SendError {
+    SendError::Io {
+        what: "recording the stream",
+        source,
+    }
+}
+
+impl<'a, F> Encoder<'a, F>
+where
+    F: FnOnce(&[RamBlock]) -> Result<Option<RefMap>, String>,
+{
+    pub(super) fn new(
+        shared: &'a Pipeline,
+        session: &Session,
+        opts: &'a SenderOptions,
+        map: F,
+        check: Option<SwitchoverCheck<'a>>,
+    ) -> Result<Self, SendError> {
+        let recorder = match &opts.record {
+            Some(p) => Some(Recorder::create(p).map_err(recording)?),
+            None => None,
+        };
+        Ok(Encoder {
+            shared,
+            opts,
+            map: Some(map),
+            refmap: None,
+            map_pages: 0,
+            check,
+            switchover: None,
+            runs: RunBuilder::new(session).with_max_pages(opts.max_run_pages),
+            run_pages: Vec::new(),
+            batch: Vec::with_capacity(opts.batch_bytes + 8192),
+            ref_pages: 0,
+            run_count: 0,
+            added: 0,
+            recorder,
+        })
+    }
+
+    /// Encodes the whole stream QEMU sends on `qemu`, then the `End` frame.
+    pub(super) fn run(mut self, qemu: &mut UnixStream) -> Result<Encoded, SendError> {
+        let mut dec = Decoder::new();
+        loop {
+            while dec.advance()? {
+                let Some(item) = dec.item() else { break };
+                self.shared
+                    .counters
+                    .stream_bytes
+                    .store(dec.offset(), Ordering::Relaxed);
+                self.record(&item)?;
+            }
+            // About to wait for QEMU: send what is pending so the receiver is never starved.
+            if !wait_readable(qemu, Duration::ZERO) {
+                self.flush_run()?;
+                self.flush_batch()?;
+            }
+            let n = dec
+                .read_from(qemu, self.opts.read_chunk)
+                .map_err(|e| SendError::Io {
+                    what: "reading QEMU's migration stream",
+                    source: e,
+                })?;
+            if n == 0 {
+                dec.finish()?;
+                break;
+            }
+        }
+        self.finish(&dec)
+    }
+
+    /// Handles one record of QEMU's stream.
+    fn record(&mut self, item: &Item<'_>) -> Result<(), SendError> {
+        if self.check.as_mut().is_some_and(|c| c.observe(&item.record)) {
+            // The END part's EOS: the guest is stopped, everything QEMU will send for RAM
+            // is out. Re-send what it missed, before the EOS.
+            self.resend_missed()?;
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.record(item.raw).map_err(recording)?;
+        }
+        if let Record::Ram(RamRecord::Page { page, data }) = item.record {
+            let disk = match self.refmap.as_mut() {
+                Some((b, m)) if *b == page.block => m.lookup(page.offset),
+                _ => None,
+            };
+            if let Some(disk) = disk {
+                self.flush_batch()?;
+                let block = page.block as u32;
+                if let Some(done) = self
+                    .runs
+                    .push(block, page.offset, page.continued, disk, data)
+                {
+                    self.send_run(done)?;
+                }
+                self.run_pages.extend_from_slice(data);
+                self.ref_pages += 1;
+                self.shared
+                    .counters
+                    .ref_pages
+                    .store(self.ref_pages, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        self.flush_run()?;
+        self.batch.extend_from_slice(item.raw);
+        if let Record::Ram(RamRecord::MemSize { blocks, .. }) = item.record {
+            if self.map.is_some() {
+                self.take_map(blocks)?;
+            }
+        }
+        if self.batch.len() >= self.opts.batch_bytes {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Dirty tracking is on: takes the cache map now.
+    fn take_map(&mut self, blocks: &[RamBlock]) -> Result<(), SendError> {
+        self.flush_batch()?;
+        let f = self
+            .map
+            .take()
+            .ok_or_else(|| SendError::Map("map taken twice".into()))?;
+        if let Some(m) = f(blocks).map_err(SendError::Map)? {
+            if let Some(i) = blocks.iter().position(|b| b.name == m.block()) {
+                self.map_pages = m.pages();
+                self.refmap = Some((i, m));
+            }
+        }
+        Ok(())
+    }
+
+    /// The switchover check: re-sends, as `PAGE` records in the current batch, the pages
+    /// whose last record does not hold the stopped guest's RAM.
+    fn resend_missed(&mut self) -> Result<(), SendError> {
+        self.flush_run()?;
+        let Some(check) = self.check.as_mut() else {
+            return Ok(());
+        };
+        let mut extra = Vec::new();
+        let report = check
+            .repair(&mut extra)
+            .map_err(|e| SendError::Protocol(format!("re-sending pages: {e}")))?;
+        if let Some(r) = self.recorder.as_mut() {
+            r.record(&extra).map_err(recording)?;
+        }
+        self.added += extra.len() as u64;
+        self.batch.extend_from_slice(&extra);
+        self.switchover = Some(report);
+        Ok(())
+    }
+
+    /// Sends the batch as one data frame, if it holds anything.
+    fn flush_batch(&mut self) -> Result<(), SendError> {
+        if !self.batch.is_empty() {
+            let data = pack(&self.batch, self.opts.zstd_level)?;
+            self.shared.queue(&Frame::Data(data), false)?;
+            self.batch.clear();
+        }
+        Ok(())
+    }
+
+    /// Ends the current run, if any, and sends it.
+    fn flush_run(&mut self) -> Result<(), SendError> {
+        match self.runs.flush() {
+            Some(done) => self.send_run(done),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a finished run; its originals are kept first, before the receiver can ask.
+    fn send_run(&mut self, run: PageRefs) -> Result<(), SendError> {
+        lock(&self.shared.originals).push(std::mem::take(&mut self.run_pages));
+        self.shared.queue(&Frame::PageRefs(run), false)?;
+        self.run_count += 1;
+        Ok(())
+    }
+
+    /// After QEMU's stream ended: what is pending, then `End`.
+    fn finish(mut self, dec: &Decoder) -> Result<Encoded, SendError> {
+        self.flush_run()?;
+        self.flush_batch()?;
+        if let Some(r) = self.recorder.take() {
+            r.finish().map_err(recording)?;
+        }
+        self.shared
+            .counters
+            .stream_bytes
+            .store(dec.offset(), Ordering::Relaxed);
+        let end = Frame::End {
+            stream_bytes: dec.offset() + self.added,
+            runs: self.run_count,
+        };
+        self.shared.queue(&end, false)?;
+        Ok(Encoded {
+            stream: dec.stats().clone(),
+            ref_pages: self.ref_pages,
+            runs: self.run_count,
+            map_pages: self.map_pages,
+            switchover: self.switchover,
+        })
+    }
+}

@@ -1,0 +1,395 @@
+//! The source side of one migration, end to end (`pct-migrate --qmp … --to …`): opening the
+//! guest (its RAM, the kernel profile, the source's disk copy), driving the source QEMU over
+//! QMP, accepting its migration connection, running the [`sender`](super::sender) against
+//! the receiver, watching QEMU meanwhile (status, `STOP` event, progress, cancel on
+//! failure), and summing the migration up ([`Summary`]). [`Source::predict`] is
+//! `--dry-run`: what a migration would cost now, without migrating.
+//!
+//! Nothing here prints: what the caller should tell the user arrives as [`Notice`]s.
+
+use super::link;
+use super::predict::{self, DryRun};
+use super::qemu_ctl::{self as ctl, SockDir};
+use super::refmap::RefMap;
+use super::sender::{self, Connections, Counters, SenderHooks, SenderOptions};
+use super::stream::RamBlock;
+use super::summary::Summary;
+use super::switchover::SwitchoverCheck;
+use super::wire::{Role, WireStats};
+use crate::introspect::{scan, ScanOptions};
+use crate::kernel::select::{select_profile, Origin};
+use crate::memory::{qemu as live, GuestMemory};
+use crate::profile::Profile;
+use crate::qmp::Qmp;
+use anyhow::{anyhow, bail, Context, Result};
+use std::fmt;
+use std::fs::File;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+/// When the switchover check runs (`--switchover-check`): `Auto` runs it for TCG guests
+/// (`query-kvm`), whose QEMU before 9.0 misses writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckMode {
+    Auto,
+    On,
+    Off,
+}
+
+/// What the source side is to do.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// The source QEMU's QMP socket.
+    pub qmp: PathBuf,
+    /// Kernel profile; `None`: selected for the guest ([`select_profile`]).
+    pub profile: Option<PathBuf>,
+    /// The source's copy of the guest disk (raw), for blocks the guest has not cached.
+    pub disk: Option<PathBuf>,
+    /// Replace cached pages by references (else pct is a plain transport).
+    pub teleport: bool,
+    pub switchover_check: CheckMode,
+    /// The sender's tunables (rate cap, compression, stream record).
+    pub sender: SenderOptions,
+}
+
+/// Where a migration stands, every 250 ms.
+#[derive(Debug, Clone)]
+pub struct Progress<'a> {
+    pub elapsed: Duration,
+    /// QEMU's migration status, as last queried.
+    pub status: &'a str,
+    pub stream_bytes: u64,
+    pub wire_bytes: u64,
+    pub ref_pages: u64,
+}
+
+/// What the source side tells the user while it works.
+#[derive(Debug)]
+pub enum Notice<'a> {
+    /// The kernel profile in use, and where it came from.
+    Profile(&'a Origin),
+    /// The switchover check cannot run, and why.
+    NoSwitchoverCheck(&'a str),
+    /// QEMU capabilities pct switched off.
+    CapabilitiesOff(&'a [String]),
+    /// Taking the cache map failed: every page is sent.
+    MapFailed(&'a str),
+    Progress(Progress<'a>),
+    /// No more progress notices.
+    ProgressEnd,
+}
+
+impl fmt::Display for Notice<'_> {
+    /// The message for the user (the progress line without its carriage return).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Notice::Profile(origin) => write!(f, "using profile {origin}"),
+            Notice::NoSwitchoverCheck(why) => write!(f, "warning: no switchover check: {why}"),
+            Notice::CapabilitiesOff(caps) => {
+                write!(f, "switched off QEMU capabilities: {}", caps.join(", "))
+            }
+            Notice::MapFailed(e) => {
+                write!(f, "warning: introspection failed, sending every page: {e}")
+            }
+            Notice::Progress(p) => write!(
+                f,
+                "  {:6.1} s  {:<10} stream {:8.1} MB  wire {:8.1} MB  teleported {:>8} pages  ",
+                p.elapsed.as_secs_f64(),
+                p.status,
+                p.stream_bytes as f64 / 1e6,
+                p.wire_bytes as f64 / 1e6,
+                p.ref_pages
+            ),
+            Notice::ProgressEnd => Ok(()),
+        }
+    }
+}
+
+/// Receives the [`Notice`]s (from more than one thread).
+pub type Notify<'n> = &'n (dyn Fn(Notice<'_>) + Sync);
+
+/// The source guest, opened: its QMP connection, and what teleportation or the switchover
+/// check need of it.
+pub struct Source<'n> {
+    opts: SourceOptions,
+    notify: Notify<'n>,
+    mem: Option<GuestMemory>,
+    profile: Option<Profile>,
+    disk: Option<File>,
+    /// The switchover check is to run (and can).
+    check: bool,
+    qmp: Qmp,
+    /// The RAM block of the guest's main memory backend.
+    block: String,
+}
+
+fn connect(path: &std::path::Path) -> Result<Qmp> {
+    Qmp::connect(path, Duration::from_secs(10))
+        .with_context(|| format!("connecting to the source QEMU at {}", path.display()))
+}
+
+impl<'n> Source<'n> {
+    /// Opens the guest for a migration.
+    pub fn for_migration(opts: SourceOptions, notify: Notify<'n>) -> Result<Source<'n>> {
+        let map = opts.teleport;
+        Source::open(opts, map, notify)
+    }
+
+    /// Opens the guest for [`Source::predict`].
+    pub fn for_dry_run(opts: SourceOptions, notify: Notify<'n>) -> Result<Source<'n>> {
+        Source::open(opts, true, notify)
+    }
+
+    /// `map`: the cache map will be taken (RAM and profile are needed).
+    fn open(opts: SourceOptions, map: bool, notify: Notify<'n>) -> Result<Source<'n>> {
+        let check_wanted = match opts.switchover_check {
+            CheckMode::On => true,
+            CheckMode::Off => false,
+            CheckMode::Auto => !ctl::uses_kvm(&mut connect(&opts.qmp)?)?,
+        };
+        let mem = if map || check_wanted {
+            Some(live::open_live(&opts.qmp).map_err(|e| anyhow!("mapping the guest's RAM: {e}"))?)
+        } else {
+            None
+        };
+        let check = check_wanted && mem.as_ref().and_then(SwitchoverCheck::new).is_some();
+        if check_wanted && !check {
+            let why = "the switchover check needs the guest's RAM as a shared memory-backend-file \
+                       (memory-backend-file,share=on)";
+            if opts.switchover_check == CheckMode::On {
+                bail!("{why}; run without --switchover-check on");
+            }
+            notify(Notice::NoSwitchoverCheck(why));
+        }
+        let profile = match &mem {
+            Some(m) if map => {
+                let selected =
+                    select_profile(m, opts.profile.as_deref()).map_err(|e| anyhow!("{e}"))?;
+                notify(Notice::Profile(&selected.origin));
+                Some(selected.profile)
+            }
+            _ => None,
+        };
+        let disk = opts
+            .disk
+            .as_ref()
+            .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
+            .transpose()?;
+        let mut qmp = connect(&opts.qmp)?;
+        let block = main_backend(&mut qmp)?;
+        Ok(Source {
+            opts,
+            notify,
+            mem,
+            profile,
+            disk,
+            check,
+            qmp,
+            block,
+        })
+    }
+
+    /// `--dry-run`: the forensic report and what a migration would cost now.
+    pub fn predict(&self) -> Result<DryRun> {
+        let (Some(mem), Some(profile)) = (&self.mem, &self.profile) else {
+            bail!("a dry run needs the guest's RAM and a profile (Source::for_dry_run)");
+        };
+        predict::dry_run(mem, profile, self.disk.as_ref(), &self.block)
+    }
+
+    /// Migrates the guest to the pct receiver at `to` (HOST:PORT); returns once the
+    /// receiver and the source QEMU confirmed completion. On failure the migration is
+    /// cancelled and the source guest keeps running.
+    pub fn migrate(self, to: &str) -> Result<Summary> {
+        let Source {
+            opts,
+            notify,
+            mem,
+            profile,
+            disk,
+            check,
+            mut qmp,
+            block,
+        } = self;
+        let state = ctl::run_state(&mut qmp)?;
+        if !matches!(state.as_str(), "running" | "paused") {
+            bail!("the source guest is `{state}`: nothing to migrate");
+        }
+        let disabled = ctl::prepare(&mut qmp)?;
+        if !disabled.is_empty() {
+            notify(Notice::CapabilitiesOff(&disabled));
+        }
+
+        let mut wire_stats = WireStats::default();
+        let mut tcp = link::connect(to, Duration::from_secs(30))?;
+        let session = link::handshake(
+            &mut tcp,
+            Role::Sender,
+            &mut wire_stats,
+            Duration::from_secs(30),
+        )?;
+
+        let dir = SockDir::new("src")?;
+        let sock = dir.path().join("qemu.sock");
+        let listener =
+            UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+        let started = Instant::now();
+        ctl::start_source(&mut qmp, &format!("unix:{}", sock.display()))?;
+        let qemu = ctl::accept_source(&listener, &mut qmp).inspect_err(|_| {
+            let _ = ctl::cancel(&mut qmp);
+        })?;
+        drop(listener);
+        let _ = std::fs::remove_file(&sock);
+
+        let counters = Arc::new(Counters::default());
+        let check = match check {
+            true => mem.as_ref().and_then(SwitchoverCheck::new),
+            false => None,
+        };
+        let mut scan_s = None;
+        let map = |_blocks: &[RamBlock]| -> Result<Option<RefMap>, String> {
+            let (Some(mem), Some(profile)) = (mem.as_ref(), profile.as_ref()) else {
+                return Ok(None);
+            };
+            let t = Instant::now();
+            match scan(mem, profile, disk.as_ref(), ScanOptions::default()) {
+                Ok((map, _)) => {
+                    let m = RefMap::new(&block, &map, mem.regions());
+                    scan_s = Some(t.elapsed().as_secs_f64());
+                    Ok(Some(m))
+                }
+                Err(e) => {
+                    // The map is a hint: without it, the migration is a plain one.
+                    notify(Notice::MapFailed(&e.to_string()));
+                    Ok(None)
+                }
+            }
+        };
+        let conn = Connections {
+            qemu,
+            tcp,
+            session,
+            wire_stats,
+        };
+        let hooks = SenderHooks {
+            map,
+            check,
+            counters: counters.clone(),
+        };
+        let (sent, watched) = std::thread::scope(|s| {
+            let (wtx, wrx) = mpsc::channel();
+            let watcher = s.spawn(|| watch(qmp, wrx, &counters, started, notify));
+            let sent = sender::send(conn, &opts.sender, hooks);
+            let _ = wtx.send(if sent.is_ok() {
+                WatchCmd::Finish
+            } else {
+                WatchCmd::Cancel
+            });
+            (sent, watcher.join())
+        });
+        let Watched { mut qmp, stop_at } =
+            watched.map_err(|_| anyhow!("watcher thread panicked"))?;
+        let report = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let info = ctl::wait_final(&mut qmp, Duration::from_secs(30)).ok();
+                let state = ctl::run_state(&mut qmp).unwrap_or_else(|_| "?".into());
+                let status = info.map(|i| i.status).unwrap_or_else(|| "?".into());
+                bail!("{e}\n  QEMU migration {status}; the source guest is {state}");
+            }
+        };
+        let info = ctl::wait_final(&mut qmp, Duration::from_secs(60))?;
+        if info.status != "completed" {
+            bail!(
+                "the receiver confirmed, but the source QEMU says the migration {}: {}",
+                info.status,
+                info.error.unwrap_or_default()
+            );
+        }
+        let mut s = Summary::new(&report, opts.teleport);
+        s.time.total_s = report.completed_at.duration_since(started).as_secs_f64();
+        s.time.downtime_qemu_ms = info.downtime_ms;
+        // Source stopped → destination resumed (or loaded everything, if kept paused), by
+        // the two hosts' clocks; without the destination's times, → its confirmation
+        // arrived here.
+        let unix_ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        let confirmed =
+            unix_ms(SystemTime::now()) - report.completed_at.elapsed().as_secs_f64() * 1e3;
+        let dest = report.receiver.report.as_ref().and_then(|r| {
+            r["resumed_at_unix_ms"]
+                .as_f64()
+                .or_else(|| r["loaded_at_unix_ms"].as_f64())
+        });
+        s.time.downtime_end_to_end_ms = stop_at.map(|t| dest.unwrap_or(confirmed) - t);
+        s.time.scan_s = scan_s;
+        s.capabilities_disabled = disabled;
+        Ok(s)
+    }
+}
+
+/// The RAM block name of the guest's main memory backend.
+fn main_backend(qmp: &mut Qmp) -> Result<String> {
+    let b = live::backends(qmp).map_err(|e| anyhow!("{e}"))?;
+    b.iter()
+        .max_by_key(|b| b.size)
+        .map(|b| b.id.clone())
+        .ok_or_else(|| anyhow!("the source QEMU has no memory-backend-file"))
+}
+
+enum WatchCmd {
+    Cancel,
+    Finish,
+}
+
+struct Watched {
+    qmp: Qmp,
+    /// Unix ms of the source's `STOP` event.
+    stop_at: Option<f64>,
+}
+
+/// Owns the source's QMP connection while the stream flows: polls the migration status,
+/// notes when the guest stopped, reports progress, cancels on request.
+fn watch(
+    mut qmp: Qmp,
+    rx: mpsc::Receiver<WatchCmd>,
+    counters: &Counters,
+    started: Instant,
+    notify: Notify<'_>,
+) -> Watched {
+    let mut stop_at = None;
+    let mut last_status = String::new();
+    loop {
+        let cmd = rx.recv_timeout(Duration::from_millis(250));
+        if let Ok(info) = ctl::query(&mut qmp) {
+            last_status = info.status;
+        }
+        for ev in qmp.take_events() {
+            if ev["event"] == "STOP" {
+                stop_at = ctl::event_time_ms(&ev);
+            }
+        }
+        notify(Notice::Progress(Progress {
+            elapsed: started.elapsed(),
+            status: &last_status,
+            stream_bytes: counters.stream_bytes.load(Ordering::Relaxed),
+            wire_bytes: counters.wire_bytes.load(Ordering::Relaxed),
+            ref_pages: counters.ref_pages.load(Ordering::Relaxed),
+        }));
+        match cmd {
+            Ok(WatchCmd::Cancel) => {
+                let _ = ctl::cancel(&mut qmp);
+                break;
+            }
+            Ok(WatchCmd::Finish) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+    notify(Notice::ProgressEnd);
+    Watched { qmp, stop_at }
+}

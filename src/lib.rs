@@ -1,13 +1,22 @@
 //! pct: page-cache teleportation for live migration of Linux VMs.
 //!
-//! The crate follows the pipeline, left to right:
+//! The crate follows the pipeline; modules import only from those before them:
 //!
 //! ```text
-//! vmlinux ─▶ profile ─┐
-//! guest RAM ─▶ memory ─▶ kernel (locate) ─▶ walk ─▶ blockmap ─▶ cachemap ─▶ migrate ─▶ report
+//! profile   vmlinux (DWARF/BTF) or imports ─▶ a kernel's symbols, layouts, enums
+//! memory    guest RAM (raw file, ELF core) ─▶ a guest-physical view
+//! qemu      a live QEMU: its monitor, its guest RAM as a memory view, migration control
+//! kernel    the kernel located (VMCOREINFO, KASLR, page tables); its own kallsyms and BTF
+//!           ─▶ a profile from memory; which profile to use
+//! walk      super_blocks → inodes → page-cache trees → struct page: clean page cache
+//! blockmap  ext4 extents, block pointers, on-disk inodes: file page → disk bytes
+//! cachemap  the cache map: runs of (guest-physical address, disk offset, length)
+//! report    the forensic report and its disk verification
+//! introspect  the scan end to end: memory → kernel → walk → cachemap → report
+//! migrate   QEMU's stream ─▶ pct sender ══ WAN ══▶ pct receiver ─▶ QEMU's stream
 //! ```
 //!
-//! Modules appear here as they land; each owns one stage and says so at its top.
+//! docs/design.md describes the design; each module's top comment says what it owns.
 
 pub mod blockmap;
 pub mod cachemap;
@@ -17,7 +26,5 @@ pub mod memory;
 pub mod migrate;
 pub mod profile;
 pub mod qemu;
-/// Old path of [`qemu::monitor`], kept while callers move.
-pub use qemu::monitor as qmp;
 pub mod report;
 pub mod walk;

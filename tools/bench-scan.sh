@@ -11,7 +11,7 @@ bash tools/lab/ensure-host.sh
 kdir=$(bash tools/lab/fetch-kernel.sh cloud-amd64 | tail -1)
 profile=$(bash tools/lab/lab-profile.sh cloud-amd64)
 python3 -c 'import drgn' 2>/dev/null || python3 -m pip install -q drgn
-cargo build --release --quiet --bin pct-introspect
+cargo build --release --quiet --bin pct-introspect --bin pct-migrate
 pct=target/release/pct-introspect
 
 run=$(mktemp -d /tmp/pct-bench.XXXXXX)
@@ -29,18 +29,9 @@ until grep -q PCT-READY "$run/serial.log" 2>/dev/null; do
 	kill -0 "$qemu_pid" 2>/dev/null || { cat "$run/qemu.log"; exit 1; }
 	sleep 0.2
 done
-python3 - "$run/qmp.sock" "$run/core.elf" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
-def call(cmd, **args):
-    f.write(json.dumps({"execute": cmd, "arguments": args} if args else {"execute": cmd}) + "\n"); f.flush()
-    while True:
-        m = json.loads(f.readline())
-        if "return" in m or "error" in m:
-            return m
-json.loads(f.readline()); call("qmp_capabilities"); call("stop")
-call("dump-guest-memory", paging=False, protocol="file:" + sys.argv[2])
-PY
+pctm=target/release/pct-migrate
+"$pctm" qmp "$run/qmp.sock" stop >/dev/null
+"$pctm" qmp "$run/qmp.sock" dump-guest-memory "{\"paging\": false, \"protocol\": \"file:$run/core.elf\"}" >/dev/null
 ram=$(cat "$run/ram.path")
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -62,27 +62,7 @@ ml_start() {
 
 # qmp SOCK COMMAND [ARGUMENTS-JSON]: prints the command's return value as JSON.
 qmp() {
-	python3 - "$@" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-f = s.makefile("rw")
-json.loads(f.readline())
-def cmd(c, a=None):
-    m = {"execute": c}
-    if a is not None:
-        m["arguments"] = a
-    f.write(json.dumps(m) + "\n")
-    f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "return" in r:
-            return r["return"]
-        if "error" in r:
-            sys.exit("QMP %s: %s" % (c, r["error"]["desc"]))
-cmd("qmp_capabilities")
-print(json.dumps(cmd(sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)))
-PY
+	"$PCT" qmp "$@"
 }
 
 # jget JSON-FILE-OR-STRING PYTHON-EXPR (on `j`): prints the value.
@@ -181,53 +161,7 @@ ml_pct() {
 ml_stock() {
 	local from=$1 end=$2 to=$3 addr=$4 out=$5 before after
 	before=$(bash tools/netns.sh bytes "$NS" "$end")
-	python3 - "$from/qmp.sock" "$to/qmp.sock" "$addr" >"$out.json" <<'PY'
-import json, socket, sys, time
-class Qmp:
-    def __init__(self, path):
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(path)
-        self.f = s.makefile("rw")
-        self.events = []
-        json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
-    def cmd(self, c, a=None):
-        m = {"execute": c}
-        if a is not None:
-            m["arguments"] = a
-        self.f.write(json.dumps(m) + "\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "event" in r:
-                self.events.append(r)
-            elif "return" in r:
-                return r["return"]
-            elif "error" in r:
-                sys.exit("QMP %s: %s" % (c, r["error"]["desc"]))
-    def when(self, name):
-        for e in self.events:
-            if e["event"] == name:
-                return e["timestamp"]["seconds"] * 1e3 + e["timestamp"]["microseconds"] / 1e3
-src, dst = Qmp(sys.argv[1]), Qmp(sys.argv[2])
-dst.cmd("migrate-incoming", {"uri": "tcp:" + sys.argv[3]})
-src.cmd("migrate", {"uri": "tcp:" + sys.argv[3]})
-while True:
-    st = src.cmd("query-migrate")
-    if st["status"] in ("completed", "failed", "cancelled"):
-        break
-    time.sleep(0.2)
-if st["status"] != "completed":
-    sys.exit("stock migration %s: %s" % (st["status"], st.get("error-desc", "")))
-for _ in range(100):
-    if dst.cmd("query-status")["status"] == "running":
-        break
-    time.sleep(0.1)
-stop, resume = src.when("STOP"), dst.when("RESUME")
-if stop and resume:
-    st["downtime_end_to_end_ms"] = resume - stop
-print(json.dumps(st))
-PY
+	"$PCT" stock --from "$from/qmp.sock" --to "$to/qmp.sock" --uri "tcp:$addr" >"$out.json"
 	after=$(bash tools/netns.sh bytes "$NS" "$end")
 	echo $((after - before)) >"$out.wire"
 }

@@ -7,12 +7,15 @@
 //! ([`pct::migrate::destination`]). This file parses the arguments and prints; see
 //! docs/migration.md.
 
-use anyhow::{anyhow, Context, Result};
+#[path = "pct-migrate/tools.rs"]
+mod tools;
+
+use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 use pct::migrate::destination::{self, DestinationOptions};
 use pct::migrate::flow::parse_rate;
 use pct::migrate::inspect::{inspect, InspectOptions};
-use pct::migrate::receiver::{bench_restore, ReceiverOptions};
+use pct::migrate::receiver::ReceiverOptions;
 use pct::migrate::sender::SenderOptions;
 use pct::migrate::source::{CheckMode, Notice, Source, SourceOptions};
 use std::io::IsTerminal;
@@ -42,20 +45,11 @@ enum Cmd {
     InspectStream(InspectArgs),
     /// Benchmark the receiver's restore path (read + verify) on a disk image.
     #[command(hide = true)]
-    BenchRestore(BenchArgs),
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Raw disk image (read it once before to have it page-cached).
-    #[arg(long)]
-    disk: PathBuf,
-    /// Pages to restore (from the start of the image).
-    #[arg(long, default_value_t = 76_800)]
-    pages: u64,
-    /// Pages per reference run.
-    #[arg(long, default_value_t = 32)]
-    run_pages: usize,
+    BenchRestore(tools::BenchArgs),
+    /// Run one QMP command on a QEMU and print its return value as JSON.
+    Qmp(tools::QmpArgs),
+    /// Migrate with stock QEMU alone (no pct), as a peer to compare with; prints JSON.
+    Stock(tools::StockArgs),
 }
 
 #[derive(Args)]
@@ -147,7 +141,9 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Some(Cmd::Receive(a)) => receive_main(a),
         Some(Cmd::InspectStream(a)) => inspect_main(a),
-        Some(Cmd::BenchRestore(a)) => bench_main(a),
+        Some(Cmd::BenchRestore(a)) => tools::bench_main(a),
+        Some(Cmd::Qmp(a)) => tools::qmp_main(a),
+        Some(Cmd::Stock(a)) => tools::stock_main(a),
         None => send_main(cli.send),
     };
     match r {
@@ -238,12 +234,5 @@ fn inspect_main(a: InspectArgs) -> Result<()> {
     if let Some(ram) = &a.against {
         print!("{}", found.compare(ram)?.to_text());
     }
-    Ok(())
-}
-
-fn bench_main(a: BenchArgs) -> Result<()> {
-    let disk =
-        std::fs::File::open(&a.disk).with_context(|| format!("opening {}", a.disk.display()))?;
-    print!("{}", bench_restore(&disk, a.pages, a.run_pages)?.to_text());
     Ok(())
 }

@@ -3,13 +3,11 @@
 //! Sources: a raw RAM file (QEMU `memory-backend-file`, a /dev/shm path or a copy),
 //! an ELF core written by QEMU's `dump-guest-memory` (its PT_LOAD segments give the
 //! guest-physical layout, its PT_NOTE may carry VMCOREINFO), or a live QEMU found
-//! through QMP (see [`qemu`]). Everything above this module asks for guest-physical
+//! through QMP (see [`crate::qemu::ram`]). Everything above this module asks for guest-physical
 //! ranges and gets byte slices or an error naming the address, and reads fields out of
 //! them with [`reader::LeSlice`], which fails on a short read instead of making up a 0.
 
 pub mod elfcore;
-/// Old path of [`crate::qemu::ram`], kept while callers move.
-pub use crate::qemu::ram as qemu;
 pub mod reader;
 
 use memmap2::Mmap;

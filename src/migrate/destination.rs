@@ -5,10 +5,11 @@
 //! `Complete` on success, `Error` (with the reason) on any failure after the hello.
 
 use super::link;
-use super::qemu_ctl::{self as ctl, SockDir};
 use super::receiver::{self, Closing, ReceiverOptions, ReceiverReport};
 use super::wire::{Role, WireStats};
-use crate::qmp::Qmp;
+use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
+use crate::qemu::EventKind;
+use crate::qemu::Qmp;
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::net::SocketAddr;
@@ -76,7 +77,7 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
         )
     })?;
     let state = ctl::run_state(&mut qmp)?;
-    if state != "inmigrate" {
+    if state != RunState::Inmigrate {
         bail!("the destination QEMU is `{state}`, not waiting for a migration: start it with -incoming defer");
     }
     ctl::prepare(&mut qmp)?;
@@ -106,14 +107,13 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
         Err(e) => {
             closing.fail(&format!("receiver: {e}"));
             let status = ctl::wait_final(&mut qmp, Duration::from_secs(10))
-                .map(|i| i.status)
-                .unwrap_or_else(|_| "gone (QEMU exited)".into());
+                .map_or_else(|_| "gone (QEMU exited)".into(), |i| i.status.to_string());
             bail!("{e}\n  destination QEMU migration: {status}");
         }
     };
     let info = ctl::wait_final(&mut qmp, Duration::from_secs(120))
         .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
-    if info.status != "completed" {
+    if info.status != MigrationStatus::Completed {
         let msg = format!(
             "the destination QEMU could not load the stream: migration {} {}",
             info.status,
@@ -126,11 +126,11 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
     // sends RESUME before it reports `running`, so one more round trip collects it.
     let _ = ctl::run_state(&mut qmp);
     for ev in qmp.take_events() {
-        match ev["event"].as_str() {
-            Some("MIGRATION") if ev["data"]["status"] == "completed" => {
-                report.loaded_at_unix_ms = ctl::event_time_ms(&ev)
+        match ev.kind {
+            EventKind::Migration(MigrationStatus::Completed) => {
+                report.loaded_at_unix_ms = ev.at_unix_ms
             }
-            Some("RESUME") => report.resumed_at_unix_ms = ctl::event_time_ms(&ev),
+            EventKind::Resume => report.resumed_at_unix_ms = ev.at_unix_ms,
             _ => {}
         }
     }

@@ -1,7 +1,7 @@
 //! Flow control between QEMU's stream and the WAN link.
 //!
-//! QEMU paces its migration by how fast its own socket drains (DESIGN.md, "Flow control
-//! matters"). pct must therefore never read ahead of the link by more than a little: the
+//! QEMU paces its migration by how fast its own socket drains (docs/design.md, "QEMU's migration
+//! stream"). pct must therefore never read ahead of the link by more than a little: the
 //! sender's [`Outbox`] holds at most a few hundred KiB of frames, the TCP send buffer is
 //! kept small, and every stage blocks when the next one is full, so QEMU's bandwidth and
 //! downtime estimates describe what really crosses the WAN (after teleportation).

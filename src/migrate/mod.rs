@@ -7,10 +7,9 @@
 //! - [`refmap`]: the cache map translated into QEMU's RAM-block offsets.
 //! - [`sender`] / [`receiver`]: the two ends of the stream: pct frames out of QEMU's
 //!   stream, QEMU's stream back out of pct frames.
-//! - [`source`] / [`destination`]: one migration end to end on each host (QMP, sockets,
-//!   the sender or receiver, the session's last frames), as `pct-migrate` runs it.
-//! - [`qemu_ctl`]: driving both QEMUs over QMP (capabilities, `migrate`, status) and the
-//!   unix sockets they migrate through.
+//! - [`source`] / [`destination`]: one migration end to end on each host (QEMU through
+//!   [`crate::qemu`], the sender or receiver, the session's last frames), as `pct-migrate`
+//!   runs it.
 //! - [`switchover`]: the check, with the guest stopped, that the stream holds its RAM as it
 //!   is (re-sending what QEMU's dirty tracking missed).
 //! - [`summary`]: statistics of one migration, as text and JSON.
@@ -19,14 +18,13 @@
 //!
 //! The sender parses the stream QEMU writes, forwards everything verbatim except RAM
 //! `PAGE` records it can replace by references, and the receiver rebuilds a standard
-//! stream for the destination QEMU (DESIGN.md, invariants 1 and 2).
+//! stream for the destination QEMU (docs/design.md, rules 1 and 2).
 
 pub mod destination;
 pub mod flow;
 pub mod inspect;
 pub mod link;
 pub mod predict;
-pub mod qemu_ctl;
 pub mod receiver;
 pub mod refmap;
 pub mod sender;

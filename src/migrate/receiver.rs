@@ -10,7 +10,7 @@
 //!   ahead of emission by the channel's depth, so the link never waits on the disk;
 //! - the *emitter* (the caller's thread) writes to QEMU in the sender's order. A run whose
 //!   hash failed (stale disk, guest write after the map was taken, read error) is not
-//!   emitted until the sender's original bytes for it arrived (DESIGN.md invariants 1
+//!   emitted until the sender's original bytes for it arrived (docs/design.md, rules 1
 //!   and 2); frames that arrive meanwhile are held back, in order. For a failed run hash
 //!   the emitter first asks for the run's per-page hashes and fetches only the pages that
 //!   differ (or could not be read); the fetched originals are checked against their page

@@ -9,7 +9,6 @@
 
 use super::link;
 use super::predict::{self, DryRun};
-use super::qemu_ctl::{self as ctl, SockDir};
 use super::refmap::RefMap;
 use super::sender::{self, Connections, Counters, SenderHooks, SenderOptions};
 use super::stream::RamBlock;
@@ -18,9 +17,12 @@ use super::switchover::SwitchoverCheck;
 use super::wire::{Role, WireStats};
 use crate::introspect::{scan, ScanOptions};
 use crate::kernel::select::{select_profile, Origin};
-use crate::memory::{qemu as live, GuestMemory};
+use crate::memory::GuestMemory;
 use crate::profile::Profile;
-use crate::qmp::Qmp;
+use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
+use crate::qemu::ram as live;
+use crate::qemu::EventKind;
+use crate::qemu::Qmp;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fmt;
 use std::fs::File;
@@ -215,7 +217,7 @@ impl<'n> Source<'n> {
             block,
         } = self;
         let state = ctl::run_state(&mut qmp)?;
-        if !matches!(state.as_str(), "running" | "paused") {
+        if !matches!(state, RunState::Running | RunState::Paused) {
             bail!("the source guest is `{state}`: nothing to migrate");
         }
         let disabled = ctl::prepare(&mut qmp)?;
@@ -296,13 +298,13 @@ impl<'n> Source<'n> {
             Ok(r) => r,
             Err(e) => {
                 let info = ctl::wait_final(&mut qmp, Duration::from_secs(30)).ok();
-                let state = ctl::run_state(&mut qmp).unwrap_or_else(|_| "?".into());
-                let status = info.map(|i| i.status).unwrap_or_else(|| "?".into());
+                let state = ctl::run_state(&mut qmp).map_or_else(|_| "?".into(), |s| s.to_string());
+                let status = info.map_or_else(|| "?".into(), |i| i.status.to_string());
                 bail!("{e}\n  QEMU migration {status}; the source guest is {state}");
             }
         };
         let info = ctl::wait_final(&mut qmp, Duration::from_secs(60))?;
-        if info.status != "completed" {
+        if info.status != MigrationStatus::Completed {
             bail!(
                 "the receiver confirmed, but the source QEMU says the migration {}: {}",
                 info.status,
@@ -363,20 +365,20 @@ fn watch(
     notify: Notify<'_>,
 ) -> Watched {
     let mut stop_at = None;
-    let mut last_status = String::new();
+    let mut last_status = MigrationStatus::None;
     loop {
         let cmd = rx.recv_timeout(Duration::from_millis(250));
         if let Ok(info) = ctl::query(&mut qmp) {
             last_status = info.status;
         }
         for ev in qmp.take_events() {
-            if ev["event"] == "STOP" {
-                stop_at = ctl::event_time_ms(&ev);
+            if ev.kind == EventKind::Stop {
+                stop_at = ev.at_unix_ms;
             }
         }
         notify(Notice::Progress(Progress {
             elapsed: started.elapsed(),
-            status: &last_status,
+            status: last_status.as_str(),
             stream_bytes: counters.stream_bytes.load(Ordering::Relaxed),
             wire_bytes: counters.wire_bytes.load(Ordering::Relaxed),
             ref_pages: counters.ref_pages.load(Ordering::Relaxed),

@@ -40,6 +40,48 @@ pub enum QmpError {
     Timeout(Duration),
 }
 
+/// An asynchronous QMP event: the ones pct acts on by name, the rest as `Other`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    /// When QEMU emitted it (its `timestamp`), in Unix milliseconds.
+    pub at_unix_ms: Option<f64>,
+}
+
+/// What an [`Event`] says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// The guest's vCPUs stopped (`STOP`).
+    Stop,
+    /// The guest's vCPUs run again (`RESUME`).
+    Resume,
+    /// The migration changed state (`MIGRATION`, with the `events` capability on).
+    Migration(crate::qemu::migration::MigrationStatus),
+    /// Any other event, by name.
+    Other(String),
+}
+
+impl Event {
+    /// Reads an event message (`{"event": …, "data": …, "timestamp": …}`).
+    pub fn from_message(v: &Value) -> Event {
+        let name = v["event"].as_str().unwrap_or_default();
+        let kind = match name {
+            "STOP" => EventKind::Stop,
+            "RESUME" => EventKind::Resume,
+            "MIGRATION" => EventKind::Migration(
+                serde::Deserialize::deserialize(&v["data"]["status"]).unwrap_or_default(),
+            ),
+            other => EventKind::Other(other.to_owned()),
+        };
+        let ts = &v["timestamp"];
+        let at_unix_ms = match (ts["seconds"].as_u64(), ts["microseconds"].as_u64()) {
+            (Some(s), Some(us)) => Some(s as f64 * 1e3 + us as f64 / 1e3),
+            _ => None,
+        };
+        Event { kind, at_unix_ms }
+    }
+}
+
 /// One QMP session.
 pub struct Qmp {
     path: PathBuf,
@@ -172,30 +214,16 @@ impl Qmp {
 
     /// The process id of the QEMU at the other end of the socket (`SO_PEERCRED`).
     pub fn peer_pid(&self) -> Option<u32> {
-        use std::os::fd::AsRawFd;
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly sized and
-        // aligned ucred that lives across the call; the fd is our connected socket.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.writer.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+        let cred = rustix::net::sockopt::socket_peercred(&self.writer).ok()?;
+        u32::try_from(cred.pid.as_raw_nonzero().get()).ok()
     }
 
-    /// Events received so far (drained).
-    pub fn take_events(&mut self) -> Vec<Value> {
+    /// Events received so far (drained), typed.
+    pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
+            .iter()
+            .map(Event::from_message)
+            .collect()
     }
 
     /// Polls `query-status` until the guest's run state is `want` or `timeout` passes.

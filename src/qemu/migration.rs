@@ -1,5 +1,5 @@
-//! Driving stock QEMU's migration over QMP: the capabilities pct needs, starting the
-//! migration on both ends, and reading its status.
+//! QEMU's migration control over QMP: the capabilities pct needs, starting the migration
+//! on both ends, and its state (typed: [`MigrationStatus`], [`RunState`]).
 //!
 //! pct parses the plain precopy stream only, and carries it over a one-way pipe. So every
 //! capability that changes the RAM encoding (xbzrle, compress, multifd), adds a second
@@ -12,7 +12,8 @@
 //! source connects to pct's ([`accept_source`]), pct connects to the destination's
 //! ([`connect_destination`]).
 
-use crate::qmp::{Qmp, QmpError};
+use super::monitor::{Qmp, QmpError};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -103,18 +104,122 @@ pub fn enable_events(qmp: &mut Qmp) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// The wall-clock time of a QMP event (its `timestamp`), in Unix milliseconds.
-pub fn event_time_ms(ev: &Value) -> Option<f64> {
-    let ts = ev.get("timestamp")?;
-    let s = ts.get("seconds")?.as_u64()?;
-    let us = ts.get("microseconds")?.as_u64()?;
-    Some(s as f64 * 1e3 + us as f64 / 1e3)
+/// A migration's state, as `query-migrate` and the `MIGRATION` event name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    #[default]
+    None,
+    Setup,
+    Active,
+    PreSwitchover,
+    Device,
+    WaitUnplug,
+    PostcopyActive,
+    PostcopyPaused,
+    PostcopyRecover,
+    Colo,
+    Cancelling,
+    Cancelled,
+    Completed,
+    Failed,
+    /// A state this build does not know (a newer QEMU's).
+    #[serde(other)]
+    Unknown,
 }
 
-/// The guest's run state (`running`, `paused`, `inmigrate`, `postmigrate`, …).
-pub fn run_state(qmp: &mut Qmp) -> Result<String, CtlError> {
+impl MigrationStatus {
+    /// Whether the migration has ended, one way or the other.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        )
+    }
+
+    /// QEMU's own spelling (`completed`, `pre-switchover`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStatus::None => "none",
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::PreSwitchover => "pre-switchover",
+            MigrationStatus::Device => "device",
+            MigrationStatus::WaitUnplug => "wait-unplug",
+            MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::PostcopyPaused => "postcopy-paused",
+            MigrationStatus::PostcopyRecover => "postcopy-recover",
+            MigrationStatus::Colo => "colo",
+            MigrationStatus::Cancelling => "cancelling",
+            MigrationStatus::Cancelled => "cancelled",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The guest's run state, as `query-status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    Running,
+    Paused,
+    Inmigrate,
+    Postmigrate,
+    FinishMigrate,
+    Prelaunch,
+    Suspended,
+    Shutdown,
+    InternalError,
+    IoError,
+    GuestPanicked,
+    Debug,
+    RestoreVm,
+    SaveVm,
+    Watchdog,
+    Colo,
+    /// A state this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Inmigrate => "inmigrate",
+            RunState::Postmigrate => "postmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::Prelaunch => "prelaunch",
+            RunState::Suspended => "suspended",
+            RunState::Shutdown => "shutdown",
+            RunState::InternalError => "internal-error",
+            RunState::IoError => "io-error",
+            RunState::GuestPanicked => "guest-panicked",
+            RunState::Debug => "debug",
+            RunState::RestoreVm => "restore-vm",
+            RunState::SaveVm => "save-vm",
+            RunState::Watchdog => "watchdog",
+            RunState::Colo => "colo",
+            RunState::Unknown => "unknown",
+        };
+        f.write_str(s)
+    }
+}
+
+/// The guest's run state (`query-status`).
+pub fn run_state(qmp: &mut Qmp) -> Result<RunState, CtlError> {
     let st = qmp.execute("query-status", None)?;
-    Ok(st["status"].as_str().unwrap_or("?").to_owned())
+    RunState::deserialize(&st["status"])
+        .map_err(|e| CtlError::State(format!("query-status answered {st}: {e}")))
 }
 
 /// True if the guest's vCPUs run under KVM (`query-kvm`); false for TCG.
@@ -136,7 +241,7 @@ pub fn start_source(qmp: &mut Qmp, uri: &str) -> Result<(), CtlError> {
 /// Starts the incoming side (QEMU must have been started with `-incoming defer`).
 pub fn start_destination(qmp: &mut Qmp, uri: &str) -> Result<(), CtlError> {
     let state = run_state(qmp)?;
-    if state != "inmigrate" {
+    if state != RunState::Inmigrate {
         return Err(CtlError::State(format!(
             "the destination QEMU is `{state}`, not waiting for a migration: start it with \
              -incoming defer"
@@ -149,7 +254,7 @@ pub fn start_destination(qmp: &mut Qmp, uri: &str) -> Result<(), CtlError> {
 /// The parts of `query-migrate` pct reports.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Info {
-    pub status: String,
+    pub status: MigrationStatus,
     /// Milliseconds, as QEMU measured them (source side).
     pub total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
@@ -162,7 +267,7 @@ pub struct Info {
 
 impl Info {
     pub fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+        self.status.is_final()
     }
 }
 
@@ -172,7 +277,7 @@ pub fn query(qmp: &mut Qmp) -> Result<Info, CtlError> {
     let u = |k: &str| v.get(k).and_then(Value::as_u64);
     let ram = |k: &str| v.get("ram").and_then(|r| r.get(k)).and_then(Value::as_u64);
     Ok(Info {
-        status: v["status"].as_str().unwrap_or("none").to_owned(),
+        status: MigrationStatus::deserialize(&v["status"]).unwrap_or_default(),
         total_time_ms: u("total-time"),
         downtime_ms: u("downtime"),
         expected_downtime_ms: u("expected-downtime"),
@@ -243,7 +348,7 @@ pub fn accept_source(l: &UnixListener, qmp: &mut Qmp) -> Result<UnixStream, CtlE
             Err(e) => return Err(accepting()(e)),
         }
         let info = query(qmp)?;
-        if info.status == "failed" {
+        if info.status == MigrationStatus::Failed {
             return Err(CtlError::State(format!(
                 "QEMU's migration failed before it connected: {}",
                 info.error.unwrap_or_default()
@@ -275,4 +380,62 @@ pub fn connect_destination(p: &Path, timeout: Duration) -> Result<UnixStream, Ct
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// A stock QEMU migration (no pct in the path), the peer pct's benchmarks measure against.
+#[derive(Debug, Clone)]
+pub struct StockRun {
+    /// The source's last `query-migrate` answer, as QEMU gave it.
+    pub query: Value,
+    /// Source `STOP` to destination `RESUME`, both QEMUs' own event timestamps.
+    pub downtime_end_to_end_ms: Option<f64>,
+}
+
+/// Migrates the guest of `src` into `dst` (started with `-incoming defer`) over `uri`
+/// (e.g. `tcp:10.0.0.2:7401`) with QEMU's default capabilities, and waits until the
+/// destination runs the guest.
+pub fn stock_migrate(
+    src: &mut Qmp,
+    dst: &mut Qmp,
+    uri: &str,
+    timeout: Duration,
+) -> Result<StockRun, CtlError> {
+    dst.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+    src.execute("migrate", Some(json!({ "uri": uri })))?;
+    let start = Instant::now();
+    let query = loop {
+        let q = src.execute("query-migrate", None)?;
+        if MigrationStatus::deserialize(&q["status"]).is_ok_and(MigrationStatus::is_final) {
+            break q;
+        }
+        if start.elapsed() > timeout {
+            return Err(CtlError::Timeout(timeout, "finish"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if query["status"] != "completed" {
+        return Err(CtlError::State(format!(
+            "stock migration {}: {}",
+            query["status"],
+            query["error-desc"].as_str().unwrap_or_default()
+        )));
+    }
+    for _ in 0..100 {
+        if run_state(dst)? == RunState::Running {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let at = |qmp: &mut Qmp, kind: super::EventKind| {
+        qmp.take_events()
+            .into_iter()
+            .find(|e| e.kind == kind)
+            .and_then(|e| e.at_unix_ms)
+    };
+    let stop = at(src, super::EventKind::Stop);
+    let resume = at(dst, super::EventKind::Resume);
+    Ok(StockRun {
+        query,
+        downtime_end_to_end_ms: stop.zip(resume).map(|(s, r)| r - s),
+    })
 }

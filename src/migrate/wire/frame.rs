@@ -227,13 +227,11 @@ impl Frame {
             frame_type::DATA => Frame::Data(Payload::read(&mut r, None)?),
             frame_type::PAGE_REFS => Frame::PageRefs(PageRefs::decode_payload(&mut r)?),
             frame_type::FALLBACK_REQUEST => {
-                let run = r.varint()?;
-                let (first, count) = page_range(&mut r)?;
+                let (run, first, count) = run_pages(&mut r)?;
                 Frame::FallbackRequest { run, first, count }
             }
             frame_type::FALLBACK_DATA => {
-                let run = r.varint()?;
-                let (first, count) = page_range(&mut r)?;
+                let (run, first, count) = run_pages(&mut r)?;
                 let data = Payload::read(&mut r, Some(count as usize * PAGE_SIZE))?;
                 Frame::FallbackData {
                     run,
@@ -243,13 +241,11 @@ impl Frame {
                 }
             }
             frame_type::HASH_REQUEST => {
-                let run = r.varint()?;
-                let (first, count) = page_range(&mut r)?;
+                let (run, first, count) = run_pages(&mut r)?;
                 Frame::HashRequest { run, first, count }
             }
             frame_type::PAGE_HASHES => {
-                let run = r.varint()?;
-                let (first, count) = page_range(&mut r)?;
+                let (run, first, count) = run_pages(&mut r)?;
                 let hash_len = check_hash_len(name, r.u8()?)?;
                 let hashes = r.take(count as usize * hash_len as usize)?.to_vec();
                 Frame::PageHashes {
@@ -364,11 +360,13 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> Result<usize,
 }
 
 /// `first` and `count` pages, bounded.
-fn page_range(r: &mut Reader<'_>) -> Result<(u32, u32), WireError> {
+/// A run number and a page range inside it (first page, count), checked.
+fn run_pages(r: &mut Reader<'_>) -> Result<(u64, u32, u32), WireError> {
+    let run = r.varint()?;
     let first = r.varint()?;
     let count = r.varint()?;
     if first >= MAX_RUN_PAGES as u64 || count == 0 || first + count > MAX_RUN_PAGES as u64 {
         return Err(malformed(r.frame, format!("pages {first}+{count}")));
     }
-    Ok((first as u32, count as u32))
+    Ok((run, first as u32, count as u32))
 }

@@ -1,5 +1,5 @@
 //! blockmap at the scale of the reference workload: the `web` lab image (1024 × 300 KB
-//! files in /www, DESIGN.md's 76,800 clean pages). Every page of every file is mapped;
+//! files in /www: about 76,800 clean pages once read). Every page of every file is mapped;
 //! the mapped disk bytes of each file must hash to the image's own /SHA256SUMS entry.
 //! Prints how long mapping took and how many runs and metadata reads it needed.
 

@@ -2,12 +2,12 @@
 
 mod support;
 
-use pct::profile::{build_profile, BuildOptions, Method};
+use pct::profile::{build_profile, BuildOptions, DebugFormat};
 use support::profile::{compare_with_pahole, kernel_dir, pahole, type_names};
 
 fn build(
     dir: &std::path::Path,
-    method: Method,
+    method: DebugFormat,
     modules: Vec<std::path::PathBuf>,
 ) -> pct::profile::Profile {
     build_profile(&dir.join("vmlinux"), &BuildOptions { modules, method })
@@ -16,7 +16,7 @@ fn build(
 
 /// Builds the cloud kernel's profile with `method` and compares every field with
 /// `pahole -F format`: (fields compared, types), `None` without the kernel.
-fn compare_cloud_profile(method: Method, format: &str) -> Option<(usize, usize)> {
+fn compare_cloud_profile(method: DebugFormat, format: &str) -> Option<(usize, usize)> {
     let dir = kernel_dir("cloud-amd64")?;
     let p = build(&dir, method, vec![]);
     let names = type_names(&p);
@@ -27,7 +27,7 @@ fn compare_cloud_profile(method: Method, format: &str) -> Option<(usize, usize)>
 
 #[test]
 fn cloud_profile_dwarf_matches_pahole() {
-    let Some((n, types)) = compare_cloud_profile(Method::Dwarf, "dwarf") else {
+    let Some((n, types)) = compare_cloud_profile(DebugFormat::Dwarf, "dwarf") else {
         return;
     };
     assert!(n > 80, "compared only {n} fields");
@@ -36,7 +36,7 @@ fn cloud_profile_dwarf_matches_pahole() {
 
 #[test]
 fn cloud_profile_btf_matches_pahole() {
-    let Some((n, _)) = compare_cloud_profile(Method::Btf, "btf") else {
+    let Some((n, _)) = compare_cloud_profile(DebugFormat::Btf, "btf") else {
         return;
     };
     assert!(n > 80, "compared only {n} fields");
@@ -47,8 +47,8 @@ fn btf_and_dwarf_profiles_agree() {
     let Some(dir) = kernel_dir("cloud-amd64") else {
         return;
     };
-    let mut a = build(&dir, Method::Btf, vec![]);
-    let mut b = build(&dir, Method::Dwarf, vec![]);
+    let mut a = build(&dir, DebugFormat::Btf, vec![]);
+    let mut b = build(&dir, DebugFormat::Dwarf, vec![]);
     assert_eq!(a.source.method, "btf");
     assert_eq!(b.source.method, "dwarf");
     a.source = Default::default();
@@ -113,7 +113,7 @@ fn check_lab_profile(flavour: &str) {
     let modular = ko.exists();
     let mut fresh = build(
         &dir,
-        Method::Auto,
+        DebugFormat::Auto,
         modular.then(|| ko.clone()).into_iter().collect(),
     );
     let (path, mut lab) = support::profile::lab_profile(flavour);
@@ -218,7 +218,7 @@ fn ext4_module_types_match_pahole() {
         &dir.join("vmlinux"),
         &BuildOptions {
             modules: vec![],
-            method: Method::Btf,
+            method: DebugFormat::Btf,
         },
     )
     .expect_err("ext4_inode_info is not in the generic flavour's vmlinux");
@@ -228,7 +228,7 @@ fn ext4_module_types_match_pahole() {
         "{msg}"
     );
 
-    let p = build(&dir, Method::Auto, vec![ko.clone()]);
+    let p = build(&dir, DebugFormat::Auto, vec![ko.clone()]);
     assert!(p.source.inputs.iter().any(|i| i.contains("ext4.ko.debug")));
     let ph = pahole(&ko, "dwarf", None, &["ext4_inode_info"]);
     let n = compare_with_pahole(&p, &ph, Some(&["ext4_inode_info"]));

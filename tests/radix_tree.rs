@@ -6,7 +6,7 @@
 
 mod support;
 
-use pct::kernel::{Kernel, Location, Method};
+use pct::kernel::{Kernel, LocatedBy, Location};
 use pct::memory::GuestMemory;
 use pct::profile::{PageCacheTree, Profile};
 use pct::walk::radix_tree::radix_tree_for_each;
@@ -144,7 +144,7 @@ impl Image {
             mem: &mem,
             profile: &self.p,
             loc: Location {
-                method: Method::BannerAndInitTask,
+                method: LocatedBy::BannerAndInitTask,
                 release: None,
                 build_id: None,
                 virt_offset: 0,

@@ -335,7 +335,7 @@ fn banner_fallback_finds_the_same_kernel() {
     let mem = mem_of(&g);
     let a = Kernel::locate(&mem, &p).unwrap();
     let b = Kernel::locate_by_banner(&mem, &p).expect("banner fallback");
-    assert_eq!(b.loc.method, pct::kernel::Method::BannerAndInitTask);
+    assert_eq!(b.loc.method, pct::kernel::LocatedBy::BannerAndInitTask);
     assert_eq!(
         (
             a.loc.virt_offset,
@@ -373,7 +373,7 @@ fn sources_agree_and_drgn_agrees() {
         scan(&elf, &p, Some(&disk), ScanOptions::default()).expect("scan ELF core");
     assert_eq!(
         elf_report.kernel.located_by,
-        pct::kernel::Method::VmcoreinfoNote
+        pct::kernel::LocatedBy::VmcoreinfoNote
     );
     same_runs(&raw_map, &elf_map, "ELF core");
 

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[path = "pct-introspect/scan.rs"]
 mod scan;
 use pct::kernel::self_profile::build_profile_from_memory_with;
-use pct::profile::{self, BuildOptions, Method, Profile};
+use pct::profile::{self, BuildOptions, DebugFormat, Profile};
 
 #[derive(Parser)]
 #[command(
@@ -117,9 +117,9 @@ fn main() -> ExitCode {
 fn build(a: BuildArgs) -> Result<ExitCode, String> {
     let t0 = Instant::now();
     let method = match a.method {
-        MethodArg::Auto => Method::Auto,
-        MethodArg::Btf => Method::Btf,
-        MethodArg::Dwarf => Method::Dwarf,
+        MethodArg::Auto => DebugFormat::Auto,
+        MethodArg::Btf => DebugFormat::Btf,
+        MethodArg::Dwarf => DebugFormat::Dwarf,
     };
     let p: Profile = match (&a.input, a.from_memory) {
         (Some(input), false) => profile::import_any(

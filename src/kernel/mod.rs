@@ -47,7 +47,7 @@ pub enum LocateError {
 /// How the kernel was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Method {
+pub enum LocatedBy {
     VmcoreinfoNote,
     VmcoreinfoInRam,
     BannerAndInitTask,
@@ -56,7 +56,7 @@ pub enum Method {
 /// Where the kernel is.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Location {
-    pub method: Method,
+    pub method: LocatedBy,
     pub release: Option<String>,
     pub build_id: Option<String>,
     /// Runtime VA − link-time VA of kernel image symbols.
@@ -88,9 +88,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// bytes into a page (after namesz, descsz and type): that one spot per page is looked at
 /// first, which is quick even when the page lies at the top of a large guest. Older kernels
 /// keep the note in the image's `.bss`, anywhere in a page: a full scan finds those.
-pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, Method)> {
+pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, LocatedBy)> {
     if let Some(text) = mem.vmcoreinfo() {
-        return Some((VmcoreInfo::parse(text), Method::VmcoreinfoNote));
+        return Some((VmcoreInfo::parse(text), LocatedBy::VmcoreinfoNote));
     }
     let usable = |bytes: &[u8]| {
         VmcoreInfo::from_note_bytes(bytes)
@@ -101,7 +101,7 @@ pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, Method)> {
         for at in (12..bytes.len()).step_by(4096) {
             if bytes[at..].starts_with(marker) {
                 if let Some(info) = usable(&bytes[at..]) {
-                    return Some((info, Method::VmcoreinfoInRam));
+                    return Some((info, LocatedBy::VmcoreinfoInRam));
                 }
             }
         }
@@ -111,7 +111,7 @@ pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, Method)> {
         while let Some(i) = find(&bytes[from..], marker) {
             let at = from + i;
             if let Some(info) = usable(&bytes[at..]) {
-                return Some((info, Method::VmcoreinfoInRam));
+                return Some((info, LocatedBy::VmcoreinfoInRam));
             }
             from = at + 1;
         }
@@ -122,7 +122,7 @@ pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, Method)> {
 impl Location {
     /// Where the kernel is, from VMCOREINFO alone (the randomised direct-map and vmemmap
     /// bases are left 0: reading them needs the profile's symbols).
-    pub fn from_vmcoreinfo(info: &VmcoreInfo, method: Method) -> Result<Location, LocateError> {
+    pub fn from_vmcoreinfo(info: &VmcoreInfo, method: LocatedBy) -> Result<Location, LocateError> {
         let virt_offset = info
             .kernel_offset()
             .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no KERNELOFFSET".into()))?;
@@ -276,7 +276,7 @@ impl<'a> Kernel<'a> {
         mem: &'a GuestMemory,
         profile: &'a Profile,
         info: &VmcoreInfo,
-        method: Method,
+        method: LocatedBy,
     ) -> Result<Kernel<'a>, LocateError> {
         Self::check_identity(profile, info.release(), info.build_id())?;
         Self::finish(mem, profile, Location::from_vmcoreinfo(info, method)?)
@@ -333,7 +333,7 @@ impl<'a> Kernel<'a> {
                     .find_map(|n| profile.symbol(n))
                     .ok_or_else(|| LocateError::ProfileLacks("symbol init_top_pgt".into()))?;
                 let loc = Location {
-                    method: Method::BannerAndInitTask,
+                    method: LocatedBy::BannerAndInitTask,
                     release: profile.kernel.release.clone(),
                     build_id: None,
                     virt_offset,

@@ -116,7 +116,7 @@ pub struct ReceiverReport {
 }
 
 /// What the restorer hands the emitter.
-enum Item {
+enum Restored {
     Bytes(Vec<u8>),
     Run {
         refs: PageRefs,
@@ -167,7 +167,7 @@ pub fn receive(
     let failure: Failure = Arc::default();
     let stats = Arc::new(Mutex::new(wire_stats));
     let (ftx, frx) = sync_channel::<Frame>(opts.frame_queue);
-    let (itx, irx) = sync_channel::<Item>(opts.restore_queue);
+    let (itx, irx) = sync_channel::<Restored>(opts.restore_queue);
     let restore_time = Arc::new(Mutex::new(Duration::ZERO));
 
     let reader = {
@@ -208,7 +208,7 @@ pub fn receive(
                 for f in frx {
                     let item = match f {
                         Frame::Data(p) => match p.decompress() {
-                            Ok(b) => Item::Bytes(b),
+                            Ok(b) => Restored::Bytes(b),
                             Err(e) => return fail(&failure, e.into()),
                         },
                         Frame::PageRefs(refs) => {
@@ -221,7 +221,7 @@ pub fn receive(
                                 bad = unreadable.clone();
                             }
                             *restore_time.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed();
-                            Item::Run {
+                            Restored::Run {
                                 refs,
                                 data,
                                 bad,
@@ -231,7 +231,7 @@ pub fn receive(
                         Frame::FallbackData {
                             run, first, data, ..
                         } => match data.decompress() {
-                            Ok(d) => Item::Fallback {
+                            Ok(d) => Restored::Fallback {
                                 run,
                                 first,
                                 data: d,
@@ -244,14 +244,14 @@ pub fn receive(
                             count,
                             hash_len,
                             hashes,
-                        } => Item::PageHashes {
+                        } => Restored::PageHashes {
                             run,
                             first,
                             count,
                             hash_len,
                             hashes,
                         },
-                        Frame::End { stream_bytes, runs } => Item::End { stream_bytes, runs },
+                        Frame::End { stream_bytes, runs } => Restored::End { stream_bytes, runs },
                         other => {
                             return fail(
                                 &failure,
@@ -309,13 +309,13 @@ fn control(tcp: &mut TcpStream, stats: &Mutex<WireStats>, f: &Frame) -> Result<(
 fn emit(
     qemu: &mut UnixStream,
     tcp: &mut TcpStream,
-    rx: &Receiver<Item>,
+    rx: &Receiver<Restored>,
     stats: &Mutex<WireStats>,
     opts: &ReceiverOptions,
     failure: &Failure,
 ) -> Result<ReceiverReport, RecvError> {
     let mut r = ReceiverReport::default();
-    let mut held: VecDeque<Item> = VecDeque::new();
+    let mut held: VecDeque<Restored> = VecDeque::new();
     // RAM block names, learnt from the MEM_SIZE record in what we emit.
     let mut probe = Some(Decoder::new());
     let mut names: Vec<String> = Vec::new();
@@ -325,7 +325,7 @@ fn emit(
         Some(p) => Some(Recorder::create(p).map_err(RecvError::Io)?),
         None => None,
     };
-    let next = |held: &mut VecDeque<Item>| -> Result<Item, RecvError> {
+    let next = |held: &mut VecDeque<Restored>| -> Result<Restored, RecvError> {
         if let Some(i) = held.pop_front() {
             return Ok(i);
         }
@@ -360,8 +360,8 @@ fn emit(
     };
     loop {
         match next(&mut held)? {
-            Item::Bytes(b) => write(&b, &mut r, &mut names)?,
-            Item::Run {
+            Restored::Bytes(b) => write(&b, &mut r, &mut names)?,
+            Restored::Run {
                 refs,
                 mut data,
                 bad,
@@ -414,12 +414,12 @@ fn emit(
                     acked = r.runs;
                 }
             }
-            Item::Fallback { run, .. } | Item::PageHashes { run, .. } => {
+            Restored::Fallback { run, .. } | Restored::PageHashes { run, .. } => {
                 return Err(RecvError::Protocol(format!(
                     "fallback data or page hashes for run {run}, which were not requested"
                 )))
             }
-            Item::End { stream_bytes, runs } => {
+            Restored::End { stream_bytes, runs } => {
                 if (stream_bytes, runs) != (r.stream_bytes, r.runs) {
                     return Err(RecvError::Protocol(format!(
                         "the sender sent {stream_bytes} stream bytes in {runs} runs, \

@@ -17,7 +17,7 @@ use super::types::{extract, Extracted, TypeSource};
 
 /// Which debug format to read types from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Method {
+pub enum DebugFormat {
     /// BTF when present, DWARF for what it lacks.
     #[default]
     Auto,
@@ -32,7 +32,7 @@ pub enum Method {
 pub struct BuildOptions {
     /// Kernel modules (or their `.debug` files) holding types vmlinux lacks.
     pub modules: Vec<PathBuf>,
-    pub method: Method,
+    pub method: DebugFormat,
 }
 
 /// Build a profile from a vmlinux with debug information.
@@ -62,8 +62,8 @@ pub fn build_profile(vmlinux: &Path, opts: &BuildOptions) -> Result<Profile> {
                 "no type information (.BTF or .debug_info): use the vmlinux from the -dbg package",
             ))
         }
-        (Method::Btf, false, _) => return Err(Error::bad(vmlinux, "no .BTF section")),
-        (Method::Dwarf, _, false) => {
+        (DebugFormat::Btf, false, _) => return Err(Error::bad(vmlinux, "no .BTF section")),
+        (DebugFormat::Dwarf, _, false) => {
             return Err(Error::bad(
                 vmlinux,
                 "no DWARF (.debug_info): use the vmlinux from the -dbg package",
@@ -105,7 +105,7 @@ pub fn build_profile(vmlinux: &Path, opts: &BuildOptions) -> Result<Profile> {
         .map(|(s, e)| DwarfTypes::new(s, &wanted, &e.path))
         .collect::<Result<Vec<_>>>()?;
 
-    let btf = if has_btf && opts.method != Method::Dwarf {
+    let btf = if has_btf && opts.method != DebugFormat::Dwarf {
         let data = elf.section(".BTF")?.unwrap_or_default();
         Some(Btf::parse(data, vmlinux)?)
     } else {
@@ -124,7 +124,7 @@ pub fn build_profile(vmlinux: &Path, opts: &BuildOptions) -> Result<Profile> {
         method = "btf";
         let missing_required = e.absent.iter().any(|a| a.required);
         ex = Some(e);
-        if missing_required && has_dwarf && opts.method == Method::Auto {
+        if missing_required && has_dwarf && opts.method == DebugFormat::Auto {
             ex = None; // fall back below
         }
     }

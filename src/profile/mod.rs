@@ -24,7 +24,7 @@ pub mod vol2;
 
 use std::path::{Path, PathBuf};
 
-pub use build::{build_profile, default_file_name, BuildOptions, Method};
+pub use build::{build_profile, default_file_name, BuildOptions, DebugFormat};
 pub use error::{Error, Result};
 pub use manifest::Manifest;
 pub use model::{Field, PageCacheTree, Profile, TypeLayout};

@@ -48,7 +48,7 @@ pub fn rss_anon_kib() -> Option<u64> {
 pub struct KernelSummary {
     pub release: Option<String>,
     pub build_id: Option<String>,
-    pub located_by: crate::kernel::Method,
+    pub located_by: crate::kernel::LocatedBy,
     pub kaslr_offset: String,
 }
 

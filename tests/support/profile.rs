@@ -2,7 +2,7 @@
 //! independent oracle, and the reference data in `../shared`.
 
 use super::{repo, run_ok};
-use pct::profile::{build_profile, BuildOptions, Method, Profile};
+use pct::profile::{build_profile, BuildOptions, DebugFormat, Profile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,7 +102,7 @@ fn cached_lab_profile(kdir: &Path) -> (PathBuf, Profile) {
     let ko = kdir.join("ext4.ko.debug");
     let opts = BuildOptions {
         modules: ko.exists().then_some(ko).into_iter().collect(),
-        method: Method::Auto,
+        method: DebugFormat::Auto,
     };
     let p = build_profile(&vmlinux, &opts)
         .unwrap_or_else(|e| panic!("building the lab profile from {}: {e}", vmlinux.display()));

@@ -4,7 +4,7 @@
 
 use super::super::wire::{hash_page, Frame, PageRefs, WireStats, PAGE_SIZE};
 use super::pages::page_views;
-use super::{control, Failure, Item, ReceiverReport, RecvError};
+use super::{control, Failure, ReceiverReport, RecvError, Restored};
 use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::sync::mpsc::Receiver;
@@ -14,9 +14,9 @@ use std::sync::Mutex;
 pub(super) struct Link<'a> {
     pub(super) tcp: &'a mut TcpStream,
     pub(super) stats: &'a Mutex<WireStats>,
-    pub(super) rx: &'a Receiver<Item>,
+    pub(super) rx: &'a Receiver<Restored>,
     /// Items that arrived while waiting, in order.
-    pub(super) held: &'a mut VecDeque<Item>,
+    pub(super) held: &'a mut VecDeque<Restored>,
     pub(super) failure: &'a Failure,
 }
 
@@ -27,7 +27,7 @@ impl Link<'_> {
 
     /// The next reply (fallback data or page hashes); everything else that arrives first
     /// is held back, in order.
-    fn reply(&mut self) -> Result<Item, RecvError> {
+    fn reply(&mut self) -> Result<Restored, RecvError> {
         loop {
             let item = self.rx.recv().map_err(|_| {
                 self.failure
@@ -37,7 +37,7 @@ impl Link<'_> {
                     .unwrap_or(RecvError::Closed)
             })?;
             match item {
-                Item::Fallback { .. } | Item::PageHashes { .. } => return Ok(item),
+                Restored::Fallback { .. } | Restored::PageHashes { .. } => return Ok(item),
                 other => self.held.push_back(other),
             }
         }
@@ -140,14 +140,14 @@ impl Link<'_> {
             count: n as u32,
         })?;
         match self.reply()? {
-            Item::PageHashes {
+            Restored::PageHashes {
                 run,
                 first: 0,
                 count,
                 hash_len: l,
                 hashes,
             } if run == run_no && count as usize == n && l == hash_len => Ok(hashes),
-            Item::PageHashes { run, .. } | Item::Fallback { run, .. } => {
+            Restored::PageHashes { run, .. } | Restored::Fallback { run, .. } => {
                 Err(RecvError::Protocol(format!(
                     "got a reply for run {run} that does not answer the hash request for run {run_no}"
                 )))
@@ -181,7 +181,7 @@ impl Link<'_> {
         }
         while !ranges.is_empty() {
             match self.reply()? {
-                Item::Fallback {
+                Restored::Fallback {
                     run,
                     first,
                     data: d,
@@ -198,7 +198,7 @@ impl Link<'_> {
                     let at = first as usize * PAGE_SIZE;
                     data[at..at + d.len()].copy_from_slice(&d);
                 }
-                Item::Fallback { run, .. } | Item::PageHashes { run, .. } => {
+                Restored::Fallback { run, .. } | Restored::PageHashes { run, .. } => {
                     return Err(RecvError::Protocol(format!(
                         "fallback data or page hashes for run {run} while waiting for the \
                          originals of run {run_no}"

@@ -14,6 +14,7 @@
 //! report    the forensic report and its disk verification
 //! introspect  the scan end to end: memory → kernel → walk → cachemap → report
 //! migrate   QEMU's stream ─▶ pct sender ══ WAN ══▶ pct receiver ─▶ QEMU's stream
+//! (sanitize: untrusted strings made safe to print, for any of them)
 //! ```
 //!
 //! docs/design.md describes the design; each module's top comment says what it owns.
@@ -27,4 +28,5 @@ pub mod migrate;
 pub mod profile;
 pub mod qemu;
 pub mod report;
+pub mod sanitize;
 pub mod walk;

@@ -119,10 +119,7 @@ pub fn module_btfs(
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(raw_name.len());
-        let name: String = String::from_utf8_lossy(&raw_name[..end])
-            .chars()
-            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-            .collect();
+        let name = crate::sanitize::sanitize(&raw_name[..end]);
         if !(24..=MAX_BTF).contains(&size) {
             return Err(MemBtfError::Invalid {
                 what: format!("BTF of module {name}"),

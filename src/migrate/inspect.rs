@@ -6,7 +6,7 @@
 //! the bit-identical tests print for pages that differ.
 
 use super::stream::{RamRecord, Record, StreamReader, StreamStats};
-use crate::walk::fs::sanitize;
+use crate::sanitize::sanitize;
 use anyhow::{anyhow, Context, Result};
 use std::fmt::Write as _;
 use std::fs::File;

@@ -2,8 +2,8 @@
 //! `d_parent` to the filesystem root (like the kernel's `dentry_path_raw`).
 
 use super::at_va;
-use super::fs::sanitize;
 use crate::kernel::Kernel;
+use crate::sanitize::sanitize;
 
 const MAX_DEPTH: usize = 64;
 const MAX_NAME: u64 = 255;

@@ -9,6 +9,7 @@ use super::xarray::xa_for_each;
 use super::{at_va, need, LeSlice, WalkError};
 use crate::kernel::Kernel;
 use crate::profile::PageCacheTree;
+use crate::sanitize::sanitize;
 
 /// Caps that bound a walk over hostile memory.
 pub const MAX_SUPER_BLOCKS: usize = 4096;
@@ -74,19 +75,6 @@ pub struct CacheWalk {
     /// Parts of the walk that failed (corrupt or changing structures), with context.
     pub problems: Vec<String>,
     pub struct_page_size: u64,
-}
-
-/// Makes a guest string safe for a terminal: printable ASCII kept, the rest escaped.
-pub fn sanitize(raw: &[u8]) -> String {
-    let mut s = String::new();
-    for &b in raw {
-        if (0x20..0x7f).contains(&b) && b != b'\\' {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    s
 }
 
 fn c_string(b: &[u8]) -> &[u8] {

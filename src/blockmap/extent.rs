@@ -1,6 +1,6 @@
 //! ext4 extent trees (`EXT4_EXTENTS_FL`): zero-copy readers for `ext4_extent_header`,
 //! `ext4_extent_idx` and `ext4_extent` over byte slices, node validation, and
-//! [`ExtentTree::map`], a root-to-leaf lookup in the manner of `ext4_find_extent` that
+//! `ExtentTree::map`, a root-to-leaf lookup in the manner of `ext4_find_extent` that
 //! keeps the last leaf so a run of sorted lookups costs one descent per leaf.
 //!
 //! On-disk layout (all little-endian), a node is a 12-byte header then 12-byte entries:

@@ -3,7 +3,7 @@
 //! pointers, `i_block[13]` (`EXT4_DIND_BLOCK`) at a block of pointers to such blocks,
 //! `i_block[14]` (`EXT4_TIND_BLOCK`) one level more. Pointers are le32; 0 is a hole.
 //!
-//! [`IndirectMap::map`] resolves a logical block like `ext4_ind_map_blocks` (path
+//! `IndirectMap::map` resolves a logical block like `ext4_ind_map_blocks` (path
 //! computation as in `ext4_block_to_path`), keeps one cached block per level so sorted
 //! lookups re-read nothing, and reports runs: contiguous pointers in the same pointer
 //! array become one mapped run, zero pointers (or a zero pointer to a whole subtree) one

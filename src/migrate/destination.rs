@@ -1,6 +1,6 @@
 //! The destination side of one migration, end to end (`pct-migrate receive`): checking
 //! and preparing the destination QEMU (started with `-incoming defer`), accepting one pct
-//! sender, starting QEMU's incoming migration, running the [`receiver`](super::receiver),
+//! sender, starting QEMU's incoming migration, running the [`super::receiver`],
 //! waiting for QEMU to load the whole stream, and closing the session: `Report` and
 //! `Complete` on success, `Error` (with the reason) on any failure after the hello.
 

@@ -5,7 +5,7 @@
 //!
 //! - the *encoder* (the caller's thread) decodes QEMU's stream record by record. A `PAGE`
 //!   record of the mapped RAM block whose page the cache map covers becomes part of a
-//!   reference run ([`RunBuilder`]: RAM offset, disk offset, BLAKE3 of the exact bytes
+//!   reference run (`RunBuilder`: RAM offset, disk offset, BLAKE3 of the exact bytes
 //!   QEMU sent); everything else is batched and zstd-compressed into data frames, in
 //!   stream order. The original bytes of every run are kept until the receiver acks it.
 //!   The cache map is asked for once, when the `ram` section's `MEM_SIZE` record arrives:

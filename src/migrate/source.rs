@@ -1,6 +1,6 @@
 //! The source side of one migration, end to end (`pct-migrate --qmp … --to …`): opening the
 //! guest (its RAM, the kernel profile, the source's disk copy), driving the source QEMU over
-//! QMP, accepting its migration connection, running the [`sender`](super::sender) against
+//! QMP, accepting its migration connection, running the [`super::sender`] against
 //! the receiver, watching QEMU meanwhile (status, `STOP` event, progress, cancel on
 //! failure), and summing the migration up ([`Summary`]). [`Source::predict`] is
 //! `--dry-run`: what a migration would cost now, without migrating.

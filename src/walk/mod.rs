@@ -4,7 +4,7 @@
 //!
 //! Every walk treats guest memory as hostile: pointers are bounds-checked by
 //! [`Kernel::read`](crate::kernel::Kernel::read), fields are read with
-//! [`LeSlice`](crate::memory::reader::LeSlice) (a field outside what was read is a
+//! [`crate::memory::reader::LeSlice`] (a field outside what was read is a
 //! [`WalkError::Field`] naming `struct.field` and its address, never a 0), lists and
 //! trees carry cycle guards and iteration caps, and back-pointers are cross-checked to
 //! catch torn reads.

@@ -7,8 +7,8 @@ use super::{check_hash_len, malformed, WireError, PAGE_SIZE};
 
 /// `PCTW`, first bytes of a hello payload.
 pub const MAGIC: [u8; 4] = *b"PCTW";
-/// This protocol's version. 2: per-page hashes on demand ([`Frame::HashRequest`],
-/// [`Frame::PageHashes`]); peers must speak the same version.
+/// This protocol's version. 2: per-page hashes on demand (`Frame::HashRequest`,
+/// `Frame::PageHashes`); peers must speak the same version.
 pub const VERSION: u16 = 2;
 
 /// Capability bits of [`Hello`].

@@ -266,25 +266,12 @@ impl Frame {
             },
             frame_type::ERROR => {
                 let code = u16::from_be_bytes(r.array()?);
-                let rest = r.rest();
-                if rest.len() > MAX_ERROR_MESSAGE {
-                    return Err(malformed(name, "message too long"));
-                }
-                let message = std::str::from_utf8(rest)
-                    .map_err(|_| malformed(name, "message is not UTF-8"))?
-                    .to_owned();
+                let message = utf8_rest(&mut r, MAX_ERROR_MESSAGE, "message")?;
                 Frame::Error { code, message }
             }
-            frame_type::REPORT => {
-                let rest = r.rest();
-                if rest.len() > MAX_REPORT {
-                    return Err(malformed(name, "report too long"));
-                }
-                let json = std::str::from_utf8(rest)
-                    .map_err(|_| malformed(name, "report is not UTF-8"))?
-                    .to_owned();
-                Frame::Report { json }
-            }
+            frame_type::REPORT => Frame::Report {
+                json: utf8_rest(&mut r, MAX_REPORT, "report")?,
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -360,6 +347,17 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> Result<usize,
 }
 
 /// `first` and `count` pages, bounded.
+/// The rest of the frame as text of at most `max` bytes (`what` names it in errors).
+fn utf8_rest(r: &mut Reader<'_>, max: usize, what: &str) -> Result<String, WireError> {
+    let rest = r.rest();
+    if rest.len() > max {
+        return Err(malformed(r.frame, format!("{what} too long")));
+    }
+    std::str::from_utf8(rest)
+        .map(str::to_owned)
+        .map_err(|_| malformed(r.frame, format!("{what} is not UTF-8")))
+}
+
 /// A run number and a page range inside it (first page, count), checked.
 fn run_pages(r: &mut Reader<'_>) -> Result<(u64, u32, u32), WireError> {
     let run = r.varint()?;

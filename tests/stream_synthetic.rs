@@ -4,7 +4,7 @@
 mod support;
 
 use pct::migrate::stream::{
-    encode_record, put_page, put_zero, section_type, ConfigSubsection, Decoder, ErrorKind,
+    command, encode_record, put_page, put_zero, section_type, ConfigSubsection, Decoder, ErrorKind,
     RamBlock, RamRecord, Record, SectionHeader, SectionIdent, SectionKind, StreamError, PAGE_SIZE,
 };
 use support::rng;
@@ -194,6 +194,34 @@ fn synthetic_stream_decodes_at_any_chunking() {
         let (_, raw) = decode(&s, chunk).expect("decode");
         assert_eq!(raw, s, "chunk {chunk}");
     }
+}
+
+/// QEMU 10 announces the switchover with a command (11, no arguments) between the last
+/// iterations and the END sections: it passes through as it came.
+#[test]
+fn switchover_start_command_passes_through() {
+    let mut s = Vec::new();
+    prologue(&mut s);
+    put(
+        &mut s,
+        Record::Command {
+            cmd: command::SWITCHOVER_START,
+            data: &[],
+        },
+    );
+    put(&mut s, part(SectionKind::End, 2));
+    put(&mut s, Record::Ram(RamRecord::Eos));
+    put(&mut s, Record::Footer { section_id: 2 });
+    epilogue(&mut s);
+    let (kinds, raw) = decode(&s, 3).expect("decode");
+    assert_eq!(raw, s);
+    assert!(kinds.iter().any(|k| k == "Command"), "{kinds:?}");
+    // An unknown command is still refused, naming its number.
+    let mut bad = Vec::new();
+    prologue(&mut bad);
+    put(&mut bad, Record::Command { cmd: 12, data: &[] });
+    let e = decode_err(&bad).to_string();
+    assert!(e.contains("unknown command 12"), "{e}");
 }
 
 #[test]

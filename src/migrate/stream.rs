@@ -102,6 +102,9 @@ pub mod command {
     pub const ENABLE_COLO: u16 = 8;
     pub const POSTCOPY_RESUME: u16 = 9;
     pub const RECV_BITMAP: u16 = 10;
+    /// QEMU 9.2+: the source is about to stop the guest and send the last state
+    /// (`send-switchover-start`, on by default for new machine types); no arguments.
+    pub const SWITCHOVER_START: u16 = 11;
 }
 
 /// The name of the iterative RAM section.

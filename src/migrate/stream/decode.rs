@@ -811,7 +811,7 @@ impl Decoder {
         let len = c.be16()?;
         let data = c.take(len.into())?;
         match cmd {
-            command::OPEN_RETURN_PATH | command::PING => {}
+            command::OPEN_RETURN_PATH | command::PING | command::SWITCHOVER_START => {}
             command::POSTCOPY_ADVISE
             | command::POSTCOPY_LISTEN
             | command::POSTCOPY_RUN

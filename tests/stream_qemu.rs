@@ -1,5 +1,6 @@
-//! The stream codec against real QEMU 7.2 streams: a `pc-i440fx-7.2` TCG guest running
-//! SeaBIOS, RAM in a /dev/shm file with a known pattern.
+//! The stream codec against real QEMU streams: a `pc-i440fx-7.2` TCG guest running SeaBIOS
+//! under the system's QEMU 7.2 (and one under QEMU 10 from bookworm-backports), RAM in a
+//! /dev/shm file with a known pattern.
 
 mod support;
 
@@ -159,6 +160,52 @@ fn real_stream_round_trips_byte_for_byte() {
         assert!(raw_out == cap.stream, "raw bytes differ (chunk {chunk})");
         assert!(enc_out == cap.stream, "encoding differs (chunk {chunk})");
     }
+}
+
+/// QEMU 10 (from bookworm-backports, beside the system's 7.2) on its own machine type
+/// announces the switchover with a command (11) near the end of the stream: the codec
+/// passes it through, and the whole stream re-encodes byte for byte.
+#[test]
+fn qemu10_stream_with_switchover_start_round_trips() {
+    if !have_qemu() {
+        return;
+    }
+    let out = support::run_ok(
+        std::process::Command::new("bash").arg(support::repo().join("tools/lab/fetch-qemu.sh")),
+        "tools/lab/fetch-qemu.sh",
+    );
+    let prefix = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let spec = GuestSpec {
+        qemu: Some(prefix.into()),
+        machine: Some("pc"),
+        ..patterned_guest()
+    };
+    let (stream, _) = capture_stream_of(spec, Duration::from_millis(500));
+    let mut dec = Decoder::new();
+    dec.feed(&stream);
+    let (mut commands, mut pages, mut again) = (Vec::new(), 0, Vec::new());
+    while let Some(item) = dec.next_item().expect("decode a QEMU 10 stream") {
+        match item.record {
+            Record::Command { cmd, .. } => commands.push(cmd),
+            Record::Ram(RamRecord::Page { .. }) => pages += 1,
+            _ => {}
+        }
+        encode_record(&item.record, &mut again).expect("encode");
+    }
+    dec.finish().expect("complete stream");
+    assert!(
+        commands.contains(&pct::migrate::stream::command::SWITCHOVER_START),
+        "no switchover-start command in QEMU 10's stream (commands {commands:?})"
+    );
+    assert!(pages > 0, "no PAGE records");
+    assert!(
+        again == stream,
+        "the stream does not re-encode byte for byte"
+    );
+    eprintln!(
+        "QEMU 10 stream: {} bytes, {pages} PAGE records, commands {commands:?}",
+        stream.len()
+    );
 }
 
 #[test]

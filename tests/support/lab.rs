@@ -47,6 +47,10 @@ pub struct GuestSpec {
     /// Keep one QMP connection (on qmp.sock) for the guest's life. Without it each QMP call
     /// is a short session of its own, and the monitor is free for others between calls.
     pub hold_qmp: bool,
+    /// Another QEMU (a prefix from tools/lab/fetch-qemu.sh) instead of the system's.
+    pub qemu: Option<PathBuf>,
+    /// The machine type [default: run-guest.sh's, pc-i440fx-7.2].
+    pub machine: Option<&'static str>,
 }
 
 impl GuestSpec {
@@ -67,6 +71,8 @@ impl GuestSpec {
             uuid: None,
             ram_init: None,
             hold_qmp: true,
+            qemu: None,
+            machine: None,
         }
     }
 
@@ -135,6 +141,7 @@ fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
         ("--fileset", spec.fileset),
         ("--cpu", spec.cpu),
         ("--uuid", spec.uuid),
+        ("--machine", spec.machine),
     ];
     for (option, value) in options {
         if let Some(v) = value {
@@ -143,6 +150,9 @@ fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
     }
     if let Some(d) = &spec.disk {
         cmd.arg("--disk").arg(d);
+    }
+    if let Some(q) = &spec.qemu {
+        cmd.arg("--qemu").arg(q);
     }
     let flags = [
         ("--incoming", spec.incoming),

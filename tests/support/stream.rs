@@ -87,7 +87,12 @@ pub fn patterned_guest() -> GuestSpec {
 /// Starts a source VM on a patterned RAM file, lets SeaBIOS run for `run`, and returns it
 /// (running; `migrate` stops it at the end).
 pub fn patterned_source(run: Duration) -> Guest {
-    let vm = Guest::start(patterned_guest());
+    patterned_source_of(patterned_guest(), run)
+}
+
+/// [`patterned_source`] of `spec` (e.g. another QEMU or machine type).
+pub fn patterned_source_of(spec: GuestSpec, run: Duration) -> Guest {
+    let vm = Guest::start(spec);
     vm.cont();
     std::thread::sleep(run);
     vm
@@ -97,9 +102,14 @@ pub fn patterned_source(run: Duration) -> Guest {
 /// source's guest RAM once the migration completed: (stream, RAM). The VM and its files
 /// are gone when this returns.
 pub fn capture_stream(run: Duration) -> (Vec<u8>, Vec<u8>) {
+    capture_stream_of(patterned_guest(), run)
+}
+
+/// [`capture_stream`] from a source started as `spec`.
+pub fn capture_stream_of(spec: GuestSpec, run: Duration) -> (Vec<u8>, Vec<u8>) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let out = dir.path().join("stream.bin");
-    let src = patterned_source(run);
+    let src = patterned_source_of(spec, run);
     src.migrate(&format!("exec:cat > {}", out.display()));
     src.wait_migration(Duration::from_secs(120));
     // The source is stopped now ("postmigrate"): its RAM is what was sent last.

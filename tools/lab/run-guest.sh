@@ -6,6 +6,8 @@
 #       [--mem MiB|KiBK] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
 #       [--uuid UUID]  (the guest's -uuid)
+#       [--qemu PREFIX] (another QEMU, as tools/lab/fetch-qemu.sh unpacks it: its binary and -L)
+#       [--machine TYPE] (default pc-i440fx-7.2, which every QEMU here knows)
 #       [--bare]       (SeaBIOS alone: no kernel, disks, serial port or vmcoreinfo; the
 #                       stream tests' guest. Only qmp.sock, qmp-pct.sock, ram.path, qemu.pid)
 #
@@ -21,7 +23,7 @@
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare=
+qemu_prefix= machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -39,6 +41,8 @@ while [ $# -gt 0 ]; do
 	--name) name=$2; shift ;;
 	--uuid) uuid=$2; shift ;;
 	--bare) bare=1 ;;
+	--qemu) qemu_prefix=$2; shift ;;
+	--machine) machine=$2; shift ;;
 	*) die "unknown argument '$1' (see the header of $0)" ;;
 	esac
 	shift
@@ -88,10 +92,10 @@ echo "$ram" >"$dir/ram.path"
 rm -f "$dir/qmp.sock" "$dir/qmp-pct.sock" "$dir/serial.sock"
 
 if [ -n "$anon_ram" ]; then
-	ram_args=(-machine pc-i440fx-7.2 -m "${mem_kb}K")
+	ram_args=(-machine "$machine" -m "${mem_kb}K")
 	: >"$dir/ram.path"
 else
-	ram_args=(-machine pc-i440fx-7.2,memory-backend=ram0 -m "${mem_kb}K"
+	ram_args=(-machine "$machine,memory-backend=ram0" -m "${mem_kb}K"
 		-object "memory-backend-file,id=ram0,size=${mem_kb}K,mem-path=$ram,share=on")
 fi
 boot=()
@@ -116,4 +120,7 @@ args=(
 [ -n "$incoming" ] && args+=(-incoming defer)
 [ -n "$paused" ] && args+=(-S)
 echo $$ >"$dir/qemu.pid"
+if [ -n "$qemu_prefix" ]; then
+	exec "$qemu_prefix/usr/bin/qemu-system-x86_64" -L "$qemu_prefix/usr/share/qemu" "${args[@]}"
+fi
 exec qemu-system-x86_64 "${args[@]}"

@@ -19,7 +19,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 use support::lab::{Guest, GuestSpec};
-use support::profile::{compare_with_pahole, kernel_dir, lab_profile, pahole, type_names};
+use support::profile::{
+    compare_with_pahole, kernel_dir, kernel_dir_of, lab_profile, pahole, type_names,
+};
 
 /// Field-by-field comparison of a profile from memory with one from vmlinux; returns a
 /// one-line account of what was compared. Symbol sizes: kallsyms has none, so only the
@@ -124,8 +126,20 @@ fn btf_section(path: &Path) -> Vec<u8> {
 fn check_flavour(flavour: &'static str) {
     let (_, elf_profile) = lab_profile(flavour);
     let kdir = kernel_dir(flavour).expect("the lab kernel");
+    check_kernel(flavour, None, kdir, elf_profile);
+}
+
+/// [`check_flavour`] for `kdir`, the kernel of `suite`, against `elf_profile`, its profile
+/// from vmlinux.
+fn check_kernel(
+    flavour: &'static str,
+    suite: Option<&'static str>,
+    kdir: std::path::PathBuf,
+    elf_profile: Profile,
+) {
     let mut spec = GuestSpec::new("apache").layout("mini", "plain");
     spec.flavour = flavour;
+    spec.suite = suite;
     let mut g = Guest::start(spec);
     g.wait_ready();
     g.stop();
@@ -231,6 +245,23 @@ fn amd64_profile_from_memory_with_modular_ext4_equals_vmlinux_profile() {
 #[test]
 fn rt_amd64_profile_from_memory_equals_vmlinux_profile() {
     check_flavour("rt-amd64");
+}
+
+/// Debian 13's kernel (6.12 from trixie): no profile ships for it, and none is needed.
+#[test]
+fn debian13_cloud_profile_from_memory_equals_vmlinux_profile() {
+    let kdir = kernel_dir_of("cloud-amd64", "trixie").expect("the trixie kernel");
+    let elf = pct::profile::build_profile(&kdir.join("vmlinux"), &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        elf.kernel
+            .release
+            .as_deref()
+            .is_some_and(|r| r.contains("+deb13")),
+        "{:?}",
+        elf.kernel.release
+    );
+    check_kernel("cloud-amd64", Some("trixie"), kdir, elf);
 }
 
 /// A private, writable copy of a guest's RAM to corrupt.

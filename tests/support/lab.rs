@@ -51,6 +51,8 @@ pub struct GuestSpec {
     pub qemu: Option<PathBuf>,
     /// The machine type [default: run-guest.sh's, pc-i440fx-7.2].
     pub machine: Option<&'static str>,
+    /// The kernel's Debian suite [default: run-guest.sh's, bookworm].
+    pub suite: Option<&'static str>,
 }
 
 impl GuestSpec {
@@ -73,6 +75,7 @@ impl GuestSpec {
             hold_qmp: true,
             qemu: None,
             machine: None,
+            suite: None,
         }
     }
 
@@ -142,6 +145,7 @@ fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
         ("--cpu", spec.cpu),
         ("--uuid", spec.uuid),
         ("--machine", spec.machine),
+        ("--suite", spec.suite),
     ];
     for (option, value) in options {
         if let Some(v) = value {

@@ -18,14 +18,20 @@ static FETCHED: OnceLock<Mutex<BTreeMap<String, Option<PathBuf>>>> = OnceLock::n
 /// The kernel directory for a flavour, fetched with tools/lab/fetch-kernel.sh if needed.
 /// `None` (with a message) when it cannot be fetched here.
 pub fn kernel_dir(flavour: &str) -> Option<PathBuf> {
+    kernel_dir_of(flavour, "bookworm")
+}
+
+/// [`kernel_dir`] of another Debian suite's kernel (`trixie`, `bullseye`).
+pub fn kernel_dir_of(flavour: &str, suite: &str) -> Option<PathBuf> {
     let m = FETCHED.get_or_init(|| Mutex::new(BTreeMap::new()));
     let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(d) = m.get(flavour) {
+    let key = format!("{suite}/{flavour}");
+    if let Some(d) = m.get(&key) {
         return d.clone();
     }
     let out = Command::new("bash")
         .arg(repo().join("tools/lab/fetch-kernel.sh"))
-        .arg(flavour)
+        .args([flavour, suite])
         .output();
     let dir = match out {
         Ok(o) if o.status.success() => {
@@ -34,7 +40,7 @@ pub fn kernel_dir(flavour: &str) -> Option<PathBuf> {
         }
         Ok(o) => {
             skip_or_fail(&format!(
-                "tools/lab/fetch-kernel.sh {flavour} failed: {}",
+                "tools/lab/fetch-kernel.sh {flavour} {suite} failed: {}",
                 String::from_utf8_lossy(&o.stderr).trim()
             ));
             None
@@ -44,7 +50,7 @@ pub fn kernel_dir(flavour: &str) -> Option<PathBuf> {
             None
         }
     };
-    m.insert(flavour.to_owned(), dir.clone());
+    m.insert(key, dir.clone());
     dir
 }
 

@@ -37,3 +37,24 @@ publish_dir() {
 	mv "$tmp" "$final"
 	rm -rf "$final.old"
 }
+
+# private_apt SUITE: sets apt_opts to a private sources list and state directory serving
+# Debian SUITE (bookworm-backports, trixie, bullseye…) from the machine's own Debian mirror,
+# refreshed once; the machine's installed packages and its own lists are left alone.
+private_apt() {
+	local suite=$1 mirror dir
+	mirror=$(awk '/^URIs:/ {u=$2} /^Suites:/ && / bookworm( |$)/ {print u; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+	if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
+		mirror=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list)
+	fi
+	[ -n "$mirror" ] || die "cannot find the machine's Debian mirror in /etc/apt/sources.list(.d)"
+	dir=$PCT_CACHE/apt-$suite
+	mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" >"$dir/sources.list"
+	apt_opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+		-o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache")
+	if [ ! -f "$dir/.updated" ] || [ -n "$(find "$dir/.updated" -mmin +720)" ]; then
+		apt-get "${apt_opts[@]}" update -q >/dev/null 2>&1 || die "apt-get update of $suite failed (mirror $mirror)"
+		touch "$dir/.updated"
+	fi
+}

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Fetch a Debian 6.1 guest kernel: vmlinuz, its modules, and the -dbg vmlinux (DWARF).
+# Fetch a Debian guest kernel: vmlinuz, its modules, and the -dbg vmlinux (DWARF).
 #
-#   tools/lab/fetch-kernel.sh [cloud-amd64|amd64|rt-amd64]   (default: cloud-amd64)
+#   tools/lab/fetch-kernel.sh [cloud-amd64|amd64|rt-amd64] [SUITE]
+#       (default: cloud-amd64 of bookworm, Debian 12's 6.1; SUITE trixie gives Debian 13's
+#        6.12, bullseye Debian 11's 5.10, fetched through a private apt list)
 #
-# The exact version is resolved from the linux-image-FLAVOUR meta-package, never hard-coded.
+# The exact version is resolved from the suite's linux-image-FLAVOUR meta-package, never
+# hard-coded.
 # Prints the kernel directory: $PCT_CACHE/kernels/<abi>-<flavour>/ holding
 #   vmlinuz, vmlinux (with DWARF), modules/ (the .ko files the lab needs, uncompressed),
 #   modules.builtin, config, release (uname -r), version (package version),
@@ -11,25 +14,32 @@
 source "$(dirname "$0")/common.sh"
 
 FLAVOUR=${1:-cloud-amd64}
+SUITE=${2:-bookworm}
 case "$FLAVOUR" in
 cloud-amd64 | amd64 | rt-amd64) ;;
 *) die "unknown kernel flavour '$FLAVOUR' (choose cloud-amd64, amd64 or rt-amd64)" ;;
 esac
 
 need_root_or_tools apt-get apt-cache dpkg-deb
+apt_opts=()
+case "$SUITE" in
+bookworm) ;;
+bullseye | trixie) private_apt "$SUITE" ;;
+*) die "unknown suite '$SUITE' (bookworm, trixie or bullseye)" ;;
+esac
 
 meta=linux-image-$FLAVOUR
 resolve() {
-	apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+	apt-cache "${apt_opts[@]}" depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
 }
 img=$(resolve)
 if [ -z "$img" ]; then
-	apt-get update -q >/dev/null 2>&1 || true
+	apt-get "${apt_opts[@]}" update -q >/dev/null 2>&1 || true
 	img=$(resolve)
 fi
 [ -n "$img" ] || die "cannot resolve $meta to a kernel package: is Debian's package index reachable (apt-get update)?"
 release=${img#linux-image-}
-version=$(apt-cache show "$img" 2>/dev/null | awk '/^Version:/ {print $2; exit}')
+version=$(apt-cache "${apt_opts[@]}" show "$img" 2>/dev/null | awk '/^Version:/ {print $2; exit}')
 [ -n "$version" ] || die "no version found for $img"
 
 kdir=$PCT_CACHE/kernels/$release
@@ -49,7 +59,7 @@ fetch_deb() {
 	f=$(ls "$debs/${pkg}_"*"${version//:/%3a}"*.deb 2>/dev/null | head -1 || true)
 	if [ -z "$f" ]; then
 		note "downloading $pkg $version"
-		(cd "$debs" && apt-get download -q "$pkg=$version" >/dev/null 2>&1) ||
+		(cd "$debs" && apt-get "${apt_opts[@]}" download -q "$pkg=$version" >/dev/null 2>&1) ||
 			die "could not download $pkg=$version; for the -dbg package Debian's debug archive must be in the sources (it is on these machines)"
 		f=$(ls "$debs/${pkg}_"*.deb | head -1)
 	fi
@@ -68,6 +78,7 @@ dpkg-deb -x "$image_deb" "$ex"
 cp "$ex/boot/vmlinuz-$release" "$tmp/vmlinuz"
 cp "$ex/boot/config-$release" "$tmp/config"
 moddir=$ex/lib/modules/$release
+[ -d "$moddir" ] || moddir=$ex/usr/lib/modules/$release # trixie: merged /usr
 cp "$moddir/modules.builtin" "$tmp/modules.builtin"
 mkdir -p "$tmp/modules"
 # Keep every module (uncompressed); the initramfs builder picks from them by name.

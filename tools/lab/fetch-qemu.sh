@@ -11,18 +11,8 @@
 source "$(dirname "$0")/common.sh"
 need_root_or_tools apt-get apt-cache dpkg-deb
 
-# The machine's Debian mirror: the first URI serving bookworm (deb822 or one-line format).
-mirror=$(awk '/^URIs:/ {u=$2} /^Suites:/ && / bookworm( |$)/ {print u; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
-	mirror=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list)
-fi
-[ -n "$mirror" ] || die "cannot find the machine's Debian bookworm mirror in /etc/apt/sources.list(.d)"
-
-apt_dir=$PCT_CACHE/apt-bookworm-backports
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$PCT_CACHE/qemu"
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bookworm-backports main" >"$apt_dir/sources.list"
-apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
-	-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+mkdir -p "$PCT_CACHE/qemu"
+private_apt bookworm-backports
 exec 9>"$PCT_CACHE/qemu/.lock"
 flock 9
 
@@ -31,10 +21,6 @@ candidate() {
 		awk -F'|' '/bookworm-backports/ {gsub(/ /, "", $2); print $2; exit}'
 }
 version=$(candidate)
-if [ -z "$version" ]; then
-	apt-get "${apt_opts[@]}" update -q >/dev/null 2>&1 || die "apt-get update of bookworm-backports failed (mirror $mirror)"
-	version=$(candidate)
-fi
 [ -n "$version" ] || die "bookworm-backports offers no qemu-system-x86"
 
 prefix=$PCT_CACHE/qemu/${version//[:~+]/_}

@@ -8,6 +8,7 @@
 #       [--uuid UUID]  (the guest's -uuid)
 #       [--qemu PREFIX] (another QEMU, as tools/lab/fetch-qemu.sh unpacks it: its binary and -L)
 #       [--machine TYPE] (default pc-i440fx-7.2, which every QEMU here knows)
+#       [--suite SUITE] (the guest kernel's Debian suite: bookworm (default), trixie, bullseye)
 #       [--bare]       (SeaBIOS alone: no kernel, disks, serial port or vmcoreinfo; the
 #                       stream tests' guest. Only qmp.sock, qmp-pct.sock, ram.path, qemu.pid)
 #
@@ -23,7 +24,7 @@
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-qemu_prefix= machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare=
+suite=bookworm qemu_prefix= machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -43,6 +44,7 @@ while [ $# -gt 0 ]; do
 	--bare) bare=1 ;;
 	--qemu) qemu_prefix=$2; shift ;;
 	--machine) machine=$2; shift ;;
+	--suite) suite=$2; shift ;;
 	*) die "unknown argument '$1' (see the header of $0)" ;;
 	esac
 	shift
@@ -60,7 +62,7 @@ bash "$LAB_DIR/ensure-host.sh"
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 if [ -z "$bare" ]; then
-	kdir=$(bash "$LAB_DIR/fetch-kernel.sh" "$flavour" | tail -1)
+	kdir=$(bash "$LAB_DIR/fetch-kernel.sh" "$flavour" "$suite" | tail -1)
 	initrd=$(bash "$LAB_DIR/build-initramfs.sh" "$kdir" | tail -1)
 	master=$(bash "$LAB_DIR/build-disk.sh" "$fileset" "$layout" | tail -1)
 	if [ -z "$disk" ]; then

@@ -16,7 +16,7 @@
 //! ```
 //!
 //! VMCOREINFO names the tables on kernels that export them (Debian 6.1 does); elsewhere
-//! [`find_tables`] finds them by that structure. Decoding mirrors the kernel's
+//! [`find_by_structure`] finds them by that structure. Decoding mirrors the kernel's
 //! `kallsyms_expand_symbol` and `kallsyms_sym_address`. All of it is guest data: every
 //! length and offset is bounded, and anything inconsistent is an error naming what and where.
 
@@ -103,11 +103,10 @@ impl Kallsyms {
         loc: &Location,
         info: &VmcoreInfo,
     ) -> Result<Kallsyms, KallsymsError> {
-        let tables = match tables_from_vmcoreinfo(info) {
-            Some(t) => t,
-            None => find_tables(mem, loc, info)?,
-        };
-        Self::decode(mem, loc, tables)
+        match tables_from_vmcoreinfo(info) {
+            Some(t) => Self::decode(mem, loc, t),
+            None => find_by_structure(mem, loc, info),
+        }
     }
 
     /// `kallsyms_lookup_name`: the runtime address of `name`.
@@ -323,18 +322,19 @@ impl Tokens {
     }
 }
 
-/// Finds the tables by their structure, for kernels whose VMCOREINFO does not name them.
+/// Finds the tables by their structure, for kernels whose VMCOREINFO does not name them,
+/// and returns them decoded.
 ///
 /// Anchor: `kallsyms_relative_base` holds the runtime address of the kernel's lowest text
 /// symbol, `_stext`'s (VMCOREINFO names `_stext`), and is followed by a plausible symbol
 /// count and a names table whose entries parse; the offsets table ends right before it. The
 /// token table and index follow the names, past the markers: an index of 256 increasing
 /// u16 whose entries point just past the NULs of the table right before it.
-pub fn find_tables(
+pub fn find_by_structure(
     mem: &GuestMemory,
     loc: &Location,
     info: &VmcoreInfo,
-) -> Result<Tables, KallsymsError> {
+) -> Result<Kallsyms, KallsymsError> {
     let stext = info
         .symbol("_stext")
         .ok_or_else(|| KallsymsError::NotFound(": VMCOREINFO names no _stext either".into()))?;
@@ -399,7 +399,7 @@ pub fn find_tables(
             // (`_stext` alone cannot tell: `_text` and `startup_64` share its address).
             if let Ok(k) = Kallsyms::decode(mem, loc, t) {
                 if agrees_with_vmcoreinfo(&k, info) {
-                    return Ok(t);
+                    return Ok(k);
                 }
             }
         }

@@ -7,8 +7,8 @@
 //!
 //! The result says where the profile came from, so the tools can say it too.
 
-use super::self_profile::{build_profile_from_memory, SelfProfileError, SelfProfileStats};
-use super::{find_vmcoreinfo, vmcoreinfo::VmcoreInfo};
+use super::find_vmcoreinfo;
+use super::self_profile::{build_profile_at, SelfProfileError, SelfProfileStats};
 use crate::memory::GuestMemory;
 use crate::profile::{self, cache, MatchQuality, Profile};
 use std::fmt;
@@ -119,10 +119,11 @@ pub fn select_profile_in(
             stats: None,
         });
     }
-    let info = find_vmcoreinfo(mem).map(|(i, _)| i);
-    let build_id = info
+    let t0 = std::time::Instant::now();
+    let found = find_vmcoreinfo(mem);
+    let build_id = found
         .as_ref()
-        .and_then(VmcoreInfo::build_id)
+        .and_then(|(info, _)| info.build_id())
         .map(str::to_ascii_lowercase);
     let cache_dir = places.cache.clone().or_else(cache::cache_dir);
     if let Some(id) = &build_id {
@@ -130,8 +131,11 @@ pub fn select_profile_in(
             return Ok(found);
         }
     }
-    let (profile, stats) =
-        build_profile_from_memory(mem).map_err(|source| SelectError::FromMemory {
+    // The note found above is the one the build starts from: RAM is searched once.
+    let (profile, stats) = found
+        .ok_or(SelfProfileError::NoVmcoreinfo)
+        .and_then(|f| build_profile_at(mem, f, None, t0))
+        .map_err(|source| SelectError::FromMemory {
             build_id: build_id.clone().unwrap_or_else(|| "unknown".into()),
             source,
         })?;

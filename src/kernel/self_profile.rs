@@ -13,7 +13,7 @@
 use super::btf::{module_btfs, vmlinux_btf, MemBtfError};
 use super::kallsyms::{FoundBy, Kallsyms, KallsymsError};
 use super::vmcoreinfo::VmcoreInfo;
-use super::{find_vmcoreinfo, LocateError, Location, START_KERNEL_MAP};
+use super::{find_vmcoreinfo, LocateError, LocatedBy, Location, START_KERNEL_MAP};
 use crate::memory::GuestMemory;
 use crate::profile::btf::Btf;
 use crate::profile::build::{check_required, fill_from_banner};
@@ -70,7 +70,18 @@ pub fn build_profile_from_memory_with(
     dump_btf: Option<&Path>,
 ) -> Result<(Profile, SelfProfileStats), SelfProfileError> {
     let t0 = Instant::now();
-    let (info, method) = find_vmcoreinfo(mem).ok_or(SelfProfileError::NoVmcoreinfo)?;
+    let found = find_vmcoreinfo(mem).ok_or(SelfProfileError::NoVmcoreinfo)?;
+    build_profile_at(mem, found, dump_btf, t0)
+}
+
+/// The build itself, from the VMCOREINFO note already found in `mem` (`t0`: when the
+/// caller began looking, for the stats).
+pub(crate) fn build_profile_at(
+    mem: &GuestMemory,
+    (info, method): (VmcoreInfo, LocatedBy),
+    dump_btf: Option<&Path>,
+    t0: Instant,
+) -> Result<(Profile, SelfProfileStats), SelfProfileError> {
     let loc = Location::from_vmcoreinfo(&info, method)?;
     check_page_tables(mem, &loc, &info)?;
     let ksyms = Kallsyms::read(mem, &loc, &info)?;

@@ -50,7 +50,10 @@ pub fn store(dir: &Path, profile: &Profile) -> Result<PathBuf> {
     let path = cache_path(dir, id)
         .ok_or_else(|| Error::bad(dir, "a profile without a build-id cannot be cached"))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", id, std::process::id()));
+    // Unique per process and call: concurrent writers never share a temporary file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.{}.{seq}.tmp", id, std::process::id()));
     std::fs::write(&tmp, profile.to_json()).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -2,7 +2,7 @@
 //! independent oracle, and the reference data in `../shared`.
 
 use super::{repo, run_ok};
-use pct::profile::{build_profile, BuildOptions, DebugFormat, Profile};
+use pct::profile::{build_profile, cache, BuildOptions, DebugFormat, Profile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,14 +96,11 @@ fn cached_lab_profile(kdir: &Path) -> (PathBuf, Profile) {
         .build_id()
         .unwrap_or_else(|| panic!("{} has no build-id", vmlinux.display()));
     drop(map);
+    // The same cache layout as the user's profile cache: pct's own reader and writer.
     let dir = lab_profiles_dir();
-    let path = dir.join(format!("{build_id}.json"));
-    if is_current(&path) {
-        if let Ok(p) = Profile::load(&path) {
-            if p.kernel.build_id.as_deref() == Some(build_id.as_str()) {
-                return (path, p);
-            }
-        }
+    let current = cache::cache_path(&dir, &build_id).is_some_and(|p| is_current(&p));
+    if let Some(found) = cache::find_cached(&dir, &build_id).filter(|_| current) {
+        return found;
     }
     let ko = kdir.join("ext4.ko.debug");
     let opts = BuildOptions {
@@ -112,18 +109,7 @@ fn cached_lab_profile(kdir: &Path) -> (PathBuf, Profile) {
     };
     let p = build_profile(&vmlinux, &opts)
         .unwrap_or_else(|e| panic!("building the lab profile from {}: {e}", vmlinux.display()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp.")
-        .tempfile_in(&dir)
-        .unwrap_or_else(|e| panic!("temporary file in {}: {e}", dir.display()));
-    std::fs::write(tmp.path(), p.to_json()).expect("write the lab profile");
-    let _ = std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    );
-    tmp.persist(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let path = cache::store(&dir, &p).unwrap_or_else(|e| panic!("caching the lab profile: {e}"));
     (path, p)
 }
 

@@ -109,7 +109,10 @@ fn every_frame_round_trips() {
             hash_len: 16,
             hashes: (0..48).collect(),
         },
-        Frame::Ack { runs: 12345 },
+        Frame::Ack {
+            runs: 12345,
+            frames: 23456,
+        },
         Frame::End {
             stream_bytes: u64::MAX,
             runs: 0,
@@ -309,7 +312,7 @@ fn header_bounds_and_truncation() {
     ));
     // Trailing bytes inside a payload.
     let mut f = Vec::new();
-    Frame::Ack { runs: 1 }.encode(&mut f).unwrap();
+    Frame::Ack { runs: 1, frames: 2 }.encode(&mut f).unwrap();
     f[4] += 1;
     f.push(0);
     assert!(Frame::decode(&f, MAX_PAYLOAD).is_err());

@@ -4,6 +4,7 @@
 #
 #   tools/netns.sh up NAME [RATE]   create NAME-a (10.77.0.1) and NAME-b (10.77.0.2),
 #                                   each veth end shaped to RATE (default 50mbit)
+#   tools/netns.sh rate NAME RATE   reshape both ends of an existing link to RATE
 #   tools/netns.sh down NAME        delete both namespaces (and with them the veth pair)
 #   tools/netns.sh bytes NAME a|b   bytes sent so far by that end (TX of its veth)
 #
@@ -15,12 +16,18 @@ set -euo pipefail
 cmd=${1:-}
 name=${2:-}
 [ -n "$cmd" ] && [ -n "$name" ] || {
-	sed -n '2,13p' "$0" >&2
+	sed -n '2,14p' "$0" >&2
 	exit 2
 }
 a=$name-a b=$name-b
 # Interface names are limited to 15 characters.
 va=v${name: -8}a vb=v${name: -8}b
+
+# shape NS DEV RATE [add|replace]: tbf at RATE, bursts of 64 KB, at most 100 ms of queue (a
+# WAN router's buffer).
+shape() {
+	tc -n "$1" qdisc "${4:-add}" dev "$2" root tbf rate "$3" burst 64kb latency 100ms
+}
 
 case "$cmd" in
 up)
@@ -37,9 +44,13 @@ up)
 	done
 	ip -n "$a" link set "$va" up
 	ip -n "$b" link set "$vb" up
-	# tbf: RATE, bursts of 64 KB, at most 100 ms of queue (a WAN router's buffer).
-	tc -n "$a" qdisc add dev "$va" root tbf rate "$rate" burst 64kb latency 100ms
-	tc -n "$b" qdisc add dev "$vb" root tbf rate "$rate" burst 64kb latency 100ms
+	shape "$a" "$va" "$rate"
+	shape "$b" "$vb" "$rate"
+	;;
+rate)
+	rate=${3:?RATE, e.g. 1gbit}
+	shape "$a" "$va" "$rate" replace
+	shape "$b" "$vb" "$rate" replace
 	;;
 down)
 	ip netns del "$a" 2>/dev/null || true
@@ -52,7 +63,7 @@ bytes)
 		ip netns exec "$ns" cat "/sys/class/net/$dev/statistics/tx_bytes"
 	;;
 *)
-	echo "netns.sh: unknown command '$cmd' (up, down, bytes)" >&2
+	echo "netns.sh: unknown command '$cmd' (up, rate, down, bytes)" >&2
 	exit 2
 	;;
 esac

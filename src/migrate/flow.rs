@@ -9,6 +9,8 @@
 //! - [`Outbox`]: the bounded queue of frames waiting for the link. Normal frames block the
 //!   producer when it is full; urgent frames (fallback replies) never block and jump the
 //!   queue, so a receiver waiting for original bytes is answered within one round trip.
+//! - [`Window`]: the end-to-end window, in pages the destination QEMU has not been given
+//!   yet: what the source QEMU waits on, whichever stage is slowest.
 //! - [`TokenBucket`]: caps pct's own sending rate (`--bandwidth`), for tests without a
 //!   shaped link.
 
@@ -80,6 +82,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// Bytes of frames waiting, urgent ones included.
+    pub fn queued_bytes(&self) -> usize {
+        let q = self.lock();
+        q.normal_bytes + q.urgent.iter().map(Vec::len).sum::<usize>()
+    }
+
     /// The next frame to send (urgent first); `None` once closed and drained.
     pub fn pop(&self) -> Option<Outgoing> {
         let mut q = self.lock();
@@ -112,6 +120,106 @@ impl Outbox {
         q.normal.clear();
         q.urgent.clear();
         q.normal_bytes = 0;
+        self.cv.notify_all();
+    }
+}
+
+/// The end-to-end window: stream frames sent but not yet given to the destination QEMU
+/// (the receiver's [`Ack`](super::wire::Frame::Ack)s say how far it got), weighed by what
+/// they cost the destination, in pages. The encoder waits while the window is full, so the
+/// source QEMU feels the slowest stage wherever it is, the destination included, and what
+/// is queued at switchover is bounded by the window, not by the buffers in between.
+///
+/// Pages, not bytes: a destination QEMU spends about the same time on a `ZERO` record
+/// (9 bytes in the stream, a page to fault in and compare) as on a `PAGE` record
+/// (4 KiB), so a stretch of zero pages that is a few hundred KB of stream can be a
+/// second of the destination's time.
+#[derive(Debug)]
+pub struct Window {
+    state: Mutex<WindowState>,
+    cv: Condvar,
+    cap: u64,
+}
+
+#[derive(Debug, Default)]
+struct WindowState {
+    /// Cost of each frame sent and not yet acked, oldest first.
+    costs: VecDeque<u64>,
+    /// Frames acked so far (the frame number of `costs[0]`).
+    acked: u64,
+    outstanding: u64,
+    /// Largest `outstanding` seen.
+    peak: u64,
+    closed: bool,
+}
+
+impl Window {
+    /// A window of `cap` pages (one frame is always let through when it is empty).
+    pub fn new(cap: u64) -> Window {
+        Window {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            cap,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A stream frame costing `cost` pages was sent.
+    pub fn sent(&self, cost: u64) {
+        let mut w = self.lock();
+        w.costs.push_back(cost);
+        w.outstanding += cost;
+        w.peak = w.peak.max(w.outstanding);
+    }
+
+    /// The receiver has given frames `0..frames` to the destination QEMU.
+    pub fn acked(&self, frames: u64) {
+        let mut w = self.lock();
+        while w.acked < frames {
+            let Some(c) = w.costs.pop_front() else { break };
+            w.outstanding -= c;
+            w.acked += 1;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until fewer than `cap` pages are outstanding; `Ok(false)` if no ack came for
+    /// `stall` meanwhile.
+    pub fn wait_open(&self, stall: Duration) -> Result<bool, Closed> {
+        let mut w = self.lock();
+        while !w.closed && w.outstanding >= self.cap {
+            let (g, t) = self
+                .cv
+                .wait_timeout(w, stall)
+                .unwrap_or_else(|p| p.into_inner());
+            w = g;
+            if t.timed_out() && w.outstanding >= self.cap {
+                return Ok(false);
+            }
+        }
+        if w.closed {
+            return Err(Closed);
+        }
+        Ok(true)
+    }
+
+    /// Whether `more` pages on top of what is outstanding would overfill the window.
+    pub fn full_with(&self, more: u64) -> bool {
+        self.lock().outstanding + more >= self.cap
+    }
+
+    /// Pages outstanding now, and at most so far.
+    pub fn outstanding(&self) -> (u64, u64) {
+        let w = self.lock();
+        (w.outstanding, w.peak)
+    }
+
+    /// Wakes and fails every waiter (the session failed).
+    pub fn close(&self) {
+        self.lock().closed = true;
         self.cv.notify_all();
     }
 }
@@ -194,6 +302,39 @@ mod tests {
         assert_eq!(parse_rate("1000").unwrap(), 1000);
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("0").is_err());
+    }
+
+    #[test]
+    fn the_window_counts_pages_until_acked() {
+        let w = Window::new(100);
+        w.sent(60);
+        let long = Duration::from_secs(10);
+        assert_eq!(w.wait_open(long), Ok(true), "60 of 100 pages: open");
+        w.sent(1);
+        w.sent(50);
+        assert_eq!(w.outstanding(), (111, 111));
+        assert!(w.full_with(0));
+        w.acked(1);
+        assert_eq!(w.outstanding(), (51, 111));
+        assert!(!w.full_with(48) && w.full_with(49));
+        w.acked(3); // more than was sent: counts what there is
+        assert_eq!(w.outstanding().0, 0);
+        w.sent(200);
+        let waiter = std::thread::scope(|s| {
+            let t = s.spawn(|| w.wait_open(long));
+            std::thread::sleep(Duration::from_millis(20));
+            w.acked(4);
+            t.join().expect("waiter")
+        });
+        assert_eq!(waiter, Ok(true), "an ack opens the window");
+        w.sent(200);
+        assert_eq!(
+            w.wait_open(Duration::from_millis(10)),
+            Ok(false),
+            "no ack: stalled"
+        );
+        w.close();
+        assert_eq!(w.wait_open(long), Err(Closed));
     }
 
     #[test]

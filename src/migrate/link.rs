@@ -5,6 +5,7 @@
 use super::wire::{read_frame, write_frame, Frame, Hello, Role, Session, WireError, WireStats};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Kernel send buffer asked for on the sender's socket (Linux doubles it). Small, so that
@@ -34,6 +35,20 @@ pub enum LinkError {
 
 fn set_sndbuf(s: &TcpStream, bytes: usize) -> io::Result<()> {
     rustix::net::sockopt::set_socket_send_buffer_size(s, bytes).map_err(io::Error::from)
+}
+
+/// Bytes in `tcp`'s send queue that the peer has not acknowledged yet (`SIOCOUTQ`): what
+/// the link still owes, on top of pct's own queue.
+pub fn unacked_bytes(tcp: &TcpStream) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) stores one c_int through its pointer
+    // argument, which points at `n`, alive for the call; the descriptor is `tcp`'s own,
+    // open while `tcp` is borrowed.
+    let r = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// Connects to the receiver, retrying until `timeout` (it may still be starting).

@@ -12,6 +12,8 @@
 //!   runs it.
 //! - [`switchover`]: the check, with the guest stopped, that the stream holds its RAM as it
 //!   is (re-sending what QEMU's dirty tracking missed).
+//! - [`timeline`]: when each step of the switchover happened, on both ends (the downtime,
+//!   broken down).
 //! - [`summary`]: statistics of one migration, as text and JSON.
 //! - [`predict`]: `--dry-run`, what a migration would cost now.
 //! - [`inspect`]: reading a recorded stream after the fact.
@@ -32,4 +34,5 @@ pub mod source;
 pub mod stream;
 pub mod summary;
 pub mod switchover;
+pub mod timeline;
 pub mod wire;

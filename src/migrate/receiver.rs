@@ -28,6 +28,7 @@ mod pages;
 pub use pages::{bench_restore, read_pages, RestoreBench};
 
 use super::stream::{Decoder, Recorder};
+use super::timeline::{now_unix_ms, ReceiverMarks};
 use super::wire::{read_frame, write_frame, Frame, PageRefs, WireError, WireStats};
 use fallback::{FailedRun, Link};
 use pages::page_views;
@@ -36,7 +37,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,8 +48,11 @@ pub struct ReceiverOptions {
     pub frame_queue: usize,
     /// Restored items between the restorer and the emitter (the disk read-ahead).
     pub restore_queue: usize,
-    /// Ack after this many runs.
+    /// Ack after this many runs (the sender then drops their originals).
     pub ack_every: u64,
+    /// Ack after this many stream frames (and whenever the emitter runs out of work), for
+    /// the sender's end-to-end window.
+    pub ack_frames: u64,
     /// After a failed run hash, ask for per-page hashes and fetch only the pages that
     /// differ (otherwise fetch the whole run).
     pub page_hashes: bool,
@@ -62,6 +66,7 @@ impl Default for ReceiverOptions {
             frame_queue: 16,
             restore_queue: 32,
             ack_every: 32,
+            ack_frames: 8,
             page_hashes: true,
             record: None,
         }
@@ -113,6 +118,9 @@ pub struct ReceiverReport {
     pub loaded_at_unix_ms: Option<f64>,
     /// When the destination guest resumed (`RESUME` event), unless it was kept paused.
     pub resumed_at_unix_ms: Option<f64>,
+    /// The receiver's marks on the switchover timeline.
+    #[serde(default)]
+    pub marks: ReceiverMarks,
 }
 
 /// What the restorer hands the emitter.
@@ -145,8 +153,12 @@ enum Restored {
 
 type Failure = Arc<Mutex<Option<RecvError>>>;
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn fail(slot: &Failure, e: RecvError) {
-    let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = lock(slot);
     if s.is_none() {
         *s = Some(e);
     }
@@ -169,16 +181,20 @@ pub fn receive(
     let (ftx, frx) = sync_channel::<Frame>(opts.frame_queue);
     let (itx, irx) = sync_channel::<Restored>(opts.restore_queue);
     let restore_time = Arc::new(Mutex::new(Duration::ZERO));
+    let marks = Arc::new(Mutex::new(ReceiverMarks::default()));
 
     let reader = {
         let mut tcp = tcp.try_clone().map_err(RecvError::Io)?;
-        let (failure, stats) = (failure.clone(), stats.clone());
+        let (failure, stats, marks) = (failure.clone(), stats.clone(), marks.clone());
         std::thread::Builder::new()
             .name("pct-recv-reader".into())
             .spawn(move || loop {
                 match read_frame(&mut tcp, super::wire::MAX_PAYLOAD) {
                     Ok(Some((f, n))) => {
-                        stats.lock().unwrap_or_else(|p| p.into_inner()).count(&f, n);
+                        lock(&stats).count(&f, n);
+                        if matches!(f, Frame::End { .. }) {
+                            lock(&marks).end_read = Some(now_unix_ms());
+                        }
                         if let Frame::Error { message, .. } = f {
                             fail(&failure, RecvError::Peer(message));
                             return;
@@ -201,7 +217,7 @@ pub fn receive(
     };
 
     let restorer = {
-        let (failure, restore_time) = (failure.clone(), restore_time.clone());
+        let (failure, restore_time, marks) = (failure.clone(), restore_time.clone(), marks.clone());
         std::thread::Builder::new()
             .name("pct-recv-restorer".into())
             .spawn(move || {
@@ -220,7 +236,8 @@ pub fn receive(
                             if !unreadable.is_empty() && bad.is_empty() {
                                 bad = unreadable.clone();
                             }
-                            *restore_time.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed();
+                            *lock(&restore_time) += t.elapsed();
+                            lock(&marks).last_verified = Some(now_unix_ms());
                             Restored::Run {
                                 refs,
                                 data,
@@ -281,18 +298,18 @@ pub fn receive(
         Err(e) => {
             let _ = restorer.join();
             let _ = reader.join();
-            let first = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let first = lock(&failure).take();
             return Err(first.unwrap_or(e));
         }
     };
     // Reader and restorer stay blocked on the socket until the sender closes it (after
     // `Complete`); they end on their own and are not joined.
     drop((reader, restorer));
-    report.restore_seconds = restore_time
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_secs_f64();
-    let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report.restore_seconds = lock(&restore_time).as_secs_f64();
+    let last_emitted = report.marks.last_emitted;
+    report.marks = lock(&marks).clone();
+    report.marks.last_emitted = last_emitted;
+    let s = lock(&stats).clone();
     report.data_raw = s.passthrough_raw;
     report.data_wire = s.passthrough_wire;
     Ok((report, s))
@@ -301,7 +318,7 @@ pub fn receive(
 /// Sends a frame on the control path (fallback requests, acks).
 fn control(tcp: &mut TcpStream, stats: &Mutex<WireStats>, f: &Frame) -> Result<(), RecvError> {
     let n = write_frame(tcp, f)?;
-    stats.lock().unwrap_or_else(|p| p.into_inner()).count(f, n);
+    lock(stats).count(f, n);
     Ok(())
 }
 
@@ -320,29 +337,21 @@ fn emit(
     let mut probe = Some(Decoder::new());
     let mut names: Vec<String> = Vec::new();
     let mut out = Vec::with_capacity(1 << 20);
-    let mut acked = 0u64;
+    // Runs and stream frames given to QEMU, and as last acked.
+    let mut frames = 0u64;
+    let mut acked = (0u64, 0u64);
     let mut recorder = match &opts.record {
         Some(p) => Some(Recorder::create(p).map_err(RecvError::Io)?),
         None => None,
     };
-    let next = |held: &mut VecDeque<Restored>| -> Result<Restored, RecvError> {
-        if let Some(i) = held.pop_front() {
-            return Ok(i);
-        }
-        rx.recv().map_err(|_| {
-            failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .unwrap_or(RecvError::Closed)
-        })
-    };
+    let closed = || lock(failure).take().unwrap_or(RecvError::Closed);
     let mut write = |bytes: &[u8], r: &mut ReceiverReport, names: &mut Vec<String>| {
         qemu.write_all(bytes).map_err(RecvError::Qemu)?;
         if let Some(rec) = recorder.as_mut() {
             rec.record(bytes).map_err(RecvError::Io)?;
         }
         r.stream_bytes += bytes.len() as u64;
+        r.marks.last_emitted = Some(now_unix_ms());
         if let Some(p) = probe.as_mut() {
             p.feed(bytes);
             while p
@@ -359,8 +368,47 @@ fn emit(
         Ok::<(), RecvError>(())
     };
     loop {
-        match next(&mut held)? {
-            Restored::Bytes(b) => write(&b, &mut r, &mut names)?,
+        let item = match held.pop_front() {
+            Some(i) => i,
+            None => match rx.try_recv() {
+                Ok(i) => i,
+                Err(TryRecvError::Empty) => {
+                    // About to wait for the link: tell the sender how far QEMU got, so
+                    // that its window is open while this end has nothing to do.
+                    if frames > acked.1 {
+                        acked = (r.runs, frames);
+                        control(
+                            tcp,
+                            stats,
+                            &Frame::Ack {
+                                runs: r.runs,
+                                frames,
+                            },
+                        )?;
+                    }
+                    rx.recv().map_err(|_| closed())?
+                }
+                Err(TryRecvError::Disconnected) => return Err(closed()),
+            },
+        };
+        if matches!(item, Restored::Bytes(_) | Restored::Run { .. }) {
+            frames += 1;
+        }
+        match item {
+            Restored::Bytes(b) => {
+                write(&b, &mut r, &mut names)?;
+                if frames - acked.1 >= opts.ack_frames {
+                    acked = (r.runs, frames);
+                    control(
+                        tcp,
+                        stats,
+                        &Frame::Ack {
+                            runs: r.runs,
+                            frames,
+                        },
+                    )?;
+                }
+            }
             Restored::Run {
                 refs,
                 mut data,
@@ -409,9 +457,16 @@ fn emit(
                 r.fallback_pages += fetched as u64;
                 r.verified_pages += (n - fetched) as u64;
                 r.unreadable_pages += unreadable.len() as u64;
-                if r.runs - acked >= opts.ack_every {
-                    control(tcp, stats, &Frame::Ack { runs: r.runs })?;
-                    acked = r.runs;
+                if r.runs - acked.0 >= opts.ack_every || frames - acked.1 >= opts.ack_frames {
+                    acked = (r.runs, frames);
+                    control(
+                        tcp,
+                        stats,
+                        &Frame::Ack {
+                            runs: r.runs,
+                            frames,
+                        },
+                    )?;
                 }
             }
             Restored::Fallback { run, .. } | Restored::PageHashes { run, .. } => {
@@ -432,8 +487,15 @@ fn emit(
                 if let Some(rec) = recorder.take() {
                     rec.finish().map_err(RecvError::Io)?;
                 }
-                if r.runs > acked {
-                    control(tcp, stats, &Frame::Ack { runs: r.runs })?;
+                if frames > acked.1 {
+                    control(
+                        tcp,
+                        stats,
+                        &Frame::Ack {
+                            runs: r.runs,
+                            frames,
+                        },
+                    )?;
                 }
                 return Ok(r);
             }

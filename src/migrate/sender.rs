@@ -21,10 +21,11 @@
 
 mod encoder;
 
-use super::flow::{Outbox, TokenBucket};
+use super::flow::{Outbox, TokenBucket, Window};
 use super::refmap::RefMap;
 use super::stream::{RamBlock, StreamError, StreamStats};
 use super::switchover::{SwitchoverCheck, SwitchoverReport};
+use super::timeline::{now_unix_ms, SenderMarks};
 use super::wire::{hash_pages, read_frame, Frame, Payload, Session, WireError, WireStats};
 use encoder::Encoder;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -33,7 +34,7 @@ use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,9 @@ pub struct SenderOptions {
     pub batch_bytes: usize,
     /// Bytes of frames queued for the link at most.
     pub outbox_bytes: usize,
+    /// The end-to-end window: pages of stream sent but not yet given to the destination
+    /// QEMU, at most ([`Window`]).
+    pub window_pages: u64,
     /// Cap on pct's own sending rate, bytes per second.
     pub bandwidth: Option<u64>,
     /// Pages per reference run at most (one hash per run when the receiver agrees).
@@ -63,6 +67,8 @@ impl Default for SenderOptions {
             zstd_level: Some(1),
             batch_bytes: 256 << 10,
             outbox_bytes: 256 << 10,
+            // 8 MiB of pages: 15 to 30 ms of a destination QEMU's work.
+            window_pages: 2048,
             bandwidth: None,
             max_run_pages: 32,
             read_chunk: 256 << 10,
@@ -122,6 +128,8 @@ pub struct SenderReport {
     pub peak_originals: usize,
     /// What the switchover check found, if it ran.
     pub switchover: Option<SwitchoverReport>,
+    /// The sender's marks on the switchover timeline.
+    pub marks: SenderMarks,
     /// When the receiver's `Complete` arrived.
     pub completed_at: Instant,
     pub receiver: ReceiverEnd,
@@ -176,9 +184,47 @@ struct Pipeline {
     /// Original bytes of the runs not acked yet (the encoder adds, the listener serves).
     originals: Mutex<Originals>,
     counters: Arc<Counters>,
+    /// Stream frames not yet given to the destination QEMU.
+    window: Window,
+    /// The link, for asking the kernel how much it still holds.
+    tcp: TcpStream,
+    /// The guest is stopped (the `ram` section's END part has begun).
+    stopped: AtomicBool,
+    /// Fallback and hash requests answered since then.
+    final_requests: AtomicU64,
 }
 
 impl Pipeline {
+    /// The guest has stopped: notes pct's backlog (queued frames, unacknowledged bytes)
+    /// and the link bytes so far; returns the latter.
+    fn note_stop(&self, marks: &mut SenderMarks) -> u64 {
+        self.stopped.store(true, Ordering::Relaxed);
+        let unacked = super::link::unacked_bytes(&self.tcp).unwrap_or(0);
+        marks.backlog_bytes = Some(self.outbox.queued_bytes() as u64 + unacked);
+        marks.backlog_pages = Some(self.window.outstanding().0);
+        self.counters.wire_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request from the receiver that falls inside the downtime.
+    fn note_request(&self) {
+        if self.stopped.load(Ordering::Relaxed) {
+            self.final_requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a stream frame (data or run) costing the destination `cost` pages.
+    fn queue_stream(&self, f: &Frame, cost: u64) -> Result<(), SendError> {
+        // Counted before it can reach the receiver, whose ack may come back at once.
+        self.window.sent(cost);
+        self.queue(f, false)
+    }
+
+    /// Fails everything that waits on the pipeline (the session failed).
+    fn abort(&self) {
+        self.outbox.abort();
+        self.window.close();
+    }
+
     /// Encodes `f`, counts it, and queues it (urgent or not).
     fn queue(&self, f: &Frame, urgent: bool) -> Result<(), SendError> {
         let mut buf = Vec::new();
@@ -246,13 +292,17 @@ where
         check,
         counters,
     } = hooks;
+    let io = |what| move |source| SendError::Io { what, source };
     let shared = Arc::new(Pipeline {
         outbox: Outbox::new(opts.outbox_bytes),
+        window: Window::new(opts.window_pages),
         stats: Mutex::new(wire_stats),
         originals: Mutex::default(),
         counters,
+        tcp: tcp.try_clone().map_err(io("cloning the TCP socket"))?,
+        stopped: AtomicBool::new(false),
+        final_requests: AtomicU64::new(0),
     });
-    let io = |what| move |source| SendError::Io { what, source };
 
     let writer = {
         let mut tcp = tcp.try_clone().map_err(io("cloning the TCP socket"))?;
@@ -260,21 +310,23 @@ where
         let mut bucket = opts.bandwidth.map(TokenBucket::new);
         std::thread::Builder::new()
             .name("pct-send-writer".into())
-            .spawn(move || -> Result<(), io::Error> {
+            .spawn(move || -> Result<Option<f64>, io::Error> {
+                let mut last = None;
                 while let Some(b) = shared.outbox.pop() {
                     if let Some(tb) = bucket.as_mut() {
                         tb.take(b.len());
                     }
                     if let Err(e) = tcp.write_all(&b) {
-                        shared.outbox.abort();
+                        shared.abort();
                         return Err(e);
                     }
                     shared
                         .counters
                         .wire_bytes
                         .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    last = Some(now_unix_ms());
                 }
-                Ok(())
+                Ok(last)
             })
             .map_err(io("starting the writer thread"))?
     };
@@ -290,7 +342,7 @@ where
                 let r = listen(&mut tcp, &shared, level, hash_len);
                 if r.is_err() {
                     // Unblock the encoder wherever it waits.
-                    shared.outbox.abort();
+                    shared.abort();
                     let _ = qemu.shutdown(Shutdown::Read);
                 }
                 r
@@ -300,7 +352,7 @@ where
 
     let encoded = Encoder::new(&shared, &session, opts, map, check).and_then(|e| e.run(&mut qemu));
     if encoded.is_err() {
-        shared.outbox.abort();
+        shared.abort();
         let _ = tcp.shutdown(Shutdown::Both);
     }
     // The writer keeps running after the stream ended: fallback requests for the last
@@ -323,8 +375,16 @@ where
         (Ok(_), Err(e)) => return Err(e),
         (Ok(enc), Ok(end)) => (enc, end),
     };
-    wrote.map_err(io("sending to the receiver"))?;
+    let last_written = wrote.map_err(io("sending to the receiver"))?;
     let (enc, receiver) = end;
+    let mut marks = enc.marks;
+    marks.last_written = last_written;
+    marks.final_requests = shared.final_requests.load(Ordering::Relaxed);
+    marks.peak_window_pages = Some(shared.window.outstanding().1);
+    if let Some(at) = enc.wire_at_stop {
+        let total = shared.counters.wire_bytes.load(Ordering::Relaxed);
+        marks.final_wire_bytes = Some(total.saturating_sub(at));
+    }
     let peak_originals = lock(&shared.originals).peak;
     let wire = lock(&shared.stats).clone();
     Ok(SenderReport {
@@ -335,6 +395,7 @@ where
         fallback_pages: shared.counters.fallback_pages.load(Ordering::Relaxed),
         map_pages: enc.map_pages,
         switchover: enc.switchover,
+        marks,
         peak_originals,
         completed_at: Instant::now(),
         receiver,
@@ -356,6 +417,7 @@ fn listen(
         lock(&shared.stats).count(&frame, n);
         match frame {
             Frame::FallbackRequest { run, first, count } => {
+                shared.note_request();
                 let data = {
                     let o = lock(&shared.originals);
                     let pages = o.pages(run, first, count).ok_or_else(|| {
@@ -379,6 +441,7 @@ fn listen(
                 shared.queue(&reply, true)?;
             }
             Frame::HashRequest { run, first, count } => {
+                shared.note_request();
                 let hashes = {
                     let o = lock(&shared.originals);
                     let pages = o.pages(run, first, count).ok_or_else(|| {
@@ -398,7 +461,10 @@ fn listen(
                 };
                 shared.queue(&reply, true)?;
             }
-            Frame::Ack { runs } => lock(&shared.originals).ack(runs),
+            Frame::Ack { runs, frames } => {
+                lock(&shared.originals).ack(runs);
+                shared.window.acked(frames);
+            }
             Frame::Report { json } => report = serde_json::from_str(&json).ok(),
             Frame::Complete { stream_bytes } => {
                 return Ok(ReceiverEnd {

@@ -329,6 +329,7 @@ impl<'n> Source<'n> {
                 .or_else(|| r["loaded_at_unix_ms"].as_f64())
         });
         s.time.downtime_end_to_end_ms = stop_at.map(|t| dest.unwrap_or(confirmed) - t);
+        s.stopped_at(stop_at);
         s.time.scan_s = scan_s;
         s.capabilities_disabled = disabled;
         Ok(s)

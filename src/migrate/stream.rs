@@ -237,6 +237,44 @@ pub enum Record<'a> {
     VmDesc { json: &'a [u8] },
 }
 
+/// The switchover, as the stream shows it ([`Switchover::observe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchoverPoint {
+    /// The `ram` section's END part begins: QEMU has stopped the guest and sends its last
+    /// dirty pages.
+    EndPart,
+    /// That part's EOS: all of the guest's RAM is out of QEMU; device state follows.
+    Eos,
+}
+
+/// Follows the `ram` section through a stream and says when the switchover happens.
+#[derive(Debug, Clone, Default)]
+pub struct Switchover {
+    ram_section: Option<u32>,
+    /// Inside the `ram` section's END part.
+    in_final: bool,
+}
+
+impl Switchover {
+    /// Notes `rec` (in stream order); names the switchover point it is, if any.
+    pub fn observe(&mut self, rec: &Record<'_>) -> Option<SwitchoverPoint> {
+        match rec {
+            Record::Section(h) => {
+                if h.ident.is_some_and(|i| i.name == RAM_SECTION) {
+                    self.ram_section = Some(h.id);
+                }
+                self.in_final = h.kind == SectionKind::End && Some(h.id) == self.ram_section;
+                self.in_final.then_some(SwitchoverPoint::EndPart)
+            }
+            Record::Ram(RamRecord::Eos) if self.in_final => {
+                self.in_final = false;
+                Some(SwitchoverPoint::Eos)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Where in the stream an error was found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Context {

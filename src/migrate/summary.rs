@@ -4,6 +4,7 @@
 use super::receiver::ReceiverReport;
 use super::sender::SenderReport;
 use super::switchover::SwitchoverReport;
+use super::timeline::{Step, Timeline};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -75,6 +76,10 @@ pub struct Summary {
     pub restore_mb_per_s: Option<f64>,
     /// The check of the stream against the stopped source's RAM (`None`: not run).
     pub switchover_check: Option<SwitchoverReport>,
+    /// The switchover, step by step, on both ends (the caller adds the source's `STOP`).
+    pub timeline: Timeline,
+    /// The downtime's steps, longest first ([`Timeline::steps`]).
+    pub downtime_steps: Vec<Step>,
 }
 
 impl Summary {
@@ -117,12 +122,25 @@ impl Summary {
             },
             map_pages: s.map_pages,
             switchover_check: s.switchover.clone(),
+            timeline: Timeline {
+                sender: s.marks.clone(),
+                receiver: rx.as_ref().map(|r| r.marks.clone()).unwrap_or_default(),
+                loaded: rx.as_ref().and_then(|r| r.loaded_at_unix_ms),
+                resumed: rx.as_ref().and_then(|r| r.resumed_at_unix_ms),
+                ..Timeline::default()
+            },
             restore_mb_per_s: rx
                 .as_ref()
                 .filter(|r| r.restore_seconds > 0.0)
                 .map(|r| r.ref_pages as f64 * 4096.0 / r.restore_seconds / 1e6),
             ..Summary::default()
         }
+    }
+
+    /// Adds the source's `STOP` (Unix ms) to the timeline, and the steps it gives.
+    pub fn stopped_at(&mut self, stop: Option<f64>) {
+        self.timeline.stop = stop;
+        self.downtime_steps = self.timeline.steps();
     }
 
     pub fn to_text(&self) -> String {
@@ -173,6 +191,24 @@ impl Summary {
             let _ = write!(t, " ({d} ms by QEMU)");
         }
         let _ = writeln!(t);
+        if let Some(d) = tm.downtime_end_to_end_ms {
+            let line = self.timeline.to_line();
+            if !line.is_empty() {
+                let _ = writeln!(t, "  downtime {d:.0} ms: {line}");
+            }
+            let s = &self.timeline.sender;
+            if let (Some(st), Some(w)) = (s.final_stream_bytes, s.final_wire_bytes) {
+                let _ = writeln!(
+                    t,
+                    "    after the stop: {:.2} MB of QEMU stream, {:.2} MB on the wire; backlog then {:.2} MB on the link, {} pages short of the destination; {} round trips",
+                    mb(st),
+                    mb(w),
+                    mb(s.backlog_bytes.unwrap_or(0)),
+                    s.backlog_pages.unwrap_or(0),
+                    s.final_requests
+                );
+            }
+        }
         if let Some(s) = tm.scan_s {
             let _ = writeln!(
                 t,

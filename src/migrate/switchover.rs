@@ -19,7 +19,7 @@
 //! downtime (xxh3 at memory speed: about 60 ms per GiB here), so it is on by default only
 //! for TCG sources.
 
-use super::stream::{put_page, EncodeError, RamBlock, RamRecord, Record, SectionKind, RAM_SECTION};
+use super::stream::{put_page, EncodeError, RamBlock, RamRecord, Record};
 use crate::memory::GuestMemory;
 use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::xxh3_64;
@@ -57,9 +57,6 @@ pub struct SwitchoverCheck<'a> {
     block: Option<usize>,
     /// Per page, the hash of the last content forwarded (0: never sent).
     sent: Vec<u64>,
-    ram_section: Option<u32>,
-    /// Inside the `ram` section's END part: the guest is stopped.
-    in_final: bool,
     done: bool,
     /// The hash of a zero page (nearly every `ZERO` record's), computed once.
     zero_page: u64,
@@ -74,23 +71,16 @@ impl<'a> SwitchoverCheck<'a> {
             ram,
             block: None,
             sent: Vec::new(),
-            ram_section: None,
-            in_final: false,
             done: false,
             zero_page: page_hash(&[0; PAGE as usize]),
         })
     }
 
-    /// Notes `rec` (in stream order). Returns true when `rec` is the EOS that ends the
-    /// `ram` section's END part: call [`repair`](Self::repair) before forwarding it.
-    pub fn observe(&mut self, rec: &Record<'_>) -> bool {
+    /// Notes `rec` (in stream order). At the EOS that ends the `ram` section's END part
+    /// ([`stream::Switchover`](super::stream::Switchover) says which), call
+    /// [`repair`](Self::repair) before forwarding it.
+    pub fn observe(&mut self, rec: &Record<'_>) {
         match rec {
-            Record::Section(h) => {
-                if h.ident.is_some_and(|i| i.name == RAM_SECTION) {
-                    self.ram_section = Some(h.id);
-                }
-                self.in_final = h.kind == SectionKind::End && Some(h.id) == self.ram_section;
-            }
             Record::Ram(RamRecord::MemSize { blocks, .. }) if self.block.is_none() => {
                 self.announce(blocks)
             }
@@ -104,10 +94,13 @@ impl<'a> SwitchoverCheck<'a> {
                 };
                 self.note(page.offset, hash)
             }
-            Record::Ram(RamRecord::Eos) => return self.in_final && !self.done,
             _ => {}
         }
-        false
+    }
+
+    /// Whether [`repair`](Self::repair) has run.
+    pub fn done(&self) -> bool {
+        self.done
     }
 
     fn announce(&mut self, blocks: &[RamBlock]) {
@@ -132,22 +125,36 @@ impl<'a> SwitchoverCheck<'a> {
     }
 
     /// Compares every page sent so far with the guest's RAM now, and appends a `PAGE`
-    /// record to `out` for each one that differs. Call once, with the guest stopped.
+    /// record to `out` for each one that differs. Call once, with the guest stopped. The
+    /// pages are hashed by as many threads as the host has cores (up to 8): the guest's
+    /// vCPUs are stopped, and every millisecond here is downtime.
     pub fn repair(&mut self, out: &mut Vec<u8>) -> Result<SwitchoverReport, EncodeError> {
         let t = Instant::now();
         self.done = true;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let chunk = self.sent.len().div_ceil(threads).max(1);
+        let ram = self.ram;
+        let parts: Vec<Compared> = std::thread::scope(|s| {
+            let workers: Vec<_> = self
+                .sent
+                .chunks(chunk)
+                .enumerate()
+                .map(|(k, sent)| s.spawn(move || compare(ram, k * chunk, sent)))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
         let mut r = SwitchoverReport::default();
-        for (i, &sent) in self.sent.iter().enumerate() {
-            let offset = i as u64 * PAGE;
-            if sent == 0 {
-                r.pages_never_sent += 1;
-                continue;
-            }
-            let Some(now) = self.ram.live_block_page(offset) else {
-                continue;
-            };
-            r.pages_checked += 1;
-            if page_hash(now) != sent {
+        for part in parts {
+            r.pages_checked += part.checked;
+            r.pages_never_sent += part.never_sent;
+            for i in part.differ {
+                let offset = i as u64 * PAGE;
+                let Some(now) = self.ram.live_block_page(offset) else {
+                    continue;
+                };
                 // The first names the block, the rest continue it.
                 let name = (r.pages_resent == 0).then_some(self.name.as_str());
                 put_page(out, name, offset, now)?;
@@ -159,10 +166,42 @@ impl<'a> SwitchoverCheck<'a> {
     }
 }
 
+/// What one thread of [`SwitchoverCheck::repair`] found.
+#[derive(Debug, Default)]
+struct Compared {
+    checked: u64,
+    never_sent: u64,
+    /// Page indices whose content is not the one last sent.
+    differ: Vec<usize>,
+}
+
+/// Compares pages `first..first + sent.len()` of the live block with the hashes last sent.
+fn compare(ram: &GuestMemory, first: usize, sent: &[u64]) -> Compared {
+    let mut c = Compared::default();
+    for (k, &h) in sent.iter().enumerate() {
+        let i = first + k;
+        if h == 0 {
+            c.never_sent += 1;
+            continue;
+        }
+        let Some(now) = ram.live_block_page(i as u64 * PAGE) else {
+            continue;
+        };
+        c.checked += 1;
+        if page_hash(now) != h {
+            c.differ.push(i);
+        }
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migrate::stream::{PageAddr, SectionHeader, SectionIdent};
+    use crate::migrate::stream::{
+        PageAddr, SectionHeader, SectionIdent, SectionKind, Switchover, SwitchoverPoint,
+        RAM_SECTION,
+    };
 
     const BLOCK: &str = "ram0";
 
@@ -197,7 +236,7 @@ mod tests {
     }
 
     /// Feeds a stream that sent pages 0..3 as `sent` (page 3 never), up to the END part's
-    /// EOS; returns what the check re-sent.
+    /// EOS (as [`Switchover`] finds it); returns what the check re-sent.
     fn run(ram: &GuestMemory, sent: [u8; 3]) -> (SwitchoverReport, Vec<u8>) {
         let blocks = [RamBlock {
             name: BLOCK.into(),
@@ -206,17 +245,24 @@ mod tests {
         }];
         let pages: Vec<Vec<u8>> = sent.iter().map(|f| vec![*f; PAGE as usize]).collect();
         let mut c = SwitchoverCheck::new(ram).expect("a live view");
-        let eos = Record::Ram(RamRecord::Eos);
-        assert!(!c.observe(&section(SectionKind::Start)));
-        assert!(!c.observe(&Record::Ram(RamRecord::MemSize {
+        let mut at = Switchover::default();
+        let mut feed = |c: &mut SwitchoverCheck<'_>, rec: Record<'_>| {
+            c.observe(&rec);
+            at.observe(&rec)
+        };
+        let eos = || Record::Ram(RamRecord::Eos);
+        assert_eq!(feed(&mut c, section(SectionKind::Start)), None);
+        let size = Record::Ram(RamRecord::MemSize {
             total: 4 * PAGE,
             blocks: &blocks,
-        })));
-        assert!(
-            !c.observe(&eos),
+        });
+        assert_eq!(feed(&mut c, size), None);
+        assert_eq!(
+            feed(&mut c, eos()),
+            None,
             "an EOS before the END part is not the switchover"
         );
-        assert!(!c.observe(&section(SectionKind::Part)));
+        assert_eq!(feed(&mut c, section(SectionKind::Part)), None);
         for (i, p) in pages.iter().enumerate() {
             let rec = match p[0] {
                 0 => Record::Ram(RamRecord::Zero {
@@ -228,14 +274,24 @@ mod tests {
                     data: p,
                 }),
             };
-            assert!(!c.observe(&rec));
+            assert_eq!(feed(&mut c, rec), None);
         }
-        assert!(!c.observe(&eos));
-        assert!(!c.observe(&section(SectionKind::End)));
-        assert!(c.observe(&eos), "the END part's EOS is the switchover");
+        assert_eq!(feed(&mut c, eos()), None);
+        assert_eq!(
+            feed(&mut c, section(SectionKind::End)),
+            Some(SwitchoverPoint::EndPart),
+            "the END part begins the switchover"
+        );
+        assert_eq!(
+            feed(&mut c, eos()),
+            Some(SwitchoverPoint::Eos),
+            "the END part's EOS is the switchover"
+        );
         let mut out = Vec::new();
+        assert!(!c.done());
         let r = c.repair(&mut out).expect("repair");
-        assert!(!c.observe(&eos), "the check runs once");
+        assert!(c.done());
+        assert_eq!(feed(&mut c, eos()), None, "one switchover per stream");
         (r, out)
     }
 

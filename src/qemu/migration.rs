@@ -364,13 +364,22 @@ pub fn accept_source(l: &UnixListener, qmp: &mut Qmp) -> Result<UnixStream, CtlE
     }
 }
 
+/// Send buffer of pct's connection into the destination QEMU (Linux doubles it). Small:
+/// what pct has written there counts as delivered, and a destination QEMU can take a
+/// millisecond over a few KB of stream (a run of `ZERO` records, each a page to fault in).
+pub const DESTINATION_SEND_BUFFER: usize = 32 << 10;
+
 /// Connects to the destination QEMU's incoming socket `p` (after `migrate-incoming`),
 /// retrying until `timeout`.
 pub fn connect_destination(p: &Path, timeout: Duration) -> Result<UnixStream, CtlError> {
     let start = Instant::now();
     loop {
         match UnixStream::connect(p) {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                rustix::net::sockopt::set_socket_send_buffer_size(&s, DESTINATION_SEND_BUFFER)
+                    .map_err(|e| io_err("sizing the destination socket's send buffer")(e.into()))?;
+                return Ok(s);
+            }
             Err(e) if start.elapsed() > timeout => {
                 return Err(io_err(format!(
                     "connecting to the destination QEMU's incoming socket {}",
@@ -405,7 +414,13 @@ pub fn stock_migrate(
     let start = Instant::now();
     let query = loop {
         let q = src.execute("query-migrate", None)?;
-        if MigrationStatus::deserialize(&q["status"]).is_ok_and(MigrationStatus::is_final) {
+        // Until the outgoing migration has a state of its own, a QEMU that was itself once
+        // a destination answers with its incoming migration's (`completed`, no
+        // `total-time`): not this migration's end.
+        let outgoing = q.get("total-time").is_some() || q["status"] != "completed";
+        if outgoing
+            && MigrationStatus::deserialize(&q["status"]).is_ok_and(MigrationStatus::is_final)
+        {
             break q;
         }
         if start.elapsed() > timeout {

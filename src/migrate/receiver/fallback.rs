@@ -4,7 +4,7 @@
 
 use super::super::wire::{hash_page, Frame, PageRefs, WireStats, PAGE_SIZE};
 use super::pages::page_views;
-use super::{control, Failure, ReceiverReport, RecvError, Restored};
+use super::{control, lock, Failure, ReceiverReport, RecvError, Restored};
 use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::sync::mpsc::Receiver;
@@ -29,13 +29,10 @@ impl Link<'_> {
     /// is held back, in order.
     fn reply(&mut self) -> Result<Restored, RecvError> {
         loop {
-            let item = self.rx.recv().map_err(|_| {
-                self.failure
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                    .unwrap_or(RecvError::Closed)
-            })?;
+            let item = self
+                .rx
+                .recv()
+                .map_err(|_| lock(self.failure).take().unwrap_or(RecvError::Closed))?;
             match item {
                 Restored::Fallback { .. } | Restored::PageHashes { .. } => return Ok(item),
                 other => self.held.push_back(other),

@@ -10,12 +10,19 @@
 
 use super::{lock, pack, wait_readable, Pipeline, SendError, SenderOptions};
 use crate::migrate::refmap::RefMap;
-use crate::migrate::stream::{Decoder, Item, RamBlock, RamRecord, Record, Recorder, StreamStats};
+use crate::migrate::stream::{
+    Decoder, Item, RamBlock, RamRecord, Record, Recorder, StreamStats, Switchover, SwitchoverPoint,
+};
 use crate::migrate::switchover::{SwitchoverCheck, SwitchoverReport};
-use crate::migrate::wire::{Frame, PageRefs, RunBuilder, Session};
+use crate::migrate::timeline::{now_unix_ms, SenderMarks};
+use crate::migrate::wire::{Frame, PageRefs, RunBuilder, Session, PAGE_SIZE};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+/// How long the end-to-end window may stay full without an ack before the migration is
+/// failed (and cancelled: the source guest keeps running).
+const STALL: Duration = Duration::from_secs(120);
 
 /// What the encoder did.
 pub(super) struct Encoded {
@@ -24,6 +31,9 @@ pub(super) struct Encoded {
     pub(super) runs: u64,
     pub(super) map_pages: u64,
     pub(super) switchover: Option<SwitchoverReport>,
+    pub(super) marks: SenderMarks,
+    /// Link bytes sent when the guest stopped.
+    pub(super) wire_at_stop: Option<u64>,
 }
 
 /// The encoder's state over one stream.
@@ -37,11 +47,18 @@ pub(super) struct Encoder<'a, F> {
     map_pages: u64,
     check: Option<SwitchoverCheck<'a>>,
     switchover: Option<SwitchoverReport>,
+    /// Where the stream is with respect to the switchover.
+    at: Switchover,
+    marks: SenderMarks,
+    /// Stream offset and link bytes when the guest stopped.
+    at_stop: Option<(u64, u64)>,
     runs: RunBuilder,
     /// The current run's original bytes.
     run_pages: Vec<u8>,
     /// Stream bytes waiting for a data frame.
     batch: Vec<u8>,
+    /// `ZERO` records in the batch (each costs the destination a page).
+    batch_zero: u64,
     ref_pages: u64,
     run_count: u64,
     /// Stream bytes pct adds (pages the switchover check re-sent).
@@ -79,9 +96,13 @@ where
             map_pages: 0,
             check,
             switchover: None,
+            at: Switchover::default(),
+            marks: SenderMarks::default(),
+            at_stop: None,
             runs: RunBuilder::new(session).with_max_pages(opts.max_run_pages),
             run_pages: Vec::new(),
             batch: Vec::with_capacity(opts.batch_bytes + 8192),
+            batch_zero: 0,
             ref_pages: 0,
             run_count: 0,
             added: 0,
@@ -120,12 +141,51 @@ where
         self.finish(&dec)
     }
 
+    /// What the batch and the current run will cost the destination, in pages.
+    fn pending_pages(&self) -> u64 {
+        ((self.batch.len() + self.run_pages.len()) / PAGE_SIZE) as u64 + self.batch_zero
+    }
+
     /// Handles one record of QEMU's stream.
     fn record(&mut self, item: &Item<'_>) -> Result<(), SendError> {
-        if self.check.as_mut().is_some_and(|c| c.observe(&item.record)) {
-            // The END part's EOS: the guest is stopped, everything QEMU will send for RAM
-            // is out. Re-send what it missed, before the EOS.
-            self.resend_missed()?;
+        if self.shared.window.full_with(self.pending_pages()) {
+            // The destination is behind: send what is pending, and read no more of QEMU's
+            // stream until it caught up.
+            self.flush_run()?;
+            self.flush_batch()?;
+            let open = self
+                .shared
+                .window
+                .wait_open(STALL)
+                .map_err(|_| SendError::Closed)?;
+            if !open {
+                return Err(SendError::Protocol(format!(
+                    "the receiver gave the destination QEMU nothing for {} s (stream offset \
+                     {}): is the destination QEMU stuck?",
+                    STALL.as_secs(),
+                    item.offset
+                )));
+            }
+        }
+        if let Some(c) = self.check.as_mut() {
+            c.observe(&item.record);
+        }
+        match self.at.observe(&item.record) {
+            Some(SwitchoverPoint::EndPart) => {
+                self.marks.ram_end = Some(now_unix_ms());
+                let wire = self.shared.note_stop(&mut self.marks);
+                self.at_stop = Some((item.offset, wire));
+            }
+            Some(SwitchoverPoint::Eos) => {
+                // The guest is stopped, everything QEMU will send for RAM is out. Re-send
+                // what it missed, before the EOS.
+                self.marks.eos = Some(now_unix_ms());
+                if self.check.as_ref().is_some_and(|c| !c.done()) {
+                    self.resend_missed()?;
+                    self.marks.checked = Some(now_unix_ms());
+                }
+            }
+            None => {}
         }
         if let Some(r) = self.recorder.as_mut() {
             r.record(item.raw).map_err(recording)?;
@@ -155,6 +215,9 @@ where
         }
         self.flush_run()?;
         self.batch.extend_from_slice(item.raw);
+        if let Record::Ram(RamRecord::Zero { .. }) = item.record {
+            self.batch_zero += 1;
+        }
         if let Record::Ram(RamRecord::MemSize { blocks, .. }) = item.record {
             if self.map.is_some() {
                 self.take_map(blocks)?;
@@ -206,8 +269,10 @@ where
     fn flush_batch(&mut self) -> Result<(), SendError> {
         if !self.batch.is_empty() {
             let data = pack(&self.batch, self.opts.zstd_level)?;
-            self.shared.queue(&Frame::Data(data), false)?;
+            let cost = (self.batch.len() / PAGE_SIZE) as u64 + self.batch_zero;
+            self.shared.queue_stream(&Frame::Data(data), cost.max(1))?;
             self.batch.clear();
+            self.batch_zero = 0;
         }
         Ok(())
     }
@@ -222,8 +287,9 @@ where
 
     /// Sends a finished run; its originals are kept first, before the receiver can ask.
     fn send_run(&mut self, run: PageRefs) -> Result<(), SendError> {
+        let pages = run.pages.len() as u64;
         lock(&self.shared.originals).push(std::mem::take(&mut self.run_pages));
-        self.shared.queue(&Frame::PageRefs(run), false)?;
+        self.shared.queue_stream(&Frame::PageRefs(run), pages)?;
         self.run_count += 1;
         Ok(())
     }
@@ -244,12 +310,18 @@ where
             runs: self.run_count,
         };
         self.shared.queue(&end, false)?;
+        self.marks.end_queued = Some(now_unix_ms());
+        if let Some((offset, _)) = self.at_stop {
+            self.marks.final_stream_bytes = Some(dec.offset().saturating_sub(offset) + self.added);
+        }
         Ok(Encoded {
             stream: dec.stats().clone(),
             ref_pages: self.ref_pages,
             runs: self.run_count,
             map_pages: self.map_pages,
             switchover: self.switchover,
+            marks: self.marks,
+            wire_at_stop: self.at_stop.map(|a| a.1),
         })
     }
 }

@@ -71,9 +71,12 @@ pub enum Frame {
         hash_len: u8,
         hashes: Vec<u8>,
     },
-    /// Receiver → sender: runs `0..runs` are restored and emitted; drop their originals.
+    /// Receiver → sender: the destination QEMU has been given the stream frames (data
+    /// frames and runs, in stream order) `0..frames`, runs `0..runs` among them: drop
+    /// those runs' originals, and count the frames off the end-to-end window.
     Ack {
         runs: u64,
+        frames: u64,
     },
     /// Sender → receiver: QEMU's stream ended after `stream_bytes` bytes and `runs` runs.
     End {
@@ -181,7 +184,10 @@ impl Frame {
                 put_varint(out, (*count).into());
                 data.put(out);
             }
-            Frame::Ack { runs } => put_varint(out, *runs),
+            Frame::Ack { runs, frames } => {
+                put_varint(out, *runs);
+                put_varint(out, *frames);
+            }
             Frame::End { stream_bytes, runs } => {
                 put_varint(out, *stream_bytes);
                 put_varint(out, *runs);
@@ -256,7 +262,10 @@ impl Frame {
                     hashes,
                 }
             }
-            frame_type::ACK => Frame::Ack { runs: r.varint()? },
+            frame_type::ACK => Frame::Ack {
+                runs: r.varint()?,
+                frames: r.varint()?,
+            },
             frame_type::END => Frame::End {
                 stream_bytes: r.varint()?,
                 runs: r.varint()?,

@@ -8,8 +8,9 @@ use super::{check_hash_len, malformed, WireError, PAGE_SIZE};
 /// `PCTW`, first bytes of a hello payload.
 pub const MAGIC: [u8; 4] = *b"PCTW";
 /// This protocol's version. 2: per-page hashes on demand (`Frame::HashRequest`,
-/// `Frame::PageHashes`); peers must speak the same version.
-pub const VERSION: u16 = 2;
+/// `Frame::PageHashes`); 3: acks count the stream frames the destination QEMU was given
+/// (`Frame::Ack`'s `frames`, for the end-to-end window). Peers must speak the same version.
+pub const VERSION: u16 = 3;
 
 /// Capability bits of [`Hello`].
 pub mod caps {

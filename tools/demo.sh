@@ -69,6 +69,9 @@ print(f"{'bytes on the link (MB)':28}{sw/1e6:16.1f}{pw/1e6:14.1f}{ratio(pw, sw):
 print(f"{'total time (s)':28}{st:16.1f}{pt:14.1f}{ratio(pt, st):14.3f}")
 print(f"{'downtime (ms)':28}{sd:16.0f}{pd:14.0f}{ratio(pd, sd):14.3f}   (source STOP to destination RESUME)")
 print(f"{'  as QEMU reports it':28}{s.get('downtime', 0):16.0f}{p['time']['downtime_qemu_ms'] or 0:14.0f}")
+steps = p.get("downtime_steps") or []
+if steps:
+    print(f"{'  pct, longest steps':28}" + ", ".join(f"{x['from']}→{x['to']} {x['ms']:.0f}" for x in steps[:3]))
 pg = p["pages"]
 print(f"\npct: QEMU's stream {p['stream_bytes']/1e6:.1f} MB; {pg['teleported']} pages teleported "
       f"({pg['verified']} verified, {pg['fallen_back']} fallen back), {pg['sent']} sent, {pg['zero']} zero;")

@@ -108,7 +108,7 @@ struct SendArgs {
     record_stream: Option<PathBuf>,
     /// At switchover, compare every page the destination will hold with the stopped
     /// source's RAM and re-send those that differ (what QEMU's dirty tracking missed; QEMU
-    /// before 9.0 misses writes under TCG). auto: on for TCG guests.
+    /// before 9.0 misses writes under TCG). auto: on for TCG guests of QEMU before 9.0.
     #[arg(long, value_enum, default_value_t = CheckMode::Auto)]
     switchover_check: CheckMode,
 }

@@ -32,8 +32,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-/// When the switchover check runs (`--switchover-check`): `Auto` runs it for TCG guests
-/// (`query-kvm`), whose QEMU before 9.0 misses writes.
+/// When the switchover check runs (`--switchover-check`): `Auto` runs it where QEMU's
+/// dirty tracking misses writes: TCG guests (`query-kvm`) of QEMU before 9.0
+/// (`query-version`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CheckMode {
     Auto,
@@ -150,7 +151,7 @@ impl<'n> Source<'n> {
         let check_wanted = match opts.switchover_check {
             CheckMode::On => true,
             CheckMode::Off => false,
-            CheckMode::Auto => !ctl::uses_kvm(&mut connect(&opts.qmp)?)?,
+            CheckMode::Auto => ctl::misses_writes(&mut connect(&opts.qmp)?)?,
         };
         let mem = if map || check_wanted {
             Some(live::open_live(&opts.qmp).map_err(|e| anyhow!("mapping the guest's RAM: {e}"))?)
@@ -221,6 +222,7 @@ impl<'n> Source<'n> {
             bail!("the source guest is `{state}`: nothing to migrate");
         }
         let disabled = ctl::prepare(&mut qmp)?;
+        let downtime_limit = ctl::downtime_limit(&mut qmp)?;
         if !disabled.is_empty() {
             notify(Notice::CapabilitiesOff(&disabled));
         }
@@ -330,6 +332,7 @@ impl<'n> Source<'n> {
         });
         s.time.downtime_end_to_end_ms = stop_at.map(|t| dest.unwrap_or(confirmed) - t);
         s.stopped_at(stop_at);
+        s.time.downtime_limit_ms = downtime_limit;
         s.time.scan_s = scan_s;
         s.capabilities_disabled = disabled;
         Ok(s)

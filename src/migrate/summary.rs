@@ -47,6 +47,8 @@ pub struct Timing {
     /// `RESUME` event), or, for a destination kept paused, to the destination QEMU had
     /// loaded everything (`MIGRATION completed`). Event times are the hosts' wall clocks.
     pub downtime_end_to_end_ms: Option<f64>,
+    /// QEMU's `downtime-limit` on the source: the pause the operator allowed.
+    pub downtime_limit_ms: Option<u64>,
     /// Taking the cache map.
     pub scan_s: Option<f64>,
     /// Receiver: reading and hashing teleported pages.
@@ -195,6 +197,16 @@ impl Summary {
             let line = self.timeline.to_line();
             if !line.is_empty() {
                 let _ = writeln!(t, "  downtime {d:.0} ms: {line}");
+            }
+            if let Some(limit) = tm.downtime_limit_ms.filter(|&l| d > l as f64) {
+                let longest = self.downtime_steps.first().map_or(String::new(), |s| {
+                    format!("; the longest step: {}→{} {:.0} ms", s.from, s.to, s.ms)
+                });
+                let _ = writeln!(
+                    t,
+                    "  warning: the guest was paused {:.0} ms longer than QEMU's downtime-limit of {limit} ms{longest}",
+                    d - limit as f64
+                );
             }
             let s = &self.timeline.sender;
             if let (Some(st), Some(w)) = (s.final_stream_bytes, s.final_wire_bytes) {

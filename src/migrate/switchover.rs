@@ -40,9 +40,14 @@ pub struct SwitchoverReport {
     pub pages_resent: u64,
     /// Pages QEMU never sent (left alone: QEMU had its reasons, e.g. a discarded range).
     pub pages_never_sent: u64,
-    /// Time spent, all of it inside the downtime.
+    /// Time from the END part's EOS until the check was done: what it added to the
+    /// downtime.
     #[serde(serialize_with = "as_ms")]
     pub time: Duration,
+    /// Time spent hashing the stopped guest's RAM, from the END part's start (it overlaps
+    /// the END part's transfer).
+    #[serde(serialize_with = "as_ms")]
+    pub hash_time: Duration,
 }
 
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -124,75 +129,95 @@ impl<'a> SwitchoverCheck<'a> {
         }
     }
 
-    /// Compares every page sent so far with the guest's RAM now, and appends a `PAGE`
-    /// record to `out` for each one that differs. Call once, with the guest stopped. The
-    /// pages are hashed by as many threads as the host has cores (up to 8): the guest's
-    /// vCPUs are stopped, and every millisecond here is downtime.
-    pub fn repair(&mut self, out: &mut Vec<u8>) -> Result<SwitchoverReport, EncodeError> {
-        let t = Instant::now();
-        self.done = true;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        let chunk = self.sent.len().div_ceil(threads).max(1);
-        let ram = self.ram;
-        let parts: Vec<Compared> = std::thread::scope(|s| {
-            let workers: Vec<_> = self
-                .sent
-                .chunks(chunk)
-                .enumerate()
-                .map(|(k, sent)| s.spawn(move || compare(ram, k * chunk, sent)))
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        let mut r = SwitchoverReport::default();
-        for part in parts {
-            r.pages_checked += part.checked;
-            r.pages_never_sent += part.never_sent;
-            for i in part.differ {
-                let offset = i as u64 * PAGE;
-                let Some(now) = self.ram.live_block_page(offset) else {
-                    continue;
-                };
-                // The first names the block, the rest continue it.
-                let name = (r.pages_resent == 0).then_some(self.name.as_str());
-                put_page(out, name, offset, now)?;
-                r.pages_resent += 1;
+    /// The hashing half of the check, to run (on its own thread) once the guest is
+    /// stopped: the `ram` section's END part may still be on its way meanwhile. Hashes
+    /// every page of the live block with as many threads as the host has cores (up to 8):
+    /// the guest's vCPUs are stopped, and the check is downtime.
+    pub fn hasher(&self) -> impl FnOnce() -> LiveHashes + Send + 'a {
+        let (ram, pages) = (self.ram, self.sent.len());
+        move || {
+            let t = Instant::now();
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+            let chunk = pages.div_ceil(threads).max(1);
+            let hashes = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..pages)
+                    .step_by(chunk)
+                    .map(|first| s.spawn(move || hash_pages(ram, first, chunk.min(pages - first))))
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            });
+            LiveHashes {
+                hashes,
+                time: t.elapsed(),
             }
         }
+    }
+
+    /// Compares every page sent so far with `live` (the stopped guest's RAM, from
+    /// [`hasher`](Self::hasher)), and appends a `PAGE` record to `out` for each one that
+    /// differs. Call once, at the END part's EOS.
+    pub fn repair_with(
+        &mut self,
+        live: LiveHashes,
+        out: &mut Vec<u8>,
+    ) -> Result<SwitchoverReport, EncodeError> {
+        let t = Instant::now();
+        self.done = true;
+        let mut r = SwitchoverReport {
+            hash_time: live.time,
+            ..SwitchoverReport::default()
+        };
+        for (i, (&sent, &now)) in self.sent.iter().zip(&live.hashes).enumerate() {
+            if sent == 0 {
+                r.pages_never_sent += 1;
+                continue;
+            }
+            if now == 0 {
+                continue; // past the RAM file
+            }
+            r.pages_checked += 1;
+            if now == sent {
+                continue;
+            }
+            let offset = i as u64 * PAGE;
+            let Some(page) = self.ram.live_block_page(offset) else {
+                continue;
+            };
+            // The first names the block, the rest continue it.
+            let name = (r.pages_resent == 0).then_some(self.name.as_str());
+            put_page(out, name, offset, page)?;
+            r.pages_resent += 1;
+        }
+        r.time = t.elapsed();
+        Ok(r)
+    }
+
+    /// [`hasher`](Self::hasher) and [`repair_with`](Self::repair_with) in one go, with
+    /// the guest stopped.
+    pub fn repair(&mut self, out: &mut Vec<u8>) -> Result<SwitchoverReport, EncodeError> {
+        let t = Instant::now();
+        let live = self.hasher()();
+        let mut r = self.repair_with(live, out)?;
         r.time = t.elapsed();
         Ok(r)
     }
 }
 
-/// What one thread of [`SwitchoverCheck::repair`] found.
+/// The hash of every page of the live block at one moment (0: past the RAM file).
 #[derive(Debug, Default)]
-struct Compared {
-    checked: u64,
-    never_sent: u64,
-    /// Page indices whose content is not the one last sent.
-    differ: Vec<usize>,
+pub struct LiveHashes {
+    hashes: Vec<u64>,
+    time: Duration,
 }
 
-/// Compares pages `first..first + sent.len()` of the live block with the hashes last sent.
-fn compare(ram: &GuestMemory, first: usize, sent: &[u64]) -> Compared {
-    let mut c = Compared::default();
-    for (k, &h) in sent.iter().enumerate() {
-        let i = first + k;
-        if h == 0 {
-            c.never_sent += 1;
-            continue;
-        }
-        let Some(now) = ram.live_block_page(i as u64 * PAGE) else {
-            continue;
-        };
-        c.checked += 1;
-        if page_hash(now) != h {
-            c.differ.push(i);
-        }
-    }
-    c
+/// Hashes `count` pages of the live block from page `first` on.
+fn hash_pages(ram: &GuestMemory, first: usize, count: usize) -> Vec<u64> {
+    (first..first + count)
+        .map(|i| ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash))
+        .collect()
 }
 
 #[cfg(test)]

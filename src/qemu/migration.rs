@@ -95,6 +95,12 @@ pub fn prepare(qmp: &mut Qmp) -> Result<Vec<String>, CtlError> {
     Ok(off)
 }
 
+/// QEMU's `downtime-limit` parameter (ms): the pause the operator allows.
+pub fn downtime_limit(qmp: &mut Qmp) -> Result<Option<u64>, CtlError> {
+    let params = qmp.execute("query-migrate-parameters", None)?;
+    Ok(params.get("downtime-limit").and_then(Value::as_u64))
+}
+
 /// Asks QEMU for `MIGRATION` status events (to time the destination's side).
 pub fn enable_events(qmp: &mut Qmp) -> Result<(), CtlError> {
     qmp.execute(
@@ -226,6 +232,23 @@ pub fn run_state(qmp: &mut Qmp) -> Result<RunState, CtlError> {
 pub fn uses_kvm(qmp: &mut Qmp) -> Result<bool, CtlError> {
     let v = qmp.execute("query-kvm", None)?;
     Ok(v["enabled"].as_bool().unwrap_or(false))
+}
+
+/// QEMU's version (`query-version`): major and minor.
+pub fn version(qmp: &mut Qmp) -> Result<(u64, u64), CtlError> {
+    let v = qmp.execute("query-version", None)?;
+    let q = &v["qemu"];
+    match (q["major"].as_u64(), q["minor"].as_u64()) {
+        (Some(major), Some(minor)) => Ok((major, minor)),
+        _ => Err(CtlError::State(format!("query-version answered {v}"))),
+    }
+}
+
+/// Whether this QEMU's dirty tracking can miss guest writes: QEMU before 9.0 under TCG
+/// (fixed upstream by commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency
+/// with TCG memory access").
+pub fn misses_writes(qmp: &mut Qmp) -> Result<bool, CtlError> {
+    Ok(!uses_kvm(qmp)? && version(qmp)?.0 < 9)
 }
 
 /// Starts the outgoing migration into `uri` (e.g. `unix:/run/pct/x.sock`).

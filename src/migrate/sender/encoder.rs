@@ -13,11 +13,12 @@ use crate::migrate::refmap::RefMap;
 use crate::migrate::stream::{
     Decoder, Item, RamBlock, RamRecord, Record, Recorder, StreamStats, Switchover, SwitchoverPoint,
 };
-use crate::migrate::switchover::{SwitchoverCheck, SwitchoverReport};
+use crate::migrate::switchover::{LiveHashes, SwitchoverCheck, SwitchoverReport};
 use crate::migrate::timeline::{now_unix_ms, SenderMarks};
 use crate::migrate::wire::{Frame, PageRefs, RunBuilder, Session, PAGE_SIZE};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
 /// How long the end-to-end window may stay full without an ack before the migration is
@@ -112,33 +113,79 @@ where
 
     /// Encodes the whole stream QEMU sends on `qemu`, then the `End` frame.
     pub(super) fn run(mut self, qemu: &mut UnixStream) -> Result<Encoded, SendError> {
-        let mut dec = Decoder::new();
-        loop {
-            while dec.advance()? {
-                let Some(item) = dec.item() else { break };
-                self.shared
-                    .counters
-                    .stream_bytes
-                    .store(dec.offset(), Ordering::Relaxed);
-                self.record(&item)?;
+        std::thread::scope(|scope| {
+            let mut dec = Decoder::new();
+            // The switchover check's hashing of the stopped guest, once begun.
+            let mut hashing = None;
+            loop {
+                while dec.advance()? {
+                    let Some(item) = dec.item() else { break };
+                    self.shared
+                        .counters
+                        .stream_bytes
+                        .store(dec.offset(), Ordering::Relaxed);
+                    self.switchover(&item, scope, &mut hashing)?;
+                    self.record(&item)?;
+                }
+                // About to wait for QEMU: send what is pending so the receiver is never
+                // starved.
+                if !wait_readable(qemu, Duration::ZERO) {
+                    self.flush_run()?;
+                    self.flush_batch()?;
+                }
+                let n = dec
+                    .read_from(qemu, self.opts.read_chunk)
+                    .map_err(|e| SendError::Io {
+                        what: "reading QEMU's migration stream",
+                        source: e,
+                    })?;
+                if n == 0 {
+                    dec.finish()?;
+                    break;
+                }
             }
-            // About to wait for QEMU: send what is pending so the receiver is never starved.
-            if !wait_readable(qemu, Duration::ZERO) {
-                self.flush_run()?;
-                self.flush_batch()?;
-            }
-            let n = dec
-                .read_from(qemu, self.opts.read_chunk)
-                .map_err(|e| SendError::Io {
-                    what: "reading QEMU's migration stream",
-                    source: e,
-                })?;
-            if n == 0 {
-                dec.finish()?;
-                break;
-            }
+            self.finish(&dec)
+        })
+    }
+
+    /// Follows the switchover. When the `ram` section's END part begins, the guest is
+    /// stopped: marks the time and pct's backlog, and starts hashing the guest's RAM for
+    /// the switchover check while the END part streams on. At its EOS, everything QEMU
+    /// will send for RAM is out: re-sends what it missed, before the EOS.
+    fn switchover<'s>(
+        &mut self,
+        item: &Item<'_>,
+        scope: &'s Scope<'s, '_>,
+        hashing: &mut Option<ScopedJoinHandle<'s, LiveHashes>>,
+    ) -> Result<(), SendError>
+    where
+        'a: 's,
+    {
+        if let Some(c) = self.check.as_mut() {
+            c.observe(&item.record);
         }
-        self.finish(&dec)
+        match self.at.observe(&item.record) {
+            Some(SwitchoverPoint::EndPart) => {
+                self.marks.ram_end = Some(now_unix_ms());
+                let wire = self.shared.note_stop(&mut self.marks);
+                self.at_stop = Some((item.offset, wire));
+                if let Some(c) = self.check.as_ref().filter(|c| !c.done()) {
+                    *hashing = Some(scope.spawn(c.hasher()));
+                }
+            }
+            Some(SwitchoverPoint::Eos) => {
+                self.marks.eos = Some(now_unix_ms());
+                let live = hashing
+                    .take()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                if self.check.as_ref().is_some_and(|c| !c.done()) {
+                    self.resend_missed(live)?;
+                    self.marks.checked = Some(now_unix_ms());
+                }
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// What the batch and the current run will cost the destination, in pages.
@@ -166,26 +213,6 @@ where
                     item.offset
                 )));
             }
-        }
-        if let Some(c) = self.check.as_mut() {
-            c.observe(&item.record);
-        }
-        match self.at.observe(&item.record) {
-            Some(SwitchoverPoint::EndPart) => {
-                self.marks.ram_end = Some(now_unix_ms());
-                let wire = self.shared.note_stop(&mut self.marks);
-                self.at_stop = Some((item.offset, wire));
-            }
-            Some(SwitchoverPoint::Eos) => {
-                // The guest is stopped, everything QEMU will send for RAM is out. Re-send
-                // what it missed, before the EOS.
-                self.marks.eos = Some(now_unix_ms());
-                if self.check.as_ref().is_some_and(|c| !c.done()) {
-                    self.resend_missed()?;
-                    self.marks.checked = Some(now_unix_ms());
-                }
-            }
-            None => {}
         }
         if let Some(r) = self.recorder.as_mut() {
             r.record(item.raw).map_err(recording)?;
@@ -247,15 +274,18 @@ where
 
     /// The switchover check: re-sends, as `PAGE` records in the current batch, the pages
     /// whose last record does not hold the stopped guest's RAM.
-    fn resend_missed(&mut self) -> Result<(), SendError> {
+    /// `live`: the stopped guest's page hashes, if hashed already.
+    fn resend_missed(&mut self, live: Option<LiveHashes>) -> Result<(), SendError> {
         self.flush_run()?;
         let Some(check) = self.check.as_mut() else {
             return Ok(());
         };
         let mut extra = Vec::new();
-        let report = check
-            .repair(&mut extra)
-            .map_err(|e| SendError::Protocol(format!("re-sending pages: {e}")))?;
+        let repaired = match live {
+            Some(live) => check.repair_with(live, &mut extra),
+            None => check.repair(&mut extra),
+        };
+        let report = repaired.map_err(|e| SendError::Protocol(format!("re-sending pages: {e}")))?;
         if let Some(r) = self.recorder.as_mut() {
             r.record(&extra).map_err(recording)?;
         }

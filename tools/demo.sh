@@ -80,5 +80,5 @@ print(f"     {p['reference_bytes_per_page']:.2f} bytes per teleported page, data
 c = p.get("switchover_check")
 if c:
     print(f"     switchover check: {c['pages_checked']} pages compared with the stopped guest in "
-          f"{c['time']:.0f} ms, {c['pages_resent']} re-sent (writes QEMU's dirty tracking missed)")
+          f"{c.get('hash_time', c['time']):.0f} ms ({c['time']:.0f} ms of it after the EOS), {c['pages_resent']} re-sent (writes QEMU's dirty tracking missed)")
 PY

@@ -316,10 +316,13 @@ impl Guest {
         loop {
             let log = self.serial_log();
             if let Some(tail) = log.get(skip..) {
-                if let Some(line) = tail.lines().find(|l| l.starts_with(marker)) {
-                    return line.to_owned();
+                // Whole lines only: the UART writes the log a character at a time, so its
+                // last line may still be growing.
+                let done = tail.rfind('\n').map_or("", |end| &tail[..end]);
+                if let Some(line) = done.lines().find(|l| l.starts_with(marker)) {
+                    return line.trim_end().to_owned();
                 }
-                if let Some(err) = tail.lines().find(|l| l.starts_with("PCT-ERROR")) {
+                if let Some(err) = done.lines().find(|l| l.starts_with("PCT-ERROR")) {
                     panic!("guest reported: {err}\n{}", self.log_tail());
                 }
             }
@@ -342,13 +345,25 @@ impl Guest {
     }
 
     /// Sends a command line to the guest init and waits for its answer marker.
+    ///
+    /// The socket is closed as soon as the line is written: while a client is connected,
+    /// QEMU also sends it everything the guest prints, one byte per socket write, and a
+    /// client that never reads fills its socket buffer within a few hundred characters
+    /// (each byte is charged a whole buffer's overhead). QEMU's UART then stops
+    /// transmitting and the guest blocks on its console. QEMU reads what was written
+    /// before it sees the close.
     pub fn command(&mut self, cmd: &str, answer: &str, timeout: Duration) -> String {
         let skip = self.serial_log().len();
         let mut s = UnixStream::connect(self.path("serial.sock")).expect("serial socket");
         s.write_all(format!("{cmd}\n").as_bytes())
             .expect("serial write");
-        let line = self.wait_serial(skip, answer, timeout);
         drop(s);
+        let t = Instant::now();
+        let line = self.wait_serial(skip, answer, timeout);
+        eprintln!(
+            "lab: '{cmd}' answered in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         line
     }
 
@@ -424,9 +439,14 @@ fn log_tail(dir: &Path) -> String {
     let mut s = String::new();
     for f in ["qemu.err", "qemu.out", "serial.log"] {
         let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let beats = text.lines().filter(|l| l.contains("HEARTBEAT"));
+        let (count, last) = beats.fold((0, ""), |(n, _), l| (n + 1, l));
         let lines: Vec<&str> = text.lines().filter(|l| !l.contains("HEARTBEAT")).collect();
         let from = lines.len().saturating_sub(25);
         s += &format!("--- {f} ---\n{}\n", lines[from..].join("\n"));
+        if count > 0 {
+            s += &format!("({count} heartbeat lines left out, the last '{last}')\n");
+        }
     }
     s
 }

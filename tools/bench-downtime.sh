@@ -21,9 +21,7 @@ source tools/migrate-lib.sh
 ml_start downtime "${rates%% *}"
 
 echo "== booting the apache guest"
-ml_guest a "$RUN/src" "pct-bdt-src-$$" --workload apache
-ml_wait_serial "$RUN/src" PCT-READY
-cp --sparse=always "$RUN/src/disk.img" "$RUN/b.img"
+ml_apache_source "$RUN/src" "pct-bdt-src-$$" "$RUN/b.img"
 
 i=0
 for rate in $rates; do

@@ -18,9 +18,7 @@ source tools/migrate-lib.sh
 ml_start bench "$rate"
 
 echo "== booting the apache guest"
-ml_guest a "$RUN/g1" "pct-bench-1-$$" --workload apache
-ml_wait_serial "$RUN/g1" PCT-READY
-cp --sparse=always "$RUN/g1/disk.img" "$RUN/b.img"
+ml_apache_source "$RUN/g1" "pct-bench-1-$$" "$RUN/b.img"
 ml_guest b "$RUN/g2" "pct-bench-2-$$" --workload apache --disk "$RUN/b.img" --incoming
 
 echo "== 1/3 pct, teleportation on ($rate)"

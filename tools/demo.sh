@@ -28,10 +28,8 @@ ml_start demo "$rate"
 echo "== link: namespaces $NS-a (10.77.0.1) and $NS-b (10.77.0.2), veth shaped to $rate"
 
 echo "== booting the source guest (apache workload) in $NS-a"
-ml_guest a "$RUN/src" "pct-demo-src-$$" --workload apache
-ml_wait_serial "$RUN/src" PCT-READY
+ml_apache_source "$RUN/src" "pct-demo-src-$$" "$RUN/dst.img"
 python3 tools/lab/oracle-summary.py "$RUN/src/oracle.img" 2>/dev/null | head -4 || true
-cp --sparse=always "$RUN/src/disk.img" "$RUN/dst.img"
 ml_guest b "$RUN/dst" "pct-demo-dst-$$" --workload apache --disk "$RUN/dst.img" --incoming
 
 echo "== what pct sees in the guest (pct-migrate --dry-run)"

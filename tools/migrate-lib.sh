@@ -91,6 +91,14 @@ ml_guest() {
 	done
 }
 
+# ml_apache_source DIR NAME COPY: boots the apache guest in namespace a, waits until it is
+# ready, and copies its disk to COPY (the destination's mirrored disk).
+ml_apache_source() {
+	ml_guest a "$1" "$2" --workload apache
+	ml_wait_serial "$1" PCT-READY
+	cp --sparse=always "$1/disk.img" "$3"
+}
+
 # ml_stop DIR: stops the guest of DIR and removes its RAM file.
 ml_stop() {
 	local pid
@@ -120,7 +128,7 @@ ml_verify() {
 	local start=$SECONDS
 	while [ $((SECONDS - start)) -lt 180 ]; do
 		local line
-		line=$(tail -c +"$((before + 1))" "$dir/serial.log" | grep -a -m1 '^PCT-VERIFY-' || true)
+		line=$(tail -c +"$((before + 1))" "$dir/serial.log" | grep -a -m1 -E '^PCT-VERIFY-(OK|FAIL)' | tr -d '\r' || true)
 		if [ -n "$line" ]; then
 			echo "$line"
 			return 0

@@ -322,6 +322,22 @@ fn control(tcp: &mut TcpStream, stats: &Mutex<WireStats>, f: &Frame) -> Result<(
     Ok(())
 }
 
+/// Acks, unless the last ack already said as much: `runs` restored and `frames` stream
+/// frames given to QEMU (what the sender's window counts, see [`super::flow::Window`]).
+fn ack(
+    tcp: &mut TcpStream,
+    stats: &Mutex<WireStats>,
+    acked: &mut (u64, u64),
+    runs: u64,
+    frames: u64,
+) -> Result<(), RecvError> {
+    if frames > acked.1 {
+        *acked = (runs, frames);
+        control(tcp, stats, &Frame::Ack { runs, frames })?;
+    }
+    Ok(())
+}
+
 /// The emitter: writes the stream to QEMU in order.
 fn emit(
     qemu: &mut UnixStream,
@@ -375,17 +391,7 @@ fn emit(
                 Err(TryRecvError::Empty) => {
                     // About to wait for the link: tell the sender how far QEMU got, so
                     // that its window is open while this end has nothing to do.
-                    if frames > acked.1 {
-                        acked = (r.runs, frames);
-                        control(
-                            tcp,
-                            stats,
-                            &Frame::Ack {
-                                runs: r.runs,
-                                frames,
-                            },
-                        )?;
-                    }
+                    ack(tcp, stats, &mut acked, r.runs, frames)?;
                     rx.recv().map_err(|_| closed())?
                 }
                 Err(TryRecvError::Disconnected) => return Err(closed()),
@@ -398,15 +404,7 @@ fn emit(
             Restored::Bytes(b) => {
                 write(&b, &mut r, &mut names)?;
                 if frames - acked.1 >= opts.ack_frames {
-                    acked = (r.runs, frames);
-                    control(
-                        tcp,
-                        stats,
-                        &Frame::Ack {
-                            runs: r.runs,
-                            frames,
-                        },
-                    )?;
+                    ack(tcp, stats, &mut acked, r.runs, frames)?;
                 }
             }
             Restored::Run {
@@ -458,15 +456,7 @@ fn emit(
                 r.verified_pages += (n - fetched) as u64;
                 r.unreadable_pages += unreadable.len() as u64;
                 if r.runs - acked.0 >= opts.ack_every || frames - acked.1 >= opts.ack_frames {
-                    acked = (r.runs, frames);
-                    control(
-                        tcp,
-                        stats,
-                        &Frame::Ack {
-                            runs: r.runs,
-                            frames,
-                        },
-                    )?;
+                    ack(tcp, stats, &mut acked, r.runs, frames)?;
                 }
             }
             Restored::Fallback { run, .. } | Restored::PageHashes { run, .. } => {
@@ -487,16 +477,7 @@ fn emit(
                 if let Some(rec) = recorder.take() {
                     rec.finish().map_err(RecvError::Io)?;
                 }
-                if frames > acked.1 {
-                    control(
-                        tcp,
-                        stats,
-                        &Frame::Ack {
-                            runs: r.runs,
-                            frames,
-                        },
-                    )?;
-                }
+                ack(tcp, stats, &mut acked, r.runs, frames)?;
                 return Ok(r);
             }
         }

@@ -15,6 +15,7 @@
 //!   shaped link.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,9 @@ pub struct Window {
     state: Mutex<WindowState>,
     cv: Condvar,
     cap: u64,
+    /// `state.outstanding`, readable without the lock: the encoder looks at it for every
+    /// record of QEMU's stream ([`Window::full_with`]).
+    outstanding: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +164,7 @@ impl Window {
             state: Mutex::default(),
             cv: Condvar::new(),
             cap,
+            outstanding: AtomicU64::new(0),
         }
     }
 
@@ -173,6 +178,7 @@ impl Window {
         w.costs.push_back(cost);
         w.outstanding += cost;
         w.peak = w.peak.max(w.outstanding);
+        self.outstanding.store(w.outstanding, Ordering::Relaxed);
     }
 
     /// The receiver has given frames `0..frames` to the destination QEMU.
@@ -183,6 +189,7 @@ impl Window {
             w.outstanding -= c;
             w.acked += 1;
         }
+        self.outstanding.store(w.outstanding, Ordering::Relaxed);
         self.cv.notify_all();
     }
 
@@ -208,7 +215,9 @@ impl Window {
 
     /// Whether `more` pages on top of what is outstanding would overfill the window.
     pub fn full_with(&self, more: u64) -> bool {
-        self.lock().outstanding + more >= self.cap
+        // Only the encoder sends, so the value can only be lower than when it was read (an
+        // ack came since): at worst the encoder flushes a little early.
+        self.outstanding.load(Ordering::Relaxed) + more >= self.cap
     }
 
     /// Pages outstanding now, and at most so far.

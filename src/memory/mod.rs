@@ -227,6 +227,48 @@ impl GuestMemory {
         self.live_block.as_ref().map(|_| self.map.len() as u64)
     }
 
+    /// Where this process maps the live view (its first byte), for reading its page table
+    /// entries in `/proc/self/pagemap`.
+    pub fn live_block_addr(&self) -> Option<u64> {
+        self.live_block.as_ref().map(|_| self.map.as_ptr() as u64)
+    }
+
+    /// Drops this process's page table entries for `len` bytes of the live view from
+    /// `offset`: the next read of such a page faults it back in from the RAM file, as it is
+    /// then. pct's own entries must be gone before the kernel will drop QEMU's (it leaves
+    /// a page that two processes map alone), see
+    /// [`TouchLog`](crate::qemu::touched::TouchLog).
+    pub fn drop_live_entries(&self, offset: u64, len: u64) -> Result<(), String> {
+        let in_map = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.map.len() as u64);
+        if self.live_block.is_none() || !in_map {
+            return Err(format!(
+                "{offset:#x}+{len:#x} is not inside the live view of {}",
+                self.description
+            ));
+        }
+        // SAFETY: MADV_DONTNEED on a *shared* file mapping (a live view, mapped MAP_SHARED
+        // by `open_file`) only zaps this process's page table entries for the range
+        // (checked above to lie inside the mapping); the pages stay in the file and a later
+        // access maps the same file page again. No private copy exists that could be
+        // lost, so the bytes any `&[u8]` handed out refers to are unchanged by this call:
+        // they remain whatever the file holds, as before.
+        unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                offset as usize,
+                len as usize,
+            )
+        }
+        .map_err(|e| {
+            format!(
+                "dropping pct's page table entries for {}: {e}",
+                self.description
+            )
+        })
+    }
+
     /// The guest-physical regions present.
     pub fn regions(&self) -> &[Region] {
         &self.regions

@@ -20,7 +20,7 @@ use crate::kernel::select::{select_profile, Origin};
 use crate::memory::GuestMemory;
 use crate::profile::Profile;
 use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
-use crate::qemu::ram as live;
+use crate::qemu::ram::{self as live, Backend};
 use crate::qemu::EventKind;
 use crate::qemu::Qmp;
 use anyhow::{anyhow, bail, Context, Result};
@@ -125,8 +125,8 @@ pub struct Source<'n> {
     /// The switchover check is to run (and can).
     check: bool,
     qmp: Qmp,
-    /// The RAM block of the guest's main memory backend.
-    block: String,
+    /// The guest's main memory backend (its RAM block is named after it).
+    backend: Backend,
 }
 
 fn connect(path: &std::path::Path) -> Result<Qmp> {
@@ -182,7 +182,7 @@ impl<'n> Source<'n> {
             .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
             .transpose()?;
         let mut qmp = connect(&opts.qmp)?;
-        let block = main_backend(&mut qmp)?;
+        let backend = main_backend(&mut qmp)?;
         Ok(Source {
             opts,
             notify,
@@ -191,7 +191,7 @@ impl<'n> Source<'n> {
             disk,
             check,
             qmp,
-            block,
+            backend,
         })
     }
 
@@ -200,7 +200,7 @@ impl<'n> Source<'n> {
         let (Some(mem), Some(profile)) = (&self.mem, &self.profile) else {
             bail!("a dry run needs the guest's RAM and a profile (Source::for_dry_run)");
         };
-        predict::dry_run(mem, profile, self.disk.as_ref(), &self.block)
+        predict::dry_run(mem, profile, self.disk.as_ref(), &self.backend.id)
     }
 
     /// Migrates the guest to the pct receiver at `to` (HOST:PORT); returns once the
@@ -215,8 +215,9 @@ impl<'n> Source<'n> {
             disk,
             check,
             mut qmp,
-            block,
+            backend,
         } = self;
+        let block = backend.id.clone();
         let state = ctl::run_state(&mut qmp)?;
         if !matches!(state, RunState::Running | RunState::Paused) {
             bail!("the source guest is `{state}`: nothing to migrate");
@@ -250,7 +251,10 @@ impl<'n> Source<'n> {
 
         let counters = Arc::new(Counters::default());
         let check = match check {
-            true => mem.as_ref().and_then(SwitchoverCheck::new),
+            true => mem
+                .as_ref()
+                .and_then(SwitchoverCheck::new)
+                .map(|c| c.with_touch_log(touch_log(&mut qmp, &backend))),
             false => None,
         };
         let mut scan_s = None;
@@ -339,13 +343,25 @@ impl<'n> Source<'n> {
     }
 }
 
-/// The RAM block name of the guest's main memory backend.
-fn main_backend(qmp: &mut Qmp) -> Result<String> {
+/// The guest's main memory backend (the largest).
+fn main_backend(qmp: &mut Qmp) -> Result<Backend> {
     let b = live::backends(qmp).map_err(|e| anyhow!("{e}"))?;
-    b.iter()
+    b.into_iter()
         .max_by_key(|b| b.size)
-        .map(|b| b.id.clone())
         .ok_or_else(|| anyhow!("the source QEMU has no memory-backend-file"))
+}
+
+/// Which QEMU process maps the RAM file of `backend`, for the switchover check's touch
+/// log; or why it is to keep none. Under TCG only: there every guest write is a store of
+/// QEMU's process, while KVM's vCPUs write through page tables of their own.
+fn touch_log(qmp: &mut Qmp, backend: &Backend) -> Result<(u32, std::path::PathBuf), String> {
+    if ctl::uses_kvm(qmp).map_err(|e| e.to_string())? {
+        return Err("the guest runs under KVM".into());
+    }
+    let pid = qmp
+        .peer_pid()
+        .ok_or("the QMP socket does not say which process QEMU is")?;
+    Ok((pid, backend.mem_path.clone()))
 }
 
 enum WatchCmd {

@@ -237,10 +237,18 @@ impl Summary {
         if let Some(c) = &self.switchover_check {
             let _ = writeln!(
                 t,
-                "  switchover check {} pages compared with the stopped guest in {:.0} ms, {} re-sent (missed by QEMU's dirty tracking)",
+                "  switchover check {} pages compared with the stopped guest in {:.0} ms, {} re-sent (missed by QEMU's dirty tracking); hashed {} ({})",
                 c.pages_checked,
                 c.time.as_secs_f64() * 1e3,
-                c.pages_resent
+                c.pages_resent,
+                c.pages_hashed,
+                match c.scope.as_str() {
+                    "touched" => format!(
+                        "those QEMU touched since a baseline {:.0} ms long, taken live",
+                        c.baseline_time.as_secs_f64() * 1e3
+                    ),
+                    why => why.to_owned(),
+                }
             );
         }
         if !self.capabilities_disabled.is_empty() {

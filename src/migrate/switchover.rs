@@ -18,9 +18,22 @@
 //! whatever the dirty tracking missed. The cost is one pass over guest RAM during the
 //! downtime (xxh3 at memory speed: about 60 ms per GiB here), so it is on by default only
 //! for TCG sources.
+//!
+//!
+//! Most of that pass can move out of the downtime. Once QEMU's first pass over RAM is
+//! over, the check starts a [`TouchLog`] on its own thread (it drops QEMU's page table
+//! entries for the RAM file) and hashes every page right after: the *baseline*. At the
+//! switchover only the pages the log says QEMU's process touched since are hashed again;
+//! every other page still holds its baseline content. Where no log can be kept, or it was
+//! not ready in time, every page is hashed, and the report says why.
 
 use super::stream::{put_page, EncodeError, RamBlock, RamRecord, Record};
 use crate::memory::GuestMemory;
+use crate::qemu::touched::TouchLog;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -36,6 +49,16 @@ fn page_hash(data: &[u8]) -> u64 {
 pub struct SwitchoverReport {
     /// Pages of the block compared with the stopped guest's RAM.
     pub pages_checked: u64,
+    /// Pages hashed at the switchover: those the touch log holds, or every page (see
+    /// `scope`).
+    pub pages_hashed: u64,
+    /// Which pages were hashed at the switchover: "touched" (those QEMU's process touched
+    /// since the baseline) or "all: WHY", with why no touch log served.
+    pub scope: String,
+    /// Time the baseline took (dropping QEMU's entries, then hashing every page), during
+    /// the live phase; zero where there was none.
+    #[serde(serialize_with = "as_ms")]
+    pub baseline_time: Duration,
     /// Pages whose last record did not hold the guest's content: re-sent.
     pub pages_resent: u64,
     /// Pages QEMU never sent (left alone: QEMU had its reasons, e.g. a discarded range).
@@ -65,6 +88,36 @@ pub struct SwitchoverCheck<'a> {
     done: bool,
     /// The hash of a zero page (nearly every `ZERO` record's), computed once.
     zero_page: u64,
+    /// QEMU's pid and RAM file, for a touch log; or why none is to be kept.
+    touch: Result<(u32, PathBuf), String>,
+    /// Per chunk of [`CHUNK`] pages, how many QEMU has sent at least once.
+    chunk_sent: Vec<u32>,
+    /// Chunks QEMU sent every page of, for the baseline thread (the receiving end is
+    /// `ready_rx` until [`baseline`](Self::baseline) takes it).
+    ready: Option<mpsc::Sender<usize>>,
+    ready_rx: Option<mpsc::Receiver<usize>>,
+    baseline_due: bool,
+    /// What the baseline thread found so far.
+    baseline: Arc<Mutex<Baseline>>,
+    /// Tells the baseline thread that the switchover has come.
+    cancel: Arc<AtomicBool>,
+}
+
+/// Pages per baseline chunk (32 MiB): the baseline takes a chunk once QEMU has sent every
+/// page of it, so it trails QEMU's first pass over RAM.
+const CHUNK: usize = 8192;
+
+/// The check's baseline, as far as it got: a touch log, and per chunk dropped from it, its
+/// pages' hashes right after the drop.
+#[derive(Debug, Default)]
+struct Baseline {
+    /// `None` until the baseline thread started; an error says why it keeps no log.
+    log: Option<Result<Arc<TouchLog>, String>>,
+    /// Per page (valid in chunks marked done).
+    hashes: Vec<u64>,
+    done: Vec<bool>,
+    /// Time the thread spent on chunks.
+    time: Duration,
 }
 
 impl<'a> SwitchoverCheck<'a> {
@@ -78,7 +131,75 @@ impl<'a> SwitchoverCheck<'a> {
             sent: Vec::new(),
             done: false,
             zero_page: page_hash(&[0; PAGE as usize]),
+            touch: Err("no touch log was asked for".into()),
+            chunk_sent: Vec::new(),
+            ready: None,
+            ready_rx: None,
+            baseline_due: false,
+            baseline: Arc::default(),
+            cancel: Arc::default(),
         })
+    }
+
+    /// Keeps a touch log of QEMU's process `pid`, which maps the block from `file`
+    /// (or, where `touch` is an error, says why none is kept and hashes every page).
+    pub fn with_touch_log(mut self, touch: Result<(u32, PathBuf), String>) -> Self {
+        self.touch = touch;
+        self
+    }
+
+    /// Whether [`baseline`](Self::baseline) is to be started now: QEMU has sent every page
+    /// of a chunk, and no baseline was started.
+    pub fn baseline_due(&self) -> bool {
+        self.baseline_due && self.ready_rx.is_some() && !self.done
+    }
+
+    /// The baseline, to run on its own thread while the guest runs on, until the
+    /// switchover: for each chunk QEMU has sent in full, drops the chunk's entries from the
+    /// touch log and hashes its pages.
+    pub fn baseline(&mut self) -> impl FnOnce() + Send + 'a {
+        let rx = self.ready_rx.take();
+        let (ram, pages, touch) = (self.ram, self.sent.len(), self.touch.clone());
+        let (state, cancel) = (self.baseline.clone(), self.cancel.clone());
+        move || {
+            let started = touch
+                .and_then(|(pid, file)| TouchLog::start(pid, &file, ram, pages as u64 * PAGE))
+                .map(Arc::new);
+            let log = {
+                let mut st = lock(&state);
+                st.hashes = vec![0; pages];
+                st.done = vec![false; pages.div_ceil(CHUNK)];
+                st.log = Some(started.clone());
+                started
+            };
+            let (Ok(log), Some(rx)) = (log, rx) else {
+                return;
+            };
+            while !cancel.load(Ordering::Relaxed) {
+                let c = match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(c) => c,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                let t = Instant::now();
+                let (first, count) = (c * CHUNK, CHUNK.min(pages - c * CHUNK));
+                if let Err(e) = log.drop_entries(ram, first, count) {
+                    lock(&state).log = Some(Err(e));
+                    return;
+                }
+                let Some(h) = hash_block(ram, first..first + count, &|_| None, &cancel) else {
+                    return;
+                };
+                let mut st = lock(&state);
+                // Past the switchover the hasher has taken the state: nothing to add to.
+                if cancel.load(Ordering::Relaxed) {
+                    return;
+                }
+                st.hashes[first..first + count].copy_from_slice(&h);
+                st.done[c] = true;
+                st.time += t.elapsed();
+            }
+        }
     }
 
     /// Notes `rec` (in stream order). At the EOS that ends the `ram` section's END part
@@ -117,40 +238,80 @@ impl<'a> SwitchoverCheck<'a> {
                 .used_length
                 .min(self.ram.live_block_len().unwrap_or(0));
             self.sent = vec![0; (len / PAGE) as usize];
+            self.chunk_sent = vec![0; self.sent.len().div_ceil(CHUNK)];
+            if self.touch.is_ok() {
+                let (tx, rx) = mpsc::channel();
+                (self.ready, self.ready_rx) = (Some(tx), Some(rx));
+            }
         }
     }
 
     fn note(&mut self, offset: u64, hash: u64) {
-        if let Some(slot) = usize::try_from(offset / PAGE)
+        let Some(i) = usize::try_from(offset / PAGE)
             .ok()
-            .and_then(|i| self.sent.get_mut(i))
-        {
-            *slot = hash;
+            .filter(|&i| i < self.sent.len())
+        else {
+            return;
+        };
+        if self.sent[i] == 0 {
+            let c = i / CHUNK;
+            self.chunk_sent[c] += 1;
+            let size = CHUNK.min(self.sent.len() - c * CHUNK);
+            if self.chunk_sent[c] as usize == size {
+                if let Some(tx) = &self.ready {
+                    // The baseline thread may be gone (it stopped at an error): no matter.
+                    let _ = tx.send(c);
+                    self.baseline_due = true;
+                }
+            }
         }
+        self.sent[i] = hash;
     }
 
     /// The hashing half of the check, to run (on its own thread) once the guest is
-    /// stopped: the `ram` section's END part may still be on its way meanwhile. Hashes
-    /// every page of the live block with as many threads as the host has cores (up to 8):
+    /// stopped: the `ram` section's END part may still be on its way meanwhile. Stops the
+    /// baseline, then hashes the pages its touch log holds as touched and those of chunks
+    /// it did not get to, and takes the others' hashes from it; without a baseline, hashes
+    /// every page of the live block. Uses as many threads as the host has cores (up to 8):
     /// the guest's vCPUs are stopped, and the check is downtime.
     pub fn hasher(&self) -> impl FnOnce() -> LiveHashes + Send + 'a {
         let (ram, pages) = (self.ram, self.sent.len());
+        self.cancel.store(true, Ordering::Relaxed);
+        let baseline = std::mem::take(&mut *lock(&self.baseline));
+        let started = self.ready_rx.is_none();
+        let why_none = match &self.touch {
+            Err(why) => why.clone(),
+            Ok(_) if !started => "QEMU had sent no chunk of RAM in full".into(),
+            Ok(_) => "the baseline had not started".into(),
+        };
         move || {
             let t = Instant::now();
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-            let chunk = pages.div_ceil(threads).max(1);
-            let hashes = std::thread::scope(|s| {
-                let workers: Vec<_> = (0..pages)
-                    .step_by(chunk)
-                    .map(|first| s.spawn(move || hash_pages(ram, first, chunk.min(pages - first))))
-                    .collect();
-                workers
-                    .into_iter()
-                    .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            });
+            let done = |i: usize| baseline.done.get(i / CHUNK).copied().unwrap_or(false);
+            let log = match baseline.log {
+                Some(Ok(log)) if (0..pages).any(done) => Ok(log),
+                Some(Ok(_)) => Err("the baseline had finished no chunk".to_owned()),
+                Some(Err(why)) => Err(why),
+                None => Err(why_none),
+            };
+            let never = AtomicBool::new(false);
+            let (known, scope): (Box<dyn Fn(usize) -> Option<u64> + Sync>, _) =
+                match log.and_then(|l| l.touched()) {
+                    Ok(touched) => (
+                        Box::new(move |i| {
+                            (done(i) && !touched.get(i).copied().unwrap_or(true))
+                                .then(|| baseline.hashes[i])
+                        }),
+                        "touched".to_owned(),
+                    ),
+                    Err(why) => (Box::new(|_| None), format!("all: {why}")),
+                };
+            let hashed = (0..pages).filter(|&i| known(i).is_none()).count() as u64;
+            let hashes = hash_block(ram, 0..pages, &*known, &never).unwrap_or_default();
             LiveHashes {
                 hashes,
+                hashed,
+                scope,
+                baseline_time: baseline.time,
                 time: t.elapsed(),
             }
         }
@@ -168,6 +329,9 @@ impl<'a> SwitchoverCheck<'a> {
         self.done = true;
         let mut r = SwitchoverReport {
             hash_time: live.time,
+            pages_hashed: live.hashed,
+            scope: live.scope,
+            baseline_time: live.baseline_time,
             ..SwitchoverReport::default()
         };
         for (i, (&sent, &now)) in self.sent.iter().zip(&live.hashes).enumerate() {
@@ -206,18 +370,64 @@ impl<'a> SwitchoverCheck<'a> {
     }
 }
 
+/// Locks `m`; a thread that panicked holding it left only hashes behind, still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The hash of every page of the live block at one moment (0: past the RAM file).
 #[derive(Debug, Default)]
 pub struct LiveHashes {
     hashes: Vec<u64>,
+    /// Of them, hashed at that moment (the others came from the baseline).
+    hashed: u64,
+    scope: String,
+    baseline_time: Duration,
     time: Duration,
 }
 
-/// Hashes `count` pages of the live block from page `first` on.
-fn hash_pages(ram: &GuestMemory, first: usize, count: usize) -> Vec<u64> {
-    (first..first + count)
-        .map(|i| ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash))
-        .collect()
+/// The hash of each of the live block's pages in `range`, hashed on up to 8 threads;
+/// `known(i)` gives page `i`'s hash without reading it, where it can. `None` if `stop` was
+/// set before the end.
+fn hash_block(
+    ram: &GuestMemory,
+    range: Range<usize>,
+    known: &(dyn Fn(usize) -> Option<u64> + Sync),
+    stop: &AtomicBool,
+) -> Option<Vec<u64>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let chunk = range.len().div_ceil(threads).max(1);
+    let hash = |i: usize| {
+        known(i).unwrap_or_else(|| ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash))
+    };
+    let parts: Vec<Option<Vec<u64>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = range
+            .clone()
+            .step_by(chunk)
+            .map(|first| {
+                let part = first..(first + chunk).min(range.end);
+                s.spawn(move || {
+                    let mut out = Vec::with_capacity(part.len());
+                    for i in part {
+                        // Often enough to stop within a millisecond, rarely enough to cost nothing.
+                        if i % 1024 == 0 && stop.load(Ordering::Relaxed) {
+                            return None;
+                        }
+                        out.push(hash(i));
+                    }
+                    Some(out)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    parts
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .map(|p| p.concat())
 }
 
 #[cfg(test)]

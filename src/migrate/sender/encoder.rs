@@ -115,7 +115,9 @@ where
     pub(super) fn run(mut self, qemu: &mut UnixStream) -> Result<Encoded, SendError> {
         std::thread::scope(|scope| {
             let mut dec = Decoder::new();
-            // The switchover check's hashing of the stopped guest, once begun.
+            // The switchover check's baseline (during the live phase) and its hashing of
+            // the stopped guest, once begun.
+            let mut baseline = None;
             let mut hashing = None;
             loop {
                 while dec.advance()? {
@@ -124,7 +126,7 @@ where
                         .counters
                         .stream_bytes
                         .store(dec.offset(), Ordering::Relaxed);
-                    self.switchover(&item, scope, &mut hashing)?;
+                    self.switchover(&item, scope, &mut baseline, &mut hashing)?;
                     self.record(&item)?;
                 }
                 // About to wait for QEMU: send what is pending so the receiver is never
@@ -148,7 +150,8 @@ where
         })
     }
 
-    /// Follows the switchover. When the `ram` section's END part begins, the guest is
+    /// Follows the switchover. Once QEMU's first pass over RAM is over, starts the
+    /// switchover check's baseline. When the `ram` section's END part begins, the guest is
     /// stopped: marks the time and pct's backlog, and starts hashing the guest's RAM for
     /// the switchover check while the END part streams on. At its EOS, everything QEMU
     /// will send for RAM is out: re-sends what it missed, before the EOS.
@@ -156,6 +159,7 @@ where
         &mut self,
         item: &Item<'_>,
         scope: &'s Scope<'s, '_>,
+        baseline: &mut Option<ScopedJoinHandle<'s, ()>>,
         hashing: &mut Option<ScopedJoinHandle<'s, LiveHashes>>,
     ) -> Result<(), SendError>
     where
@@ -163,6 +167,9 @@ where
     {
         if let Some(c) = self.check.as_mut() {
             c.observe(&item.record);
+            if c.baseline_due() {
+                *baseline = Some(scope.spawn(c.baseline()));
+            }
         }
         match self.at.observe(&item.record) {
             Some(SwitchoverPoint::EndPart) => {

@@ -269,6 +269,34 @@ impl GuestMemory {
         })
     }
 
+    /// Per page of the live view: whether the RAM file holds it in memory now
+    /// (`mincore(2)`: for tmpfs, whether the page exists; one punched out of the file or
+    /// truncated away does not).
+    pub fn live_resident(&self) -> Result<Vec<bool>, String> {
+        if self.live_block.is_none() {
+            return Err(format!("{} is not a live view", self.description));
+        }
+        let mut vec = vec![0u8; self.map.len().div_ceil(4096)];
+        // SAFETY: mincore reads no memory of ours; it writes one byte per page of the range
+        // into `vec`, which has exactly that many (the range is the whole mapping, which
+        // `self.map` keeps alive and page-aligned for the call).
+        let r = unsafe {
+            libc::mincore(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "mincore on {}: {}",
+                self.description,
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(vec.into_iter().map(|b| b & 1 == 1).collect())
+    }
+
     /// The guest-physical regions present.
     pub fn regions(&self) -> &[Region] {
         &self.regions

@@ -295,7 +295,7 @@ impl<'a> SwitchoverCheck<'a> {
             };
             let never = AtomicBool::new(false);
             let (known, scope): (Box<dyn Fn(usize) -> Option<u64> + Sync>, _) =
-                match log.and_then(|l| l.touched()) {
+                match log.and_then(|l| l.touched(ram)) {
                     Ok(touched) => (
                         Box::new(move |i| {
                             (done(i) && !touched.get(i).copied().unwrap_or(true))

@@ -6,8 +6,9 @@
 //! tmpfs with no swap the pages stay in the file, only the entries go; the kernel leaves
 //! alone a page that a second process maps, so pct drops its own entries first). From
 //! then on any access of QEMU's to such a page, a read or a write, faults its entry back
-//! in, and `/proc/PID/pagemap` shows it present (bit 63). A page whose entry is still
-//! absent has not been touched by QEMU since its range was dropped.
+//! in, and `/proc/PID/pagemap` shows it present (bit 63; or, while the kernel migrates the
+//! page to another frame, a swap-type entry, bit 62, which counts as touched too). A page
+//! whose entry is still absent has not been touched by QEMU since its range was dropped.
 //!
 //! Under TCG every guest store is a store of QEMU's process through those entries, so a
 //! page absent at switchover holds what it held when the log began; QEMU's own writes
@@ -16,12 +17,19 @@
 //! kernels built with `CONFIG_MEM_SOFT_DIRTY`, which this lab's host is not; presence is
 //! on every kernel since 5.10, which has `process_madvise`.)
 //!
-//! An entry also goes without an access when the kernel reclaims, truncates or punches
-//! the page, or collapses it into a huge page. All of these act on every mapping of the
-//! page at once, pct's own included: pct re-reads every page of a range right after it
-//! dropped it (the caller hashes them), so a page whose entry is absent *in pct's own
-//! mapping* at the end is counted as touched too. What pct refuses, so that the caller
-//! hashes every page:
+//! An entry also goes without an access, all of a page's mappings at once:
+//! - when the page is punched out of the file or truncated (its content changes): a page
+//!   the file no longer holds in memory (`mincore` on pct's own view) counts as touched;
+//! - when the kernel reclaims it. Without swap (the only case allowed) tmpfs pages are
+//!   not reclaimed, but should the host's reclaim have scanned at all meanwhile (the
+//!   `pgscan_*` counters of /proc/vmstat moved), pct also counts as touched each page
+//!   absent from *its own* mapping: it re-read every page right after dropping its range
+//!   (the caller hashes them), so its own entry went only with all the others;
+//! - when the page is migrated to another frame (compaction): the kernel re-creates the
+//!   entries it removed, and meanwhile shows them as swap-type (counted, see above);
+//! - when pages are collapsed into a huge page: refused (see below).
+//!
+//! What pct refuses, so that the caller hashes every page:
 //! - a RAM file not on tmpfs (a disk file's pages would be written back, and hugetlbfs
 //!   pages cannot be paged out);
 //! - a host with swap (paging out would swap the guest's RAM out);
@@ -38,8 +46,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 const PAGE: u64 = 4096;
-/// pagemap entry bit: the page is mapped (`Documentation/admin-guide/mm/pagemap.rst`).
+/// pagemap entry bits (`Documentation/admin-guide/mm/pagemap.rst`): the page is mapped;
+/// the entry is a swap-type one (swapped out, or a migration entry while the page moves).
 const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 /// The page table entries of QEMU's process for one RAM block, dropped range by range,
@@ -51,6 +61,8 @@ pub struct TouchLog {
     va: u64,
     own_va: u64,
     pages: usize,
+    /// The host's reclaim scan counters when the log began.
+    scanned: u64,
 }
 
 impl TouchLog {
@@ -109,6 +121,7 @@ impl TouchLog {
             va,
             own_va,
             pages: (len / PAGE) as usize,
+            scanned: reclaim_scanned()?,
         })
     }
 
@@ -133,8 +146,8 @@ impl TouchLog {
         let (offset, len) = (first as u64 * PAGE, count as u64 * PAGE);
         own.drop_live_entries(offset, len)?;
         page_out(self.pid, self.va + offset, len)?;
-        let present = pagemap_present(&self.pid.to_string(), self.va + offset, count)?;
-        let kept = present.iter().filter(|&&p| p).count();
+        let entries = pagemap(&self.pid.to_string(), self.va + offset, count)?;
+        let kept = entries.iter().filter(|&&e| e & PM_PRESENT != 0).count();
         if kept > count / 8 {
             return Err(format!(
                 "the kernel kept {kept} of QEMU's {count} entries for pages {first}+{count} of the RAM file"
@@ -145,18 +158,34 @@ impl TouchLog {
 
     /// Per page of the block: whether it may have changed since its range was dropped
     /// ([`drop_entries`](Self::drop_entries)): QEMU's process touched it (its entry is
-    /// back), or pct's own entry, restored after the drop, went again (the kernel unmapped
-    /// the page from everyone). Meaningless for pages of ranges not dropped.
-    pub fn touched(&self) -> Result<Vec<bool>, String> {
-        let qemu = pagemap_present(&self.pid.to_string(), self.va, self.pages)?;
-        let own = pagemap_present("self", self.own_va, self.pages)?;
-        Ok(qemu.iter().zip(&own).map(|(&q, &o)| q || !o).collect())
+    /// back), the file no longer holds it, or (after the host's reclaim scanned) pct's own
+    /// entry went again. `own` is the view [`start`] was given. Meaningless for pages of
+    /// ranges not dropped.
+    ///
+    /// [`start`]: TouchLog::start
+    pub fn touched(&self, own: &GuestMemory) -> Result<Vec<bool>, String> {
+        if own.live_block_addr() != Some(self.own_va) {
+            return Err("the touch log was asked about another view".into());
+        }
+        let qemu = pagemap(&self.pid.to_string(), self.va, self.pages)?;
+        let resident = own.live_resident()?;
+        let own_entries = match reclaim_scanned()? == self.scanned {
+            true => None,
+            false => Some(pagemap("self", self.own_va, self.pages)?),
+        };
+        Ok((0..self.pages)
+            .map(|i| {
+                qemu[i] & (PM_PRESENT | PM_SWAP) != 0
+                    || !resident.get(i).copied().unwrap_or(false)
+                    || own_entries.as_ref().is_some_and(|o| o[i] & PM_PRESENT == 0)
+            })
+            .collect())
     }
 }
 
-/// Whether each of `pages` pages from virtual address `va` of process `pid` ("self" for
-/// pct) is mapped, from its `/proc/PID/pagemap`.
-fn pagemap_present(pid: &str, va: u64, pages: usize) -> Result<Vec<bool>, String> {
+/// The `/proc/PID/pagemap` entries of `pages` pages from virtual address `va` of process
+/// `pid` ("self" for pct).
+fn pagemap(pid: &str, va: u64, pages: usize) -> Result<Vec<u64>, String> {
     let path = format!("/proc/{pid}/pagemap");
     let f = File::open(&path).map_err(|e| format!("opening {path}: {e}"))?;
     let mut raw = vec![0u8; pages * 8];
@@ -164,8 +193,17 @@ fn pagemap_present(pid: &str, va: u64, pages: usize) -> Result<Vec<bool>, String
         .map_err(|e| format!("reading {path} at {va:#x}: {e}"))?;
     Ok(raw
         .chunks_exact(8)
-        .map(|e| u64::from_le_bytes(e.try_into().unwrap_or_default()) & PM_PRESENT != 0)
+        .map(|e| u64::from_le_bytes(e.try_into().unwrap_or_default()))
         .collect())
+}
+
+/// The sum of the host's `pgscan_*` counters (/proc/vmstat): pages its reclaim scanned.
+fn reclaim_scanned() -> Result<u64, String> {
+    let v = std::fs::read_to_string("/proc/vmstat").map_err(|e| format!("/proc/vmstat: {e}"))?;
+    Ok(v.lines()
+        .filter(|l| l.starts_with("pgscan_"))
+        .filter_map(|l| l.split_ascii_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum())
 }
 
 /// Drops the page table entries of process `pid` for `len` bytes from `va`
@@ -351,7 +389,7 @@ mod tests {
         // What the caller does next.
         assert_eq!(read_all(), N as u64);
         let touched = |log: &TouchLog| -> BTreeSet<usize> {
-            let t = log.touched().expect("the log");
+            let t = log.touched(&own).expect("the log");
             (0..N).filter(|&i| t[i]).collect()
         };
         // The kernel may keep a few entries (pages still in a per-CPU batch, not yet on an

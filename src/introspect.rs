@@ -72,7 +72,9 @@ pub fn scan(
             only_in_tree: tree.difference(&linear).count(),
             only_in_linear_scan: linear.difference(&tree).count(),
         });
-        census = Some(lin.census);
+        let mut c = lin.census;
+        c.free_not_zero = report::free_not_zero(mem, &lin.free);
+        census = Some(c);
         lap("cross_check", &mut since);
     }
     let verify = match (opts.verify, disk) {

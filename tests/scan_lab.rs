@@ -425,7 +425,37 @@ fn sources_agree_and_drgn_agrees() {
     );
     assert!(drgn.len() > 9000);
     assert_eq!(drgn, ours, "pct and drgn find different page frames");
-    let _ = report;
+
+    // Free pages: pct's `PageBuddy` scan of the struct page array against drgn's walk of
+    // the buddy allocator's own free lists, block by block, on the same ELF core.
+    let mut drgn = Command::new("python3");
+    drgn.arg(repo().join("tools/drgn-freepages.py"))
+        .arg(&core)
+        .arg(&vmlinux);
+    let out = run_ok(&mut drgn, "drgn failed");
+    let drgn: BTreeSet<(u64, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect();
+    let k = Kernel::locate(&elf, &p).unwrap();
+    let scan = pct::walk::page_scan::for_each_page(&k, &BTreeSet::new()).unwrap();
+    let ours: BTreeSet<(u64, u32)> = scan.free.iter().map(|b| (b.pfn, b.order)).collect();
+    let frames = |s: &BTreeSet<(u64, u32)>| s.iter().map(|&(_, o)| 1u64 << o).sum::<u64>();
+    eprintln!(
+        "free: drgn {} blocks ({} frames), pct {} blocks ({} frames, {} not zero)",
+        drgn.len(),
+        frames(&drgn),
+        ours.len(),
+        frames(&ours),
+        report.census.as_ref().map_or(0, |c| c.free_not_zero)
+    );
+    // A 1 GiB guest after boot and a web fileset read has hundreds of MB free.
+    assert!(frames(&drgn) > 20_000, "{} free frames", frames(&drgn));
+    assert_eq!(drgn, ours, "pct and drgn find different free blocks");
+    assert_eq!(scan.census.free, frames(&ours));
 }
 
 fn mem_of(g: &Guest) -> GuestMemory {

@@ -6,7 +6,7 @@
 use crate::cachemap::{CacheMap, Exclusions};
 use crate::walk::fs::CacheWalk;
 use crate::walk::page::PageState;
-use crate::walk::page_scan::Census;
+use crate::walk::page_scan::{Census, FreeBlock};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -160,6 +160,15 @@ pub fn summarise(
     (by_state, fs, top)
 }
 
+/// How many page frames of the free blocks `free` hold bytes other than zero (a frame
+/// that cannot be read counts as not zero: it is not known to be).
+pub fn free_not_zero(mem: &crate::memory::GuestMemory, free: &[FreeBlock]) -> u64 {
+    free.iter()
+        .flat_map(|b| b.pfn..b.pfn + (1 << b.order))
+        .filter(|&pfn| mem.page(pfn).map_or(true, |p| p.iter().any(|&x| x != 0)))
+        .count() as u64
+}
+
 /// Seconds that not sending `bytes` saves at each reference rate.
 pub fn savings(bytes: u64) -> Vec<Saving> {
     [50, 100, 1000]
@@ -231,8 +240,17 @@ impl ScanReport {
         );
         let _ = writeln!(s, "\nRAM {:>12}", human(self.ram_bytes));
         if let Some(c) = &self.census {
+            let _ = match &c.free_unknown {
+                Some(why) => writeln!(s, "  {:<12} {:>12}  ({why})", "free", "unknown"),
+                None => writeln!(
+                    s,
+                    "  {:<12} {:>12}  ({} not zero: what eliding free pages would not send)",
+                    "free",
+                    human(c.free * 4096),
+                    human(c.free_not_zero * 4096)
+                ),
+            };
             for (name, n) in [
-                ("free", c.free),
                 ("anonymous", c.anon),
                 ("file-backed", c.file),
                 ("slab", c.slab),

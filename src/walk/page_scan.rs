@@ -2,7 +2,7 @@
 //! that finds page-cache pages from the other side — by their `mapping` pointer —
 //! to cross-check the tree walk.
 
-use super::page::Pages;
+use super::page::{BuddyMark, Pages};
 use super::{at_va, need, FieldError, LeSlice, WalkError};
 use crate::kernel::Kernel;
 use std::collections::{BTreeSet, HashMap};
@@ -16,27 +16,46 @@ pub struct ScannedPage {
 }
 
 /// What guest RAM holds, page by page, as the `struct page` array tells it.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Census {
     /// Page frames with a `struct page` (guest RAM the kernel manages).
     pub pages: u64,
-    /// In the buddy allocator (6.1+ `page_type` encoding; 0 on kernels without it).
+    /// Free in the buddy allocator (`PageBuddy` heads and the rest of their blocks).
     pub free: u64,
     /// Anonymous memory (`mapping` tagged PAGE_MAPPING_ANON).
     pub anon: u64,
     /// Backed by an address_space: page cache of files, block devices and shmem.
     pub file: u64,
     pub slab: u64,
+    /// Of the free frames, those whose bytes are not all zero: what stock QEMU sends in
+    /// full, and eliding free pages would not send.
+    pub free_not_zero: u64,
+    /// Why free pages could not be told apart (then `free` is 0 and they count as other).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_unknown: Option<String>,
     /// Everything else (kernel image, page tables, vmalloc, reserved…).
     pub other: u64,
+}
+
+/// A free block of the buddy allocator: `2^order` page frames from `pfn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FreeBlock {
+    pub pfn: u64,
+    pub order: u32,
 }
 
 /// The result of a linear scan.
 #[derive(Debug, Default)]
 pub struct StructPageScan {
     pub pages: Vec<ScannedPage>,
+    /// The buddy allocator's free blocks, in PFN order.
+    pub free: Vec<FreeBlock>,
     pub census: Census,
 }
+
+/// The largest buddy order pct accepts (x86-64's MAX_PAGE_ORDER is 10; a few
+/// configurations raise it): a larger one in `private` is a torn or hostile read.
+const MAX_ORDER: u64 = 15;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -49,6 +68,8 @@ enum Kind {
 
 struct Classifier {
     head_off: u64,
+    buddy: Option<BuddyMark>,
+    /// `_mapcount`, which shares its word with `page_type` (from 4.17).
     mapcount_off: Option<u64>,
     private_off: Option<u64>,
     slab_bit: Option<u32>,
@@ -68,6 +89,7 @@ pub fn for_each_page(k: &Kernel, mappings: &BTreeSet<u64>) -> Result<StructPageS
     let p = k.profile;
     let mut cls = Classifier {
         head_off: need(p, "page", "compound_head")?,
+        buddy: None,
         mapcount_off: p.offset("page", "_mapcount"),
         private_off: p.offset("page", "private"),
         slab_bit: p.pageflag("PG_slab"),
@@ -76,6 +98,10 @@ pub fn for_each_page(k: &Kernel, mappings: &BTreeSet<u64>) -> Result<StructPageS
     };
     let max_pfn = k.mem.end_gpa() / 4096;
     let mut out = StructPageScan::default();
+    match BuddyMark::from_profile(p) {
+        Ok(b) => cls.buddy = Some(b),
+        Err(e) => out.census.free_unknown = Some(e.to_string()),
+    }
     // Walk the vmemmap a 4 KiB page at a time: one translation per 4096/size struct pages.
     let mut pfn = 0;
     let mut cache: HashMap<u64, Option<u64>> = HashMap::new();
@@ -134,14 +160,20 @@ impl Classifier {
             Some(o) => b.u32(o, "_mapcount")?,
             None => u32::MAX,
         };
-        let kind = if page_type & 0xf000_0080 == 0xf000_0000 {
-            // PageBuddy: the head of a free block of 2^order frames (order in `private`).
-            let order = match self.private_off {
-                Some(o) => b.u64(o, "private")?,
-                None => 0,
-            }
-            .min(10);
+        let is_buddy = self.buddy.is_some_and(|b| b.page_buddy(flags, page_type));
+        let buddy_order = match (is_buddy, self.private_off) {
+            // `buddy_order`: a free block's order is in `private`; a block is aligned to
+            // its size.
+            (true, Some(o)) => Some(b.u64(o, "private")?)
+                .filter(|&order| order <= MAX_ORDER && pfn % (1 << order) == 0),
+            _ => None,
+        };
+        let kind = if let Some(order) = buddy_order {
             self.free_run = (1 << order) - 1;
+            out.free.push(FreeBlock {
+                pfn,
+                order: order as u32,
+            });
             Kind::Free
         } else if self.slab_bit.is_some_and(|bit| flags >> bit & 1 == 1) {
             // Before `mapping`: struct slab overlays struct page, that word is not a mapping there.

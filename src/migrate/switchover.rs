@@ -59,6 +59,8 @@ pub struct SwitchoverReport {
     /// the live phase; zero where there was none.
     #[serde(serialize_with = "as_ms")]
     pub baseline_time: Duration,
+    /// Refresh rounds the baseline ran (pages QEMU touched, dropped and hashed again).
+    pub baseline_refreshes: u32,
     /// Pages whose last record did not hold the guest's content: re-sent.
     pub pages_resent: u64,
     /// Pages QEMU never sent (left alone: QEMU had its reasons, e.g. a discarded range).
@@ -103,9 +105,9 @@ pub struct SwitchoverCheck<'a> {
     cancel: Arc<AtomicBool>,
 }
 
-/// Pages per baseline chunk (32 MiB): the baseline takes a chunk once QEMU has sent every
+/// Pages per baseline chunk (8 MiB): the baseline takes a chunk once QEMU has sent every
 /// page of it, so it trails QEMU's first pass over RAM.
-const CHUNK: usize = 8192;
+const CHUNK: usize = 2048;
 
 /// The check's baseline, as far as it got: a touch log, and per chunk dropped from it, its
 /// pages' hashes right after the drop.
@@ -113,12 +115,21 @@ const CHUNK: usize = 8192;
 struct Baseline {
     /// `None` until the baseline thread started; an error says why it keeps no log.
     log: Option<Result<Arc<TouchLog>, String>>,
-    /// Per page (valid in chunks marked done).
+    /// Per page (valid in chunks marked done, for pages not marked stale).
     hashes: Vec<u64>,
     done: Vec<bool>,
-    /// Time the thread spent on chunks.
+    /// Pages a refresh round is dropping and hashing again: their `hashes` may be older
+    /// than their entries' drop.
+    stale: Vec<bool>,
+    /// Time the thread spent on chunks and refresh rounds, and how many rounds it ran.
     time: Duration,
+    refreshes: u32,
 }
+
+/// How often the baseline thread, once idle, takes again the pages QEMU touched since
+/// (so that fewer are left to hash at the switchover), and the fewest it bothers with.
+const REFRESH_EVERY: Duration = Duration::from_millis(150);
+const REFRESH_MIN_PAGES: usize = 256;
 
 impl<'a> SwitchoverCheck<'a> {
     /// A check of the RAM block `ram` is a live view of; `None` if it is not a live view
@@ -156,7 +167,9 @@ impl<'a> SwitchoverCheck<'a> {
 
     /// The baseline, to run on its own thread while the guest runs on, until the
     /// switchover: for each chunk QEMU has sent in full, drops the chunk's entries from the
-    /// touch log and hashes its pages.
+    /// touch log and hashes its pages. When no chunk is waiting, every [`REFRESH_EVERY`] it
+    /// drops and hashes again the pages of done chunks that QEMU touched since
+    /// ([`refresh`]).
     pub fn baseline(&mut self) -> impl FnOnce() + Send + 'a {
         let rx = self.ready_rx.take();
         let (ram, pages, touch) = (self.ram, self.sent.len(), self.touch.clone());
@@ -169,16 +182,24 @@ impl<'a> SwitchoverCheck<'a> {
                 let mut st = lock(&state);
                 st.hashes = vec![0; pages];
                 st.done = vec![false; pages.div_ceil(CHUNK)];
+                st.stale = vec![false; pages];
                 st.log = Some(started.clone());
                 started
             };
             let (Ok(log), Some(rx)) = (log, rx) else {
                 return;
             };
+            let mut refreshed = Instant::now();
             while !cancel.load(Ordering::Relaxed) {
                 let c = match rx.recv_timeout(Duration::from_millis(20)) {
                     Ok(c) => c,
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if refreshed.elapsed() >= REFRESH_EVERY {
+                            refresh(ram, &log, &state, &cancel);
+                            refreshed = Instant::now();
+                        }
+                        continue;
+                    }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 };
                 let t = Instant::now();
@@ -286,7 +307,10 @@ impl<'a> SwitchoverCheck<'a> {
         };
         move || {
             let t = Instant::now();
-            let done = |i: usize| baseline.done.get(i / CHUNK).copied().unwrap_or(false);
+            let done = |i: usize| {
+                baseline.done.get(i / CHUNK).copied().unwrap_or(false)
+                    && !baseline.stale.get(i).copied().unwrap_or(true)
+            };
             let log = match baseline.log {
                 Some(Ok(log)) if (0..pages).any(done) => Ok(log),
                 Some(Ok(_)) => Err("the baseline had finished no chunk".to_owned()),
@@ -312,6 +336,7 @@ impl<'a> SwitchoverCheck<'a> {
                 hashed,
                 scope,
                 baseline_time: baseline.time,
+                baseline_refreshes: baseline.refreshes,
                 time: t.elapsed(),
             }
         }
@@ -332,6 +357,7 @@ impl<'a> SwitchoverCheck<'a> {
             pages_hashed: live.hashed,
             scope: live.scope,
             baseline_time: live.baseline_time,
+            baseline_refreshes: live.baseline_refreshes,
             ..SwitchoverReport::default()
         };
         for (i, (&sent, &now)) in self.sent.iter().zip(&live.hashes).enumerate() {
@@ -370,6 +396,61 @@ impl<'a> SwitchoverCheck<'a> {
     }
 }
 
+/// One refresh round of the baseline: the pages of done chunks that QEMU's process touched
+/// since their entries were dropped are marked stale, dropped again, hashed again, and
+/// published. The stale mark goes first (under the lock, before any entry is dropped): a
+/// hasher that takes the state mid-round hashes those pages itself, since their old
+/// hashes predate the drop its touch log now counts from. A failed round leaves them stale.
+fn refresh(ram: &GuestMemory, log: &TouchLog, state: &Mutex<Baseline>, cancel: &AtomicBool) {
+    let t = Instant::now();
+    let Ok(touched) = log.qemu_touched() else {
+        return;
+    };
+    let pages: Vec<usize> = {
+        let mut st = lock(state);
+        if cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        let pages: Vec<usize> = (0..touched.len())
+            .filter(|&i| touched[i] && st.done.get(i / CHUNK).copied().unwrap_or(false))
+            .collect();
+        if pages.len() < REFRESH_MIN_PAGES {
+            return;
+        }
+        for &i in &pages {
+            st.stale[i] = true;
+        }
+        pages
+    };
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    for &i in &pages {
+        match ranges.last_mut() {
+            Some(r) if r.end == i => r.end += 1,
+            _ => ranges.push(i..i + 1),
+        }
+    }
+    if log.drop_again(ram, &ranges).is_err() {
+        return;
+    }
+    let mut hashes = Vec::with_capacity(pages.len());
+    for (n, &i) in pages.iter().enumerate() {
+        if n % 1024 == 0 && cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        hashes.push(ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash));
+    }
+    let mut st = lock(state);
+    if cancel.load(Ordering::Relaxed) {
+        return;
+    }
+    for (&i, h) in pages.iter().zip(hashes) {
+        st.hashes[i] = h;
+        st.stale[i] = false;
+    }
+    st.time += t.elapsed();
+    st.refreshes += 1;
+}
+
 /// Locks `m`; a thread that panicked holding it left only hashes behind, still usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -383,6 +464,7 @@ pub struct LiveHashes {
     hashed: u64,
     scope: String,
     baseline_time: Duration,
+    baseline_refreshes: u32,
     time: Duration,
 }
 

@@ -41,6 +41,7 @@
 
 use crate::memory::GuestMemory;
 use std::fs::File;
+use std::ops::Range;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
@@ -145,7 +146,7 @@ impl TouchLog {
         }
         let (offset, len) = (first as u64 * PAGE, count as u64 * PAGE);
         own.drop_live_entries(offset, len)?;
-        page_out(self.pid, self.va + offset, len)?;
+        page_out(self.pid, &[(self.va + offset, len)])?;
         let entries = pagemap(&self.pid.to_string(), self.va + offset, count)?;
         let kept = entries.iter().filter(|&&e| e & PM_PRESENT != 0).count();
         if kept > count / 8 {
@@ -154,6 +155,31 @@ impl TouchLog {
             ));
         }
         Ok(())
+    }
+
+    /// Drops the entries again, QEMU's and pct's, for the page ranges `ranges` (pages that
+    /// QEMU touched since they were dropped): the log holds for them afresh, and the caller
+    /// reads them again through `own`. Entries the kernel keeps read as touched.
+    pub fn drop_again(&self, own: &GuestMemory, ranges: &[Range<usize>]) -> Result<(), String> {
+        if ranges.iter().any(|r| r.end > self.pages) {
+            return Err("a range past the block".into());
+        }
+        for r in ranges {
+            own.drop_live_entries(r.start as u64 * PAGE, r.len() as u64 * PAGE)?;
+        }
+        let iov: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|r| (self.va + r.start as u64 * PAGE, r.len() as u64 * PAGE))
+            .collect();
+        page_out(self.pid, &iov)
+    }
+
+    /// Per page of the block: whether QEMU's process has its entry back (or a swap-type one).
+    pub fn qemu_touched(&self) -> Result<Vec<bool>, String> {
+        Ok(pagemap(&self.pid.to_string(), self.va, self.pages)?
+            .into_iter()
+            .map(|e| e & (PM_PRESENT | PM_SWAP) != 0)
+            .collect())
     }
 
     /// Per page of the block: whether it may have changed since its range was dropped
@@ -167,7 +193,7 @@ impl TouchLog {
         if own.live_block_addr() != Some(self.own_va) {
             return Err("the touch log was asked about another view".into());
         }
-        let qemu = pagemap(&self.pid.to_string(), self.va, self.pages)?;
+        let qemu = self.qemu_touched()?;
         let resident = own.live_resident()?;
         let own_entries = match reclaim_scanned()? == self.scanned {
             true => None,
@@ -175,7 +201,7 @@ impl TouchLog {
         };
         Ok((0..self.pages)
             .map(|i| {
-                qemu[i] & (PM_PRESENT | PM_SWAP) != 0
+                qemu[i]
                     || !resident.get(i).copied().unwrap_or(false)
                     || own_entries.as_ref().is_some_and(|o| o[i] & PM_PRESENT == 0)
             })
@@ -206,9 +232,9 @@ fn reclaim_scanned() -> Result<u64, String> {
         .sum())
 }
 
-/// Drops the page table entries of process `pid` for `len` bytes from `va`
-/// (`process_madvise(2)` with `MADV_PAGEOUT`).
-fn page_out(pid: u32, va: u64, len: u64) -> Result<(), String> {
+/// Drops the page table entries of process `pid` for each (address, length) range of
+/// `ranges` (`process_madvise(2)` with `MADV_PAGEOUT`).
+fn page_out(pid: u32, ranges: &[(u64, u64)]) -> Result<(), String> {
     let why = |what: &str| {
         let e = std::io::Error::last_os_error();
         let hint = match e.raw_os_error() {
@@ -226,25 +252,32 @@ fn page_out(pid: u32, va: u64, len: u64) -> Result<(), String> {
     }
     // SAFETY: `fd` is a descriptor pidfd_open just returned, owned by nothing else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let iov = libc::iovec {
-        iov_base: va as *mut libc::c_void,
-        iov_len: len as usize,
-    };
-    // SAFETY: process_madvise reads the one iovec at `&iov` (alive for the call) and
-    // advises the *target's* address range it names; it never dereferences that range in
-    // this process, and MADV_PAGEOUT changes no page contents, only the target's entries.
-    let n = unsafe {
-        libc::syscall(
-            libc::SYS_process_madvise,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            &iov as *const libc::iovec,
-            1usize,
-            libc::MADV_PAGEOUT,
-            0u32,
-        )
-    };
-    if n < 0 {
-        return Err(why("process_madvise"));
+    let iov: Vec<libc::iovec> = ranges
+        .iter()
+        .map(|&(va, len)| libc::iovec {
+            iov_base: va as *mut libc::c_void,
+            iov_len: len as usize,
+        })
+        .collect();
+    // The kernel takes at most UIO_MAXIOV (1024) ranges a call.
+    for part in iov.chunks(1024) {
+        // SAFETY: process_madvise reads the `part.len()` iovecs at `part.as_ptr()` (alive
+        // for the call) and advises the *target's* address ranges they name; it never
+        // dereferences those ranges in this process, and MADV_PAGEOUT changes no page
+        // contents, only the target's entries.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                part.as_ptr(),
+                part.len(),
+                libc::MADV_PAGEOUT,
+                0u32,
+            )
+        };
+        if n < 0 {
+            return Err(why("process_madvise"));
+        }
     }
     Ok(())
 }

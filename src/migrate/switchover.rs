@@ -19,13 +19,13 @@
 //! downtime (xxh3 at memory speed: about 60 ms per GiB here), so it is on by default only
 //! for TCG sources.
 //!
-//!
-//! Most of that pass can move out of the downtime. Once QEMU's first pass over RAM is
-//! over, the check starts a [`TouchLog`] on its own thread (it drops QEMU's page table
-//! entries for the RAM file) and hashes every page right after: the *baseline*. At the
-//! switchover only the pages the log says QEMU's process touched since are hashed again;
-//! every other page still holds its baseline content. Where no log can be kept, or it was
-//! not ready in time, every page is hashed, and the report says why.
+//! Most of that pass can move out of the downtime. Chunk by chunk behind QEMU's first
+//! pass, a thread drops the chunk's entries from a [`TouchLog`] (QEMU's page table entries
+//! for the RAM file) and hashes its pages right after: the *baseline*; then it refreshes
+//! the pages QEMU touched since. At the switchover only the pages the log says QEMU's
+//! process touched since are hashed again; every other page still holds its baseline
+//! content. Where no log can be kept, or a chunk was not done in time, those pages are
+//! hashed, and the report says why.
 
 use super::stream::{put_page, EncodeError, RamBlock, RamRecord, Record};
 use crate::memory::GuestMemory;

@@ -437,13 +437,17 @@ pub fn stock_migrate(
     let start = Instant::now();
     let query = loop {
         let q = src.execute("query-migrate", None)?;
-        // Until the outgoing migration has a state of its own, a QEMU that was itself once
-        // a destination answers with its incoming migration's (`completed`, no
-        // `total-time`): not this migration's end.
-        let outgoing = q.get("total-time").is_some() || q["status"] != "completed";
-        if outgoing
-            && MigrationStatus::deserialize(&q["status"]).is_ok_and(MigrationStatus::is_final)
-        {
+        // A QEMU that was itself once a destination keeps answering with its incoming
+        // migration's status (`completed`) on top of the outgoing one's figures, from the
+        // first answer on: only the run state, `postmigrate` once the outgoing migration
+        // completed, says this migration is over.
+        let status = MigrationStatus::deserialize(&q["status"]);
+        let over = match status {
+            Ok(MigrationStatus::Completed) => run_state(src)? == RunState::Postmigrate,
+            Ok(s) => s.is_final(),
+            Err(_) => false,
+        };
+        if over {
             break q;
         }
         if start.elapsed() > timeout {

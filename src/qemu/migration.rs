@@ -421,6 +421,9 @@ pub struct StockRun {
     pub query: Value,
     /// Source `STOP` to destination `RESUME`, both QEMUs' own event timestamps.
     pub downtime_end_to_end_ms: Option<f64>,
+    /// From the `migrate` command to the poll that saw it complete (every 200 ms), by
+    /// pct's clock: QEMU's own `total-time` sometimes reads 0.
+    pub elapsed_s: f64,
 }
 
 /// Migrates the guest of `src` into `dst` (started with `-incoming defer`) over `uri`
@@ -433,8 +436,8 @@ pub fn stock_migrate(
     timeout: Duration,
 ) -> Result<StockRun, CtlError> {
     dst.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
-    src.execute("migrate", Some(json!({ "uri": uri })))?;
     let start = Instant::now();
+    src.execute("migrate", Some(json!({ "uri": uri })))?;
     let query = loop {
         let q = src.execute("query-migrate", None)?;
         // A QEMU that was itself once a destination keeps answering with its incoming
@@ -455,6 +458,7 @@ pub fn stock_migrate(
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    let elapsed_s = start.elapsed().as_secs_f64();
     if query["status"] != "completed" {
         return Err(CtlError::State(format!(
             "stock migration {}: {}",
@@ -479,5 +483,6 @@ pub fn stock_migrate(
     Ok(StockRun {
         query,
         downtime_end_to_end_ms: stop.zip(resume).map(|(s, r)| r - s),
+        elapsed_s,
     })
 }

@@ -67,7 +67,7 @@ pub fn qmp_main(a: QmpArgs) -> Result<()> {
 }
 
 /// Stock QEMU migration; prints `query-migrate`'s last answer plus
-/// `downtime_end_to_end_ms`, as JSON.
+/// `downtime_end_to_end_ms` and `elapsed_s`, as JSON.
 pub fn stock_main(a: StockArgs) -> Result<()> {
     let (mut src, mut dst) = (connect(&a.from)?, connect(&a.to)?);
     let run = stock_migrate(&mut src, &mut dst, &a.uri, Duration::from_secs(a.timeout_s))?;
@@ -75,6 +75,7 @@ pub fn stock_main(a: StockArgs) -> Result<()> {
     if let Some(d) = run.downtime_end_to_end_ms {
         out["downtime_end_to_end_ms"] = d.into();
     }
+    out["elapsed_s"] = run.elapsed_s.into();
     println!("{out}");
     Ok(())
 }

@@ -208,7 +208,7 @@ impl<'a> SwitchoverCheck<'a> {
                     lock(&state).log = Some(Err(e));
                     return;
                 }
-                let Some(h) = hash_block(ram, first..first + count, &|_| None, &cancel) else {
+                let Some((h, _)) = hash_block(ram, first..first + count, &|_| None, &cancel) else {
                     return;
                 };
                 let mut st = lock(&state);
@@ -329,8 +329,7 @@ impl<'a> SwitchoverCheck<'a> {
                     ),
                     Err(why) => (Box::new(|_| None), format!("all: {why}")),
                 };
-            let hashed = (0..pages).filter(|&i| known(i).is_none()).count() as u64;
-            let hashes = hash_block(ram, 0..pages, &*known, &never).unwrap_or_default();
+            let (hashes, hashed) = hash_block(ram, 0..pages, &*known, &never).unwrap_or_default();
             LiveHashes {
                 hashes,
                 hashed,
@@ -437,7 +436,7 @@ fn refresh(ram: &GuestMemory, log: &TouchLog, state: &Mutex<Baseline>, cancel: &
         if n % 1024 == 0 && cancel.load(Ordering::Relaxed) {
             return;
         }
-        hashes.push(ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash));
+        hashes.push(live_page_hash(ram, i));
     }
     let mut st = lock(state);
     if cancel.load(Ordering::Relaxed) {
@@ -468,36 +467,41 @@ pub struct LiveHashes {
     time: Duration,
 }
 
+/// The hash of page `i` of the live block as it is now (0: past the RAM file).
+fn live_page_hash(ram: &GuestMemory, i: usize) -> u64 {
+    ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash)
+}
+
 /// The hash of each of the live block's pages in `range`, hashed on up to 8 threads;
-/// `known(i)` gives page `i`'s hash without reading it, where it can. `None` if `stop` was
-/// set before the end.
+/// `known(i)` gives page `i`'s hash without reading it, where it can. With the hashes, how
+/// many pages were read and hashed. `None` if `stop` was set before the end.
 fn hash_block(
     ram: &GuestMemory,
     range: Range<usize>,
     known: &(dyn Fn(usize) -> Option<u64> + Sync),
     stop: &AtomicBool,
-) -> Option<Vec<u64>> {
+) -> Option<(Vec<u64>, u64)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let chunk = range.len().div_ceil(threads).max(1);
-    let hash = |i: usize| {
-        known(i).unwrap_or_else(|| ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash))
-    };
-    let parts: Vec<Option<Vec<u64>>> = std::thread::scope(|s| {
+    let parts: Vec<Option<(Vec<u64>, u64)>> = std::thread::scope(|s| {
         let workers: Vec<_> = range
             .clone()
             .step_by(chunk)
             .map(|first| {
                 let part = first..(first + chunk).min(range.end);
                 s.spawn(move || {
-                    let mut out = Vec::with_capacity(part.len());
+                    let (mut out, mut hashed) = (Vec::with_capacity(part.len()), 0);
                     for i in part {
                         // Often enough to stop within a millisecond, rarely enough to cost nothing.
                         if i % 1024 == 0 && stop.load(Ordering::Relaxed) {
                             return None;
                         }
-                        out.push(hash(i));
+                        out.push(known(i).unwrap_or_else(|| {
+                            hashed += 1;
+                            live_page_hash(ram, i)
+                        }));
                     }
-                    Some(out)
+                    Some((out, hashed))
                 })
             })
             .collect();
@@ -506,10 +510,9 @@ fn hash_block(
             .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
-    parts
-        .into_iter()
-        .collect::<Option<Vec<_>>>()
-        .map(|p| p.concat())
+    let parts = parts.into_iter().collect::<Option<Vec<_>>>()?;
+    let hashed = parts.iter().map(|(_, n)| n).sum();
+    Some((parts.into_iter().flat_map(|(h, _)| h).collect(), hashed))
 }
 
 #[cfg(test)]

@@ -2,11 +2,12 @@
 //! sender run it: guest memory → kernel located → page-cache walk → cache map, with
 //! the optional linear-scan cross-check and disk verification, timed stage by stage.
 
-use crate::cachemap::{self, CacheMap};
+use crate::cachemap::{self, CacheMap, FreePages};
 use crate::kernel::{Kernel, LocateError};
 use crate::memory::GuestMemory;
 use crate::profile::Profile;
 use crate::report::{self, CrossCheck, KernelSummary, ScanReport};
+use crate::walk::buddy::FreePageInit;
 use crate::walk::fs::walk_page_cache;
 use crate::walk::page_scan::for_each_page;
 use crate::walk::WalkError;
@@ -28,6 +29,9 @@ pub struct ScanOptions {
     pub cross_check: bool,
     /// Byte-compare every run with the disk image.
     pub verify: bool,
+    /// Also list the buddy allocator's free blocks ([`CacheMap::free`]), for free-page
+    /// elision.
+    pub free_pages: bool,
 }
 
 /// Builds the cache map of the guest in `mem` and a report about it.
@@ -51,8 +55,20 @@ pub fn scan(
     let map = cachemap::build(&k, &walk, disk);
     lap("map", &mut since);
 
+    let mut map = map;
     let mut census = None;
     let mut cross_check = None;
+    let free_pages = |free| {
+        Some(FreePages {
+            blocks: free,
+            loc: k.loc.clone(),
+            init: FreePageInit::read(&k),
+        })
+    };
+    if opts.free_pages && !opts.cross_check {
+        map.free = free_pages(for_each_page(&k, &BTreeSet::new())?.free);
+        lap("free_pages", &mut since);
+    }
     if opts.cross_check {
         let mappings: BTreeSet<u64> = walk.inodes.iter().map(|i| i.mapping).collect();
         let lin = for_each_page(&k, &mappings)?;
@@ -75,6 +91,9 @@ pub fn scan(
         let mut c = lin.census;
         c.free_not_zero = report::free_not_zero(mem, &lin.free);
         census = Some(c);
+        if opts.free_pages {
+            map.free = free_pages(lin.free);
+        }
         lap("cross_check", &mut since);
     }
     let verify = match (opts.verify, disk) {
@@ -97,6 +116,7 @@ pub fn scan(
             kaslr_offset: format!("{:#x}", k.loc.virt_offset),
         },
         ram_bytes: mem.total_bytes(),
+        free_page_init: census.as_ref().map(|_| FreePageInit::read(&k)),
         census,
         page_cache,
         restorable_bytes: restorable,

@@ -219,6 +219,7 @@ fn check_kernel(
     let opts = ScanOptions {
         cross_check: false,
         verify: true,
+        ..ScanOptions::default()
     };
     let (a, ra) = scan(&mem, &p, Some(&disk), opts).unwrap_or_else(|e| panic!("{e}"));
     let (b, _) = scan(&mem, &elf_profile, Some(&disk), opts).unwrap_or_else(|e| panic!("{e}"));

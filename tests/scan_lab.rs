@@ -35,6 +35,7 @@ fn boot_and_scan(spec: GuestSpec) -> (Guest, CacheMap, ScanReport, Oracle) {
     let opts = ScanOptions {
         cross_check: true,
         verify: true,
+        free_pages: false,
     };
     let (map, report) = scan(&mem, &profile(), Some(&disk), opts).expect("scan");
     (g, map, report, oracle)
@@ -275,6 +276,7 @@ fn amd64_flavour_and_five_level_paging() {
         let opts = ScanOptions {
             cross_check: true,
             verify: true,
+            free_pages: false,
         };
         let (map, report) = scan(&mem, &p, Some(&disk), opts).expect("scan");
         let v = report.verify.unwrap();
@@ -614,6 +616,7 @@ fn hostile_memory() {
             ScanOptions {
                 cross_check: true,
                 verify: false,
+                free_pages: false,
             },
         );
         assert!(

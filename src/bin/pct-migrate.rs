@@ -96,6 +96,11 @@ struct SendArgs {
     /// Send every page (no teleportation): pct as a plain transport, for comparison.
     #[arg(long)]
     no_teleport: bool,
+    /// Send the guest's free pages as they are (by default a page free in the guest's
+    /// buddy allocator is sent as a zero page; one no longer free at the switchover is
+    /// re-sent).
+    #[arg(long)]
+    no_free_elision: bool,
     /// Send data uncompressed (with --no-teleport: pct's own overhead, for comparison).
     #[arg(long)]
     no_compress: bool,
@@ -173,6 +178,7 @@ fn send_main(a: SendArgs) -> Result<()> {
         profile: a.profile,
         disk: a.disk,
         teleport: !a.no_teleport,
+        free_elision: !a.no_free_elision,
         switchover_check: a.switchover_check,
         sender: SenderOptions {
             bandwidth: bandwidth.map_err(|e| anyhow!(e))?,

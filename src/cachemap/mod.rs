@@ -103,6 +103,26 @@ pub struct Exclusions {
 pub struct CacheMap {
     pub runs: Vec<Run>,
     pub excluded: Exclusions,
+    /// The guest's free pages when the map was taken, if asked for
+    /// ([`ScanOptions::free_pages`](crate::introspect::ScanOptions)).
+    pub free: Option<FreePages>,
+}
+
+/// The buddy allocator's free blocks at one moment, with what is needed to re-check them
+/// later (where the kernel is) and what the kernel makes of free pages' bytes.
+#[derive(Debug, Clone)]
+pub struct FreePages {
+    /// In PFN order.
+    pub blocks: Vec<crate::walk::page_scan::FreeBlock>,
+    pub loc: crate::kernel::Location,
+    pub init: crate::walk::buddy::FreePageInit,
+}
+
+impl FreePages {
+    /// Page frames in the blocks.
+    pub fn frames(&self) -> u64 {
+        self.blocks.iter().map(|b| 1u64 << b.order).sum()
+    }
 }
 
 impl CacheMap {

@@ -5,6 +5,8 @@
 //! - [`link`]: the TCP connection and its hello exchange.
 //! - [`flow`]: bounded queues and rate caps, so QEMU paces itself by the WAN.
 //! - [`refmap`]: the cache map translated into QEMU's RAM-block offsets.
+//! - [`freemap`]: the guest's free pages in those offsets: which were elided, and the
+//!   re-check with the guest stopped.
 //! - [`sender`] / [`receiver`]: the two ends of the stream: pct frames out of QEMU's
 //!   stream, QEMU's stream back out of pct frames.
 //! - [`source`] / [`destination`]: one migration end to end on each host (QEMU through
@@ -24,6 +26,7 @@
 
 pub mod destination;
 pub mod flow;
+pub mod freemap;
 pub mod inspect;
 pub mod link;
 pub mod predict;

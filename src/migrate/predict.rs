@@ -13,6 +13,7 @@ use crate::introspect::{scan, ScanOptions};
 use crate::memory::GuestMemory;
 use crate::profile::Profile;
 use crate::report::{savings, ScanReport};
+use crate::walk::buddy::is_poisoned;
 use anyhow::{anyhow, Result};
 use serde::Serialize;
 use std::fmt::Write;
@@ -43,6 +44,9 @@ pub struct Prediction {
     pub pages_zero: u64,
     /// Non-zero pages the cache map covers.
     pub pages_teleportable: u64,
+    /// Non-zero pages free in the guest's buddy allocator (not holding page poisoning's
+    /// pattern): sent as zero pages with free-page elision.
+    pub pages_elidable: u64,
     pub stock_first_pass_bytes: u64,
     pub pct_first_pass_bytes: u64,
     /// pct / stock.
@@ -60,15 +64,30 @@ fn compressed_len(data: &[u8], level: i32) -> u64 {
     zstd::bulk::compress(data, level).map_or(data.len(), |z| z.len()) as u64
 }
 
-/// Scans the guest (`block`: its main RAM block) and predicts the first pass.
+/// Scans the guest (`block`: its main RAM block) and predicts the first pass, with free
+/// pages elided if `free_elision`.
 pub fn dry_run(
     mem: &GuestMemory,
     profile: &Profile,
     disk: Option<&File>,
     block: &str,
+    free_elision: bool,
 ) -> Result<DryRun> {
-    let (map, report) =
-        scan(mem, profile, disk, ScanOptions::default()).map_err(|e| anyhow!("{e}"))?;
+    let opts = ScanOptions {
+        cross_check: true,
+        free_pages: true,
+        ..ScanOptions::default()
+    };
+    let (map, report) = scan(mem, profile, disk, opts).map_err(|e| anyhow!("{e}"))?;
+    let free = match (&map.free, free_elision) {
+        (Some(f), true) => f.blocks.as_slice(),
+        _ => &[],
+    };
+    let is_free = |pfn: u64| {
+        let i = free.partition_point(|b| b.pfn <= pfn);
+        i > 0 && pfn < free[i - 1].pfn + (1 << free[i - 1].order)
+    };
+    let mut elide = 0u64;
     let mut refmap = RefMap::new(block, &map, mem.regions());
     let level = SenderOptions::default().zstd_level.unwrap_or(1);
     let (mut nonzero, mut zero, mut teleport) = (0u64, 0u64, 0u64);
@@ -86,6 +105,8 @@ pub fn dry_run(
             nonzero += 1;
             if refmap.lookup(r.offset + p * PAGE).is_some() {
                 teleport += 1;
+            } else if is_free((r.gpa + p * PAGE) / PAGE) && !is_poisoned(page) {
+                elide += 1;
             } else {
                 rest.extend_from_slice(page);
                 if rest.len() >= COMPRESS_CHUNK {
@@ -97,11 +118,12 @@ pub fn dry_run(
     }
     rest_wire += compressed_len(&rest, level);
     let stock = nonzero * STOCK_PAGE_RECORD + zero * STOCK_ZERO_RECORD;
-    let pct = rest_wire + teleport * REF_BYTES_PER_PAGE + zero / ZERO_PAGES_PER_WIRE_BYTE;
+    let pct = rest_wire + teleport * REF_BYTES_PER_PAGE + (zero + elide) / ZERO_PAGES_PER_WIRE_BYTE;
     let prediction = Prediction {
         pages_nonzero: nonzero,
         pages_zero: zero,
         pages_teleportable: teleport,
+        pages_elidable: elide,
         stock_first_pass_bytes: stock,
         pct_first_pass_bytes: pct,
         ratio: pct as f64 / stock.max(1) as f64,
@@ -134,9 +156,10 @@ impl DryRun {
         );
         let _ = writeln!(
             t,
-            "  pct          {:8.1} MB  ({} pages teleported, the rest zstd-compressed): {:.3} x",
+            "  pct          {:8.1} MB  ({} pages teleported, {} free pages elided, the rest zstd-compressed): {:.3} x",
             pct as f64 / 1e6,
             p.pages_teleportable,
+            p.pages_elidable,
             pct as f64 / stock.max(1) as f64
         );
         for (s, q) in savings(stock).iter().zip(savings(pct)) {

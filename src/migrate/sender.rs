@@ -22,6 +22,7 @@
 mod encoder;
 
 use super::flow::{Outbox, TokenBucket, Window};
+use super::freemap::{ElisionReport, FreeMap};
 use super::refmap::RefMap;
 use super::stream::{RamBlock, StreamError, StreamStats};
 use super::switchover::{SwitchoverCheck, SwitchoverReport};
@@ -128,6 +129,8 @@ pub struct SenderReport {
     pub peak_originals: usize,
     /// What the switchover check found, if it ran.
     pub switchover: Option<SwitchoverReport>,
+    /// What free-page elision did, if it ran.
+    pub elision: Option<ElisionReport>,
     /// The sender's marks on the switchover timeline.
     pub marks: SenderMarks,
     /// When the receiver's `Complete` arrived.
@@ -260,10 +263,18 @@ pub struct Connections {
     pub wire_stats: WireStats,
 }
 
+/// What the sender learns from the guest when dirty tracking starts.
+pub struct StreamMap<'a> {
+    /// The pages the destination can restore from its disk.
+    pub refs: RefMap,
+    /// The same block's free pages, to elide (`None`: sent as they are).
+    pub free: Option<FreeMap<'a>>,
+}
+
 /// What the sender consults besides the stream.
 pub struct SenderHooks<'a, F> {
     /// Called once with QEMU's RAM blocks, right after dirty tracking started; returns the
-    /// reference map for one block (or `None`: send everything).
+    /// reference map and free pages for one block (or `None`: send everything).
     pub map: F,
     /// The switchover check on its RAM block, if it is to run ([`SwitchoverCheck`]).
     pub check: Option<SwitchoverCheck<'a>>,
@@ -273,13 +284,13 @@ pub struct SenderHooks<'a, F> {
 
 /// Runs one migration's sender side: reads QEMU's stream from `conn.qemu` and sends it as
 /// pct frames on `conn.tcp`. Returns once the receiver confirmed completion.
-pub fn send<F>(
+pub fn send<'g, F>(
     conn: Connections,
     opts: &SenderOptions,
-    hooks: SenderHooks<'_, F>,
+    hooks: SenderHooks<'g, F>,
 ) -> Result<SenderReport, SendError>
 where
-    F: FnOnce(&[RamBlock]) -> Result<Option<RefMap>, String>,
+    F: FnOnce(&[RamBlock]) -> Result<Option<StreamMap<'g>>, String>,
 {
     let Connections {
         mut qemu,
@@ -395,6 +406,7 @@ where
         fallback_pages: shared.counters.fallback_pages.load(Ordering::Relaxed),
         map_pages: enc.map_pages,
         switchover: enc.switchover,
+        elision: enc.elision,
         marks,
         peak_originals,
         completed_at: Instant::now(),

@@ -7,10 +7,11 @@
 //!
 //! Nothing here prints: what the caller should tell the user arrives as [`Notice`]s.
 
+use super::freemap::FreeMap;
 use super::link;
 use super::predict::{self, DryRun};
 use super::refmap::RefMap;
-use super::sender::{self, Connections, Counters, SenderHooks, SenderOptions};
+use super::sender::{self, Connections, Counters, SenderHooks, SenderOptions, StreamMap};
 use super::stream::RamBlock;
 use super::summary::Summary;
 use super::switchover::SwitchoverCheck;
@@ -53,6 +54,9 @@ pub struct SourceOptions {
     pub disk: Option<PathBuf>,
     /// Replace cached pages by references (else pct is a plain transport).
     pub teleport: bool,
+    /// Send the guest's free pages as zero pages (with `teleport`; docs/migration.md,
+    /// "Free-page elision").
+    pub free_elision: bool,
     pub switchover_check: CheckMode,
     /// The sender's tunables (rate cap, compression, stream record).
     pub sender: SenderOptions,
@@ -200,7 +204,13 @@ impl<'n> Source<'n> {
         let (Some(mem), Some(profile)) = (&self.mem, &self.profile) else {
             bail!("a dry run needs the guest's RAM and a profile (Source::for_dry_run)");
         };
-        predict::dry_run(mem, profile, self.disk.as_ref(), &self.backend.id)
+        predict::dry_run(
+            mem,
+            profile,
+            self.disk.as_ref(),
+            &self.backend.id,
+            self.opts.free_elision,
+        )
     }
 
     /// Migrates the guest to the pct receiver at `to` (HOST:PORT); returns once the
@@ -258,16 +268,23 @@ impl<'n> Source<'n> {
             false => None,
         };
         let mut scan_s = None;
-        let map = |_blocks: &[RamBlock]| -> Result<Option<RefMap>, String> {
+        let free_elision = opts.free_elision;
+        let map = |_blocks: &[RamBlock]| -> Result<Option<StreamMap<'_>>, String> {
             let (Some(mem), Some(profile)) = (mem.as_ref(), profile.as_ref()) else {
                 return Ok(None);
             };
             let t = Instant::now();
-            match scan(mem, profile, disk.as_ref(), ScanOptions::default()) {
+            let scan_opts = ScanOptions {
+                free_pages: free_elision,
+                ..ScanOptions::default()
+            };
+            match scan(mem, profile, disk.as_ref(), scan_opts) {
                 Ok((map, _)) => {
-                    let m = RefMap::new(&block, &map, mem.regions());
+                    let refs = RefMap::new(&block, &map, mem.regions());
+                    let len = mem.live_block_len().unwrap_or(0);
+                    let free = map.free.map(|f| FreeMap::new(mem, profile, &f, len));
                     scan_s = Some(t.elapsed().as_secs_f64());
-                    Ok(Some(m))
+                    Ok(Some(StreamMap { refs, free }))
                 }
                 Err(e) => {
                     // The map is a hint: without it, the migration is a plain one.

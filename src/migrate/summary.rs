@@ -1,6 +1,7 @@
 //! Statistics of one migration: built from the sender's and the receiver's reports, printed
 //! as text for people and as JSON for programs (`pct-migrate --json`).
 
+use super::freemap::ElisionReport;
 use super::receiver::ReceiverReport;
 use super::sender::SenderReport;
 use super::switchover::SwitchoverReport;
@@ -35,6 +36,8 @@ pub struct Pages {
     pub zero: u64,
     /// `PAGE` records sent as data.
     pub sent: u64,
+    /// `PAGE` records of pages free in the guest, sent as zero pages (free-page elision).
+    pub elided: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -78,6 +81,8 @@ pub struct Summary {
     pub restore_mb_per_s: Option<f64>,
     /// The check of the stream against the stopped source's RAM (`None`: not run).
     pub switchover_check: Option<SwitchoverReport>,
+    /// What free-page elision did (`None`: off).
+    pub free_elision: Option<ElisionReport>,
     /// The switchover, step by step, on both ends (the caller adds the source's `STOP`).
     pub timeline: Timeline,
     /// The downtime's steps, longest first ([`Timeline::steps`]).
@@ -103,6 +108,7 @@ impl Summary {
         };
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let restore_s = rx.as_ref().map(|r| r.restore_seconds);
+        let elided = s.elision.as_ref().map_or(0, |e| e.pages_elided);
         Summary {
             result: "completed".into(),
             teleport,
@@ -116,7 +122,8 @@ impl Summary {
                 verified: s.ref_pages - fallen_back.min(s.ref_pages),
                 fallen_back,
                 zero: s.stream.zero_pages,
-                sent: s.stream.pages - s.ref_pages,
+                sent: s.stream.pages - s.ref_pages - elided,
+                elided,
             },
             time: Timing {
                 restore_s,
@@ -124,6 +131,7 @@ impl Summary {
             },
             map_pages: s.map_pages,
             switchover_check: s.switchover.clone(),
+            free_elision: s.elision.clone(),
             timeline: Timeline {
                 sender: s.marks.clone(),
                 receiver: rx.as_ref().map(|r| r.marks.clone()).unwrap_or_default(),
@@ -249,6 +257,19 @@ impl Summary {
                     ),
                     why => why.to_owned(),
                 }
+            );
+        }
+        if let Some(e) = &self.free_elision {
+            let _ = writeln!(
+                t,
+                "  free pages       {} free when the map was taken, {} elided (sent as zero pages), {} of them sent again by QEMU, {} re-sent at the switchover (no longer free), {} left zero; re-check {:.1} ms; {} not elided (poisoned)",
+                e.free_at_map,
+                e.pages_elided,
+                e.pages_sent_again,
+                e.pages_resent,
+                e.pages_left_zero,
+                e.recheck_time.as_secs_f64() * 1e3,
+                e.pages_poisoned
             );
         }
         if !self.capabilities_disabled.is_empty() {

@@ -245,6 +245,14 @@ impl<'a> SwitchoverCheck<'a> {
         }
     }
 
+    /// Notes a page pct itself re-sends (an elided free page the stopped guest no longer
+    /// has free) with `data`, before [`repair`](Self::repair).
+    pub fn note_resent(&mut self, offset: u64, data: &[u8]) {
+        if self.block.is_some() {
+            self.note(offset, page_hash(data));
+        }
+    }
+
     /// Whether [`repair`](Self::repair) has run.
     pub fn done(&self) -> bool {
         self.done

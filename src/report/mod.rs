@@ -18,6 +18,9 @@ pub struct ScanReport {
     pub kernel: KernelSummary,
     pub ram_bytes: u64,
     pub census: Option<Census>,
+    /// What the kernel makes of free pages' bytes (with the census).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_page_init: Option<crate::walk::buddy::FreePageInit>,
     /// Page cache found by the tree walk, by page state, in bytes.
     pub page_cache: BTreeMap<String, u64>,
     pub restorable_bytes: u64,
@@ -244,12 +247,15 @@ impl ScanReport {
                 Some(why) => writeln!(s, "  {:<12} {:>12}  ({why})", "free", "unknown"),
                 None => writeln!(
                     s,
-                    "  {:<12} {:>12}  ({} not zero: what eliding free pages would not send)",
+                    "  {:<12} {:>12}  ({} not zero: what eliding free pages saves)",
                     "free",
                     human(c.free * 4096),
                     human(c.free_not_zero * 4096)
                 ),
             };
+            if let Some(init) = &self.free_page_init {
+                let _ = writeln!(s, "  {:<12} {}", "", init.describe());
+            }
             for (name, n) in [
                 ("anonymous", c.anon),
                 ("file-backed", c.file),

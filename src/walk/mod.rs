@@ -9,6 +9,7 @@
 //! trees carry cycle guards and iteration caps, and back-pointers are cross-checked to
 //! catch torn reads.
 
+pub mod buddy;
 pub mod dentry;
 pub mod fs;
 pub mod list;

@@ -32,78 +32,6 @@ impl PageFlags {
     }
 }
 
-/// How this kernel marks a `struct page` as the head of a free block in the buddy
-/// allocator (`PageBuddy`): the encoding changed four times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BuddyMark {
-    /// Up to 2.6.37: a page flag, `PG_buddy`.
-    Flag { bit: u32 },
-    /// 2.6.38 to 4.16: `_mapcount` holds `PAGE_BUDDY_MAPCOUNT_VALUE` (-128).
-    MapcountValue { value: u32 },
-    /// 4.17 to 6.11: in the word `_mapcount` shares with `page_type`, a type is a bit
-    /// *cleared* under a base: `(page_type & (base | flag)) == base` (up to 6.8 base
-    /// 0xf0000000 and `PG_buddy` 0x80, `#define`s; from 6.9 `enum pagetype`).
-    ClearedBit { base: u32, flag: u32 },
-    /// From 6.12: the top byte of `page_type` is the type, `PGTY_buddy` (`enum pagetype`).
-    TopByte { buddy: u32 },
-}
-
-impl BuddyMark {
-    /// From the profile: its `enum pagetype` or `enum pageflags` where they say, else the
-    /// `#define`s of kernels up to 6.8 (told apart by the profile's release).
-    pub fn from_profile(p: &crate::profile::Profile) -> Result<BuddyMark, WalkError> {
-        let pagetype = |n: &str| {
-            p.enum_value("pagetype", n)
-                .and_then(|v| u32::try_from(v & 0xffff_ffff).ok())
-        };
-        if let Some(buddy) = pagetype("PGTY_buddy") {
-            return Ok(BuddyMark::TopByte { buddy });
-        }
-        if let Some(flag) = pagetype("PG_buddy") {
-            let base = pagetype("PAGE_TYPE_BASE").ok_or_else(|| {
-                WalkError::ProfileLacks("enum pagetype PAGE_TYPE_BASE (beside PG_buddy)".into())
-            })?;
-            return Ok(BuddyMark::ClearedBit { base, flag });
-        }
-        if let Some(bit) = p.pageflag("PG_buddy") {
-            return Ok(BuddyMark::Flag { bit });
-        }
-        let release = p.kernel.release.as_deref().unwrap_or("");
-        match kernel_version(release) {
-            Some(v) if v < (2, 6, 38) => Err(WalkError::ProfileLacks(format!(
-                "enum pageflags PG_buddy, which kernel {release:?} marks free pages with"
-            ))),
-            Some(v) if v < (4, 17, 0) => Ok(BuddyMark::MapcountValue {
-                value: -128i32 as u32,
-            }),
-            Some(v) if v < (6, 9, 0) => Ok(BuddyMark::ClearedBit {
-                base: 0xf000_0000,
-                flag: 0x80,
-            }),
-            _ => Err(WalkError::ProfileLacks(format!(
-                "enum pagetype, which kernel {release:?} marks free pages with                  (rebuild the profile with this pct: `pct-introspect build-profile`)"
-            ))),
-        }
-    }
-
-    /// `PageBuddy`, from a page's `flags` and the `_mapcount`/`page_type` word.
-    pub fn page_buddy(self, flags: u64, page_type: u32) -> bool {
-        match self {
-            BuddyMark::Flag { bit } => flags >> bit & 1 == 1,
-            BuddyMark::MapcountValue { value } => page_type == value,
-            BuddyMark::ClearedBit { base, flag } => page_type & (base | flag) == base,
-            BuddyMark::TopByte { buddy } => page_type >> 24 == buddy,
-        }
-    }
-}
-
-/// (version, patchlevel, sublevel) of a kernel release string such as "6.1.0-57-amd64".
-fn kernel_version(release: &str) -> Option<(u32, u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    let mut next = || it.next()?.parse().ok();
-    Some((next()?, next()?, next()?))
-}
-
 /// What a page-cache page is, for migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -234,39 +162,5 @@ impl Pages {
             b.u64(self.mapping_off, "mapping")?,
             b.u64(self.index_off, "index")?,
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buddy_marks() {
-        // 6.1: a free head has bit 0x80 cleared under 0xf0000000; a page never mapped has
-        // _mapcount -1, a mapped one 0 and up.
-        let old = BuddyMark::ClearedBit {
-            base: 0xf000_0000,
-            flag: 0x80,
-        };
-        assert!(old.page_buddy(0, 0xffff_ff7f));
-        assert!(!old.page_buddy(0, 0xffff_ffff));
-        assert!(!old.page_buddy(0, 0));
-        assert!(!old.page_buddy(0, 0xffff_feff), "PG_offline, not buddy");
-        // 6.12: the top byte is the type.
-        let new = BuddyMark::TopByte { buddy: 0xf0 };
-        assert!(new.page_buddy(0, 0xf000_0000));
-        assert!(!new.page_buddy(0, 0xf100_0000));
-        assert!(!new.page_buddy(0, 0xffff_ffff));
-        assert!(BuddyMark::Flag { bit: 19 }.page_buddy(1 << 19, 0));
-        // 4.9: _mapcount -128 exactly.
-        let v49 = BuddyMark::MapcountValue {
-            value: -128i32 as u32,
-        };
-        assert!(v49.page_buddy(0, 0xffff_ff80));
-        assert!(!v49.page_buddy(0, 0xffff_ff7f));
-        assert_eq!(kernel_version("6.1.0-57-amd64"), Some((6, 1, 0)));
-        assert_eq!(kernel_version("2.6.32-5-amd64"), Some((2, 6, 32)));
-        assert_eq!(kernel_version("junk"), None);
     }
 }

@@ -2,7 +2,8 @@
 //! that finds page-cache pages from the other side — by their `mapping` pointer —
 //! to cross-check the tree walk.
 
-use super::page::{BuddyMark, Pages};
+use super::buddy::{BuddyMark, MAX_ORDER};
+use super::page::Pages;
 use super::{at_va, need, FieldError, LeSlice, WalkError};
 use crate::kernel::Kernel;
 use std::collections::{BTreeSet, HashMap};
@@ -52,10 +53,6 @@ pub struct StructPageScan {
     pub free: Vec<FreeBlock>,
     pub census: Census,
 }
-
-/// The largest buddy order pct accepts (x86-64's MAX_PAGE_ORDER is 10; a few
-/// configurations raise it): a larger one in `private` is a torn or hostile read.
-const MAX_ORDER: u64 = 15;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -165,7 +162,7 @@ impl Classifier {
             // `buddy_order`: a free block's order is in `private`; a block is aligned to
             // its size.
             (true, Some(o)) => Some(b.u64(o, "private")?)
-                .filter(|&order| order <= MAX_ORDER && pfn % (1 << order) == 0),
+                .filter(|&order| order <= u64::from(MAX_ORDER) && pfn % (1 << order) == 0),
             _ => None,
         };
         let kind = if let Some(order) = buddy_order {

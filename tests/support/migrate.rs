@@ -102,8 +102,8 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Compares two RAM files page by page; returns the differing page numbers (at most 20)
-/// and their count.
+/// Compares two RAM files page by page; returns the differing page numbers and their
+/// count.
 pub fn diff_pages(a: &Path, b: &Path) -> (Vec<u64>, u64) {
     let mut fa = std::fs::File::open(a).expect("RAM a");
     let mut fb = std::fs::File::open(b).expect("RAM b");
@@ -123,15 +123,43 @@ pub fn diff_pages(a: &Path, b: &Path) -> (Vec<u64>, u64) {
         for (pa, pb) in ba[..n].chunks(PAGE).zip(bb[..n].chunks(PAGE)) {
             if pa != pb {
                 count += 1;
-                if first.len() < 20 {
-                    first.push(page);
-                }
+                first.push(page);
             }
             page += 1;
         }
         left -= n;
     }
     (first, count)
+}
+
+/// Of the pages `pages` where the destination RAM `dst` differs from the stopped source
+/// `src`, those that free-page elision explains: zero at the destination and free in the
+/// source's buddy allocator (`is_free_buddy_page` on the source's `struct page` array, the
+/// walk tests/scan_lab.rs checks against drgn's free lists). Returns (explained, the rest).
+pub fn free_page_diffs(src: &Path, dst: &Path, pages: &[u64]) -> (u64, Vec<u64>) {
+    use pct::kernel::Kernel;
+    use pct::memory::GuestMemory;
+    use pct::walk::buddy::Buddy;
+    if pages.is_empty() {
+        return (0, Vec::new());
+    }
+    let (_, profile) = lab_profile("cloud-amd64");
+    let s = GuestMemory::open(src).expect("map the source RAM");
+    let d = GuestMemory::open(dst).expect("map the destination RAM");
+    let k = Kernel::locate(&s, &profile).expect("locate the source kernel");
+    let buddy = Buddy::new(&k).expect("buddy allocator marks");
+    let (mut free, mut rest) = (0, Vec::new());
+    for &p in pages {
+        let zero = d
+            .slice(p * PAGE as u64, PAGE as u64)
+            .is_ok_and(|b| b.iter().all(|&x| x == 0));
+        if zero && buddy.is_free_buddy_page(p).unwrap_or(false) {
+            free += 1;
+        } else {
+            rest.push(p);
+        }
+    }
+    (free, rest)
 }
 
 /// One migration between two lab guests, through two `pct-migrate` processes.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start one lab guest under QEMU (exec: the caller owns the QEMU process).
 #
-#   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|idle|db] [--fileset web|mini|db]
+#   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|aged|idle|db] [--fileset web|mini|db]
 #       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
 #       [--mem MiB|KiBK] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
@@ -50,7 +50,7 @@ while [ $# -gt 0 ]; do
 	shift
 done
 [ -n "$dir" ] || die "--dir RUNDIR is required"
-case "$workload" in apache | idle | db) ;; *) die "unknown workload '$workload' (apache, idle, db)" ;; esac
+case "$workload" in apache | aged | idle | db) ;; *) die "unknown workload '$workload' (apache, aged, idle, db)" ;; esac
 [ -n "$fileset" ] || fileset=$([ "$workload" = db ] && echo db || echo web)
 case "$accel" in
 tcg) ;;

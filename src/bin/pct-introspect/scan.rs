@@ -66,6 +66,7 @@ pub fn run(a: ScanArgs) -> Result<ExitCode, String> {
     let opts = ScanOptions {
         cross_check: a.cross_check,
         verify: a.verify,
+        free_pages: false,
     };
     let (map, report) = scan(&mem, &profile, disk.as_ref(), opts).map_err(|e| e.to_string())?;
     if let Some(path) = &a.map_out {

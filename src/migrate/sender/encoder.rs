@@ -8,10 +8,12 @@
 //! map is taken when the `ram` section's first `MEM_SIZE` record arrives; at the `ram` END
 //! part's EOS the switchover check, if any, re-sends what QEMU's dirty tracking missed.
 
-use super::{lock, pack, wait_readable, Pipeline, SendError, SenderOptions};
+use super::{lock, pack, wait_readable, Pipeline, SendError, SenderOptions, StreamMap};
+use crate::migrate::freemap::{ElisionReport, FreeMap};
 use crate::migrate::refmap::RefMap;
 use crate::migrate::stream::{
-    Decoder, Item, RamBlock, RamRecord, Record, Recorder, StreamStats, Switchover, SwitchoverPoint,
+    put_page, put_zero, Decoder, Item, PageAddr, RamBlock, RamRecord, Record, Recorder,
+    StreamStats, Switchover, SwitchoverPoint,
 };
 use crate::migrate::switchover::{LiveHashes, SwitchoverCheck, SwitchoverReport};
 use crate::migrate::timeline::{now_unix_ms, SenderMarks};
@@ -25,6 +27,10 @@ use std::time::Duration;
 /// failed (and cancelled: the source guest keeps running).
 const STALL: Duration = Duration::from_secs(120);
 
+fn is_page(rec: &Record<'_>) -> bool {
+    matches!(rec, Record::Ram(RamRecord::Page { .. }))
+}
+
 /// What the encoder did.
 pub(super) struct Encoded {
     pub(super) stream: StreamStats,
@@ -32,19 +38,22 @@ pub(super) struct Encoded {
     pub(super) runs: u64,
     pub(super) map_pages: u64,
     pub(super) switchover: Option<SwitchoverReport>,
+    pub(super) elision: Option<ElisionReport>,
     pub(super) marks: SenderMarks,
     /// Link bytes sent when the guest stopped.
     pub(super) wire_at_stop: Option<u64>,
 }
 
 /// The encoder's state over one stream.
-pub(super) struct Encoder<'a, F> {
+pub(super) struct Encoder<'a, 'g, F> {
     shared: &'a Pipeline,
     opts: &'a SenderOptions,
     /// Asked for the cache map once, at the first `MEM_SIZE` record.
     map: Option<F>,
     /// The mapped block's index in `MEM_SIZE`, and its map.
     refmap: Option<(usize, RefMap)>,
+    /// The same block's free pages, if they are elided.
+    free: Option<FreeMap<'g>>,
     map_pages: u64,
     check: Option<SwitchoverCheck<'a>>,
     switchover: Option<SwitchoverReport>,
@@ -62,8 +71,10 @@ pub(super) struct Encoder<'a, F> {
     batch_zero: u64,
     ref_pages: u64,
     run_count: u64,
-    /// Stream bytes pct adds (pages the switchover check re-sent).
+    /// Stream bytes pct adds (pages the switchover check re-sent) and removes (the bytes
+    /// of elided pages).
     added: u64,
+    removed: u64,
     recorder: Option<Recorder>,
 }
 
@@ -74,9 +85,9 @@ fn recording(source: std::io::Error) -> SendError {
     }
 }
 
-impl<'a, F> Encoder<'a, F>
+impl<'a, 'g, F> Encoder<'a, 'g, F>
 where
-    F: FnOnce(&[RamBlock]) -> Result<Option<RefMap>, String>,
+    F: FnOnce(&[RamBlock]) -> Result<Option<StreamMap<'g>>, String>,
 {
     pub(super) fn new(
         shared: &'a Pipeline,
@@ -94,6 +105,7 @@ where
             opts,
             map: Some(map),
             refmap: None,
+            free: None,
             map_pages: 0,
             check,
             switchover: None,
@@ -107,6 +119,7 @@ where
             ref_pages: 0,
             run_count: 0,
             added: 0,
+            removed: 0,
             recorder,
         })
     }
@@ -182,6 +195,9 @@ where
             }
             Some(SwitchoverPoint::Eos) => {
                 self.marks.eos = Some(now_unix_ms());
+                if self.free.is_some() {
+                    self.resend_not_free()?;
+                }
                 let live = hashing
                     .take()
                     .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
@@ -221,14 +237,22 @@ where
                 )));
             }
         }
-        if let Some(r) = self.recorder.as_mut() {
-            r.record(item.raw).map_err(recording)?;
-        }
         if let Record::Ram(RamRecord::Page { page, data }) = item.record {
+            let mapped = self.refmap.as_ref().is_some_and(|(b, _)| *b == page.block);
             let disk = match self.refmap.as_mut() {
-                Some((b, m)) if *b == page.block => m.lookup(page.offset),
+                Some((_, m)) if mapped => m.lookup(page.offset),
                 _ => None,
             };
+            if let (Some(f), true) = (self.free.as_mut(), mapped) {
+                if disk.is_some() {
+                    f.forwarded(page.offset);
+                } else if f.elide(page.offset, data) {
+                    return self.elide(item, &page);
+                }
+            }
+            if let Some(r) = self.recorder.as_mut() {
+                r.record(item.raw).map_err(recording)?;
+            }
             if let Some(disk) = disk {
                 self.flush_batch()?;
                 let block = page.block as u32;
@@ -247,16 +271,46 @@ where
                 return Ok(());
             }
         }
+        if let (Some(r), false) = (self.recorder.as_mut(), is_page(&item.record)) {
+            r.record(item.raw).map_err(recording)?;
+        }
         self.flush_run()?;
         self.batch.extend_from_slice(item.raw);
-        if let Record::Ram(RamRecord::Zero { .. }) = item.record {
+        if let Record::Ram(RamRecord::Zero { page, .. }) = item.record {
             self.batch_zero += 1;
+            if let Some(f) = self.free.as_mut() {
+                if self.refmap.as_ref().is_some_and(|(b, _)| *b == page.block) {
+                    f.forwarded(page.offset);
+                }
+            }
         }
         if let Record::Ram(RamRecord::MemSize { blocks, .. }) = item.record {
             if self.map.is_some() {
                 self.take_map(blocks)?;
             }
         }
+        self.flush_full()
+    }
+
+    /// Sends a free page's `PAGE` record as a `ZERO` record (the recording, if any, holds
+    /// the `ZERO` record too: it is the stream the destination gets).
+    fn elide(&mut self, item: &Item<'_>, page: &PageAddr<'_>) -> Result<(), SendError> {
+        self.flush_run()?;
+        let before = self.batch.len();
+        let block = (!page.continued).then_some(page.block_name);
+        put_zero(&mut self.batch, block, page.offset, 0)
+            .map_err(|e| SendError::Protocol(format!("eliding a page: {e}")))?;
+        let zero = &self.batch[before..];
+        if let Some(r) = self.recorder.as_mut() {
+            r.record(zero).map_err(recording)?;
+        }
+        self.removed += (item.raw.len() - zero.len()) as u64;
+        self.batch_zero += 1;
+        self.flush_full()
+    }
+
+    /// Sends the batch if it is full.
+    fn flush_full(&mut self) -> Result<(), SendError> {
         if self.batch.len() >= self.opts.batch_bytes {
             self.flush_batch()?;
         }
@@ -270,12 +324,48 @@ where
             .map
             .take()
             .ok_or_else(|| SendError::Map("map taken twice".into()))?;
-        if let Some(m) = f(blocks).map_err(SendError::Map)? {
-            if let Some(i) = blocks.iter().position(|b| b.name == m.block()) {
-                self.map_pages = m.pages();
-                self.refmap = Some((i, m));
+        if let Some(StreamMap { refs, free }) = f(blocks).map_err(SendError::Map)? {
+            if let Some(i) = blocks.iter().position(|b| b.name == refs.block()) {
+                self.map_pages = refs.pages();
+                self.refmap = Some((i, refs));
+                self.free = free;
             }
         }
+        Ok(())
+    }
+
+    /// Free-page elision's re-check, with the guest stopped: re-sends, as `PAGE` records in
+    /// the current batch, the elided pages its kernel no longer holds free, as they are now.
+    fn resend_not_free(&mut self) -> Result<(), SendError> {
+        self.flush_run()?;
+        let (Some(free), Some((_, refs))) = (self.free.as_mut(), self.refmap.as_ref()) else {
+            return Ok(());
+        };
+        let offsets = free.recheck().map_err(|e| {
+            SendError::Protocol(format!(
+                "re-checking elided free pages in the stopped guest: {e}"
+            ))
+        })?;
+        let mut extra = Vec::new();
+        for (n, &offset) in offsets.iter().enumerate() {
+            let page = free.page(offset).ok_or_else(|| {
+                SendError::Protocol(format!(
+                    "elided page at RAM offset {offset:#x} is outside the guest's RAM file"
+                ))
+            })?;
+            // The first names the block, the rest continue it.
+            let name = (n == 0).then_some(refs.block());
+            put_page(&mut extra, name, offset, page)
+                .map_err(|e| SendError::Protocol(format!("re-sending an elided page: {e}")))?;
+            if let Some(c) = self.check.as_mut() {
+                c.note_resent(offset, page);
+            }
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.record(&extra).map_err(recording)?;
+        }
+        self.added += extra.len() as u64;
+        self.batch.extend_from_slice(&extra);
         Ok(())
     }
 
@@ -343,13 +433,15 @@ where
             .stream_bytes
             .store(dec.offset(), Ordering::Relaxed);
         let end = Frame::End {
-            stream_bytes: dec.offset() + self.added,
+            stream_bytes: dec.offset() + self.added - self.removed,
             runs: self.run_count,
         };
         self.shared.queue(&end, false)?;
         self.marks.end_queued = Some(now_unix_ms());
         if let Some((offset, _)) = self.at_stop {
-            self.marks.final_stream_bytes = Some(dec.offset().saturating_sub(offset) + self.added);
+            self.marks.final_stream_bytes = Some(
+                (dec.offset().saturating_sub(offset) + self.added).saturating_sub(self.removed),
+            );
         }
         Ok(Encoded {
             stream: dec.stats().clone(),
@@ -357,6 +449,7 @@ where
             runs: self.run_count,
             map_pages: self.map_pages,
             switchover: self.switchover,
+            elision: self.free.as_ref().map(|f| f.report().clone()),
             marks: self.marks,
             wire_at_stop: self.at_stop.map(|a| a.1),
         })

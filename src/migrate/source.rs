@@ -268,6 +268,7 @@ impl<'n> Source<'n> {
             false => None,
         };
         let mut scan_s = None;
+        let mut free_scan_ms = None;
         let free_elision = opts.free_elision;
         let map = |_blocks: &[RamBlock]| -> Result<Option<StreamMap<'_>>, String> {
             let (Some(mem), Some(profile)) = (mem.as_ref(), profile.as_ref()) else {
@@ -279,7 +280,8 @@ impl<'n> Source<'n> {
                 ..ScanOptions::default()
             };
             match scan(mem, profile, disk.as_ref(), scan_opts) {
-                Ok((map, _)) => {
+                Ok((map, report)) => {
+                    free_scan_ms = report.timings_ms.get("free_pages").copied();
                     let refs = RefMap::new(&block, &map, mem.regions());
                     let len = mem.live_block_len().unwrap_or(0);
                     let free = map.free.map(|f| FreeMap::new(mem, profile, &f, len));
@@ -355,6 +357,7 @@ impl<'n> Source<'n> {
         s.stopped_at(stop_at);
         s.time.downtime_limit_ms = downtime_limit;
         s.time.scan_s = scan_s;
+        s.time.free_scan_ms = free_scan_ms;
         s.capabilities_disabled = disabled;
         Ok(s)
     }

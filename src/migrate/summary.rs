@@ -54,6 +54,8 @@ pub struct Timing {
     pub downtime_limit_ms: Option<u64>,
     /// Taking the cache map.
     pub scan_s: Option<f64>,
+    /// Of which: finding the free blocks in the `struct page` array (free-page elision).
+    pub free_scan_ms: Option<f64>,
     /// Receiver: reading and hashing teleported pages.
     pub restore_s: Option<f64>,
 }
@@ -230,11 +232,15 @@ impl Summary {
             }
         }
         if let Some(s) = tm.scan_s {
-            let _ = writeln!(
+            let _ = write!(
                 t,
                 "  cache map        {} pages, taken in {:.2} s",
                 self.map_pages, s
             );
+            if let Some(f) = tm.free_scan_ms {
+                let _ = write!(t, " (free blocks {f:.0} ms)");
+            }
+            let _ = writeln!(t);
         }
         if let (Some(s), Some(r)) = (tm.restore_s, self.restore_mb_per_s) {
             let _ = writeln!(

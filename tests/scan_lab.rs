@@ -11,6 +11,7 @@ use pct::kernel::Kernel;
 use pct::memory::GuestMemory;
 use pct::profile::Profile;
 use pct::report::ScanReport;
+use pct::walk::buddy::FreePageInit;
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -458,6 +459,39 @@ fn sources_agree_and_drgn_agrees() {
     assert!(frames(&drgn) > 20_000, "{} free frames", frames(&drgn));
     assert_eq!(drgn, ours, "pct and drgn find different free blocks");
     assert_eq!(scan.census.free, frames(&ours));
+    // The lab kernel boots without init_on_free, and is built without page poisoning
+    // (no `_page_poisoning_enabled`): free pages keep their stale bytes.
+    let off = FreePageInit {
+        init_on_free: Some(false),
+        poisoning: Some(false),
+    };
+    assert_eq!(report.free_page_init, Some(off));
+}
+
+/// `init_on_free=1` on the guest's command line: pct reads the kernel's static key as on,
+/// and the guest's free pages are indeed zero (the census reads every one of them).
+#[test]
+fn init_on_free_is_read_from_the_guest() {
+    let spec = GuestSpec {
+        append: Some("init_on_free=1"),
+        ..GuestSpec::new("idle")
+    };
+    let (_g, _, report, _) = boot_and_scan(spec);
+    let on = FreePageInit {
+        init_on_free: Some(true),
+        poisoning: Some(false),
+    };
+    assert_eq!(report.free_page_init, Some(on));
+    let c = report.census.as_ref().expect("census");
+    eprintln!(
+        "init_on_free=1: {} free frames, {} not zero",
+        c.free, c.free_not_zero
+    );
+    assert!(c.free > 100_000, "{} free frames", c.free);
+    // Not zero only where the kernel wrote into a free page since (none, or very few).
+    assert!(c.free_not_zero * 1000 < c.free, "{c:?}");
+    let text = report.to_text();
+    assert!(text.contains("init_on_free on"), "{text}");
 }
 
 fn mem_of(g: &Guest) -> GuestMemory {

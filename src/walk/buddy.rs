@@ -151,8 +151,8 @@ impl<'k, 'a> Buddy<'k, 'a> {
     }
 }
 
-/// What the guest kernel makes of free pages' bytes, from its static keys (`None`: the
-/// profile lacks the key, or it could not be read).
+/// What the guest kernel makes of free pages' bytes, from its static keys (`None`:
+/// unknown: the kernel predates the key, or it could not be read).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FreePageInit {
     /// `init_on_free`: free pages are zeroed when freed, so a zero page is exact.
@@ -163,17 +163,28 @@ pub struct FreePageInit {
 }
 
 impl FreePageInit {
-    /// Reads the static keys `init_on_free` and `_page_poisoning_enabled` (5.11 and later):
-    /// a `struct static_key` starts with its `atomic_t enabled`, above 0 when on.
+    /// Reads the static keys `init_on_free` (5.3 and later) and `_page_poisoning_enabled`
+    /// (5.11 and later): a `struct static_key` starts with its `atomic_t enabled`, above 0
+    /// when on. A key the profile records as absent from a kernel at least that new was
+    /// not built in (`CONFIG_PAGE_POISONING` off), so it is off; on older kernels, or where
+    /// the key cannot be read, the setting is unknown.
     pub fn read(k: &Kernel) -> FreePageInit {
-        let key = |name: &str| {
-            let va = k.symbol(name)?;
+        let version = k.profile.kernel.release.as_deref().and_then(kernel_version);
+        let key = |name: &str, since: (u32, u32, u32)| {
+            let Some(va) = k.symbol(name) else {
+                let absent = k
+                    .profile
+                    .absent
+                    .iter()
+                    .any(|a| a.kind == "symbol" && a.key == name);
+                return (absent && version.is_some_and(|v| v >= since)).then_some(false);
+            };
             let on = k.loc.read_u32(k.mem, va, name).ok()? as i32 > 0;
             Some(on)
         };
         FreePageInit {
-            init_on_free: key("init_on_free"),
-            poisoning: key("_page_poisoning_enabled"),
+            init_on_free: key("init_on_free", (5, 3, 0)),
+            poisoning: key("_page_poisoning_enabled", (5, 11, 0)),
         }
     }
 

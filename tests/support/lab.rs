@@ -53,6 +53,8 @@ pub struct GuestSpec {
     pub machine: Option<&'static str>,
     /// The kernel's Debian suite [default: run-guest.sh's, bookworm].
     pub suite: Option<&'static str>,
+    /// More guest kernel command-line arguments (`--append`).
+    pub append: Option<&'static str>,
 }
 
 impl GuestSpec {
@@ -76,6 +78,7 @@ impl GuestSpec {
             qemu: None,
             machine: None,
             suite: None,
+            append: None,
         }
     }
 
@@ -146,6 +149,7 @@ fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
         ("--uuid", spec.uuid),
         ("--machine", spec.machine),
         ("--suite", spec.suite),
+        ("--append", spec.append),
     ];
     for (option, value) in options {
         if let Some(v) = value {

@@ -9,6 +9,7 @@
 #       [--qemu PREFIX] (another QEMU, as tools/lab/fetch-qemu.sh unpacks it: its binary and -L)
 #       [--machine TYPE] (default pc-i440fx-7.2, which every QEMU here knows)
 #       [--suite SUITE] (the guest kernel's Debian suite: bookworm (default), trixie, bullseye)
+#       [--append ARGS] (more guest kernel command-line arguments, e.g. init_on_free=1)
 #       [--bare]       (SeaBIOS alone: no kernel, disks, serial port or vmcoreinfo; the
 #                       stream tests' guest. Only qmp.sock, qmp-pct.sock, ram.path, qemu.pid)
 #
@@ -24,7 +25,7 @@
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-suite=bookworm qemu_prefix= machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare=
+suite=bookworm qemu_prefix= machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare= append=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -45,6 +46,7 @@ while [ $# -gt 0 ]; do
 	--qemu) qemu_prefix=$2; shift ;;
 	--machine) machine=$2; shift ;;
 	--suite) suite=$2; shift ;;
+	--append) append=$2; shift ;;
 	*) die "unknown argument '$1' (see the header of $0)" ;;
 	esac
 	shift
@@ -103,7 +105,7 @@ fi
 boot=()
 [ -n "$bare" ] || boot=(
 	-kernel "$kdir/vmlinuz" -initrd "$initrd"
-	-append "console=ttyS0 quiet panic=-1 pct.workload=$workload pct.root=$root pct.oracle=/dev/vdb"
+	-append "console=ttyS0 quiet panic=-1 pct.workload=$workload pct.root=$root pct.oracle=/dev/vdb${append:+ $append}"
 	-drive "file=$disk,format=raw,if=virtio,cache=writeback"
 	-drive "file=$dir/oracle.img,format=raw,if=virtio"
 	-device vmcoreinfo

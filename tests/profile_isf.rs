@@ -21,6 +21,12 @@ fn isf_kernel_profile() -> Profile {
     Profile::load(&repo().join("tests/fixtures/isf-kernel.profile.json")).unwrap()
 }
 
+/// Symbols pct's profile builder looks up that it did not yet when the fixture was built
+/// (its kernel's -dbg package is no longer served, so it cannot be rebuilt): the import may
+/// carry them and the fixture cannot, so they are left out of the comparison. Every other
+/// symbol must agree, in both directions.
+const NEWER_THAN_FIXTURE: &[&str] = &["init_on_free", "_page_poisoning_enabled"];
+
 /// A profile pct builds today: the lab kernel's (None, with a message, when it cannot be
 /// fetched here).
 fn built_profile() -> Option<Profile> {
@@ -55,9 +61,22 @@ fn assert_same_layouts(a: &Profile, b: &Profile, what: &str) {
         }
     }
     for (k, s) in &a.symbols {
+        if b.symbol(k).is_none() && NEWER_THAN_FIXTURE.contains(&k.as_str()) {
+            continue;
+        }
         assert_eq!(Some(s.address), b.symbol(k), "{what}: symbol {k}");
     }
-    assert_eq!(a.symbols.len(), b.symbols.len(), "{what}: symbols");
+    let newer = |p: &Profile| {
+        p.symbols
+            .keys()
+            .filter(|k| NEWER_THAN_FIXTURE.contains(&k.as_str()))
+            .count()
+    };
+    assert_eq!(
+        a.symbols.len() - newer(a),
+        b.symbols.len() - newer(b),
+        "{what}: symbols"
+    );
     assert_eq!(a.enums, b.enums, "{what}: enums");
     assert_eq!(a.kernel.banner, b.kernel.banner, "{what}: banner");
     assert_eq!(a.kernel.release, b.kernel.release, "{what}: release");

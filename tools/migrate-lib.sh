@@ -120,38 +120,50 @@ ml_wait_serial() {
 	done
 }
 
-# ml_verify DIR: the guest re-reads its files and checks them; prints its answer.
-ml_verify() {
-	local dir=$1 before
+# ml_command DIR COMMAND ANSWER-REGEX [TIMEOUT-S]: writes COMMAND to the guest's console
+# and prints the first line matching ANSWER-REGEX that the guest printed after it.
+ml_command() {
+	local dir=$1 cmd=$2 answer=$3 timeout=${4:-180} before start line
 	before=$(wc -c <"$dir/serial.log")
-	python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"verify\n"); s.close()' "$dir/serial.sock"
-	local start=$SECONDS
-	while [ $((SECONDS - start)) -lt 180 ]; do
-		local line
-		line=$(tail -c +"$((before + 1))" "$dir/serial.log" | grep -a -m1 -E '^PCT-VERIFY-(OK|FAIL)' | tr -d '\r' || true)
+	python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode() + b"\n"); s.close()' "$dir/serial.sock" "$cmd"
+	start=$SECONDS
+	while [ $((SECONDS - start)) -lt "$timeout" ]; do
+		line=$(tail -c +"$((before + 1))" "$dir/serial.log" | grep -a -m1 -E "$answer" | tr -d '\r' || true)
 		if [ -n "$line" ]; then
 			echo "$line"
 			return 0
 		fi
 		sleep 0.5
 	done
-	echo "no answer to verify" >&2
+	echo "no answer to '$cmd' from the guest in $dir within $timeout s" >&2
 	return 1
 }
 
+# ml_verify DIR: the guest re-reads its files and checks them; prints its answer.
+ml_verify() {
+	ml_command "$1" verify '^PCT-VERIFY-(OK|FAIL)'
+}
+
+# ml_addr END: the address of end a or b on the link.
+ml_addr() {
+	case $1 in a) echo 10.77.0.1 ;; b) echo 10.77.0.2 ;; esac
+}
+
 # ml_pct SRC_DIR DST_DIR DST_DISK OUT [SENDER-FLAGS...]: migrates with pct from end a to
-# end b; writes OUT.json (sender summary), OUT.recv.json, OUT.wire (link bytes a->b).
+# end b (from b to a with ML_FROM=b); writes OUT.json (sender summary), OUT.recv.json,
+# OUT.wire (link bytes sender -> receiver).
 ml_pct() {
 	local src=$1 dst=$2 disk=$3 out=$4
 	shift 4
-	local before after rpid
-	before=$(bash tools/netns.sh bytes "$NS" a)
-	ip netns exec "$NS-b" "$PCT" receive --listen 10.77.0.2:7400 --qmp "$dst/qmp.sock" --disk "$disk" --json >"$out.recv.json" 2>"$out.recv.err" &
+	local from=${ML_FROM:-a} to before after rpid
+	if [ "$from" = a ]; then to=b; else to=a; fi
+	before=$(bash tools/netns.sh bytes "$NS" "$from")
+	ip netns exec "$NS-$to" "$PCT" receive --listen "$(ml_addr "$to"):7400" --qmp "$dst/qmp.sock" --disk "$disk" --json >"$out.recv.json" 2>"$out.recv.err" &
 	rpid=$!
 	ML_PIDS+=("$rpid")
 	local profile_args
 	mapfile -t profile_args < <(ml_profile_args)
-	if ! ip netns exec "$NS-a" "$PCT" "${profile_args[@]}" --qmp "$src/qmp.sock" --to 10.77.0.2:7400 --json "$@" >"$out.json" 2>"$out.err"; then
+	if ! ip netns exec "$NS-$from" "$PCT" "${profile_args[@]}" --qmp "$src/qmp.sock" --to "$(ml_addr "$to"):7400" --json "$@" >"$out.json" 2>"$out.err"; then
 		cat "$out.err" "$out.recv.err" >&2
 		return 1
 	fi
@@ -159,7 +171,7 @@ ml_pct() {
 		cat "$out.recv.err" >&2
 		return 1
 	}
-	after=$(bash tools/netns.sh bytes "$NS" a)
+	after=$(bash tools/netns.sh bytes "$NS" "$from")
 	echo $((after - before)) >"$out.wire"
 }
 

@@ -3,8 +3,8 @@
 #
 #   tools/lab/build-initramfs.sh KERNEL_DIR      (prints the .cpio.gz path)
 #
-# Contents: static busybox, the guest init (tools/lab/guest/init), pct-oracle (built
-# here, static), and the modules the guest needs (virtio PCI + block, qemu_fw_cfg so
+# Contents: static busybox, the guest init (tools/lab/guest/init), pct-oracle and
+# pct-readrate (built here, static), and the modules the guest needs (virtio PCI + block, qemu_fw_cfg so
 # QEMU dumps carry VMCOREINFO, ext4 where it is a module), loaded in the order their
 # `depends=` fields require. Cached by a hash of its inputs.
 source "$(dirname "$0")/common.sh"
@@ -15,7 +15,7 @@ need_root_or_tools gcc objcopy cpio gzip
 [ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1 || die "static busybox missing: run tools/lab/ensure-host.sh"
 
 release=$(cat "$KDIR/release")
-key=$(cat "$LAB_DIR/guest/init" "$LAB_DIR/guest/pct-oracle.c" "$0" "$KDIR/version" /bin/busybox | sha256sum | cut -c1-16)
+key=$(cat "$LAB_DIR/guest/init" "$LAB_DIR/guest/pct-oracle.c" "$LAB_DIR/guest/pct-readrate.c" "$0" "$KDIR/version" /bin/busybox | sha256sum | cut -c1-16)
 out=$PCT_CACHE/initramfs/$release-$key.cpio.gz
 mkdir -p "$PCT_CACHE/initramfs"
 exec 9>"$PCT_CACHE/initramfs/.lock"
@@ -65,6 +65,8 @@ mkdir -p "$root"/{bin,dev,proc,sys,mnt,tmpfs,etc,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 gcc -static -O2 -Wall -Wextra -o "$root/bin/pct-oracle" "$LAB_DIR/guest/pct-oracle.c" ||
 	die "cannot build the guest oracle (gcc -static needs libc6-dev)"
+gcc -static -O2 -Wall -Wextra -o "$root/bin/pct-readrate" "$LAB_DIR/guest/pct-readrate.c" ||
+	die "cannot build the guest's read-rate probe (gcc -static needs libc6-dev)"
 install -m 0755 "$LAB_DIR/guest/init" "$root/init"
 : >"$root/etc/modules.order"
 for p in "${ORDER[@]}"; do

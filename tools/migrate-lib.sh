@@ -121,11 +121,13 @@ ml_wait_serial() {
 }
 
 # ml_command DIR COMMAND ANSWER-REGEX [TIMEOUT-S]: writes COMMAND to the guest's console
-# and prints the first line matching ANSWER-REGEX that the guest printed after it.
+# and prints the first line matching ANSWER-REGEX that the guest printed after it. The
+# connection stays open a while: QEMU hands the bytes to the guest's UART as it drains
+# them, and drops what is left when the client hangs up.
 ml_command() {
 	local dir=$1 cmd=$2 answer=$3 timeout=${4:-180} before start line
 	before=$(wc -c <"$dir/serial.log")
-	python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode() + b"\n"); s.close()' "$dir/serial.sock" "$cmd"
+	python3 -c 'import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode() + b"\n"); time.sleep(3); s.close()' "$dir/serial.sock" "$cmd" &
 	start=$SECONDS
 	while [ $((SECONDS - start)) -lt "$timeout" ]; do
 		line=$(tail -c +"$((before + 1))" "$dir/serial.log" | grep -a -m1 -E "$answer" | tr -d '\r' || true)

@@ -1,13 +1,16 @@
 /*
- * pct-readrate DIR: the lab guest's file-read throughput probe (tools/bench-paper.sh).
+ * pct-readrate DIR [MB]: the lab guest's file-read throughput probe (tools/bench-paper.sh).
  *
- * Reads every regular file under DIR, over and over, and prints once a second how much it
- * read in that second:
+ * Once a second, reads the next MB megabytes (default 32) of the regular files under DIR,
+ * going round them in a loop, and prints how fast that read went:
  *
- *     PCT-READRATE <second> <MB/s>
+ *     PCT-READRATE <sample> <MB/s>
  *
  * Served from the page cache the rate is the guest's memory-copy speed; after the cache was
- * dropped it is the virtual disk's, until the files are cached again.
+ * dropped it is the virtual disk's, until the files are cached again. A fixed amount per
+ * second, not a read as fast as it goes: a reader that never stops keeps rewriting its
+ * buffer and the accessed bits of the pages it reads, and a stock migration over a slow
+ * link then never converges.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -53,42 +56,46 @@ static double now(void)
 
 int main(int argc, char **argv)
 {
-	static char buf[1 << 18];
-	unsigned long long bytes = 0;
-	unsigned long second = 0;
-	double next;
-	size_t i;
+	static char buf[1 << 16];
+	unsigned long sample = 0;
+	unsigned long long budget;
+	size_t i = 0;
+	int fd = -1;
 
-	if (argc != 2) {
-		fprintf(stderr, "usage: pct-readrate DIR\n");
+	if (argc != 2 && argc != 3) {
+		fprintf(stderr, "usage: pct-readrate DIR [MB]\n");
 		return 2;
 	}
-	if (nftw(argv[1], add, 16, FTW_PHYS) != 0 || nfiles == 0) {
-		fprintf(stderr, "pct-readrate: no files under %s\n", argv[1]);
+	budget = (argc == 3 ? strtoull(argv[2], NULL, 10) : 32) << 20;
+	if (budget == 0 || nftw(argv[1], add, 16, FTW_PHYS) != 0 || nfiles == 0) {
+		fprintf(stderr, "pct-readrate: no files under %s (or a zero amount)\n", argv[1]);
 		return 1;
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	next = now() + 1;
-	for (i = 0;; i = (i + 1) % nfiles) {
-		int fd = open(files[i], O_RDONLY);
-		ssize_t n;
+	for (;;) {
+		unsigned long long bytes = 0;
+		double start = now(), took;
 
-		if (fd < 0)
-			continue;
-		while ((n = read(fd, buf, sizeof(buf))) > 0) {
-			double t;
+		while (bytes < budget) {
+			ssize_t n;
 
-			bytes += n;
-			t = now();
-			if (t >= next) {
-				/* A late tick (the guest was paused) reports the whole gap. */
-				double span = t - next + 1;
-
-				printf("PCT-READRATE %lu %.1f\n", ++second, bytes / span / 1e6);
-				bytes = 0;
-				next = t + 1;
+			if (fd < 0) {
+				fd = open(files[i], O_RDONLY);
+				i = (i + 1) % nfiles;
+				if (fd < 0)
+					continue;
 			}
+			n = read(fd, buf, sizeof(buf));
+			if (n <= 0) {
+				close(fd);
+				fd = -1;
+				continue;
+			}
+			bytes += n;
 		}
-		close(fd);
+		took = now() - start;
+		printf("PCT-READRATE %lu %.1f\n", ++sample, bytes / took / 1e6);
+		if (took < 1)
+			usleep((useconds_t)((1 - took) * 1e6));
 	}
 }

@@ -20,8 +20,9 @@
 #   --no-readrate  skip the read-throughput figure
 #   --out      results directory (default bench/results/paper-UTCDATE)
 #
-# Each cell boots one guest and migrates it back and forth between the two namespaces,
-# once per configuration per run; after `drop` the guest reads again what its workload
+# Each run of a cell boots a fresh guest and migrates it back and forth between the two
+# namespaces, once per configuration, in the order above (free-page elision, which leaves
+# the guest's free pages zero, last); after `drop` the guest reads again what its workload
 # read as it started, so the next configuration finds the page cache as warm as before.
 # Both ends use the same disk image file, the ideal of a destination disk kept in sync.
 # The full run takes about an hour on a 2-core TCG host. Writes DIR/runs.jsonl (one line per migration), DIR/tables.md,
@@ -107,13 +108,16 @@ PY
 for cell in ${cells//,/ }; do
 	w=${cell%@*} mbit=${cell#*@}
 	bash tools/netns.sh rate "$NS" "${mbit}mbit"
-	echo "== $w at $mbit Mbit/s: booting"
-	cur=$RUN/$w-$mbit-0 end=a
-	ml_guest a "$cur" "pct-paper-$$-$n" --workload "$w"
-	ml_wait_serial "$cur" PCT-READY 600
-	ml_command "$cur" sync '^PCT-SYNCED' >/dev/null
-	disk=$cur/disk.img
 	for r in $(seq 1 "$runs"); do
+		# A fresh guest (and disk) for every run: a migration with free-page elision
+		# leaves the guest's free pages zero, and the next run must find them stale again.
+		echo "== $w at $mbit Mbit/s, run $r: booting"
+		n=$((n + 1))
+		cur=$RUN/$w-$mbit-$n end=a
+		ml_guest a "$cur" "pct-paper-$$-$n" --workload "$w"
+		ml_wait_serial "$cur" PCT-READY 600
+		ml_command "$cur" sync '^PCT-SYNCED' >/dev/null
+		disk=$cur/disk.img first=$cur
 		for config in ${configs//,/ }; do
 			n=$((n + 1))
 			if [ "$end" = a ]; then next=b; else next=a; fi
@@ -122,7 +126,7 @@ for cell in ${cells//,/ }; do
 			o=$out/$w-$mbit-$config-$r
 			migrate "$config" "$cur" "$end" "$dst" "$disk" "$o"
 			ml_stop "$cur"
-			[ "$cur" = "$RUN/$w-$mbit-0" ] || rm -rf "$cur"
+			[ "$cur" = "$first" ] || rm -rf "$cur"
 			cur=$dst end=$next
 			record "$w" "$mbit" "$config" "$r" "$o"
 			tail -1 "$out/runs.jsonl"
@@ -131,11 +135,12 @@ for cell in ${cells//,/ }; do
 				ml_command "$cur" warm '^PCT-WARM' 600 >/dev/null
 			fi
 		done
+		v=$(ml_verify "$cur")
+		echo "== $w at $mbit Mbit/s, run $r: guest after $(echo "${configs//,/ }" | wc -w) migrations: $v"
+		[ "$v" = PCT-VERIFY-OK ] || exit 1
+		ml_stop "$cur"
+		rm -rf "$cur" "$first"
 	done
-	v=$(ml_verify "$cur")
-	echo "== $w at $mbit Mbit/s: guest after $((runs * $(echo "${configs//,/ }" | wc -w))) migrations: $v"
-	[ "$v" = PCT-VERIFY-OK ] || exit 1
-	ml_stop "$cur"
 done
 
 if [ -n "$readrate" ]; then

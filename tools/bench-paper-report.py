@@ -53,14 +53,20 @@ def table(runs, key, title, fmt, unit):
         row = [cell[0], f"{cell[1]} Mbit/s"]
         for c in configs:
             v = values(runs, cell, c, key)
+            stuck = [
+                r
+                for r in runs
+                if (r["workload"], r["mbit"]) == cell and r["config"] == c and r.get("converged") is False
+            ]
+            late = f" ({len(stuck)} more did not converge in {stuck[0]['timeout_s']} s)" if stuck else ""
             if not v:
-                row.append("–")
+                row.append("did not converge" + late if stuck else "–")
                 continue
             m = statistics.median(v)
             s = f"{fmt(m)} ({fmt(min(v))}–{fmt(max(v))})"
             if base and c != "stock":
                 s += f" **{m / base:.3f}×**"
-            row.append(s)
+            row.append(s + late)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -89,7 +95,7 @@ def goals(runs):
     for cell, config, key, goal, what in checks:
         r = ratio(runs, cell, config, key)
         if r is None:
-            lines.append(f"| {what} | not measured | ≤ {goal:.2f}× | – |")
+            lines.append(f"| {what} | not measured | {'≤' if goal < 1 else '<'} {goal:.2f}× | – |")
         else:
             verdict = "met" if (r <= goal if goal < 1 else r < goal) else "**NOT MET**"
             lines.append(f"| {what} | {r:.3f}× | {'≤' if goal < 1 else '<'} {goal:.2f}× | {verdict} |")

@@ -67,14 +67,23 @@ echo "$cmdline" >"$out/command.txt"
 cat "$out/machine.txt"
 
 n=0
-# migrate CONFIG FROM-DIR FROM-END TO-DIR DISK OUT: one migration, its record appended.
+# A stock migration that has not converged after this long (a guest dirtying memory faster
+# than the link drains it, with QEMU's default 300 ms downtime limit) is cancelled and
+# recorded as such; the guest stays on the source.
+stock_timeout=${PCT_BENCH_STOCK_TIMEOUT:-300}
+# migrate CONFIG FROM-DIR FROM-END TO-DIR DISK OUT: one migration; returns 1 when a stock
+# migration did not converge (OUT.json then says so).
 migrate() {
 	local config=$1 from=$2 end=$3 to=$4 disk=$5 o=$6 other
 	if [ "$end" = a ]; then other=b; else other=a; fi
 	case $config in
 	stock | drop)
 		[ "$config" = drop ] && ml_command "$from" drop '^PCT-DROPPED' >/dev/null
-		ml_stock "$from" "$end" "$to" "$(ml_addr "$other"):$((7401 + n % 50))" "$o"
+		if ! ml_stock "$from" "$end" "$to" "$(ml_addr "$other"):$((7401 + n % 50))" "$o" --timeout-s "$stock_timeout"; then
+			qmp "$from/qmp.sock" migrate_cancel >/dev/null
+			echo "{\"converged\": false, \"timeout_s\": $stock_timeout}" >"$o.json"
+			return 1
+		fi
 		;;
 	raw) ML_FROM=$end ml_pct "$from" "$to" "$disk" "$o" --no-teleport --no-compress --no-free-elision ;;
 	pct) ML_FROM=$end ml_pct "$from" "$to" "$disk" "$o" --no-free-elision ;;
@@ -88,8 +97,12 @@ record() {
 import json, sys
 w, mbit, config, run, o = sys.argv[1:]
 j = json.load(open(o + ".json"))
-rec = {"workload": w, "mbit": int(mbit), "config": config, "run": int(run),
-       "wire_bytes": int(open(o + ".wire").read())}
+rec = {"workload": w, "mbit": int(mbit), "config": config, "run": int(run)}
+if j.get("converged") is False:
+    rec.update(converged=False, timeout_s=j["timeout_s"])
+    print(json.dumps(rec))
+    sys.exit(0)
+rec["wire_bytes"] = int(open(o + ".wire").read())
 if config in ("stock", "drop"):
     t = j.get("total-time") or 0
     rec.update(total_s=t / 1e3 if t else j["elapsed_s"],
@@ -124,10 +137,15 @@ for cell in ${cells//,/ }; do
 			dst=$RUN/$w-$mbit-$n
 			ml_guest "$next" "$dst" "pct-paper-$$-$n" --workload "$w" --disk "$disk" --incoming
 			o=$out/$w-$mbit-$config-$r
-			migrate "$config" "$cur" "$end" "$dst" "$disk" "$o"
-			ml_stop "$cur"
-			[ "$cur" = "$first" ] || rm -rf "$cur"
-			cur=$dst end=$next
+			if migrate "$config" "$cur" "$end" "$dst" "$disk" "$o"; then
+				ml_stop "$cur"
+				[ "$cur" = "$first" ] || rm -rf "$cur"
+				cur=$dst end=$next
+			else
+				echo "$w at $mbit Mbit/s: $config did not converge in $stock_timeout s; cancelled" >&2
+				ml_stop "$dst"
+				rm -rf "$dst"
+			fi
 			record "$w" "$mbit" "$config" "$r" "$o"
 			tail -1 "$out/runs.jsonl"
 			# After drop_caches the guest reads again what its workload reads.

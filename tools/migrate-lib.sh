@@ -177,13 +177,15 @@ ml_pct() {
 	echo $((after - before)) >"$out.wire"
 }
 
-# ml_stock FROM_DIR FROM_END TO_DIR TO_ADDR OUT: stock QEMU migration over TCP across the
-# link; writes OUT.json (query-migrate at the end, plus downtime_end_to_end_ms: source STOP
-# to destination RESUME, as pct measures it) and OUT.wire (link bytes).
+# ml_stock FROM_DIR FROM_END TO_DIR TO_ADDR OUT [STOCK-FLAGS...]: stock QEMU migration over
+# TCP across the link; writes OUT.json (query-migrate at the end, plus
+# downtime_end_to_end_ms: source STOP to destination RESUME, as pct measures it) and
+# OUT.wire (link bytes).
 ml_stock() {
 	local from=$1 end=$2 to=$3 addr=$4 out=$5 before after
+	shift 5
 	before=$(bash tools/netns.sh bytes "$NS" "$end")
-	"$PCT" stock --from "$from/qmp.sock" --to "$to/qmp.sock" --uri "tcp:$addr" >"$out.json"
+	"$PCT" stock --from "$from/qmp.sock" --to "$to/qmp.sock" --uri "tcp:$addr" "$@" >"$out.json" || return 1
 	after=$(bash tools/netns.sh bytes "$NS" "$end")
 	echo $((after - before)) >"$out.wire"
 }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use support::lab::{have_qemu, Guest, GuestSpec};
 use support::migrate::*;
+use support::profile::lab_profile;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -57,76 +58,9 @@ fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
         .unwrap_or_else(|| panic!("summary has no {path:?}: {v}"))
 }
 
-/// The destination's RAM equals the stopped source's, except for pages that free-page
-/// elision sent as zero pages and that are still free in the source (the kernel never reads
-/// a free page's bytes). Returns how many such pages differ.
+/// [`assert_identical_with`] the lab kernel's profile.
 fn assert_identical(src: &Guest, dst: &Guest) -> u64 {
-    let (differ, _) = diff_pages(&src.ram_path, &dst.ram_path);
-    let (free, first) = free_page_diffs(&src.ram_path, &dst.ram_path, &differ);
-    let count = first.len();
-    if count > 0 {
-        // With PCT_TEST_RECORD_DIR set, keep both RAM files next to the stream records
-        // (`pct-migrate inspect-stream REC --against RAM`).
-        if let Some(dir) = std::env::var_os("PCT_TEST_RECORD_DIR") {
-            for (vm, side) in [(src, "src"), (dst, "dst")] {
-                let name = vm
-                    .ram_path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned());
-                let to = std::path::Path::new(&dir)
-                    .join(format!("{}.{side}.ram", name.unwrap_or_default()));
-                let _ = std::fs::copy(&vm.ram_path, to);
-            }
-        }
-    }
-    assert_eq!(
-        count,
-        0,
-        "{count} pages of destination RAM differ from the source (besides {free} free \
-         pages, zero at the destination), first {:?}; differing bytes (page: offset src \
-         dst): {}",
-        &first[..count.min(20)],
-        describe_diffs(&src.ram_path, &dst.ram_path, &first)
-    );
-    free
-}
-
-/// For a few differing pages, where and how they differ (a page-table A/D bit, a word…).
-fn describe_diffs(a: &std::path::Path, b: &std::path::Path, pages: &[u64]) -> String {
-    use std::os::unix::fs::FileExt;
-    let (Ok(fa), Ok(fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else {
-        return "unreadable".into();
-    };
-    let mut out = Vec::new();
-    for &p in pages.iter().take(4) {
-        let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
-        if fa.read_exact_at(&mut x, p * 4096).is_err()
-            || fb.read_exact_at(&mut y, p * 4096).is_err()
-        {
-            continue;
-        }
-        let d: Vec<String> = (0..4096)
-            .filter(|&i| x[i] != y[i])
-            .take(6)
-            .map(|i| format!("{i:#x}:{:02x}/{:02x}", x[i], y[i]))
-            .collect();
-        let n = (0..4096).filter(|&i| x[i] != y[i]).count();
-        // The same short hash `pct-migrate inspect-stream` prints for PAGE records.
-        let h = |b: &[u8]| {
-            let h = blake3::hash(b);
-            h.as_bytes()[..8]
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<String>()
-        };
-        out.push(format!(
-            "pfn {p}: {n} bytes [{}] src {} dst {}",
-            d.join(" "),
-            h(&x),
-            h(&y)
-        ));
-    }
-    out.join("; ")
+    assert_identical_with(src, dst, &lab_profile("cloud-amd64").1)
 }
 
 /// The main invariant, on the apache guest: bit-identical RAM, references used, the guest

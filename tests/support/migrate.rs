@@ -7,6 +7,7 @@
 use super::lab::{die_with_parent, Guest, GuestSpec};
 use super::profile::lab_profile;
 use super::repo;
+use pct::profile::Profile;
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -136,17 +137,22 @@ pub fn diff_pages(a: &Path, b: &Path) -> (Vec<u64>, u64) {
 /// `src`, those that free-page elision explains: zero at the destination and free in the
 /// source's buddy allocator (`is_free_buddy_page` on the source's `struct page` array, the
 /// walk tests/scan_lab.rs checks against drgn's free lists). Returns (explained, the rest).
-pub fn free_page_diffs(src: &Path, dst: &Path, pages: &[u64]) -> (u64, Vec<u64>) {
+/// `profile` is the source kernel's.
+pub fn free_page_diffs(
+    src: &Path,
+    dst: &Path,
+    pages: &[u64],
+    profile: &Profile,
+) -> (u64, Vec<u64>) {
     use pct::kernel::Kernel;
     use pct::memory::GuestMemory;
     use pct::walk::buddy::Buddy;
     if pages.is_empty() {
         return (0, Vec::new());
     }
-    let (_, profile) = lab_profile("cloud-amd64");
     let s = GuestMemory::open(src).expect("map the source RAM");
     let d = GuestMemory::open(dst).expect("map the destination RAM");
-    let k = Kernel::locate(&s, &profile).expect("locate the source kernel");
+    let k = Kernel::locate(&s, profile).expect("locate the source kernel");
     let buddy = Buddy::new(&k).expect("buddy allocator marks");
     let (mut free, mut rest) = (0, Vec::new());
     for &p in pages {
@@ -160,6 +166,79 @@ pub fn free_page_diffs(src: &Path, dst: &Path, pages: &[u64]) -> (u64, Vec<u64>)
         }
     }
     (free, rest)
+}
+
+/// The destination's RAM equals the stopped source's, except for pages that free-page
+/// elision sent as zero pages and that are still free in the source (the kernel never reads
+/// a free page's bytes; `profile` is the source kernel's, to read its `struct page` array).
+/// Returns how many such pages differ.
+pub fn assert_identical_with(src: &Guest, dst: &Guest, profile: &Profile) -> u64 {
+    let (differ, _) = diff_pages(&src.ram_path, &dst.ram_path);
+    let (free, first) = free_page_diffs(&src.ram_path, &dst.ram_path, &differ, profile);
+    let count = first.len();
+    if count > 0 {
+        // With PCT_TEST_RECORD_DIR set, keep both RAM files next to the stream records
+        // (`pct-migrate inspect-stream REC --against RAM`).
+        if let Some(dir) = std::env::var_os("PCT_TEST_RECORD_DIR") {
+            for (vm, side) in [(src, "src"), (dst, "dst")] {
+                let name = vm
+                    .ram_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                let to = std::path::Path::new(&dir)
+                    .join(format!("{}.{side}.ram", name.unwrap_or_default()));
+                let _ = std::fs::copy(&vm.ram_path, to);
+            }
+        }
+    }
+    assert_eq!(
+        count,
+        0,
+        "{count} pages of destination RAM differ from the source (besides {free} free \
+         pages, zero at the destination), first {:?}; differing bytes (page: offset src \
+         dst): {}",
+        &first[..count.min(20)],
+        describe_diffs(&src.ram_path, &dst.ram_path, &first)
+    );
+    free
+}
+
+/// For a few differing pages, where and how they differ (a page-table A/D bit, a word…).
+fn describe_diffs(a: &std::path::Path, b: &std::path::Path, pages: &[u64]) -> String {
+    use std::os::unix::fs::FileExt;
+    let (Ok(fa), Ok(fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else {
+        return "unreadable".into();
+    };
+    let mut out = Vec::new();
+    for &p in pages.iter().take(4) {
+        let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
+        if fa.read_exact_at(&mut x, p * 4096).is_err()
+            || fb.read_exact_at(&mut y, p * 4096).is_err()
+        {
+            continue;
+        }
+        let d: Vec<String> = (0..4096)
+            .filter(|&i| x[i] != y[i])
+            .take(6)
+            .map(|i| format!("{i:#x}:{:02x}/{:02x}", x[i], y[i]))
+            .collect();
+        let n = (0..4096).filter(|&i| x[i] != y[i]).count();
+        // The same short hash `pct-migrate inspect-stream` prints for PAGE records.
+        let h = |b: &[u8]| {
+            let h = blake3::hash(b);
+            h.as_bytes()[..8]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+        };
+        out.push(format!(
+            "pfn {p}: {n} bytes [{}] src {} dst {}",
+            d.join(" "),
+            h(&x),
+            h(&y)
+        ));
+    }
+    out.join("; ")
 }
 
 /// One migration between two lab guests, through two `pct-migrate` processes.
@@ -221,6 +300,8 @@ pub fn stream_records(src: &Guest, dir: &Path) -> (PathBuf, PathBuf) {
 pub enum ProfileChoice {
     /// `--profile` with the lab kernel's profile (built from its vmlinux).
     Lab,
+    /// `--profile` with this profile.
+    Given(PathBuf),
     /// No `--profile`, no shipped profile (`PCT_PROFILES` an empty directory) and an empty
     /// cache in `dir` (`PCT_PROFILE_CACHE`): the sender builds one from the guest's memory.
     FromMemory { dir: PathBuf },
@@ -255,9 +336,10 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
     let to_port = via.map_or(port, |f| f(port));
     let to = format!("127.0.0.1:{to_port}");
     let src_qmp = src.qmp_path();
-    let profile = lab_profile("cloud-amd64").0;
+    let lab = lab_profile("cloud-amd64").0;
     let mut args = match choice {
-        ProfileChoice::Lab => vec!["--profile", profile.to_str().expect("path")],
+        ProfileChoice::Lab => vec!["--profile", lab.to_str().expect("path")],
+        ProfileChoice::Given(p) => vec!["--profile", p.to_str().expect("path")],
         ProfileChoice::FromMemory { .. } => vec![],
     };
     args.extend([
@@ -273,7 +355,7 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
     }
     let (shipped, cache);
     let env: Vec<(&str, &Path)> = match choice {
-        ProfileChoice::Lab => vec![],
+        ProfileChoice::Lab | ProfileChoice::Given(_) => vec![],
         ProfileChoice::FromMemory { dir } => {
             (shipped, cache) = (dir.join("shipped"), dir.join("cache"));
             std::fs::create_dir_all(&shipped).expect("empty profiles directory");
@@ -309,6 +391,14 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
 /// copy of the source's disk taken after a guest `sync` (the "mirrored" disk), returned
 /// with it.
 pub fn pair(spec: &GuestSpec) -> (Guest, Guest, PathBuf) {
+    pair_to(spec, |d| d)
+}
+
+/// [`pair`], the destination's spec changed by `dst` (another QEMU, say).
+pub fn pair_to(
+    spec: &GuestSpec,
+    dst: impl FnOnce(GuestSpec) -> GuestSpec,
+) -> (Guest, Guest, PathBuf) {
     let spec = GuestSpec {
         hold_qmp: false,
         ..spec.clone()
@@ -327,6 +417,6 @@ pub fn pair(spec: &GuestSpec) -> (Guest, Guest, PathBuf) {
         .status()
         .expect("cp");
     assert!(st.success(), "copying the disk");
-    let dst = Guest::start(spec.destination(&disk));
+    let dst = Guest::start(dst(spec.destination(&disk)));
     (src, dst, disk)
 }

@@ -75,14 +75,19 @@ static LAB_PROFILES: OnceLock<Mutex<BTreeMap<String, Cell>>> = OnceLock::new();
 /// published atomically (temporary file, rename): tests and scripts running at the same time
 /// share it. Once per flavour per process. Panics when the kernel cannot be fetched.
 pub fn lab_profile(flavour: &str) -> (PathBuf, Profile) {
+    lab_profile_of(flavour, "bookworm")
+}
+
+/// [`lab_profile`] of another Debian suite's kernel (`trixie`, `bullseye`).
+pub fn lab_profile_of(flavour: &str, suite: &str) -> (PathBuf, Profile) {
     let cell = {
         let m = LAB_PROFILES.get_or_init(|| Mutex::new(BTreeMap::new()));
         let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(flavour.to_owned()).or_default().clone()
+        m.entry(format!("{suite}/{flavour}")).or_default().clone()
     };
     cell.get_or_init(|| {
-        let dir = kernel_dir(flavour)
-            .unwrap_or_else(|| panic!("the lab's {flavour} kernel is not available"));
+        let dir = kernel_dir_of(flavour, suite)
+            .unwrap_or_else(|| panic!("the {suite} {flavour} kernel is not available"));
         cached_lab_profile(&dir)
     })
     .clone()

@@ -1,4 +1,5 @@
 //! The release matrix for migration: Debian 11 (5.10), 12 (6.1) and 13 (6.12) cloud guests
+//! (and Debian 13's amd64 flavour, ext4 as a module)
 //! on QEMU 7.2 (the system's) and QEMU 10.0 (bookworm-backports', unpacked beside it by
 //! tools/lab/fetch-qemu.sh), and a guest moved from QEMU 7.2 to 10.0 with its machine type
 //! (pc-i440fx-7.2) kept, as operators move VMs off the hosts they upgrade. Each migration
@@ -49,14 +50,21 @@ impl Qemu {
     }
 }
 
-/// One cell: an apache guest of Debian `suite` on `src`, migrated by pct into `dst`.
+/// One cell: an apache guest of Debian `suite`'s cloud kernel on `src`, migrated by pct
+/// into `dst`.
 fn cell(suite: &'static str, src: Qemu, dst: Qemu) {
+    cell_of("cloud-amd64", suite, src, dst)
+}
+
+/// [`cell`] with a kernel flavour of the suite (`amd64`: ext4 as a module).
+fn cell_of(flavour: &'static str, suite: &'static str, src: Qemu, dst: Qemu) {
     if !have_qemu() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let spec = GuestSpec {
         suite: Some(suite),
+        flavour,
         qemu: src.prefix(),
         ..GuestSpec::new("apache").layout("mini", "plain")
     };
@@ -64,7 +72,7 @@ fn cell(suite: &'static str, src: Qemu, dst: Qemu) {
         qemu: dst.prefix(),
         ..d
     });
-    let (path, profile) = lab_profile_of("cloud-amd64", suite);
+    let (path, profile) = lab_profile_of(flavour, suite);
     let how = How {
         extra: &[],
         via: None,
@@ -87,7 +95,7 @@ fn cell(suite: &'static str, src: Qemu, dst: Qemu) {
     );
     assert_eq!(n("verified") + n("fallen_back"), n("teleported"));
     eprintln!(
-        "Debian {suite} on QEMU {src:?} -> {dst:?}: {} pages teleported, {} fell back, {} \
+        "Debian {suite} {flavour} on QEMU {src:?} -> {dst:?}: {} pages teleported, {} fell back, {} \
          elided ({free} free pages zero at the destination); {} B on the wire for a {} B \
          stream",
         n("teleported"),
@@ -132,4 +140,10 @@ fn debian13_on_qemu72() {
 #[test]
 fn debian13_on_qemu10() {
     cell("trixie", Qemu::V10_0, Qemu::V10_0);
+}
+
+/// Debian 13's `amd64` flavour (ext4 as a module: its types from ext4.ko's debug info).
+#[test]
+fn debian13_amd64_on_qemu10() {
+    cell_of("amd64", "trixie", Qemu::V10_0, Qemu::V10_0);
 }

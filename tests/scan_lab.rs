@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use support::lab::{Guest, GuestSpec};
 use support::oracle::Oracle;
-use support::profile::{kernel_dir, lab_profile};
+use support::profile::{kernel_dir, kernel_dir_of, lab_profile, lab_profile_of};
 use support::{repo, run_ok};
 
 /// The profile of the default (cloud-amd64) guest kernel.
@@ -25,8 +25,15 @@ fn profile() -> Profile {
     lab_profile("cloud-amd64").1
 }
 
-/// Boots a guest, lets it settle, stops it, and scans its RAM file (with verify and cross-check).
+/// The profile of a guest's own kernel (its flavour and Debian suite).
+fn profile_of(spec: &GuestSpec) -> Profile {
+    lab_profile_of(spec.flavour, spec.suite.unwrap_or("bookworm")).1
+}
+
+/// Boots a guest, lets it settle, stops it, and scans its RAM file (with verify and
+/// cross-check) with its kernel's profile.
 fn boot_and_scan(spec: GuestSpec) -> (Guest, CacheMap, ScanReport, Oracle) {
+    let p = profile_of(&spec);
     let mut g = Guest::start(spec);
     g.wait_ready();
     let oracle = g.oracle();
@@ -38,7 +45,7 @@ fn boot_and_scan(spec: GuestSpec) -> (Guest, CacheMap, ScanReport, Oracle) {
         verify: true,
         free_pages: false,
     };
-    let (map, report) = scan(&mem, &profile(), Some(&disk), opts).expect("scan");
+    let (map, report) = scan(&mem, &p, Some(&disk), opts).expect("scan");
     (g, map, report, oracle)
 }
 
@@ -64,9 +71,16 @@ fn part_start(layout: &str) -> u64 {
     }
 }
 
-/// Every property the cache map must have, on one layout.
+/// Every property the cache map must have, on one layout of the default kernel.
 fn check_layout(layout: &'static str) {
-    let (g, map, report, oracle) = boot_and_scan(GuestSpec::new("apache").layout("mini", layout));
+    check_guest(GuestSpec::new("apache").layout("mini", layout));
+}
+
+/// Every property the cache map of an apache guest must have; returns the stopped guest
+/// and its map for further checks.
+fn check_guest(spec: GuestSpec) -> (Guest, CacheMap) {
+    let layout = spec.layout;
+    let (g, map, report, oracle) = boot_and_scan(spec);
     eprintln!(
         "scan {layout}: {} restorable in {} runs, walk {:.1} ms, total {:.1} ms",
         report.restorable_bytes, report.runs, report.timings_ms["walk"], report.timings_ms["total"]
@@ -233,6 +247,92 @@ fn check_layout(layout: &'static str) {
         got, expect,
         "{layout}: the map disagrees with the filesystem's block map"
     );
+    (g, map)
+}
+
+/// One kernel of the release matrix (Debian 11's 5.10, 13's 6.12), with the profile built
+/// from its own vmlinux: every property of [`check_guest`] (disk bytes, cross-check, the
+/// guest's own coverage, debugfs), and drgn's page set on the same ELF core.
+fn check_kernel(flavour: &'static str, suite: &'static str) {
+    let mut spec = GuestSpec::new("apache").layout("mini", "plain");
+    spec.flavour = flavour;
+    spec.suite = Some(suite);
+    let p = profile_of(&spec);
+    let (g, _) = check_guest(spec);
+    let core = g.path("core.elf");
+    g.dump_elf(&core, false);
+    let vmlinux = kernel_dir_of(flavour, suite)
+        .expect("the lab kernel")
+        .join("vmlinux");
+    let drgn = drgn_page_frames(&core, &vmlinux);
+    let ours = pct_page_frames(&mem_of(&g), &p);
+    let common = drgn.intersection(&ours).count();
+    let union = drgn.union(&ours).count();
+    eprintln!(
+        "Debian {suite} {flavour}: drgn {} page frames on vda, pct {}, {common} in common; \
+         only drgn: {:?}; only pct: {:?}",
+        drgn.len(),
+        ours.len(),
+        drgn.difference(&ours).take(8).collect::<Vec<_>>(),
+        ours.difference(&drgn).take(8).collect::<Vec<_>>(),
+    );
+    assert!(drgn.len() > 9000, "drgn found {} page frames", drgn.len());
+    assert!(
+        common as f64 >= 0.99 * union as f64,
+        "pct and drgn agree on {common} of {union} page frames"
+    );
+    assert_eq!(
+        common,
+        ours.len(),
+        "pct found page frames drgn does not know"
+    );
+}
+
+#[test]
+fn debian11_kernel() {
+    check_kernel("cloud-amd64", "bullseye");
+}
+
+#[test]
+fn debian13_kernel() {
+    check_kernel("cloud-amd64", "trixie");
+}
+
+/// Debian 13's `amd64` flavour: ext4 is a module, its types from ext4.ko's debug info.
+#[test]
+fn debian13_amd64_kernel() {
+    check_kernel("amd64", "trixie");
+}
+
+/// drgn's page frames of the page cache on `vda` (files and the block device), walked with
+/// its own helpers on an ELF core (tools/drgn-pagecache.py).
+fn drgn_page_frames(core: &std::path::Path, vmlinux: &std::path::Path) -> BTreeSet<u64> {
+    let mut drgn = Command::new("python3");
+    drgn.arg(repo().join("tools/drgn-pagecache.py"))
+        .arg(core)
+        .arg(vmlinux)
+        .arg("vda");
+    let out = run_ok(&mut drgn, "drgn failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect()
+}
+
+/// pct's page frames of the page cache on `vda`, in any state.
+fn pct_page_frames(mem: &GuestMemory, p: &Profile) -> BTreeSet<u64> {
+    let k = Kernel::locate(mem, p).expect("locate the kernel");
+    let walk = pct::walk::fs::walk_page_cache(&k).expect("walk the page cache");
+    let vda = walk
+        .super_blocks
+        .iter()
+        .position(|s| s.id == "vda")
+        .expect("vda mounted");
+    walk.inodes
+        .iter()
+        .filter(|i| i.sb == vda)
+        .flat_map(|i| i.pages.iter().map(|p| p.pfn))
+        .collect()
 }
 
 #[test]
@@ -397,30 +497,8 @@ fn sources_agree_and_drgn_agrees() {
     let vmlinux = kernel_dir("cloud-amd64")
         .expect("the lab kernel")
         .join("vmlinux");
-    let mut drgn = Command::new("python3");
-    drgn.arg(repo().join("tools/drgn-pagecache.py"))
-        .arg(&core)
-        .arg(&vmlinux)
-        .arg("vda");
-    let out = run_ok(&mut drgn, "drgn failed");
-    let drgn: BTreeSet<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
-        .collect();
-    let mem = GuestMemory::open(&g.ram_path).unwrap();
-    let k = Kernel::locate(&mem, &p).unwrap();
-    let walk = pct::walk::fs::walk_page_cache(&k).unwrap();
-    let vda = walk
-        .super_blocks
-        .iter()
-        .position(|s| s.id == "vda")
-        .unwrap();
-    let ours: BTreeSet<u64> = walk
-        .inodes
-        .iter()
-        .filter(|i| i.sb == vda)
-        .flat_map(|i| i.pages.iter().map(|p| p.pfn))
-        .collect();
+    let drgn = drgn_page_frames(&core, &vmlinux);
+    let ours = pct_page_frames(&mem_of(&g), &p);
     eprintln!(
         "drgn: {} page frames on vda, pct: {}",
         drgn.len(),

@@ -14,6 +14,9 @@
 #    the guest resumes at the source end and re-checks its files again;
 # 5. both migrations side by side: bytes on the link, total time, downtime.
 #
+# PCT_QEMU=backports (QEMU 10.0) picks the source end's QEMU, PCT_QEMU_DST the destination
+# end's (default: PCT_QEMU; both default to the system's QEMU 7.2).
+#
 # Installs what it needs on a fresh machine (run as root), caches downloads, and always
 # stops every QEMU and pct process, removes RAM files and deletes the namespaces on exit.
 set -euo pipefail
@@ -50,9 +53,9 @@ echo -n "guest back at the source end: "
 ml_verify "$RUN/back"
 
 echo
-python3 - "$RUN" "$rate" <<'PY'
+python3 - "$RUN" "$rate" "$(ml_qemu_version b)" <<'PY'
 import json, sys
-run, rate = sys.argv[1], sys.argv[2]
+run, rate, qemu = sys.argv[1], sys.argv[2], sys.argv[3]
 p = json.load(open(f"{run}/pct.json"))
 s = json.load(open(f"{run}/stock.json"))
 pw = int(open(f"{run}/pct.wire").read())
@@ -64,7 +67,7 @@ ratio = lambda a, b: a / b if b else float("nan")
 pd = p["time"].get("downtime_end_to_end_ms") or float("nan")
 sd = s.get("downtime_end_to_end_ms", float("nan"))
 print(f"apache guest, 1 GiB RAM, over {rate} (tbf on veth between two namespaces)")
-print(f"{'':28}{'stock QEMU 7.2':>16}{'pct':>14}{'pct / stock':>14}")
+print(f"{'':28}{'stock QEMU ' + qemu:>16}{'pct':>14}{'pct / stock':>14}")
 print(f"{'bytes on the link (MB)':28}{sw/1e6:16.1f}{pw/1e6:14.1f}{ratio(pw, sw):14.3f}")
 print(f"{'total time (s)':28}{st:16.1f}{pt:14.1f}{ratio(pt, st):14.3f}")
 print(f"{'downtime (ms)':28}{sd:16.0f}{pd:14.0f}{ratio(pd, sd):14.3f}   (source STOP to destination RESUME)")

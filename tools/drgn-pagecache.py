@@ -15,6 +15,14 @@ from drgn.helpers.linux.mm import page_to_pfn
 from drgn.helpers.linux.xarray import xa_for_each, xa_is_value
 
 
+def bdev_mapping(bdev):
+    """The block device's page cache: bd_mapping since 6.10, its bd_inode's before."""
+    try:
+        return bdev.bd_mapping
+    except AttributeError:
+        return bdev.bd_inode.i_mapping
+
+
 def main(core, vmlinux, dev):
     prog = drgn.Program()
     prog.set_core_dump(core)
@@ -32,8 +40,7 @@ def main(core, vmlinux, dev):
                     continue
                 page = drgn.cast("struct page *", entry)
                 out.append(f"{inode.i_ino.value_()} {index} {page_to_pfn(page).value_()}")
-        bd_inode = sb.s_bdev.bd_inode
-        for index, entry in xa_for_each(bd_inode.i_mapping.i_pages.address_of_()):
+        for index, entry in xa_for_each(bdev_mapping(sb.s_bdev).i_pages.address_of_()):
             if not xa_is_value(entry):
                 out.append(f"bdev {index} {page_to_pfn(drgn.cast('struct page *', entry)).value_()}")
     print("\n".join(out))

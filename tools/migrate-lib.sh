@@ -44,11 +44,27 @@ ml_profile_args() {
 	[ "$PROFILE" = auto ] || printf '%s\n' --profile "$PROFILE"
 }
 
+# ml_qemu_prefix CHOICE: the prefix of the QEMU a choice names (tools/lab/common.sh).
+ml_qemu_prefix() {
+	bash -c 'source tools/lab/common.sh; qemu_prefix_of "$1"' _ "$1"
+}
+
+# ml_qemu_version END: the version of end a's or end b's QEMU (e.g. 7.2.23).
+ml_qemu_version() {
+	local prefix=$ML_QEMU_A bin=qemu-system-x86_64
+	[ "$1" = b ] && prefix=$ML_QEMU_B
+	[ -n "$prefix" ] && bin=$prefix/usr/bin/qemu-system-x86_64
+	"$bin" --version | awk 'NR == 1 {sub(/\(.*/, "", $4); print $4}'
+}
+
 ml_start() {
 	bash tools/lab/ensure-host.sh
 	# The kernel is fetched here, outside the namespaces: inside them there is no network.
 	bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
 	[ -n "$PROFILE" ] || PROFILE=$(bash tools/lab/lab-profile.sh cloud-amd64)
+	# Each end's QEMU, resolved (and fetched) here, where the network is.
+	ML_QEMU_A=$(ml_qemu_prefix "${PCT_QEMU:-}")
+	ML_QEMU_B=$(ml_qemu_prefix "${PCT_QEMU_DST:-${PCT_QEMU:-}}")
 	cargo build --release --quiet --bin pct-migrate
 	RUN=$(mktemp -d "/tmp/pct-$1.XXXXXX")
 	if [ -n "${2:-}" ]; then
@@ -70,12 +86,15 @@ jget() {
 	python3 -c 'import json,sys; s=sys.argv[1]; j=json.load(open(s)) if not s.lstrip().startswith("{") else json.loads(s); print(eval(sys.argv[2]))' "$1" "$2"
 }
 
-# ml_guest END DIR NAME ARGS...: starts a lab guest inside namespace $NS-END.
+# ml_guest END DIR NAME ARGS...: starts a lab guest inside namespace $NS-END, on end a's
+# QEMU (PCT_QEMU) or end b's (PCT_QEMU_DST, default PCT_QEMU), as ml_start resolved them.
 ml_guest() {
-	local end=$1 dir=$2 name=$3
+	local end=$1 dir=$2 name=$3 qemu
 	shift 3
 	mkdir -p "$dir"
-	ip netns exec "$NS-$end" bash tools/lab/run-guest.sh --dir "$dir" --name "$name" "$@" >"$dir/run.log" 2>&1 &
+	qemu=$ML_QEMU_A
+	[ "$end" = b ] && qemu=$ML_QEMU_B
+	ip netns exec "$NS-$end" bash tools/lab/run-guest.sh --dir "$dir" --name "$name" --qemu "${qemu:-system}" "$@" >"$dir/run.log" 2>&1 &
 	ML_PIDS+=($!)
 	ML_RAMS+=("/dev/shm/$name")
 	echo $! >"$dir/runner.pid"

@@ -11,7 +11,8 @@
 # under TCG loses writes when the RAM size is a multiple of 256 KiB (its bitmap sync takes a
 # word-at-a-time path that leaves the vCPU's TLB writing without dirty tracking; fixed in
 # QEMU 9.0, commit 03bfc2188f); MEM=1048584K (1 GiB + 8 KiB) avoids that path. pct's
-# switchover check (docs/migration.md) repairs what QEMU lost.
+# switchover check (docs/migration.md) repairs what QEMU lost. PCT_QEMU=backports runs
+# bookworm-backports' QEMU 10.0 instead of the system's (tools/lab/common.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-6} workload=${2:-db} mem=${3:-1024}
@@ -26,7 +27,7 @@ lost_runs=0
 for i in $(seq 1 "$runs"); do
 	d=$RUN/g$i
 	mkdir -p "$d"
-	bash tools/lab/run-guest.sh --dir "$d" --workload "$workload" --fileset "$fileset" \
+	bash tools/lab/run-guest.sh --dir "$d" --qemu "${ML_QEMU_A:-system}" --workload "$workload" --fileset "$fileset" \
 		--mem "$mem" --name "pct-lost-$$-$i" >"$d/qemu.out" 2>"$d/qemu.err" &
 	ML_PIDS+=($!)
 	ML_RAMS+=("/dev/shm/pct-lost-$$-$i")
@@ -47,4 +48,4 @@ for i in $(seq 1 "$runs"); do
 	wait "${ML_PIDS[-1]}" 2>/dev/null || true
 	rm -f "/dev/shm/pct-lost-$$-$i" "$d/stream"
 done
-echo "$workload guest, --mem $mem, stock QEMU $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'): writes lost in $lost_runs of $runs migrations"
+echo "$workload guest, --mem $mem, stock QEMU $(ml_qemu_version a): writes lost in $lost_runs of $runs migrations"

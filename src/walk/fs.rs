@@ -1,6 +1,6 @@
 //! From `super_blocks` to page-cache pages: every superblock, its inodes (`s_inodes`
 //! linked by `i_sb_list`), each inode's `i_mapping` tree, and each block device's own
-//! page cache (`bd_inode`). Returns what it found even when parts of a walk fail.
+//! page cache (`bd_inode`, or from 6.10 the inode of `bd_mapping`). Returns what it found even when parts of a walk fail.
 
 use super::list::list_for_each_entry;
 use super::page::{PageState, Pages};
@@ -105,6 +105,10 @@ struct Offsets {
     bd_part: Option<(u64, u64)>,
     bd_partno: Option<u64>,
     bd_inode: Option<u64>,
+    /// `block_device.bd_mapping` (≥ 6.10, where `bd_inode` is gone) and `inode.i_data`:
+    /// the device's inode is the one whose `i_data` that mapping is.
+    bd_mapping: Option<u64>,
+    i_data: Option<u64>,
     ext4_vfs_inode: Option<u64>,
     ext4_i_data: Option<u64>,
     ext4_i_flags: Option<u64>,
@@ -144,6 +148,8 @@ impl Offsets {
             bd_part: o("block_device", "bd_part").zip(o("hd_struct", "start_sect")),
             bd_partno: o("block_device", "bd_partno"),
             bd_inode: o("block_device", "bd_inode"),
+            bd_mapping: o("block_device", "bd_mapping"),
+            i_data: o("inode", "i_data"),
             ext4_vfs_inode: o("ext4_inode_info", "vfs_inode"),
             ext4_i_data: o("ext4_inode_info", "i_data"),
             ext4_i_flags: o("ext4_inode_info", "i_flags"),
@@ -311,7 +317,8 @@ fn read_super_block(
 }
 
 /// Where the filesystem on block device `bdev` starts on its disk (bytes), the device's
-/// `bd_inode` (0 when its page cache is not to be walked), and a problem to record.
+/// `bd_inode` (or, from 6.10, the inode of its `bd_mapping`; 0 when its page cache is not
+/// to be walked), and a problem to record.
 ///
 /// The start is `bd_start_sect` (≥ 5.11) or `bd_part->start_sect` (≤ 5.10), in 512-byte
 /// sectors. A profile with neither cannot place a partition: the start is then assumed 0,
@@ -323,12 +330,17 @@ fn block_device(
     o: &Offsets,
     bdev: u64,
 ) -> Result<(u64, u64, Option<String>), WalkError> {
-    let len = [o.bd_start_sect, o.bd_part.map(|(part, _)| part), o.bd_inode]
-        .iter()
-        .flatten()
-        .map(|off| off + 8)
-        .max()
-        .unwrap_or(0);
+    let len = [
+        o.bd_start_sect,
+        o.bd_part.map(|(part, _)| part),
+        o.bd_inode,
+        o.bd_mapping,
+    ]
+    .iter()
+    .flatten()
+    .map(|off| off + 8)
+    .max()
+    .unwrap_or(0);
     let bytes = if len > 0 {
         k.read(bdev, len, "block_device")?
     } else {
@@ -344,9 +356,10 @@ fn block_device(
     } else {
         None
     };
-    let bd_inode = match o.bd_inode {
-        Some(off) => bd.u64(off, "bd_inode")?,
-        None => 0,
+    let bd_inode = match (o.bd_inode, o.bd_mapping.zip(o.i_data)) {
+        (Some(off), _) => bd.u64(off, "bd_inode")?,
+        (None, Some((m, i_data))) => bd_mapping_host(k, o, bd.u64(m, "bd_mapping")?, i_data)?,
+        (None, None) => 0,
     };
     if let Some(ss) = start_sect {
         return Ok((ss.saturating_mul(512), bd_inode, None));
@@ -372,6 +385,26 @@ fn block_device(
         ),
     };
     Ok((0, 0, Some(problem)))
+}
+
+/// The inode of a block device from its `bd_mapping` (≥ 6.10): the mapping is that inode's
+/// own `i_data`, so the inode starts `offsetof(struct inode, i_data)` before it. Checked
+/// by the inode's `i_mapping` pointing back at the mapping; 0 (nothing to walk) for a
+/// null mapping.
+fn bd_mapping_host(k: &Kernel, o: &Offsets, mapping: u64, i_data: u64) -> Result<u64, WalkError> {
+    if mapping == 0 {
+        return Ok(0);
+    }
+    let inode = mapping.wrapping_sub(i_data);
+    let b = k.read(inode + o.i_mapping, 8, "block device inode")?;
+    let back = at_va(&b, inode + o.i_mapping, "inode").u64(0, "i_mapping")?;
+    if back != mapping {
+        return Err(WalkError::Corrupt {
+            what: format!("block device mapping {mapping:#x}"),
+            msg: format!("its inode {inode:#x} has i_mapping {back:#x}, not the mapping"),
+        });
+    }
+    Ok(inode)
 }
 
 /// A block-device page is as on disk only if each of its buffers is up to date, not

@@ -159,9 +159,12 @@ fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
     if let Some(d) = &spec.disk {
         cmd.arg("--disk").arg(d);
     }
-    if let Some(q) = &spec.qemu {
-        cmd.arg("--qemu").arg(q);
-    }
+    // Named even when it is the system's, so that PCT_QEMU (the scripts' switch) leaves the
+    // suite's guests alone.
+    match &spec.qemu {
+        Some(q) => cmd.arg("--qemu").arg(q),
+        None => cmd.args(["--qemu", "system"]),
+    };
     let flags = [
         ("--incoming", spec.incoming),
         ("--paused", spec.paused),

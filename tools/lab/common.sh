@@ -29,6 +29,23 @@ need_root_or_tools() {
 	[ ${#missing[@]} -eq 0 ] || die "missing host tools: ${missing[*]}; run tools/lab/ensure-host.sh (as root) first"
 }
 
+# qemu_prefix_of CHOICE: prints the QEMU prefix a choice names, empty for the system's QEMU.
+#   system, 7.2 or empty   the machine's qemu-system-x86_64 (Debian 12: QEMU 7.2)
+#   backports, 10          bookworm-backports' QEMU (10.0), unpacked by fetch-qemu.sh
+#   PREFIX                 a directory holding usr/bin/qemu-system-x86_64 and usr/share/qemu
+# PCT_QEMU picks the source's QEMU and PCT_QEMU_DST the destination's (default: PCT_QEMU).
+qemu_prefix_of() {
+	case "${1:-}" in
+	"" | system | 7.2) ;;
+	backports | 10 | 10.0) bash "$LAB_DIR/fetch-qemu.sh" | tail -1 ;;
+	*)
+		[ -x "$1/usr/bin/qemu-system-x86_64" ] ||
+			die "QEMU choice '$1': give system, backports, or a prefix holding usr/bin/qemu-system-x86_64"
+		echo "$1"
+		;;
+	esac
+}
+
 # Atomically publish a directory built in a temporary place.
 publish_dir() {
 	local tmp=$1 final=$2

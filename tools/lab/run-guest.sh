@@ -6,7 +6,8 @@
 #       [--mem MiB|KiBK] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
 #       [--uuid UUID]  (the guest's -uuid)
-#       [--qemu PREFIX] (another QEMU, as tools/lab/fetch-qemu.sh unpacks it: its binary and -L)
+#       [--qemu CHOICE] (system (default), backports (QEMU 10.0, tools/lab/fetch-qemu.sh) or a
+#                       prefix holding usr/bin/qemu-system-x86_64; default: $PCT_QEMU)
 #       [--machine TYPE] (default pc-i440fx-7.2, which every QEMU here knows)
 #       [--suite SUITE] (the guest kernel's Debian suite: bookworm (default), trixie, bullseye)
 #       [--append ARGS] (more guest kernel command-line arguments, e.g. init_on_free=1)
@@ -25,7 +26,7 @@
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-suite=bookworm qemu_prefix= machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare= append=
+suite=bookworm qemu_prefix=${PCT_QEMU:-} machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare= append=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -61,6 +62,7 @@ kvm) [ -w /dev/kvm ] || die "--accel kvm needs a writable /dev/kvm" ;;
 esac
 
 bash "$LAB_DIR/ensure-host.sh"
+qemu_prefix=$(qemu_prefix_of "$qemu_prefix")
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 if [ -z "$bare" ]; then

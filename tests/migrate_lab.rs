@@ -36,11 +36,16 @@ fn lab_pair(
     fileset: &'static str,
     layout: &'static str,
 ) -> Option<(MutexGuard<'static, ()>, Guest, Guest, PathBuf)> {
+    lab_pair_of(GuestSpec::new(workload).layout(fileset, layout))
+}
+
+/// [`lab_pair`] of any guest.
+fn lab_pair_of(spec: GuestSpec) -> Option<(MutexGuard<'static, ()>, Guest, Guest, PathBuf)> {
     if !have_qemu() {
         return None;
     }
     let one = serial();
-    let (src, dst, disk) = pair(&GuestSpec::new(workload).layout(fileset, layout));
+    let (src, dst, disk) = pair(&spec);
     Some((one, src, dst, disk))
 }
 
@@ -67,7 +72,20 @@ fn assert_identical(src: &Guest, dst: &Guest) -> u64 {
 /// runs on and its files check out.
 #[test]
 fn apache_bit_identical_and_keeps_running() {
-    let Some((_one, src, mut dst, disk)) = lab_pair("apache", "mini", "plain") else {
+    apache_case(1);
+}
+
+/// The same with 2 vCPUs: under TCG they run as parallel host threads (MTTCG), writing
+/// guest memory at the same time as QEMU's dirty tracking and pct's walk read it.
+#[test]
+fn apache_two_vcpus() {
+    apache_case(2);
+}
+
+fn apache_case(smp: u32) {
+    let Some((_one, src, mut dst, disk)) =
+        lab_pair_of(GuestSpec::new("apache").layout("mini", "plain").smp(smp))
+    else {
         return;
     };
     let run = migrate(&src, &dst, &disk, &[], None);
@@ -90,6 +108,12 @@ fn apache_bit_identical_and_keeps_running() {
     assert_eq!(s["switchover_check"]["scope"], "touched", "{s}");
     let hashed = u(&s, &["switchover_check", "pages_hashed"]);
     assert!(hashed > 0 && hashed < 262_144 / 2, "{hashed} pages hashed");
+    eprintln!(
+        "apache, {smp} vCPU(s): {teleported} pages teleported, {} fell back; switchover check \
+         hashed {hashed} pages in the downtime, re-sent {}",
+        u(&s, &["pages", "fallen_back"]),
+        u(&s, &["switchover_check", "pages_resent"])
+    );
 
     // The guest resumes at the destination and re-reads its files from its (page) cache.
     drop(src);
@@ -443,7 +467,19 @@ fn cut_link_leaves_source_running() {
 /// runs on at the destination.
 #[test]
 fn db_bit_identical_while_writing() {
-    let Some((_one, src, mut dst, disk)) = lab_pair("db", "db", "plain") else {
+    db_case(1);
+}
+
+/// The same with 2 vCPUs (MTTCG): the database writes while the other vCPU runs too.
+#[test]
+fn db_two_vcpus() {
+    db_case(2);
+}
+
+fn db_case(smp: u32) {
+    let Some((_one, src, mut dst, disk)) =
+        lab_pair_of(GuestSpec::new("db").layout("db", "plain").smp(smp))
+    else {
         return;
     };
     let run = migrate(&src, &dst, &disk, &[], None);
@@ -451,7 +487,8 @@ fn db_bit_identical_while_writing() {
     assert_identical(&src, &dst);
     assert!(u(&s, &["pages", "teleported"]) > 20_000, "{s}");
     eprintln!(
-        "db: {} fell back of {} teleported, fallback {} B, protocol {} B, {} pages re-sent at switchover",
+        "db, {smp} vCPU(s): {} fell back of {} teleported, fallback {} B, protocol {} B, {} pages \
+         re-sent at switchover",
         u(&s, &["pages", "fallen_back"]),
         u(&s, &["pages", "teleported"]),
         u(&s, &["wire", "fallback"]),

@@ -288,6 +288,13 @@ fn check_kernel(flavour: &'static str, suite: &'static str) {
     );
 }
 
+/// A guest with 2 vCPUs (parallel host threads under TCG): per-CPU page lists and
+/// counters, the same map properties.
+#[test]
+fn two_vcpus() {
+    check_guest(GuestSpec::new("apache").layout("mini", "plain").smp(2));
+}
+
 #[test]
 fn debian11_kernel() {
     check_kernel("cloud-amd64", "bullseye");

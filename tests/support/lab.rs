@@ -26,6 +26,8 @@ pub struct GuestSpec {
     pub layout: &'static str,
     pub flavour: &'static str,
     pub mem_mib: u32,
+    /// vCPUs (`--smp`); under TCG each runs on a host thread of its own (MTTCG).
+    pub smp: u32,
     /// Use this disk image instead of a fresh copy of the lab master.
     pub disk: Option<PathBuf>,
     /// Wait for an incoming migration (`-incoming defer`).
@@ -65,6 +67,7 @@ impl GuestSpec {
             layout: "plain",
             flavour: "cloud-amd64",
             mem_mib: 1024,
+            smp: 1,
             disk: None,
             incoming: false,
             paused: false,
@@ -90,6 +93,12 @@ impl GuestSpec {
             paused: true,
             ..GuestSpec::new("idle")
         }
+    }
+
+    /// With `n` vCPUs.
+    pub fn smp(mut self, n: u32) -> GuestSpec {
+        self.smp = n;
+        self
     }
 
     pub fn layout(mut self, fileset: &'static str, layout: &'static str) -> GuestSpec {
@@ -142,7 +151,8 @@ fn spawn_run_guest(spec: &GuestSpec, dir: &Path, name: &str) -> Child {
         .arg(dir)
         .args(["--workload", spec.workload, "--layout", spec.layout])
         .args(["--flavour", spec.flavour, "--accel", &accel, "--name", name])
-        .args(["--mem", &spec.mem_mib.to_string()]);
+        .args(["--mem", &spec.mem_mib.to_string()])
+        .args(["--smp", &spec.smp.to_string()]);
     let options = [
         ("--fileset", spec.fileset),
         ("--cpu", spec.cpu),

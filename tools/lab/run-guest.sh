@@ -3,7 +3,7 @@
 #
 #   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|aged|idle|db] [--fileset web|mini|db]
 #       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
-#       [--mem MiB|KiBK] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
+#       [--mem MiB|KiBK] [--smp N] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
 #       [--uuid UUID]  (the guest's -uuid)
 #       [--qemu CHOICE] (system (default), backports (QEMU 10.0, tools/lab/fetch-qemu.sh) or a
@@ -26,7 +26,7 @@
 # the RAM file when done (the Rust lab helpers in tests/ do both, even on failure).
 source "$(dirname "$0")/common.sh"
 
-suite=bookworm qemu_prefix=${PCT_QEMU:-} machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare= append=
+suite=bookworm qemu_prefix=${PCT_QEMU:-} machine=pc-i440fx-7.2 dir= workload=apache fileset= layout=plain flavour=cloud-amd64 mem=1024 smp=1 accel=tcg cpu= disk= incoming= paused= name= anon_ram= uuid= bare= append=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift ;;
@@ -35,6 +35,7 @@ while [ $# -gt 0 ]; do
 	--layout) layout=$2; shift ;;
 	--flavour) flavour=$2; shift ;;
 	--mem) mem=$2; shift ;;
+	--smp) smp=$2; shift ;; # vCPUs: under TCG, one host thread each (MTTCG)
 	--accel) accel=$2; shift ;;
 	--cpu) cpu=$2; shift ;; # e.g. max: with la57 the guest kernel runs 5-level paging
 	--disk) disk=$2; shift ;;
@@ -53,6 +54,7 @@ while [ $# -gt 0 ]; do
 	shift
 done
 [ -n "$dir" ] || die "--dir RUNDIR is required"
+[[ "$smp" =~ ^[1-9][0-9]?$ ]] || die "--smp $smp: give a number of vCPUs from 1 to 99"
 case "$workload" in apache | aged | idle | db) ;; *) die "unknown workload '$workload' (apache, aged, idle, db)" ;; esac
 [ -n "$fileset" ] || fileset=$([ "$workload" = db ] && echo db || echo web)
 case "$accel" in
@@ -116,7 +118,7 @@ boot=()
 )
 args=(
 	-name "$name" -accel "$accel" "${ram_args[@]}"
-	-smp 1 -nodefaults -display none -no-reboot -no-user-config
+	-smp "$smp" -nodefaults -display none -no-reboot -no-user-config
 	"${boot[@]}"
 	-qmp "unix:$dir/qmp.sock,server=on,wait=off"
 	-qmp "unix:$dir/qmp-pct.sock,server=on,wait=off"

@@ -83,6 +83,20 @@ fn volatility2_imports_have_radix_tree_walker_fields() {
         for s in ["init_task", "super_blocks", "linux_banner", "init_top_pgt"] {
             assert!(p.symbol(s).is_some(), "{zip}: symbol {s}");
         }
+        // Distinct members of a struct never share an offset (dwarfdump's `208 (-48)`
+        // once read as 0 put s_bdev on top of s_list).
+        for ty in ["super_block", "inode", "block_device", "address_space"] {
+            let l = p.layout(ty).unwrap();
+            let mut seen = std::collections::BTreeMap::new();
+            for (name, f) in &l.fields {
+                if let Some(other) = seen.insert(f.offset, name.clone()) {
+                    panic!(
+                        "{zip}: {ty}.{name} and {ty}.{other} both at offset {}",
+                        f.offset
+                    );
+                }
+            }
+        }
         // Generation-specific node fields agree with the generation.
         let has = |f: &str| node.fields.contains_key(f);
         match generation {

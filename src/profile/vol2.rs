@@ -6,7 +6,9 @@
 //! DIE offsets are relative to their compile unit, so ids are `(unit << 32) | offset`.
 //! The dump only holds types `module.c` uses: whatever else the manifest wants is recorded
 //! as absent (required or not) — a Volatility 2 profile is reference data, never completed
-//! by guessing.
+//! by guessing. The one exception is `enum pageflags`, without which no page can be
+//! classified: for the kernel lines in [`super::oldflags`] it is added from that line's
+//! header and cited in `source.inputs`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -424,6 +426,8 @@ pub fn import_texts(
         p.absent.push(a);
     }
     p.absent.sort();
+    // The dumps never describe `enum pageflags`: add the numbers of the kernel line.
+    super::oldflags::complete(&mut p);
     Ok(p)
 }
 

@@ -22,17 +22,21 @@ pub struct LineFlags {
     pub line: (u32, u32),
     /// As cited: `2.6.32`, `3.2`, `4.9`.
     pub name: &'static str,
-    /// Enumerators from `PG_locked` = 0 on, in the header's order, under `config`.
-    pub ordered: &'static [&'static str],
-    /// Aliases: `(name, the enumerator it equals)`.
-    pub aliases: &'static [(&'static str, &'static str)],
+    /// Enumerators of [`ORDER_2_6_32`] this line no longer has.
+    pub removed: &'static [&'static str],
+    /// Aliases beyond [`ALIASES`]: `(name, the enumerator it equals)`.
+    pub more_aliases: &'static [(&'static str, &'static str)],
     /// Enumerators that follow, whose numbers depend on `uncertain` options.
     pub not_recorded: &'static [&'static str],
     pub config: &'static str,
     pub uncertain: &'static str,
 }
 
-const COMMON: [&str; 14] = [
+/// The enum of 2.6.32 from `PG_locked` = 0 on (`CONFIG_PAGEFLAGS_EXTENDED`, an MMU), up
+/// to the first config-dependent enumerator. Later lines only dropped enumerators from
+/// it: `PG_buddy` in 2.6.38 (free pages marked by `_mapcount`), `PG_tail` in 4.4 (tail
+/// pages marked by `compound_head`).
+pub const ORDER_2_6_32: [&str; 23] = [
     "PG_locked",
     "PG_error",
     "PG_referenced",
@@ -47,40 +51,33 @@ const COMMON: [&str; 14] = [
     "PG_private",
     "PG_private_2",
     "PG_writeback",
+    "PG_head",
+    "PG_tail",
+    "PG_swapcache",
+    "PG_mappedtodisk",
+    "PG_reclaim",
+    "PG_buddy",
+    "PG_swapbacked",
+    "PG_unevictable",
+    "PG_mlocked",
 ];
 
-macro_rules! after_common {
-    ($($name:literal),* $(,)?) => {
-        &[
-            COMMON[0], COMMON[1], COMMON[2], COMMON[3], COMMON[4], COMMON[5], COMMON[6],
-            COMMON[7], COMMON[8], COMMON[9], COMMON[10], COMMON[11], COMMON[12], COMMON[13],
-            $($name),*
-        ]
-    };
-}
+/// Aliases all three lines have.
+pub const ALIASES: [(&str, &str); 5] = [
+    ("PG_checked", "PG_owner_priv_1"),
+    ("PG_fscache", "PG_private_2"),
+    ("PG_pinned", "PG_owner_priv_1"),
+    ("PG_savepinned", "PG_dirty"),
+    ("PG_slob_free", "PG_private"),
+];
 
 /// The three lines, oldest first.
 pub const LINES: [LineFlags; 3] = [
     LineFlags {
         line: (2, 6),
         name: "2.6.32",
-        ordered: after_common!(
-            "PG_head",
-            "PG_tail",
-            "PG_swapcache",
-            "PG_mappedtodisk",
-            "PG_reclaim",
-            "PG_buddy",
-            "PG_swapbacked",
-            "PG_unevictable",
-            "PG_mlocked",
-        ),
-        aliases: &[
-            ("PG_checked", "PG_owner_priv_1"),
-            ("PG_fscache", "PG_private_2"),
-            ("PG_pinned", "PG_owner_priv_1"),
-            ("PG_savepinned", "PG_dirty"),
-            ("PG_slob_free", "PG_private"),
+        removed: &[],
+        more_aliases: &[
             ("PG_slub_frozen", "PG_active"),
             ("PG_slub_debug", "PG_error"),
         ],
@@ -91,23 +88,8 @@ pub const LINES: [LineFlags; 3] = [
     LineFlags {
         line: (3, 2),
         name: "3.2",
-        ordered: after_common!(
-            "PG_head",
-            "PG_tail",
-            "PG_swapcache",
-            "PG_mappedtodisk",
-            "PG_reclaim",
-            "PG_swapbacked",
-            "PG_unevictable",
-            "PG_mlocked",
-        ),
-        aliases: &[
-            ("PG_checked", "PG_owner_priv_1"),
-            ("PG_fscache", "PG_private_2"),
-            ("PG_pinned", "PG_owner_priv_1"),
-            ("PG_savepinned", "PG_dirty"),
-            ("PG_slob_free", "PG_private"),
-        ],
+        removed: &["PG_buddy"],
+        more_aliases: &[],
         not_recorded: &["PG_uncached", "PG_hwpoison", "PG_compound_lock"],
         config: "CONFIG_PAGEFLAGS_EXTENDED=y (64BIT), CONFIG_MMU=y",
         uncertain:
@@ -116,22 +98,9 @@ pub const LINES: [LineFlags; 3] = [
     LineFlags {
         line: (4, 9),
         name: "4.9",
-        ordered: after_common!(
-            "PG_head",
-            "PG_swapcache",
-            "PG_mappedtodisk",
-            "PG_reclaim",
-            "PG_swapbacked",
-            "PG_unevictable",
-            "PG_mlocked",
-        ),
-        aliases: &[
-            ("PG_checked", "PG_owner_priv_1"),
-            ("PG_fscache", "PG_private_2"),
-            ("PG_pinned", "PG_owner_priv_1"),
-            ("PG_savepinned", "PG_dirty"),
+        removed: &["PG_buddy", "PG_tail"],
+        more_aliases: &[
             ("PG_foreign", "PG_owner_priv_1"),
-            ("PG_slob_free", "PG_private"),
             ("PG_double_map", "PG_private_2"),
             ("PG_isolated", "PG_reclaim"),
         ],
@@ -144,13 +113,13 @@ pub const LINES: [LineFlags; 3] = [
 impl LineFlags {
     /// The enum as a profile records it.
     pub fn enum_def(&self) -> EnumDef {
-        let mut values: BTreeMap<String, i64> = self
-            .ordered
+        let mut values: BTreeMap<String, i64> = ORDER_2_6_32
             .iter()
+            .filter(|n| !self.removed.contains(n))
             .zip(0..)
             .map(|(n, v)| ((*n).to_owned(), v))
             .collect();
-        for (alias, of) in self.aliases {
+        for (alias, of) in ALIASES.iter().chain(self.more_aliases) {
             if let Some(&v) = values.get(*of) {
                 values.insert((*alias).to_owned(), v);
             }

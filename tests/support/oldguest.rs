@@ -12,6 +12,8 @@
 
 use pct::kernel::START_KERNEL_MAP;
 use pct::profile::{PageCacheTree, Profile};
+/// What a cached page is, as the guest kernel left it (the states pct tells apart).
+pub use pct::walk::page::PageState as PageKind;
 use std::collections::BTreeMap;
 
 /// Pre-4.8 fixed bases (4-level paging).
@@ -166,18 +168,6 @@ pub fn build_radix_tree(ram: &mut Ram, p: &Profile, root: u64, items: &BTreeMap<
         }
     }
     top
-}
-
-/// What a cached page of a file is, as the guest kernel left it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PageKind {
-    Clean,
-    Dirty,
-    Writeback,
-    Locked,
-    NotUptodate,
-    /// A shmem/tmpfs page: up to date and swap-backed.
-    Shmem,
 }
 
 /// A cached page: its index in the file, its frame, its state and its bytes.
@@ -440,6 +430,7 @@ impl<'p> OldGuest<'p> {
                 PageKind::Shmem => {
                     self.flag("PG_uptodate") | self.flag("PG_swapbacked") | self.flag("PG_lru")
                 }
+                other => panic!("the builder makes no {other:?} pages"),
             };
             ram.put_pa(page_pa + off(p, "page", "flags"), flags, 8);
             ram.put_pa(page_pa + off(p, "page", "mapping"), mapping, 8);

@@ -3,7 +3,7 @@
 //! the optional linear-scan cross-check and disk verification, timed stage by stage.
 
 use crate::cachemap::{self, CacheMap, FreePages};
-use crate::kernel::{Kernel, LocateError};
+use crate::kernel::{find_vmcoreinfo, overrides, Kernel, LocateError};
 use crate::memory::GuestMemory;
 use crate::profile::Profile;
 use crate::report::{self, CrossCheck, KernelSummary, ScanReport};
@@ -48,7 +48,15 @@ pub fn scan(
         *since = Instant::now();
     };
     let mut since = Instant::now();
-    let k = Kernel::locate(mem, profile)?;
+    // The guest's own page-flag numbers, where its VMCOREINFO has them, win over the
+    // profile's (kernel/overrides.rs); the report lists each change.
+    let found = find_vmcoreinfo(mem);
+    let (profile, pageflag_overrides) = match &found {
+        Some((info, _)) => overrides::apply(profile, info),
+        None => (std::borrow::Cow::Borrowed(profile), Vec::new()),
+    };
+    let profile: &Profile = &profile;
+    let k = Kernel::locate_with(mem, profile, found)?;
     lap("locate", &mut since);
     let walk = walk_page_cache(&k)?;
     lap("walk", &mut since);
@@ -125,6 +133,7 @@ pub fn scan(
         top_files,
         savings: report::savings(restorable),
         excluded: map.excluded.clone(),
+        pageflag_overrides,
         verify,
         cross_check,
         problems: walk.problems.clone(),

@@ -83,6 +83,20 @@ fn volatility2_imports_have_radix_tree_walker_fields() {
         for s in ["init_task", "super_blocks", "linux_banner", "init_top_pgt"] {
             assert!(p.symbol(s).is_some(), "{zip}: symbol {s}");
         }
+        // Distinct members of a struct never share an offset (dwarfdump's `208 (-48)`
+        // once read as 0 put s_bdev on top of s_list).
+        for ty in ["super_block", "inode", "block_device", "address_space"] {
+            let l = p.layout(ty).unwrap();
+            let mut seen = std::collections::BTreeMap::new();
+            for (name, f) in &l.fields {
+                if let Some(other) = seen.insert(f.offset, name.clone()) {
+                    panic!(
+                        "{zip}: {ty}.{name} and {ty}.{other} both at offset {}",
+                        f.offset
+                    );
+                }
+            }
+        }
         // Generation-specific node fields agree with the generation.
         let has = |f: &str| node.fields.contains_key(f);
         match generation {
@@ -90,15 +104,35 @@ fn volatility2_imports_have_radix_tree_walker_fields() {
             PageCacheTree::RadixShift => assert!(has("shift") && !has("height")),
             _ => unreachable!(),
         }
-        // The dumps carry no `enum pageflags`: said so, not invented.
-        if !p.enums.contains_key("pageflags") {
-            assert!(
-                p.absent
-                    .iter()
-                    .any(|a| a.kind == "enum" && a.key == "pageflags"),
-                "{zip}: missing pageflags must be listed as absent"
-            );
+        // The dumps carry no `enum pageflags`: the importer adds the kernel line's numbers,
+        // cites them, and lists the config-dependent enumerators it left out.
+        let flags = &p.enums["pageflags"].values;
+        for f in [
+            "PG_locked",
+            "PG_uptodate",
+            "PG_dirty",
+            "PG_writeback",
+            "PG_head",
+        ] {
+            assert!(flags.contains_key(f), "{zip}: {f}");
         }
+        assert!(
+            p.source
+                .inputs
+                .iter()
+                .any(|i| i.contains("include/linux/page-flags.h")),
+            "{zip}: the numbers are cited"
+        );
+        assert!(!p.absent.iter().any(|a| a.key == "pageflags"), "{zip}");
+        assert!(
+            p.absent
+                .iter()
+                .any(|a| a.kind == "enumerator" && a.key == "pageflags.PG_hwpoison"),
+            "{zip}: PG_hwpoison's number depends on the config: left out"
+        );
+        // PG_buddy marked free pages until 2.6.37; PG_tail existed until 4.3.
+        assert_eq!(flags.contains_key("PG_buddy"), *release == "2.6.32-5-amd64");
+        assert_eq!(flags.contains_key("PG_tail"), *release != "4.9.0-6-amd64");
     }
 }
 

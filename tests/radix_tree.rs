@@ -13,6 +13,7 @@ use pct::walk::radix_tree::radix_tree_for_each;
 use pct::walk::WalkError;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use support::oldguest::{build_radix_tree, radix_slot, Ram};
 use support::profile::shared;
 
 const POB: u64 = 0xffff_8800_0000_0000;
@@ -39,106 +40,38 @@ fn vol2_profile(name: &str) -> Profile {
         .clone()
 }
 
-/// A memory image being built: nodes are allocated in the direct map.
+/// A memory image being built: nodes are allocated in the direct map (support::oldguest).
 struct Image {
-    bytes: Vec<u8>,
-    next: u64,
+    ram: Ram,
     p: Profile,
 }
 
 impl Image {
     fn new(profile: &str) -> Image {
-        let p = vol2_profile(profile);
         Image {
-            bytes: vec![0; MEM],
-            next: 0x10000,
-            p,
+            ram: Ram::new(MEM, POB, 0x10000..MEM as u64),
+            p: vol2_profile(profile),
         }
     }
-    fn node_size(&self) -> u64 {
-        self.p.offset("radix_tree_node", "slots").unwrap() + 8 * self.p.tree_slots().unwrap()
-    }
-    fn alloc(&mut self) -> u64 {
-        let pa = self.next;
-        self.next += self.node_size().div_ceil(64) * 64;
-        POB + pa
-    }
     fn put(&mut self, va: u64, off: u64, v: u64, size: usize) {
-        let pa = (va - POB + off) as usize;
-        self.bytes[pa..pa + size].copy_from_slice(&v.to_le_bytes()[..size]);
+        self.ram.put(va, off, v, size);
     }
     fn get(&self, va: u64, off: u64) -> u64 {
-        let pa = (va - POB + off) as usize;
-        u64::from_le_bytes(self.bytes[pa..pa + 8].try_into().unwrap())
-    }
-    fn field(&self, f: &str) -> Option<(u64, usize)> {
-        let fl = self.p.field("radix_tree_node", f)?;
-        Some((fl.offset, fl.size as usize))
+        self.ram.get(va, off)
     }
     fn slot(&self, node: u64, i: u64) -> u64 {
-        node + self.p.offset("radix_tree_node", "slots").unwrap() + 8 * i
+        radix_slot(&self.p, node, i)
     }
 
     /// Builds a tree holding `items` (index → entry) under the root at `root`.
     fn build(&mut self, root: u64, items: &BTreeMap<u64, u64>) {
-        let gen = self.p.page_cache_tree().unwrap();
-        let bits = self.p.tree_slots().unwrap().trailing_zeros() as u64;
-        let max = items.keys().max().copied().unwrap_or(0);
-        let mut levels = 1;
-        while max >> (bits * levels) != 0 {
-            levels += 1;
-        }
-        let rnode_off = self.p.offset("radix_tree_root", "rnode").unwrap();
-        let top = self.alloc();
-        let shifted = gen == PageCacheTree::RadixShift;
-        self.init_node(top, levels, 0, None);
-        self.put(root, rnode_off, top | 1, 8);
-        if let Some(h) = self.p.offset("radix_tree_root", "height") {
-            self.put(root, h, levels, 4);
-        }
-        for (&index, &entry) in items {
-            let mut node = top;
-            for l in (1..=levels).rev() {
-                let slot = (index >> (bits * (l - 1))) & ((1 << bits) - 1);
-                let at = self.slot(node, slot);
-                if l == 1 {
-                    self.put(at, 0, entry, 8);
-                    break;
-                }
-                let cur = self.get(at, 0);
-                let child = if cur == 0 {
-                    let c = self.alloc();
-                    self.init_node(c, l - 1, slot, Some(node));
-                    self.put(at, 0, if shifted { c | 1 } else { c }, 8);
-                    c
-                } else {
-                    cur & !3
-                };
-                node = child;
-            }
-        }
-    }
-
-    fn init_node(&mut self, node: u64, level: u64, offset: u64, parent: Option<u64>) {
-        let bits = self.p.tree_slots().unwrap().trailing_zeros() as u64;
-        if let Some((o, s)) = self.field("height") {
-            self.put(node, o, level, s);
-        }
-        if let Some((o, s)) = self.field("shift") {
-            self.put(node, o, (level - 1) * bits, s);
-        }
-        if let Some((o, s)) = self.field("offset") {
-            self.put(node, o, offset, s);
-        }
-        if let (Some((o, s)), Some(p)) = (self.field("parent"), parent) {
-            self.put(node, o, p, s);
-        }
+        build_radix_tree(&mut self.ram, &self.p, root, items);
     }
 
     fn walk(self, root: u64) -> (Result<(), WalkError>, Vec<(u64, u64)>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
-        std::fs::write(&path, &self.bytes).unwrap();
+        std::fs::write(&path, &self.ram.bytes).unwrap();
         let mem = GuestMemory::open(&path).unwrap();
         let k = Kernel {
             mem: &mem,

@@ -2,13 +2,17 @@
 //! `phys_base`, the direct-map and vmemmap bases, and the kernel page tables; then
 //! reading kernel virtual addresses.
 //!
-//! Primary route: the VMCOREINFO note (from an ELF core, or found in RAM).
+//! Primary route: the VMCOREINFO note (from an ELF core, or found in RAM). Kernels before
+//! 4.10 publish `SYMBOL(phys_base)`, the variable's address, not `NUMBER(phys_base)`: their
+//! note is placed by where it lies in RAM (the profile's `vmcoreinfo_note`), and the
+//! `phys_base` variable must then hold the shift found.
 //! Fallback for kernels without one: the profile's `linux_banner` bytes, then
 //! `init_task`, whose `files` pointer gives the virtual shift
 //! (`init_task.files - &init_files`).
 
 pub mod btf;
 pub mod kallsyms;
+pub mod overrides;
 pub mod pagetable;
 pub mod select;
 pub mod self_profile;
@@ -89,34 +93,45 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// first, which is quick even when the page lies at the top of a large guest. Older kernels
 /// keep the note in the image's `.bss`, anywhere in a page: a full scan finds those.
 pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, LocatedBy)> {
-    if let Some(text) = mem.vmcoreinfo() {
-        return Some((VmcoreInfo::parse(text), LocatedBy::VmcoreinfoNote));
+    let from_core = mem.vmcoreinfo().map(VmcoreInfo::parse);
+    if let Some(info) = from_core
+        .as_ref()
+        .filter(|i| i.number("phys_base").is_some())
+    {
+        return Some((info.clone(), LocatedBy::VmcoreinfoNote));
     }
+    // A note without NUMBER(phys_base) (before 4.10) is placed by where it lies in RAM.
     let usable = |bytes: &[u8]| {
-        VmcoreInfo::from_note_bytes(bytes)
-            .filter(|info| info.kernel_offset().is_some() && info.number("phys_base").is_some())
+        VmcoreInfo::from_note_bytes(bytes).filter(|info| {
+            (info.kernel_offset().is_some() && info.number("phys_base").is_some())
+                || info.symbol("phys_base").is_some()
+        })
+    };
+    let in_ram = |gpa: u64, at: usize, info: VmcoreInfo| {
+        let found_at = Some(gpa + at as u64);
+        Some((VmcoreInfo { found_at, ..info }, LocatedBy::VmcoreinfoInRam))
     };
     let marker = vmcoreinfo::NOTE_MARKER;
-    for (_, bytes) in mem.chunks() {
+    for (gpa, bytes) in mem.chunks() {
         for at in (12..bytes.len()).step_by(4096) {
             if bytes[at..].starts_with(marker) {
                 if let Some(info) = usable(&bytes[at..]) {
-                    return Some((info, LocatedBy::VmcoreinfoInRam));
+                    return in_ram(gpa, at, info);
                 }
             }
         }
     }
-    for (_, bytes) in mem.chunks() {
+    for (gpa, bytes) in mem.chunks() {
         let mut from = 0;
         while let Some(i) = find(&bytes[from..], marker) {
             let at = from + i;
             if let Some(info) = usable(&bytes[at..]) {
-                return Some((info, LocatedBy::VmcoreinfoInRam));
+                return in_ram(gpa, at, info);
             }
             from = at + 1;
         }
     }
-    None
+    from_core.map(|info| (info, LocatedBy::VmcoreinfoNote))
 }
 
 impl Location {
@@ -130,14 +145,24 @@ impl Location {
             .number("phys_base")
             .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no NUMBER(phys_base)".into()))?
             as u64;
+        Self::from_vmcoreinfo_at(info, method, virt_offset, phys_base)
+    }
+
+    /// [`from_vmcoreinfo`](Self::from_vmcoreinfo) with the shifts already known.
+    pub fn from_vmcoreinfo_at(
+        info: &VmcoreInfo,
+        method: LocatedBy,
+        virt_offset: u64,
+        phys_base: u64,
+    ) -> Result<Location, LocateError> {
         let levels = if info.number("pgtable_l5_enabled") == Some(1) {
             5
         } else {
             4
         };
-        let pgd_va = info
-            .symbol("init_top_pgt")
-            .or_else(|| info.symbol("swapper_pg_dir"))
+        let pgd_va = ["init_top_pgt", "init_level4_pgt", "swapper_pg_dir"]
+            .iter()
+            .find_map(|n| info.symbol(n))
             .ok_or_else(|| LocateError::NotFound("VMCOREINFO names no init_top_pgt".into()))?;
         Ok(Location {
             method,
@@ -229,7 +254,17 @@ impl Location {
 impl<'a> Kernel<'a> {
     /// Finds the kernel described by `profile` in `mem`.
     pub fn locate(mem: &'a GuestMemory, profile: &'a Profile) -> Result<Kernel<'a>, LocateError> {
-        if let Some((info, method)) = find_vmcoreinfo(mem) {
+        Self::locate_with(mem, profile, find_vmcoreinfo(mem))
+    }
+
+    /// [`locate`](Self::locate) with the VMCOREINFO note already looked for
+    /// ([`find_vmcoreinfo`]).
+    pub fn locate_with(
+        mem: &'a GuestMemory,
+        profile: &'a Profile,
+        found: Option<(VmcoreInfo, LocatedBy)>,
+    ) -> Result<Kernel<'a>, LocateError> {
+        if let Some((info, method)) = found {
             return Self::from_vmcoreinfo(mem, profile, &info, method);
         }
         Self::from_banner(mem, profile)
@@ -279,7 +314,66 @@ impl<'a> Kernel<'a> {
         method: LocatedBy,
     ) -> Result<Kernel<'a>, LocateError> {
         Self::check_identity(profile, info.release(), info.build_id())?;
-        Self::finish(mem, profile, Location::from_vmcoreinfo(info, method)?)
+        let loc = match info.number("phys_base") {
+            Some(_) => Location::from_vmcoreinfo(info, method)?,
+            None => {
+                // No KASLR before 3.14, and no KERNELOFFSET either.
+                let virt_offset = info.kernel_offset().unwrap_or(0);
+                let phys_base = Self::phys_base_from_note(mem, profile, info, virt_offset)?;
+                Location::from_vmcoreinfo_at(info, method, virt_offset, phys_base)?
+            }
+        };
+        Self::finish(mem, profile, loc)
+    }
+
+    /// `phys_base` of a kernel whose VMCOREINFO gives only `SYMBOL(phys_base)`: the note
+    /// lies in the kernel image at the profile's `vmcoreinfo_note` (its name 12 bytes in,
+    /// after the ELF note header), which fixes the physical shift; the `phys_base`
+    /// variable, read at the address that shift gives, must then hold it, and the two
+    /// symbols must be where the profile says. A note or a profile of another build fails
+    /// these checks.
+    fn phys_base_from_note(
+        mem: &GuestMemory,
+        profile: &Profile,
+        info: &VmcoreInfo,
+        virt_offset: u64,
+    ) -> Result<u64, LocateError> {
+        let name_pa = info.found_at.ok_or_else(|| {
+            LocateError::NotFound(
+                "VMCOREINFO has no NUMBER(phys_base) and its note was not found in RAM".into(),
+            )
+        })?;
+        let sym = |n: &str| {
+            profile
+                .symbol(n)
+                .ok_or_else(|| LocateError::ProfileLacks(format!("symbol {n}")))
+        };
+        let note_va = sym("vmcoreinfo_note")?.wrapping_add(virt_offset);
+        let phys_base = name_pa
+            .wrapping_sub(12)
+            .wrapping_sub(note_va.wrapping_sub(START_KERNEL_MAP));
+        let var_va = info
+            .symbol("phys_base")
+            .ok_or_else(|| LocateError::NotFound("VMCOREINFO has no SYMBOL(phys_base)".into()))?;
+        let profile_var = sym("phys_base")?.wrapping_add(virt_offset);
+        if var_va != profile_var {
+            return Err(LocateError::NotFound(format!(
+                "VMCOREINFO puts phys_base at {var_va:#x}, the profile at {profile_var:#x}: \
+                 the profile describes another build of this release"
+            )));
+        }
+        let var_pa = var_va
+            .wrapping_sub(START_KERNEL_MAP)
+            .wrapping_add(phys_base);
+        let held = mem.read_u64(var_pa)?;
+        if held != phys_base {
+            return Err(LocateError::NotFound(format!(
+                "the VMCOREINFO note at {name_pa:#x} puts the kernel's phys_base at \
+                 {phys_base:#x}, but the variable (at {var_pa:#x}) holds {held:#x}: not the \
+                 kernel the profile describes"
+            )));
+        }
+        Ok(phys_base)
     }
 
     /// The fallback for kernels without VMCOREINFO, usable on its own: the profile's

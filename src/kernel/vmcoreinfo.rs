@@ -7,6 +7,9 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, Default)]
 pub struct VmcoreInfo {
     pub values: HashMap<String, String>,
+    /// Guest-physical address of the note's name (`VMCOREINFO\0`), when it was found in
+    /// RAM: kernels that do not publish `NUMBER(phys_base)` are placed by it.
+    pub found_at: Option<u64>,
 }
 
 /// The note header plus the start of its text, as it appears in guest RAM:
@@ -20,7 +23,10 @@ impl VmcoreInfo {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        VmcoreInfo { values }
+        VmcoreInfo {
+            values,
+            found_at: None,
+        }
     }
 
     /// Finds the note in raw guest memory and parses it. `chunk` starts at the marker.

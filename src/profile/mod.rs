@@ -19,6 +19,7 @@ pub mod error;
 pub mod isf;
 pub mod manifest;
 pub mod model;
+pub mod oldflags;
 pub mod types;
 pub mod vol2;
 
@@ -28,6 +29,13 @@ pub use build::{build_profile, default_file_name, BuildOptions, DebugFormat};
 pub use error::{Error, Result};
 pub use manifest::Manifest;
 pub use model::{Field, PageCacheTree, Profile, TypeLayout};
+
+/// `(version, patchlevel, sublevel)` of a kernel release such as `6.1.0-57-amd64`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let mut next = || it.next()?.parse().ok();
+    Some((next()?, next()?, next()?))
+}
 
 /// Directory holding shipped profiles: `$PCT_PROFILES`, else the source tree's `profiles/`.
 pub fn profiles_dir() -> PathBuf {

@@ -6,7 +6,9 @@
 //! DIE offsets are relative to their compile unit, so ids are `(unit << 32) | offset`.
 //! The dump only holds types `module.c` uses: whatever else the manifest wants is recorded
 //! as absent (required or not) — a Volatility 2 profile is reference data, never completed
-//! by guessing.
+//! by guessing. The one exception is `enum pageflags`, without which no page can be
+//! classified: for the kernel lines in [`super::oldflags`] it is added from that line's
+//! header and cited in `source.inputs`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -44,9 +46,13 @@ pub struct DwarfDump {
     index: HashMap<(Kind, String), TypeId>,
 }
 
+/// A number as dwarfdump prints it: `45`, `0x2d`, `-1`, `DW_OP_plus_uconst 45`, and for
+/// one-byte forms also the signed reading after it: `192 (-64)` (Debian 9's dump) or
+/// `255(as signed = -1)` (Debian 6 and 7). This is the first (unsigned) reading.
 fn parse_num(s: &str) -> Option<i64> {
     let s = s.trim();
     let s = s.strip_prefix("DW_OP_plus_uconst").unwrap_or(s).trim();
+    let s = s.split(['(', ' ']).next().unwrap_or(s);
     let (neg, s) = match s.strip_prefix('-') {
         Some(r) => (true, r),
         None => (false, s),
@@ -56,6 +62,17 @@ fn parse_num(s: &str) -> Option<i64> {
         None => s.parse::<i64>().ok()?,
     };
     Some(if neg { -v } else { v })
+}
+
+/// The signed reading of a value dwarfdump printed both ways (`192 (-64)`,
+/// `255(as signed = -1)`), else the plain value: right for `DW_AT_const_value` of a signed
+/// enumerator and for `DW_AT_upper_bound` -1 (a zero-length array).
+fn parse_signed(s: &str) -> Option<i64> {
+    let signed = s.split_once('(').and_then(|(_, r)| {
+        let r = r.trim_end().strip_suffix(')')?;
+        parse_num(r.strip_prefix("as signed =").unwrap_or(r))
+    });
+    signed.or_else(|| parse_num(s))
 }
 
 /// `<0x1d>` or `<45>` → offset.
@@ -207,6 +224,10 @@ impl DwarfDump {
         d.attr(a).and_then(parse_num)
     }
 
+    fn signed(d: &Die, a: &str) -> Option<i64> {
+        d.attr(a).and_then(parse_signed)
+    }
+
     fn decode(&self, id: TypeId) -> RResult<Node> {
         if id == VOID {
             return Ok(Node::Void);
@@ -291,7 +312,7 @@ impl DwarfDump {
                     if m.tag == "DW_TAG_enumerator" {
                         values.push((
                             m.attr("DW_AT_name").unwrap_or_default().to_owned(),
-                            Self::num(m, "DW_AT_const_value").unwrap_or(0),
+                            Self::signed(m, "DW_AT_const_value").unwrap_or(0),
                         ));
                     }
                 }
@@ -308,7 +329,7 @@ impl DwarfDump {
                     let m = self.die(c)?;
                     if m.tag == "DW_TAG_subrange_type" {
                         let n = Self::num(m, "DW_AT_count")
-                            .or_else(|| Self::num(m, "DW_AT_upper_bound").map(|u| u + 1))
+                            .or_else(|| Self::signed(m, "DW_AT_upper_bound").map(|u| u + 1))
                             .unwrap_or(0);
                         dims.push(n.max(0) as u64);
                     }
@@ -405,6 +426,8 @@ pub fn import_texts(
         p.absent.push(a);
     }
     p.absent.sort();
+    // The dumps never describe `enum pageflags`: add the numbers of the kernel line.
+    super::oldflags::complete(&mut p);
     Ok(p)
 }
 
@@ -466,4 +489,42 @@ pub fn import_zip(path: &Path) -> Result<Profile> {
         path: path.into(),
         msg: m.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dwarfdump_numbers_in_all_three_dialects() {
+        assert_eq!(parse_num("DW_OP_plus_uconst 208"), Some(208));
+        assert_eq!(parse_num("0x1d"), Some(29));
+        assert_eq!(parse_num("-3"), Some(-3));
+        // Debian 9's dump prints one-byte forms twice; the offset is the unsigned one.
+        assert_eq!(parse_num("192 (-64)"), Some(192));
+        assert_eq!(parse_signed("192 (-64)"), Some(-64));
+        assert_eq!(parse_num("255(as signed = -1)"), Some(255));
+        assert_eq!(parse_signed("255(as signed = -1)"), Some(-1));
+        assert_eq!(
+            parse_signed("0xffffffff80000000 (-2147483648)"),
+            Some(-2147483648)
+        );
+        assert_eq!(parse_signed("12"), Some(12));
+        assert_eq!(parse_num("x"), None);
+    }
+
+    #[test]
+    fn member_offsets_printed_with_their_signed_reading() {
+        let text = "<0><0xb><DW_TAG_compile_unit> DW_AT_name<m.c>\n\
+<1><0x10><DW_TAG_structure_type> DW_AT_name<s> DW_AT_byte_size<0x00000100>\n\
+<2><0x20><DW_TAG_member> DW_AT_name<a> DW_AT_type<<0x40>> DW_AT_data_member_location<0>\n\
+<2><0x28><DW_TAG_member> DW_AT_name<b> DW_AT_type<<0x40>> DW_AT_data_member_location<208 (-48)>\n\
+<1><0x40><DW_TAG_base_type> DW_AT_name<long> DW_AT_byte_size<0x00000008>\n";
+        let d = DwarfDump::parse(text).unwrap();
+        let id = d.find(Kind::Aggregate, "s").unwrap().unwrap();
+        let Node::Aggregate { members, .. } = d.node(id).unwrap() else {
+            panic!("not a struct")
+        };
+        assert_eq!(members[1].bit_offset, 208 * 8);
+    }
 }

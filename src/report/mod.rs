@@ -29,6 +29,10 @@ pub struct ScanReport {
     pub top_files: Vec<FileSummary>,
     pub savings: Vec<Saving>,
     pub excluded: Exclusions,
+    /// Page-flag numbers the guest's VMCOREINFO gave differently from the profile (they
+    /// were used).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pageflag_overrides: Vec<crate::kernel::overrides::PageflagOverride>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verify>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -241,6 +245,12 @@ impl ScanReport {
             self.kernel.located_by,
             self.kernel.kaslr_offset
         );
+        for o in &self.pageflag_overrides {
+            let _ = writeln!(
+                s,
+                "page flag from the guest's VMCOREINFO overrides the profile: {o}"
+            );
+        }
         let _ = writeln!(s, "\nRAM {:>12}", human(self.ram_bytes));
         if let Some(c) = &self.census {
             let _ = match &c.free_unknown {

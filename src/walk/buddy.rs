@@ -6,6 +6,7 @@
 use super::page::Pages;
 use super::{at_va, need, WalkError};
 use crate::kernel::Kernel;
+use crate::profile::kernel_version;
 
 /// How this kernel marks a `struct page` as the head of a free block in the buddy
 /// allocator (`PageBuddy`): the encoding changed four times.
@@ -70,13 +71,6 @@ impl BuddyMark {
             BuddyMark::TopByte { buddy } => page_type >> 24 == buddy,
         }
     }
-}
-
-/// (version, patchlevel, sublevel) of a kernel release string such as "6.1.0-57-amd64".
-fn kernel_version(release: &str) -> Option<(u32, u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    let mut next = || it.next()?.parse().ok();
-    Some((next()?, next()?, next()?))
 }
 
 /// The largest buddy order pct accepts (x86-64's MAX_PAGE_ORDER is 10; a few

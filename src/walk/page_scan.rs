@@ -4,7 +4,7 @@
 
 use super::buddy::{BuddyMark, MAX_ORDER};
 use super::page::Pages;
-use super::{at_va, need, FieldError, LeSlice, WalkError};
+use super::{at_va, FieldError, LeSlice, WalkError};
 use crate::kernel::Kernel;
 use std::collections::{BTreeSet, HashMap};
 
@@ -63,8 +63,16 @@ enum Kind {
     Other,
 }
 
+/// How a tail page of a compound page is told: `compound_head` bit 0 (from 4.4), or the
+/// `PG_tail` flag before (CONFIG_PAGEFLAGS_EXTENDED, always on x86_64).
+#[derive(Clone, Copy)]
+enum TailMark {
+    CompoundHead(u64),
+    Flag(u32),
+}
+
 struct Classifier {
-    head_off: u64,
+    tail: TailMark,
     buddy: Option<BuddyMark>,
     /// `_mapcount`, which shares its word with `page_type` (from 4.17).
     mapcount_off: Option<u64>,
@@ -85,7 +93,15 @@ pub fn for_each_page(k: &Kernel, mappings: &BTreeSet<u64>) -> Result<StructPageS
     let size = pages.struct_size();
     let p = k.profile;
     let mut cls = Classifier {
-        head_off: need(p, "page", "compound_head")?,
+        tail: match (p.offset("page", "compound_head"), p.pageflag("PG_tail")) {
+            (Some(off), _) => TailMark::CompoundHead(off),
+            (None, Some(bit)) => TailMark::Flag(bit),
+            (None, None) => {
+                return Err(WalkError::ProfileLacks(
+                    "page.compound_head (or enum pageflags PG_tail)".into(),
+                ))
+            }
+        },
         buddy: None,
         mapcount_off: p.offset("page", "_mapcount"),
         private_off: p.offset("page", "private"),
@@ -147,7 +163,11 @@ impl Classifier {
             c.free += 1;
             return Ok(());
         }
-        if b.u64(self.head_off, "compound_head")? & 1 == 1 {
+        let tail = match self.tail {
+            TailMark::CompoundHead(off) => b.u64(off, "compound_head")? & 1 == 1,
+            TailMark::Flag(bit) => pages.fields(b)?.0 >> bit & 1 == 1,
+        };
+        if tail {
             // Tail page of a compound page: counts as its head did.
             self.count(c, self.last);
             return Ok(());

@@ -5,12 +5,14 @@
 //! - [`profile`]: kernels, the lab's profiles, pahole as the independent oracle;
 //! - [`migrate`]: `pct-migrate` processes and migrations between two lab guests;
 //! - [`stream`]: firmware-only guests with a patterned RAM file, for real QEMU streams;
-//! - [`blockmap`]: lab disk images and debugfs as the independent oracle.
+//! - [`blockmap`]: lab disk images and debugfs as the independent oracle;
+//! - [`oldguest`]: synthetic RAM of kernels laid out by a profile (radix trees, whole guests).
 #![allow(dead_code)]
 
 pub mod blockmap;
 pub mod lab;
 pub mod migrate;
+pub mod oldguest;
 pub mod oracle;
 pub mod profile;
 pub mod stream;

@@ -173,8 +173,8 @@ impl GuestMemory {
         })
     }
 
-    /// Marks this view as the live RAM block `name` (for tests of what needs a live view).
-    #[cfg(test)]
+    /// Marks this view as RAM block `name` as it is: for a copy of a stopped guest's block
+    /// (the switchover check of anonymous guest RAM), and for tests of what needs a live view.
     pub(crate) fn into_live_block(mut self, name: &str) -> GuestMemory {
         self.live_block = Some(name.to_owned());
         self

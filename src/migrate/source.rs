@@ -21,7 +21,7 @@ use crate::kernel::select::{select_profile, Origin};
 use crate::memory::GuestMemory;
 use crate::profile::Profile;
 use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
-use crate::qemu::ram::{self as live, Backend};
+use crate::qemu::ram::{self as live, Backend, ProcessRam};
 use crate::qemu::EventKind;
 use crate::qemu::Qmp;
 use anyhow::{anyhow, bail, Context, Result};
@@ -129,8 +129,8 @@ pub struct Source<'n> {
     /// The switchover check is to run (and can).
     check: bool,
     qmp: Qmp,
-    /// The guest's main memory backend (its RAM block is named after it).
-    backend: Backend,
+    /// The guest's main RAM, as the source QEMU holds it.
+    ram: MainRam,
 }
 
 fn connect(path: &std::path::Path) -> Result<Qmp> {
@@ -162,10 +162,18 @@ impl<'n> Source<'n> {
         } else {
             None
         };
-        let check = check_wanted && mem.as_ref().and_then(SwitchoverCheck::new).is_some();
+        // QEMU serves one client per QMP socket: connected after open_live is done with it.
+        let mut qmp = connect(&opts.qmp)?;
+        let ram = main_ram(&mut qmp, &opts.qmp)?;
+        // A shared RAM file is checked through its mapping, anonymous RAM through a copy.
+        let check = check_wanted
+            && match &ram {
+                MainRam::File(_) => mem.as_ref().and_then(SwitchoverCheck::new).is_some(),
+                MainRam::Process(_) => true,
+            };
         if check_wanted && !check {
             let why = "the switchover check needs the guest's RAM as a shared memory-backend-file \
-                       (memory-backend-file,share=on)";
+                       (memory-backend-file,share=on) or as anonymous memory of QEMU's process";
             if opts.switchover_check == CheckMode::On {
                 bail!("{why}; run without --switchover-check on");
             }
@@ -185,8 +193,6 @@ impl<'n> Source<'n> {
             .as_ref()
             .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
             .transpose()?;
-        let mut qmp = connect(&opts.qmp)?;
-        let backend = main_backend(&mut qmp)?;
         Ok(Source {
             opts,
             notify,
@@ -195,7 +201,7 @@ impl<'n> Source<'n> {
             disk,
             check,
             qmp,
-            backend,
+            ram,
         })
     }
 
@@ -208,7 +214,7 @@ impl<'n> Source<'n> {
             mem,
             profile,
             self.disk.as_ref(),
-            &self.backend.id,
+            self.ram.block(),
             self.opts.free_elision,
         )
     }
@@ -225,9 +231,9 @@ impl<'n> Source<'n> {
             disk,
             check,
             mut qmp,
-            backend,
+            ram,
         } = self;
-        let block = backend.id.clone();
+        let block = ram.block().to_owned();
         let state = ctl::run_state(&mut qmp)?;
         if !matches!(state, RunState::Running | RunState::Paused) {
             bail!("the source guest is `{state}`: nothing to migrate");
@@ -260,12 +266,13 @@ impl<'n> Source<'n> {
         let _ = std::fs::remove_file(&sock);
 
         let counters = Arc::new(Counters::default());
-        let check = match check {
-            true => mem
+        let check = match (check, &ram) {
+            (false, _) => None,
+            (true, MainRam::File(backend)) => mem
                 .as_ref()
                 .and_then(SwitchoverCheck::new)
-                .map(|c| c.with_touch_log(touch_log(&mut qmp, &backend))),
-            false => None,
+                .map(|c| c.with_touch_log(touch_log(&mut qmp, backend))),
+            (true, MainRam::Process(p)) => Some(SwitchoverCheck::for_process(p.clone())),
         };
         let mut scan_s = None;
         let mut free_scan_ms = None;
@@ -283,8 +290,13 @@ impl<'n> Source<'n> {
                 Ok((map, report)) => {
                     free_scan_ms = report.timings_ms.get("free_pages").copied();
                     let refs = RefMap::new(&block, &map, mem.regions());
-                    let len = mem.live_block_len().unwrap_or(0);
-                    let free = map.free.map(|f| FreeMap::new(mem, profile, &f, len));
+                    // Elision needs the re-check to read the stopped guest's struct pages
+                    // live: a copy of anonymous RAM (no live view) elides nothing.
+                    let len = mem.live_block_len();
+                    let free = map
+                        .free
+                        .zip(len)
+                        .map(|(f, len)| FreeMap::new(mem, profile, &f, len));
                     scan_s = Some(t.elapsed().as_secs_f64());
                     Ok(Some(StreamMap { refs, free }))
                 }
@@ -363,12 +375,37 @@ impl<'n> Source<'n> {
     }
 }
 
-/// The guest's main memory backend (the largest).
-fn main_backend(qmp: &mut Qmp) -> Result<Backend> {
-    let b = live::backends(qmp).map_err(|e| anyhow!("{e}"))?;
-    b.into_iter()
-        .max_by_key(|b| b.size)
-        .ok_or_else(|| anyhow!("the source QEMU has no memory-backend-file"))
+/// Where the source QEMU keeps the guest's main RAM.
+enum MainRam {
+    /// A memory-backend-file (the largest): its RAM block is named after the backend.
+    File(Backend),
+    /// Anonymous memory of QEMU's process (QEMU's and libvirt's default): the block that
+    /// holds guest-physical 1 MiB (`pc.ram` on a PC machine).
+    Process(ProcessRam),
+}
+
+impl MainRam {
+    /// The RAM block's name in the migration stream.
+    fn block(&self) -> &str {
+        match self {
+            MainRam::File(b) => &b.id,
+            MainRam::Process(p) => &p.block,
+        }
+    }
+}
+
+/// The guest's main RAM: its largest memory-backend-file, else QEMU's own memory.
+fn main_ram(qmp: &mut Qmp, socket: &std::path::Path) -> Result<MainRam> {
+    let backends = live::backends(qmp).map_err(|e| anyhow!("{e}"))?;
+    if let Some(b) = backends.into_iter().max_by_key(|b| b.size) {
+        return Ok(MainRam::File(b));
+    }
+    let mtree = qmp
+        .hmp("info mtree -f")
+        .with_context(|| format!("reading the memory map of the QEMU at {}", socket.display()))?;
+    ProcessRam::find(qmp, &mtree, socket)
+        .map(MainRam::Process)
+        .map_err(|e| anyhow!("finding the guest's RAM in QEMU's process: {e}"))
 }
 
 /// Which QEMU process maps the RAM file of `backend`, for the switchover check's touch

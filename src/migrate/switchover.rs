@@ -29,6 +29,7 @@
 
 use super::stream::{put_page, EncodeError, RamBlock, RamRecord, Record};
 use crate::memory::GuestMemory;
+use crate::qemu::ram::ProcessRam;
 use crate::qemu::touched::TouchLog;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -73,15 +74,26 @@ pub struct SwitchoverReport {
     /// the END part's transfer).
     #[serde(serialize_with = "as_ms")]
     pub hash_time: Duration,
+    /// For a guest whose RAM is anonymous memory of QEMU: the time copying the stopped
+    /// guest's RAM block through `/proc/PID/mem` took (part of `hash_time`).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_ms_opt")]
+    pub copy_time: Option<Duration>,
 }
 
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
+fn as_ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => as_ms(d, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// Follows the stream for one RAM block and checks it against the live RAM at switchover.
 pub struct SwitchoverCheck<'a> {
-    ram: &'a GuestMemory,
+    ram: LiveRam<'a>,
     /// The block's name and its index in the `MEM_SIZE` list, once announced.
     name: String,
     block: Option<usize>,
@@ -103,6 +115,32 @@ pub struct SwitchoverCheck<'a> {
     baseline: Arc<Mutex<Baseline>>,
     /// Tells the baseline thread that the switchover has come.
     cancel: Arc<AtomicBool>,
+}
+
+/// Where the check reads the guest's RAM block.
+enum LiveRam<'a> {
+    /// A live view: QEMU's shared RAM file, mapped.
+    Mapped(&'a GuestMemory),
+    /// QEMU's anonymous memory: copied through `/proc/PID/mem` once the guest is stopped.
+    Process(ProcessRam),
+}
+
+impl LiveRam<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            LiveRam::Mapped(ram) => ram.live_block_len().unwrap_or(0),
+            LiveRam::Process(p) => p.len,
+        }
+    }
+}
+
+/// Why the check could not be done: the migration fails and the source runs on.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("reading the stopped guest's RAM: {0}")]
+    Read(String),
 }
 
 /// Pages per baseline chunk (8 MiB): the baseline takes a chunk once QEMU has sent every
@@ -135,8 +173,29 @@ impl<'a> SwitchoverCheck<'a> {
     /// A check of the RAM block `ram` is a live view of; `None` if it is not a live view
     /// (an image, or a copy taken through /proc/PID/mem).
     pub fn new(ram: &'a GuestMemory) -> Option<SwitchoverCheck<'a>> {
-        Some(SwitchoverCheck {
-            name: ram.live_block()?.to_owned(),
+        Some(SwitchoverCheck::with_ram(
+            ram.live_block()?.to_owned(),
+            LiveRam::Mapped(ram),
+        ))
+    }
+
+    /// A check of a RAM block that is anonymous memory of QEMU's process: no baseline (no
+    /// RAM file to keep a touch log of); at the switchover the stopped guest's block is
+    /// copied through `/proc/PID/mem` and every page hashed.
+    pub fn for_process(ram: ProcessRam) -> SwitchoverCheck<'a> {
+        let name = ram.block.clone();
+        let pid = ram.pid;
+        let mut c = SwitchoverCheck::with_ram(name, LiveRam::Process(ram));
+        c.touch = Err(format!(
+            "the guest's RAM is anonymous memory of QEMU (pid {pid}), copied through \
+             /proc/{pid}/mem with the guest stopped"
+        ));
+        c
+    }
+
+    fn with_ram(name: String, ram: LiveRam<'a>) -> SwitchoverCheck<'a> {
+        SwitchoverCheck {
+            name,
             ram,
             block: None,
             sent: Vec::new(),
@@ -149,13 +208,15 @@ impl<'a> SwitchoverCheck<'a> {
             baseline_due: false,
             baseline: Arc::default(),
             cancel: Arc::default(),
-        })
+        }
     }
 
     /// Keeps a touch log of QEMU's process `pid`, which maps the block from `file`
     /// (or, where `touch` is an error, says why none is kept and hashes every page).
     pub fn with_touch_log(mut self, touch: Result<(u32, PathBuf), String>) -> Self {
-        self.touch = touch;
+        if let LiveRam::Mapped(_) = self.ram {
+            self.touch = touch;
+        }
         self
     }
 
@@ -172,9 +233,17 @@ impl<'a> SwitchoverCheck<'a> {
     /// ([`refresh`]).
     pub fn baseline(&mut self) -> impl FnOnce() + Send + 'a {
         let rx = self.ready_rx.take();
-        let (ram, pages, touch) = (self.ram, self.sent.len(), self.touch.clone());
+        let ram = match self.ram {
+            LiveRam::Mapped(ram) => Some(ram),
+            LiveRam::Process(_) => None,
+        };
+        let (pages, touch) = (self.sent.len(), self.touch.clone());
         let (state, cancel) = (self.baseline.clone(), self.cancel.clone());
         move || {
+            // Only a mapped block has a touch log ([`with_touch_log`]).
+            let Some(ram) = ram else {
+                return;
+            };
             let started = touch
                 .and_then(|(pid, file)| TouchLog::start(pid, &file, ram, pages as u64 * PAGE))
                 .map(Arc::new);
@@ -263,9 +332,7 @@ impl<'a> SwitchoverCheck<'a> {
             self.block = Some(i);
             // Pages past the RAM file cannot be checked; the stream's length is QEMU's word,
             // the file's is the kernel's: keep the smaller.
-            let len = blocks[i]
-                .used_length
-                .min(self.ram.live_block_len().unwrap_or(0));
+            let len = blocks[i].used_length.min(self.ram.len());
             self.sent = vec![0; (len / PAGE) as usize];
             self.chunk_sent = vec![0; self.sent.len().div_ceil(CHUNK)];
             if self.touch.is_ok() {
@@ -304,7 +371,11 @@ impl<'a> SwitchoverCheck<'a> {
     /// every page of the live block. Uses as many threads as the host has cores (up to 8):
     /// the guest's vCPUs are stopped, and the check is downtime.
     pub fn hasher(&self) -> impl FnOnce() -> LiveHashes + Send + 'a {
-        let (ram, pages) = (self.ram, self.sent.len());
+        let pages = self.sent.len();
+        let (ram, process) = match &self.ram {
+            LiveRam::Mapped(ram) => (Some(*ram), None),
+            LiveRam::Process(p) => (None, Some(p.clone())),
+        };
         self.cancel.store(true, Ordering::Relaxed);
         let baseline = std::mem::take(&mut *lock(&self.baseline));
         let started = self.ready_rx.is_none();
@@ -315,6 +386,10 @@ impl<'a> SwitchoverCheck<'a> {
         };
         move || {
             let t = Instant::now();
+            let Some(ram) = ram else {
+                let process = process.expect("a check reads a mapped or a process's block");
+                return hash_copy(&process, pages, why_none, t);
+            };
             let done = |i: usize| {
                 baseline.done.get(i / CHUNK).copied().unwrap_or(false)
                     && !baseline.stale.get(i).copied().unwrap_or(true)
@@ -345,6 +420,7 @@ impl<'a> SwitchoverCheck<'a> {
                 baseline_time: baseline.time,
                 baseline_refreshes: baseline.refreshes,
                 time: t.elapsed(),
+                ..LiveHashes::default()
             }
         }
     }
@@ -356,15 +432,29 @@ impl<'a> SwitchoverCheck<'a> {
         &mut self,
         live: LiveHashes,
         out: &mut Vec<u8>,
-    ) -> Result<SwitchoverReport, EncodeError> {
+    ) -> Result<SwitchoverReport, CheckError> {
         let t = Instant::now();
         self.done = true;
+        if let Some(e) = live.error {
+            return Err(CheckError::Read(e));
+        }
+        // The pages to re-send come from where they were hashed.
+        let ram = match (&live.copy, &self.ram) {
+            (Some(copy), _) => copy,
+            (None, LiveRam::Mapped(ram)) => *ram,
+            (None, LiveRam::Process(_)) => {
+                return Err(CheckError::Read(
+                    "no copy of the stopped guest's RAM".into(),
+                ))
+            }
+        };
         let mut r = SwitchoverReport {
             hash_time: live.time,
             pages_hashed: live.hashed,
             scope: live.scope,
             baseline_time: live.baseline_time,
             baseline_refreshes: live.baseline_refreshes,
+            copy_time: live.copy_time,
             ..SwitchoverReport::default()
         };
         for (i, (&sent, &now)) in self.sent.iter().zip(&live.hashes).enumerate() {
@@ -380,7 +470,7 @@ impl<'a> SwitchoverCheck<'a> {
                 continue;
             }
             let offset = i as u64 * PAGE;
-            let Some(page) = self.ram.live_block_page(offset) else {
+            let Some(page) = ram.live_block_page(offset) else {
                 continue;
             };
             // The first names the block, the rest continue it.
@@ -394,12 +484,40 @@ impl<'a> SwitchoverCheck<'a> {
 
     /// [`hasher`](Self::hasher) and [`repair_with`](Self::repair_with) in one go, with
     /// the guest stopped.
-    pub fn repair(&mut self, out: &mut Vec<u8>) -> Result<SwitchoverReport, EncodeError> {
+    pub fn repair(&mut self, out: &mut Vec<u8>) -> Result<SwitchoverReport, CheckError> {
         let t = Instant::now();
         let live = self.hasher()();
         let mut r = self.repair_with(live, out)?;
         r.time = t.elapsed();
         Ok(r)
+    }
+}
+
+/// The hasher for a block of QEMU's anonymous memory: copies the stopped guest's block
+/// through `/proc/PID/mem` (the copy also serves the pages to re-send) and hashes every
+/// page of it. `scope` says why every page is hashed.
+fn hash_copy(process: &ProcessRam, pages: usize, scope: String, t: Instant) -> LiveHashes {
+    let copy = match process.snapshot() {
+        Ok(m) => m.into_live_block(&process.block),
+        Err(e) => {
+            return LiveHashes {
+                error: Some(e.to_string()),
+                time: t.elapsed(),
+                ..LiveHashes::default()
+            }
+        }
+    };
+    let copy_time = t.elapsed();
+    let never = AtomicBool::new(false);
+    let (hashes, hashed) = hash_block(&copy, 0..pages, &|_| None, &never).unwrap_or_default();
+    LiveHashes {
+        hashes,
+        hashed,
+        scope: format!("all: {scope}"),
+        time: t.elapsed(),
+        copy_time: Some(copy_time),
+        copy: Some(copy),
+        ..LiveHashes::default()
     }
 }
 
@@ -464,7 +582,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The hash of every page of the live block at one moment (0: past the RAM file).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LiveHashes {
     hashes: Vec<u64>,
     /// Of them, hashed at that moment (the others came from the baseline).
@@ -473,6 +591,11 @@ pub struct LiveHashes {
     baseline_time: Duration,
     baseline_refreshes: u32,
     time: Duration,
+    /// For a block of QEMU's anonymous memory: the stopped guest's block, copied, and the
+    /// time the copy took (part of `time`); or why it could not be copied.
+    copy: Option<GuestMemory>,
+    copy_time: Option<Duration>,
+    error: Option<String>,
 }
 
 /// The hash of page `i` of the live block as it is now (0: past the RAM file).

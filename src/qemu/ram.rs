@@ -165,61 +165,95 @@ fn main_ram_block(mtree: &str) -> Option<String> {
     })
 }
 
+/// The main RAM block of a QEMU process whose guest RAM is anonymous memory: where it sits
+/// in the process (from HMP `gpa2hva`), read through `/proc/PID/mem`.
+#[derive(Debug, Clone)]
+pub struct ProcessRam {
+    /// The RAM block's name in QEMU's migration stream (`pc.ram` for a PC machine).
+    pub block: String,
+    pub pid: u32,
+    /// Host virtual address of the block's offset 0 in QEMU's process.
+    base: u64,
+    /// Guest-physical ranges of the block.
+    pub regions: Vec<Region>,
+    /// Bytes of the block the regions cover.
+    pub len: u64,
+}
+
+impl ProcessRam {
+    /// Finds the main RAM block of the QEMU behind `qmp` (`mtree`: its `info mtree -f`).
+    pub fn find(qmp: &mut Qmp, mtree: &str, socket: &Path) -> Result<ProcessRam, MemError> {
+        let fail = |msg: String| MemError::Format {
+            path: socket.to_owned(),
+            msg,
+        };
+        let pid = qmp
+            .peer_pid()
+            .ok_or_else(|| fail("cannot tell QEMU's process id from its QMP socket".into()))?;
+        let block = main_ram_block(mtree)
+            .ok_or_else(|| fail("`info mtree -f` shows no RAM at 1 MiB".into()))?;
+        let regions = parse_mtree(mtree, &block);
+        let len = regions.iter().map(|r| r.offset + r.len).max().unwrap_or(0);
+        // Host address of block offset 0: gpa2hva of an address whose block offset is known.
+        let probe = regions
+            .iter()
+            .find(|r| r.len >= 4096)
+            .ok_or_else(|| fail(format!("RAM block {block} has no mapped page")))?;
+        let answer = qmp
+            .hmp(&format!("gpa2hva {:#x}", probe.gpa))
+            .map_err(qmp_err)?;
+        let base = answer
+            .rsplit("is 0x")
+            .next()
+            .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            .and_then(|hva| hva.checked_sub(probe.offset))
+            .ok_or_else(|| fail(format!("unexpected gpa2hva answer {answer:?}")))?;
+        Ok(ProcessRam {
+            block,
+            pid,
+            base,
+            regions,
+            len,
+        })
+    }
+
+    /// The block as it is now, copied whole through `/proc/PID/mem` (one allocation in
+    /// QEMU's process) into memory of pct's own: a view whose offsets are the block's,
+    /// including the parts no guest-physical address shows (the PC's legacy VGA and BIOS
+    /// window), which QEMU migrates too. While the guest runs the copy may tear; with the
+    /// guest stopped it is exact.
+    pub fn snapshot(&self) -> Result<GuestMemory, MemError> {
+        let path = PathBuf::from(format!("/proc/{}/mem", self.pid));
+        let io = |source| MemError::Open {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(io)?;
+        let len = usize::try_from(self.len).map_err(|_| MemError::Format {
+            path: path.clone(),
+            msg: format!("RAM block {} of {} bytes", self.block, self.len),
+        })?;
+        let mut copy = memmap2::MmapMut::map_anon(len).map_err(io)?;
+        use std::os::unix::fs::FileExt;
+        for (i, chunk) in copy.chunks_mut(64 << 20).enumerate() {
+            file.read_exact_at(chunk, self.base + (i as u64) * (64 << 20))
+                .map_err(io)?;
+        }
+        let map = copy.make_read_only().map_err(io)?;
+        let mem = GuestMemory::from_map(
+            map,
+            &format!(
+                "live QEMU pid {} (RAM block {} copied from {})",
+                self.pid,
+                self.block,
+                path.display()
+            ),
+        )?;
+        Ok(mem.with_regions(self.regions.clone()))
+    }
+}
+
 /// Copies the main RAM block of the QEMU process behind `qmp` through /proc/PID/mem.
 fn copy_process_ram(qmp: &mut Qmp, mtree: &str, socket: &Path) -> Result<GuestMemory, MemError> {
-    let fail = |msg: String| MemError::Format {
-        path: socket.to_owned(),
-        msg,
-    };
-    let pid = qmp
-        .peer_pid()
-        .ok_or_else(|| fail("cannot tell QEMU's process id from its QMP socket".into()))?;
-    let name = main_ram_block(mtree)
-        .ok_or_else(|| fail("`info mtree -f` shows no RAM at 1 MiB".into()))?;
-    let regions = parse_mtree(mtree, &name);
-    let len = regions.iter().map(|r| r.offset + r.len).max().unwrap_or(0);
-    // Host address of block offset 0: gpa2hva of an address whose block offset is known.
-    let probe = regions
-        .iter()
-        .find(|r| r.len >= 4096)
-        .ok_or_else(|| fail(format!("RAM block {name} has no mapped page")))?;
-    let answer = qmp
-        .hmp(&format!("gpa2hva {:#x}", probe.gpa))
-        .map_err(qmp_err)?;
-    let hva = answer
-        .rsplit("is 0x")
-        .next()
-        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-        .ok_or_else(|| fail(format!("unexpected gpa2hva answer {answer:?}")))?;
-    let base = hva - probe.offset;
-    let path = PathBuf::from(format!("/proc/{pid}/mem"));
-    let file = std::fs::File::open(&path).map_err(|source| MemError::Open {
-        path: path.clone(),
-        source,
-    })?;
-    let mut copy = memmap2::MmapMut::map_anon(len as usize).map_err(|source| MemError::Open {
-        path: path.clone(),
-        source,
-    })?;
-    use std::os::unix::fs::FileExt;
-    for r in &regions {
-        let dst = &mut copy[r.offset as usize..(r.offset + r.len) as usize];
-        for (i, chunk) in dst.chunks_mut(64 << 20).enumerate() {
-            let at = base + r.offset + (i as u64) * (64 << 20);
-            file.read_exact_at(chunk, at)
-                .map_err(|source| MemError::Open {
-                    path: path.clone(),
-                    source,
-                })?;
-        }
-    }
-    let map = copy.make_read_only().map_err(|source| MemError::Open {
-        path: path.clone(),
-        source,
-    })?;
-    let mem = GuestMemory::from_map(
-        map,
-        &format!("live QEMU pid {pid} (RAM copied from {})", path.display()),
-    )?;
-    Ok(mem.with_regions(regions))
+    ProcessRam::find(qmp, mtree, socket)?.snapshot()
 }

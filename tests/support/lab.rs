@@ -390,6 +390,21 @@ impl Guest {
     }
 
     /// Reads what the guest's pct-oracle last wrote.
+    /// A file holding the guest's RAM as guest-physical bytes from 0: its RAM file, or,
+    /// for anonymous RAM, what QEMU's own `pmemsave` writes (a stopped guest's, whole).
+    pub fn ram_file(&self) -> PathBuf {
+        if !self.spec.anon_ram {
+            return self.ram_path.clone();
+        }
+        let path = self.path("ram.pmemsave");
+        let size = u64::from(self.spec.mem_mib) << 20;
+        self.exec(
+            "pmemsave",
+            serde_json::json!({"val": 0, "size": size, "filename": path}),
+        );
+        path
+    }
+
     pub fn oracle(&self) -> Oracle {
         let raw = std::fs::read(self.path("oracle.img")).expect("oracle.img");
         Oracle::parse(&raw).expect("parse oracle output")

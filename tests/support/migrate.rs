@@ -173,8 +173,9 @@ pub fn free_page_diffs(
 /// a free page's bytes; `profile` is the source kernel's, to read its `struct page` array).
 /// Returns how many such pages differ.
 pub fn assert_identical_with(src: &Guest, dst: &Guest, profile: &Profile) -> u64 {
-    let (differ, _) = diff_pages(&src.ram_path, &dst.ram_path);
-    let (free, first) = free_page_diffs(&src.ram_path, &dst.ram_path, &differ, profile);
+    let (src_ram, dst_ram) = (src.ram_file(), dst.ram_file());
+    let (differ, _) = diff_pages(&src_ram, &dst_ram);
+    let (free, first) = free_page_diffs(&src_ram, &dst_ram, &differ, profile);
     let count = first.len();
     if count > 0 {
         // With PCT_TEST_RECORD_DIR set, keep both RAM files next to the stream records
@@ -187,7 +188,7 @@ pub fn assert_identical_with(src: &Guest, dst: &Guest, profile: &Profile) -> u64
                     .map(|n| n.to_string_lossy().into_owned());
                 let to = std::path::Path::new(&dir)
                     .join(format!("{}.{side}.ram", name.unwrap_or_default()));
-                let _ = std::fs::copy(&vm.ram_path, to);
+                let _ = std::fs::copy(vm.ram_file(), to);
             }
         }
     }
@@ -198,7 +199,7 @@ pub fn assert_identical_with(src: &Guest, dst: &Guest, profile: &Profile) -> u64
          pages, zero at the destination), first {:?}; differing bytes (page: offset src \
          dst): {}",
         &first[..count.min(20)],
-        describe_diffs(&src.ram_path, &dst.ram_path, &first)
+        describe_diffs(&src_ram, &dst_ram, &first)
     );
     free
 }

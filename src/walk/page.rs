@@ -447,14 +447,14 @@ mod tests {
         e.max_pfn = e.pfn + 8;
         assert!(folio_nr_pages(&e).unwrap_err().contains("guest RAM"));
         let mut e = good(4);
-        e.pfn = u64::MAX & !15;
+        e.pfn = !15;
         assert!(folio_nr_pages(&e).is_err());
         // Past the file's last page, and an index at the end of the index space.
         let mut e = good(4);
         e.file_pages = 520;
         assert!(folio_nr_pages(&e).unwrap_err().contains("past the file"));
         let mut e = good(4);
-        e.index = u64::MAX & !15;
+        e.index = !15;
         assert!(folio_nr_pages(&e).is_err());
         // A folio that ends exactly at the file's last page and at the end of RAM is fine.
         let mut e = good(4);

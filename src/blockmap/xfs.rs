@@ -494,3 +494,346 @@ impl ExtentList {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockmap::pages::{MapOptions, PageMapper, PageState, Unrestorable};
+    use crate::blockmap::source::DiskBytes;
+    use crate::blockmap::{BlockMapper, Ext4Volume};
+
+    const BS: usize = 4096;
+    /// AGs of 12 blocks (not a power of two: AG-relative and disk blocks differ), 4 AGs.
+    const AGBLOCKS: u64 = 12;
+    const AGBLKLOG: u8 = 4;
+    const DBLOCKS: u64 = 48;
+    /// AG 1, AG block 2, inode 3 of the block: disk block 14.
+    const INO: u64 = (1 << (AGBLKLOG + 3)) | (2 << 3) | 3;
+
+    fn fsb(ag: u64, agbno: u64) -> u64 {
+        ag << AGBLKLOG | agbno
+    }
+
+    fn put(img: &mut [u8], off: usize, v: &[u8]) {
+        img[off..off + v.len()].copy_from_slice(v);
+    }
+
+    fn rec(startoff: u64, fsblock: u64, count: u64, unwritten: bool) -> [u8; 16] {
+        let l0 = u64::from(unwritten) << 63 | startoff << 9 | fsblock >> 43;
+        let l1 = (fsblock & ((1 << 43) - 1)) << 21 | count;
+        let mut r = [0u8; 16];
+        r[..8].copy_from_slice(&l0.to_be_bytes());
+        r[8..].copy_from_slice(&l1.to_be_bytes());
+        r
+    }
+
+    /// A v5 filesystem image with inode `INO`, a regular file of `size` bytes whose data
+    /// fork (format `format`, `nextents`) is `fork`.
+    fn image(format: u8, nextents: u32, fork: &[u8], size: u64) -> Vec<u8> {
+        let mut img = vec![0u8; DBLOCKS as usize * BS];
+        put(&mut img, 0, b"XFSB");
+        put(&mut img, 0x04, &(BS as u32).to_be_bytes());
+        put(&mut img, 0x08, &DBLOCKS.to_be_bytes());
+        put(&mut img, 0x54, &(AGBLOCKS as u32).to_be_bytes());
+        put(&mut img, 0x58, &4u32.to_be_bytes());
+        put(&mut img, 0x64, &0xb4a5u16.to_be_bytes());
+        put(&mut img, 0x68, &512u16.to_be_bytes());
+        put(&mut img, 0x6A, &8u16.to_be_bytes());
+        put(&mut img, 0x78, &[12, 9, 9, 3, AGBLKLOG]);
+        let at = (AGBLOCKS as usize + 2) * BS + 3 * 512;
+        put(&mut img, at, b"IN");
+        put(&mut img, at + 2, &0o100644u16.to_be_bytes());
+        put(&mut img, at + 4, &[3, format]);
+        put(&mut img, at + 0x38, &size.to_be_bytes());
+        put(&mut img, at + 0x4C, &nextents.to_be_bytes());
+        put(&mut img, at + 0x98, &INO.to_be_bytes());
+        put(&mut img, at + 176, fork);
+        img
+    }
+
+    /// A bmbt block at `fsbno` of `level` holding `body` after its header.
+    fn bmbt_block(img: &mut [u8], fsbno: u64, level: u16, numrecs: u16, body: &[u8]) {
+        let b = (fsbno >> AGBLKLOG) * AGBLOCKS + (fsbno & 15);
+        let at = b as usize * BS;
+        put(img, at, b"BMA3");
+        put(img, at + 4, &level.to_be_bytes());
+        put(img, at + 6, &numrecs.to_be_bytes());
+        put(img, at + 24, &(b * 8).to_be_bytes());
+        put(img, at + 56, &INO.to_be_bytes());
+        put(img, at + 72, body);
+    }
+
+    fn open(img: &[u8]) -> Result<XfsFs<DiskBytes<'_>>, OnDiskError> {
+        XfsFs::new(
+            DiskBytes {
+                bytes: img,
+                partition_start: 0,
+            },
+            0,
+        )
+    }
+
+    fn extents_of(img: &[u8]) -> Result<Vec<XfsExtent>, String> {
+        let fs = open(img).map_err(|e| e.to_string())?;
+        let inode = fs.read_inode(INO).map_err(|e| e.to_string())?;
+        fs.extents(&inode).map_err(|e| e.to_string())
+    }
+
+    /// Extents format: 3 extents, one unwritten, a hole between the first two.
+    fn extents_image() -> Vec<u8> {
+        let mut fork = Vec::new();
+        fork.extend(rec(0, fsb(2, 1), 4, false));
+        fork.extend(rec(8, fsb(3, 0), 2, true));
+        fork.extend(rec(10, fsb(3, 5), 3, false));
+        image(2, 3, &fork, 13 * BS as u64 - 100)
+    }
+
+    /// Btree format: a root of two pointers to two leaves of two extents each.
+    fn btree_image() -> Vec<u8> {
+        let maxrecs = (336 - 4) / 16;
+        let mut fork = vec![0u8; 336];
+        fork[..4].copy_from_slice(&[0, 1, 0, 2]);
+        put(&mut fork, 4, &0u64.to_be_bytes());
+        put(&mut fork, 12, &4u64.to_be_bytes());
+        put(&mut fork, 4 + maxrecs * 8, &fsb(0, 9).to_be_bytes());
+        put(&mut fork, 4 + maxrecs * 8 + 8, &fsb(0, 10).to_be_bytes());
+        let mut img = image(3, 4, &fork, 8 * BS as u64);
+        let leaf1 = [rec(0, fsb(2, 0), 2, false), rec(2, fsb(2, 4), 2, false)].concat();
+        let leaf2 = [rec(4, fsb(3, 1), 3, false), rec(7, fsb(3, 8), 1, true)].concat();
+        bmbt_block(&mut img, fsb(0, 9), 0, 2, &leaf1);
+        bmbt_block(&mut img, fsb(0, 10), 0, 2, &leaf2);
+        img
+    }
+
+    #[test]
+    fn superblock_fields_are_checked() {
+        let good = extents_image();
+        let sb = *open(&good).unwrap().superblock();
+        assert_eq!((sb.blocksize, sb.agblocks, sb.agblklog), (4096, 12, 4));
+        let corrupt: [(usize, &[u8]); 7] = [
+            (0, b"XFSC"),
+            (0x64, &[0xb4, 0xa4]),             // version 4
+            (0x04, &[0, 0, 0x20, 0]),          // 8 KiB blocks
+            (0x7B, &[2]),                      // inopblog disagrees
+            (0x7C, &[5]),                      // agblklog disagrees
+            (0x08, &[0, 0, 0, 1, 0, 0, 0, 0]), // dblocks past the AGs
+            (0x68, &[0, 128]),                 // 128-byte inodes
+        ];
+        for (off, bytes) in corrupt {
+            let mut img = good.clone();
+            put(&mut img, off, bytes);
+            assert!(open(&img).is_err(), "corruption at {off:#x} accepted");
+        }
+    }
+
+    #[test]
+    fn extents_format_maps_written_extents_only() {
+        let img = extents_image();
+        let ext = extents_of(&img).unwrap();
+        assert_eq!(
+            ext[0],
+            XfsExtent {
+                startoff: 0,
+                block: 2 * AGBLOCKS + 1,
+                blockcount: 4,
+                unwritten: false
+            }
+        );
+        assert!(ext[1].unwritten);
+        // Through the page rules: pages 0..4 at AG 2 block 1, a hole at 4..8, 8..10
+        // unwritten, 10..13 mapped (the last one partial: 4 KiB blocks, so mapped).
+        let vol = Ext4Volume {
+            block_size: 4096,
+            partition_start: 1 << 20,
+            blocks_count: Some(DBLOCKS),
+        };
+        let src = DiskBytes {
+            bytes: &img,
+            partition_start: 0,
+        };
+        let blocks = BlockMapper::<DiskBytes>::from_list(ExtentList::new(&ext));
+        let opts = MapOptions {
+            tail_page: true,
+            ..MapOptions::default()
+        };
+        let mut m = PageMapper::from_blocks(&vol, INO, 13 * 4096 - 100, blocks, opts).unwrap();
+        let want_off = |b: u64| (1 << 20) + b * 4096;
+        assert_eq!(
+            m.page(1).unwrap(),
+            PageState::Restorable {
+                disk_offset: want_off(2 * AGBLOCKS + 2)
+            }
+        );
+        assert_eq!(
+            m.page(5).unwrap(),
+            PageState::Unrestorable(Unrestorable::Hole)
+        );
+        assert_eq!(
+            m.page(9).unwrap(),
+            PageState::Unrestorable(Unrestorable::Unwritten)
+        );
+        assert_eq!(
+            m.page(12).unwrap(),
+            PageState::Restorable {
+                disk_offset: want_off(3 * AGBLOCKS + 7)
+            }
+        );
+        assert_eq!(
+            m.page(13).unwrap(),
+            PageState::Unrestorable(Unrestorable::BeyondEof)
+        );
+        let fm = m.map_pages(0..13).unwrap();
+        assert_eq!(fm.restorable_pages(), 7);
+    }
+
+    #[test]
+    fn btree_format_walks_its_leaves() {
+        let ext = extents_of(&btree_image()).unwrap();
+        let got: Vec<_> = ext
+            .iter()
+            .map(|e| (e.startoff, e.block, e.blockcount, e.unwritten))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 24, 2, false),
+                (2, 28, 2, false),
+                (4, 37, 3, false),
+                (7, 44, 1, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn corrupt_forks_and_blocks_are_refused() {
+        let leaf = |n: u64| (n * AGBLOCKS + 9) as usize * BS;
+        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+            (
+                "owner",
+                Box::new(|i| put(i, leaf(0) + 56, &7u64.to_be_bytes())),
+            ),
+            (
+                "level",
+                Box::new(|i| put(i, leaf(0) + 4, &1u16.to_be_bytes())),
+            ),
+            (
+                "blkno",
+                Box::new(|i| put(i, leaf(0) + 24, &1u64.to_be_bytes())),
+            ),
+            ("magic", Box::new(|i| put(i, leaf(0), b"BMAP"))),
+            (
+                "numrecs",
+                Box::new(|i| put(i, leaf(0) + 6, &0xffffu16.to_be_bytes())),
+            ),
+            (
+                "ptr outside",
+                Box::new(|i| {
+                    let at = (AGBLOCKS as usize + 2) * BS + 3 * 512 + 176 + 4 + 20 * 8;
+                    put(i, at, &fsb(0, 13).to_be_bytes())
+                }),
+            ),
+            (
+                "ptr to AG 9",
+                Box::new(|i| {
+                    let at = (AGBLOCKS as usize + 2) * BS + 3 * 512 + 176 + 4 + 20 * 8;
+                    put(i, at, &fsb(9, 1).to_be_bytes())
+                }),
+            ),
+            (
+                "root level",
+                Box::new(|i| {
+                    put(
+                        i,
+                        (AGBLOCKS as usize + 2) * BS + 3 * 512 + 176,
+                        &40u16.to_be_bytes(),
+                    )
+                }),
+            ),
+            (
+                "extent past its AG",
+                Box::new(|i| put(i, leaf(0) + 72, &rec(0, fsb(2, 10), 5, false))),
+            ),
+            (
+                "zero-length extent",
+                Box::new(|i| put(i, leaf(0) + 72, &rec(0, fsb(2, 0), 0, false))),
+            ),
+            (
+                "overlap",
+                Box::new(|i| put(i, leaf(0) + 72 + 16, &rec(1, fsb(2, 4), 2, false))),
+            ),
+            (
+                "di_ino",
+                Box::new(|i| {
+                    put(
+                        i,
+                        (AGBLOCKS as usize + 2) * BS + 3 * 512 + 0x98,
+                        &5u64.to_be_bytes(),
+                    )
+                }),
+            ),
+            (
+                "forkoff",
+                Box::new(|i| put(i, (AGBLOCKS as usize + 2) * BS + 3 * 512 + 0x52, &[200])),
+            ),
+            (
+                "format local",
+                Box::new(|i| put(i, (AGBLOCKS as usize + 2) * BS + 3 * 512 + 5, &[1])),
+            ),
+        ];
+        assert!(extents_of(&btree_image()).is_ok());
+        for (what, corrupt) in cases {
+            let mut img = btree_image();
+            corrupt(&mut img);
+            let r = extents_of(&img);
+            assert!(r.is_err(), "{what}: accepted {r:?}");
+        }
+        // Extents format: more extents than the fork holds.
+        let mut img = extents_image();
+        put(
+            &mut img,
+            (AGBLOCKS as usize + 2) * BS + 3 * 512 + 0x4C,
+            &1000u32.to_be_bytes(),
+        );
+        assert!(extents_of(&img).is_err());
+        // An inode number outside the filesystem.
+        let img = extents_image();
+        let fs = open(&img).unwrap();
+        assert!(fs.read_inode(u64::MAX).is_err());
+        assert!(fs.read_inode(9 << 7).is_err());
+    }
+
+    #[test]
+    fn random_corruption_never_panics_and_keeps_answers_sane() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let hot = [(AGBLOCKS as usize + 2) * BS + 3 * 512, (9) * BS, (10) * BS];
+        let (mut ok, mut refused) = (0, 0);
+        for base in [btree_image(), extents_image()] {
+            for _ in 0..3000 {
+                let mut img = base.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = hot[(next() % 3) as usize] + (next() % 512) as usize;
+                    img[at] = next() as u8;
+                }
+                match extents_of(&img) {
+                    Ok(ext) => {
+                        ok += 1;
+                        for e in &ext {
+                            assert!(e.blockcount > 0 && e.block + e.blockcount <= DBLOCKS);
+                        }
+                        for w in ext.windows(2) {
+                            assert!(w[0].startoff + w[0].blockcount <= w[1].startoff);
+                        }
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+        }
+        assert!(ok > 0 && refused > 0, "{ok} accepted, {refused} refused");
+    }
+}

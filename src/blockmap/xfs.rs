@@ -647,10 +647,6 @@ mod tests {
             partition_start: 1 << 20,
             blocks_count: Some(DBLOCKS),
         };
-        let src = DiskBytes {
-            bytes: &img,
-            partition_start: 0,
-        };
         let blocks = BlockMapper::<DiskBytes>::from_list(ExtentList::new(&ext));
         let opts = MapOptions {
             tail_page: true,
@@ -707,7 +703,8 @@ mod tests {
     #[test]
     fn corrupt_forks_and_blocks_are_refused() {
         let leaf = |n: u64| (n * AGBLOCKS + 9) as usize * BS;
-        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+        type Corruption<'a> = Box<dyn Fn(&mut [u8]) + 'a>;
+        let cases: Vec<(&str, Corruption)> = vec![
             (
                 "owner",
                 Box::new(|i| put(i, leaf(0) + 56, &7u64.to_be_bytes())),

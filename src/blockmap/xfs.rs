@@ -30,6 +30,7 @@
 
 use super::error::{BlockMapError, OnDiskError};
 use super::meta::{BlockExtent, MapKind, DEFAULT_MAX_BLOCK_READS};
+use super::ondisk::read_fs_block;
 use super::source::BlockSource;
 use crate::memory::reader::{Addr, FieldError, LeSlice};
 
@@ -222,26 +223,15 @@ impl<S: BlockSource> XfsFs<S> {
     }
 
     fn read(&self, block: u64, what: &'static str) -> Result<Vec<u8>, OnDiskError> {
-        let mut buf = vec![0u8; self.sb.blocksize as usize];
-        let offset = self.disk_offset(block);
-        if block >= self.sb.dblocks {
-            return Err(OnDiskError::Io {
-                what,
-                offset,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "block past the filesystem",
-                ),
-            });
-        }
-        self.source
-            .read_block(block, &mut buf)
-            .map_err(|source| OnDiskError::Io {
-                what,
-                offset,
-                source,
-            })?;
-        Ok(buf)
+        let sb = &self.sb;
+        read_fs_block(
+            &self.source,
+            block,
+            sb.blocksize,
+            sb.dblocks,
+            self.partition_start,
+            what,
+        )
     }
 
     /// Reads inode `ino` (its AG, AG block and index from the number).
@@ -509,6 +499,10 @@ mod tests {
     const DBLOCKS: u64 = 48;
     /// AG 1, AG block 2, inode 3 of the block: disk block 14.
     const INO: u64 = (1 << (AGBLKLOG + 3)) | (2 << 3) | 3;
+    /// Where that inode lies in the image.
+    const DINODE: usize = (AGBLOCKS as usize + 2) * BS + 3 * 512;
+    /// Where the root's first pointer lies (after 20 keys: a 336-byte fork).
+    const ROOT_PTR: usize = DINODE + 176 + 4 + 20 * 8;
 
     fn fsb(ag: u64, agbno: u64) -> u64 {
         ag << AGBLKLOG | agbno
@@ -540,7 +534,7 @@ mod tests {
         put(&mut img, 0x68, &512u16.to_be_bytes());
         put(&mut img, 0x6A, &8u16.to_be_bytes());
         put(&mut img, 0x78, &[12, 9, 9, 3, AGBLKLOG]);
-        let at = (AGBLOCKS as usize + 2) * BS + 3 * 512;
+        let at = DINODE;
         put(&mut img, at, b"IN");
         put(&mut img, at + 2, &0o100644u16.to_be_bytes());
         put(&mut img, at + 4, &[3, format]);
@@ -654,30 +648,26 @@ mod tests {
         };
         let mut m = PageMapper::from_blocks(&vol, INO, 13 * 4096 - 100, blocks, opts).unwrap();
         let want_off = |b: u64| (1 << 20) + b * 4096;
-        assert_eq!(
-            m.page(1).unwrap(),
-            PageState::Restorable {
-                disk_offset: want_off(2 * AGBLOCKS + 2)
-            }
-        );
-        assert_eq!(
-            m.page(5).unwrap(),
-            PageState::Unrestorable(Unrestorable::Hole)
-        );
-        assert_eq!(
-            m.page(9).unwrap(),
-            PageState::Unrestorable(Unrestorable::Unwritten)
-        );
-        assert_eq!(
-            m.page(12).unwrap(),
-            PageState::Restorable {
-                disk_offset: want_off(3 * AGBLOCKS + 7)
-            }
-        );
-        assert_eq!(
-            m.page(13).unwrap(),
-            PageState::Unrestorable(Unrestorable::BeyondEof)
-        );
+        let want = [
+            (
+                1,
+                PageState::Restorable {
+                    disk_offset: want_off(2 * AGBLOCKS + 2),
+                },
+            ),
+            (5, PageState::Unrestorable(Unrestorable::Hole)),
+            (9, PageState::Unrestorable(Unrestorable::Unwritten)),
+            (
+                12,
+                PageState::Restorable {
+                    disk_offset: want_off(3 * AGBLOCKS + 7),
+                },
+            ),
+            (13, PageState::Unrestorable(Unrestorable::BeyondEof)),
+        ];
+        for (page, state) in want {
+            assert_eq!(m.page(page).unwrap(), state, "page {page}");
+        }
         let fm = m.map_pages(0..13).unwrap();
         assert_eq!(fm.restorable_pages(), 7);
     }
@@ -702,95 +692,42 @@ mod tests {
 
     #[test]
     fn corrupt_forks_and_blocks_are_refused() {
-        let leaf = |n: u64| (n * AGBLOCKS + 9) as usize * BS;
-        type Corruption<'a> = Box<dyn Fn(&mut [u8]) + 'a>;
-        let cases: Vec<(&str, Corruption)> = vec![
+        // The first leaf, at AG 0 block 9.
+        let leaf = 9 * BS;
+        let cases: [(&str, usize, Vec<u8>); 14] = [
+            ("owner", leaf + 56, 7u64.to_be_bytes().into()),
+            ("level", leaf + 4, 1u16.to_be_bytes().into()),
+            ("blkno", leaf + 24, 1u64.to_be_bytes().into()),
+            ("magic", leaf, b"BMAP".to_vec()),
+            ("numrecs", leaf + 6, 0xffffu16.to_be_bytes().into()),
+            ("ptr past AG", ROOT_PTR, fsb(0, 13).to_be_bytes().into()),
+            ("ptr to AG 9", ROOT_PTR, fsb(9, 1).to_be_bytes().into()),
+            ("root level", DINODE + 176, 40u16.to_be_bytes().into()),
             (
-                "owner",
-                Box::new(|i| put(i, leaf(0) + 56, &7u64.to_be_bytes())),
+                "extent past AG",
+                leaf + 72,
+                rec(0, fsb(2, 10), 5, false).into(),
             ),
             (
-                "level",
-                Box::new(|i| put(i, leaf(0) + 4, &1u16.to_be_bytes())),
+                "empty extent",
+                leaf + 72,
+                rec(0, fsb(2, 0), 0, false).into(),
             ),
-            (
-                "blkno",
-                Box::new(|i| put(i, leaf(0) + 24, &1u64.to_be_bytes())),
-            ),
-            ("magic", Box::new(|i| put(i, leaf(0), b"BMAP"))),
-            (
-                "numrecs",
-                Box::new(|i| put(i, leaf(0) + 6, &0xffffu16.to_be_bytes())),
-            ),
-            (
-                "ptr outside",
-                Box::new(|i| {
-                    let at = (AGBLOCKS as usize + 2) * BS + 3 * 512 + 176 + 4 + 20 * 8;
-                    put(i, at, &fsb(0, 13).to_be_bytes())
-                }),
-            ),
-            (
-                "ptr to AG 9",
-                Box::new(|i| {
-                    let at = (AGBLOCKS as usize + 2) * BS + 3 * 512 + 176 + 4 + 20 * 8;
-                    put(i, at, &fsb(9, 1).to_be_bytes())
-                }),
-            ),
-            (
-                "root level",
-                Box::new(|i| {
-                    put(
-                        i,
-                        (AGBLOCKS as usize + 2) * BS + 3 * 512 + 176,
-                        &40u16.to_be_bytes(),
-                    )
-                }),
-            ),
-            (
-                "extent past its AG",
-                Box::new(|i| put(i, leaf(0) + 72, &rec(0, fsb(2, 10), 5, false))),
-            ),
-            (
-                "zero-length extent",
-                Box::new(|i| put(i, leaf(0) + 72, &rec(0, fsb(2, 0), 0, false))),
-            ),
-            (
-                "overlap",
-                Box::new(|i| put(i, leaf(0) + 72 + 16, &rec(1, fsb(2, 4), 2, false))),
-            ),
-            (
-                "di_ino",
-                Box::new(|i| {
-                    put(
-                        i,
-                        (AGBLOCKS as usize + 2) * BS + 3 * 512 + 0x98,
-                        &5u64.to_be_bytes(),
-                    )
-                }),
-            ),
-            (
-                "forkoff",
-                Box::new(|i| put(i, (AGBLOCKS as usize + 2) * BS + 3 * 512 + 0x52, &[200])),
-            ),
-            (
-                "format local",
-                Box::new(|i| put(i, (AGBLOCKS as usize + 2) * BS + 3 * 512 + 5, &[1])),
-            ),
+            ("overlap", leaf + 88, rec(1, fsb(2, 4), 2, false).into()),
+            ("di_ino", DINODE + 0x98, 5u64.to_be_bytes().into()),
+            ("forkoff", DINODE + 0x52, vec![200]),
+            ("format local", DINODE + 5, vec![1]),
         ];
         assert!(extents_of(&btree_image()).is_ok());
-        for (what, corrupt) in cases {
+        for (what, at, bytes) in cases {
             let mut img = btree_image();
-            corrupt(&mut img);
+            put(&mut img, at, &bytes);
             let r = extents_of(&img);
             assert!(r.is_err(), "{what}: accepted {r:?}");
         }
         // Extents format: more extents than the fork holds.
         let mut img = extents_image();
-        put(
-            &mut img,
-            (AGBLOCKS as usize + 2) * BS + 3 * 512 + 0x4C,
-            &1000u32.to_be_bytes(),
-        );
+        put(&mut img, DINODE + 0x4C, &1000u32.to_be_bytes());
         assert!(extents_of(&img).is_err());
         // An inode number outside the filesystem.
         let img = extents_image();
@@ -808,7 +745,7 @@ mod tests {
             x ^= x << 17;
             x
         };
-        let hot = [(AGBLOCKS as usize + 2) * BS + 3 * 512, (9) * BS, (10) * BS];
+        let hot = [DINODE, 9 * BS, 10 * BS];
         let (mut ok, mut refused) = (0, 0);
         for base in [btree_image(), extents_image()] {
             for _ in 0..3000 {

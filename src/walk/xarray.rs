@@ -192,3 +192,31 @@ pub fn xa_for_each(
         Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut f),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_told_apart() {
+        let is = |e: u64, want: &str| {
+            let got = match classify(e, 0, 0) {
+                Slot::Skip => "skip".to_owned(),
+                Slot::Sibling(s) => format!("sibling {s}"),
+                Slot::Node(n) => format!("node {n:#x}"),
+                Slot::Page(p) => format!("page {p:#x}"),
+            };
+            assert_eq!(got, want, "entry {e:#x}");
+        };
+        is(0, "skip");
+        // xa_mk_sibling(slot) = slot << 2 | 2, for slots 0..=62.
+        is(1 << 2 | 2, "sibling 1");
+        is(62 << 2 | 2, "sibling 62");
+        // Retry (256) and zero (257) entries, and values (bit 0): nothing to visit.
+        is(256 << 2 | 2, "skip");
+        is(257 << 2 | 2, "skip");
+        is(0x1234_5679, "skip");
+        is(0xffff_8880_0123_4002, "node 0xffff888001234000");
+        is(0xffff_ea00_0004_0000, "page 0xffffea0000040000");
+    }
+}

@@ -316,4 +316,51 @@ fn xfs_large_folios_are_mapped_and_huge_tmpfs_is_not() {
     eprintln!("ext4 on vda1: {ext4_bytes} bytes in the map");
     assert_eq!(walk.super_blocks[ext4].part_start, 2048 * 512);
     assert!(ext4_bytes >= 128 * 300 * 1024, "{ext4_bytes}");
+
+    // 6. Hostile memory: one tail page of an XFS folio names another head. The folio is
+    //    refused (its head marked inconsistent, a problem named), none of its pages map,
+    //    every other page still does, and the cross-check sees the tails it left out.
+    let (ino, victim) = walk
+        .inodes
+        .iter()
+        .filter(|ic| ic.sb == xfs)
+        .flat_map(|ic| ic.pages.iter().map(move |p| (ic.ino, *p)))
+        .find(|(_, p)| p.order >= 3 && p.index % (1 << p.order) == 0)
+        .expect("an XFS folio of order >= 3");
+    let n = 1u64 << victim.order;
+    let pages = pct::walk::page::Pages::new(&k).unwrap();
+    let ch_off = profile.offset("page", "compound_head").unwrap();
+    let pa = k
+        .va_to_pa(pages.pfn_to_page(victim.pfn + 1) + ch_off)
+        .expect("struct page of the first tail");
+    let other_head = pages.pfn_to_page(victim.pfn + n) | 1;
+    drop(k);
+    let bad = g.path("corrupt.ram");
+    std::fs::copy(&g.ram_path, &bad).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+        f.write_all_at(&other_head.to_le_bytes(), pa).unwrap();
+    }
+    let bad_mem = GuestMemory::open(&bad).unwrap();
+    let (bad_map, bad_report) = scan(&bad_mem, &profile, Some(&disk), opts).expect("scan");
+    let bad_in_map: BTreeSet<u64> = bad_map
+        .runs
+        .iter()
+        .flat_map(|r| (0..r.len / 4096).map(move |i| r.gpa / 4096 + i))
+        .collect();
+    eprintln!(
+        "corrupted tail of inode {ino}'s folio at index {} (order {}): problems {:?}",
+        victim.index, victim.order, bad_report.problems
+    );
+    assert!((victim.pfn..victim.pfn + n).all(|pfn| !bad_in_map.contains(&pfn)));
+    assert_eq!(bad_in_map.len() as u64, in_map.len() as u64 - n);
+    assert!(bad_report
+        .problems
+        .iter()
+        .any(|p| p.contains(&format!("folio at index {}", victim.index))));
+    let bad_v = bad_report.verify.as_ref().unwrap();
+    assert_eq!((bad_v.mismatching_pages, bad_v.unreadable_runs), (0, 0));
+    assert!(!bad_report.cross_check.as_ref().unwrap().agrees());
+    std::fs::remove_file(&bad).unwrap();
 }

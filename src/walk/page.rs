@@ -143,7 +143,30 @@ pub struct FolioEvidence {
 /// `_folio_nr_pages` and the tree's span where those are known, aligned in both page frame
 /// and file index, inside guest RAM and inside the file.
 pub fn folio_nr_pages(e: &FolioEvidence) -> Result<u64, String> {
-    let claimed = match (e.order, e.nr_pages, e.span) {
+    let claimed = folio_claim(e)?;
+    let tail = e.head | 1;
+    let counted = 1 + e.tails.iter().take_while(|&&h| h == tail).count() as u64;
+    let n = match claimed {
+        Some(n) => n,
+        None => {
+            check_folio(counted, e)?;
+            counted
+        }
+    };
+    if counted != n {
+        return Err(format!(
+            "{counted} pages point to the head {:#x} where the folio claims {n}",
+            e.head
+        ));
+    }
+    Ok(n)
+}
+
+/// The size the folio's fields claim (its order byte, else `_folio_nr_pages`, else the
+/// tree's span), checked by [`check_folio`] before any tail page is read, so a hostile
+/// claim costs no reads; `None` when only the tail pages can tell.
+fn folio_claim(e: &FolioEvidence) -> Result<Option<u64>, String> {
+    let n = match (e.order, e.nr_pages, e.span) {
         (Some(o), _, _) => {
             if u32::from(o) > MAX_PAGECACHE_ORDER || o == 0 {
                 return Err(format!(
@@ -154,25 +177,19 @@ pub fn folio_nr_pages(e: &FolioEvidence) -> Result<u64, String> {
         }
         (None, Some(n), _) => u64::from(n),
         (None, None, Some(s)) => s,
-        // Nothing but the tails: count them, as far as the largest folio goes.
-        (None, None, None) => 1 << MAX_PAGECACHE_ORDER,
+        (None, None, None) => return Ok(None),
     };
-    let tail = e.head | 1;
-    let counted = 1 + e.tails.iter().take_while(|&&h| h == tail).count() as u64;
-    let n = if e.order.is_none() && e.nr_pages.is_none() && e.span.is_none() {
-        counted
-    } else {
-        claimed
-    };
+    check_folio(n, e)?;
+    Ok(Some(n))
+}
+
+/// Checks a folio of `n` pages against everything but its tail pages: a power of two of
+/// order 1..=[`MAX_PAGECACHE_ORDER`], the same as `_folio_nr_pages` and the tree's span
+/// where known, aligned in frame and index, inside guest RAM and inside the file.
+fn check_folio(n: u64, e: &FolioEvidence) -> Result<(), String> {
     if !n.is_power_of_two() || !(2..=1 << MAX_PAGECACHE_ORDER).contains(&n) {
         return Err(format!(
             "folio of {n} pages is not a power of two in 2..=512"
-        ));
-    }
-    if counted != n {
-        return Err(format!(
-            "{counted} pages point to the head {:#x} where the folio claims {n}",
-            e.head
         ));
     }
     if let Some(nr) = e.nr_pages.filter(|&nr| u64::from(nr) != n) {
@@ -198,7 +215,7 @@ pub fn folio_nr_pages(e: &FolioEvidence) -> Result<u64, String> {
             e.index, e.file_pages
         ));
     }
-    Ok(n)
+    Ok(())
 }
 
 impl Pages {
@@ -253,31 +270,28 @@ impl Pages {
             Some(o) => Some(r.u32(o, "_folio_nr_pages").map_err(|e| e.to_string())?),
             None => None,
         };
-        // The claimed tails and the frame after them (bounded by the largest folio).
-        let claimed = order
-            .filter(|&o| u32::from(o) <= MAX_PAGECACHE_ORDER)
-            .map(|o| 1u64 << o)
-            .or(nr_pages.map(u64::from).filter(|&n| n <= max))
-            .or(span.filter(|&s| s <= max))
-            .unwrap_or(max);
-        let want = (claimed + 1).min(frames);
-        let all = read(want).map_err(|e| e.to_string())?;
-        let all = at_va(&all, head, "folio");
-        let tails = (1..want)
-            .map(|i| all.u64(i * self.size + ch_off, "compound_head"))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        folio_nr_pages(&FolioEvidence {
+        let mut e = FolioEvidence {
             head,
             pfn,
             index,
             order,
             nr_pages,
             span,
-            tails,
+            tails: Vec::new(),
             max_pfn: self.max_pfn,
             file_pages,
-        })
+        };
+        // The claimed tails and the frame after them, read only for a plausible claim
+        // (without one, as far as the largest folio goes).
+        let claimed = folio_claim(&e)?.unwrap_or(max);
+        let want = (claimed + 1).min(frames);
+        let all = read(want).map_err(|e| e.to_string())?;
+        let all = at_va(&all, head, "folio");
+        e.tails = (1..want)
+            .map(|i| all.u64(i * self.size + ch_off, "compound_head"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        folio_nr_pages(&e)
     }
 
     /// `page_to_pfn`: None when `page` is not a struct page inside guest RAM's vmemmap.
@@ -431,6 +445,22 @@ mod tests {
         let mut e = good(4);
         e.tails.truncate(7);
         assert!(folio_nr_pages(&e).is_err());
+    }
+
+    #[test]
+    fn hostile_claims_are_refused_before_any_tail_is_read() {
+        let mut e = good(9);
+        e.tails.clear();
+        assert_eq!(folio_claim(&e), Ok(Some(512)));
+        e.pfn += 256;
+        assert!(folio_claim(&e).is_err());
+        let mut e = good(9);
+        e.tails.clear();
+        e.file_pages = 600;
+        assert!(folio_claim(&e).is_err());
+        // Nothing claims a size: only the tails can tell.
+        (e.order, e.nr_pages, e.span) = (None, None, None);
+        assert_eq!(folio_claim(&e), Ok(None));
     }
 
     #[test]

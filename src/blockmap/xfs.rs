@@ -15,7 +15,8 @@
 //! - Dinode: magic "IN" @0, `di_mode` @2, `di_version` @4 (3), `di_format` @5 (2 extents,
 //!   3 btree), `di_size` @0x38, `di_nextents` @0x4C (u32; with `XFS_DIFLAG2_NREXT64` in
 //!   `di_flags2` @0x78 the u64 @0x18), `di_forkoff` @0x52 (attr fork offset in 8-byte
-//!   units, 0: no attr fork), `di_ino` @0x98; the data fork follows the 176-byte core.
+//!   units, 0: no attr fork), `di_flags` @0x5A (bit 0: realtime, data on another device,
+//!   refused), `di_ino` @0x98; the data fork follows the 176-byte core.
 //! - Extent record, 128 bits: bit 127 unwritten, 54 bits file offset, 52 bits start
 //!   block, 21 bits length (in filesystem blocks).
 //! - BTREE fork root: `bb_level` u16, `bb_numrecs` u16, then keys (u64 file offsets) and
@@ -38,6 +39,8 @@ pub const XFS_SB_MAGIC: u32 = 0x5846_5342;
 pub const XFS_DINODE_MAGIC: u16 = 0x494E;
 pub const XFS_BMAP_CRC_MAGIC: u32 = 0x424D_4133;
 pub const XFS_DIFLAG2_NREXT64: u64 = 1 << 4;
+/// `di_flags`: the file's data lives on the realtime device, not this one.
+pub const XFS_DIFLAG_REALTIME: u16 = 1;
 const DINODE_CORE_V3: u64 = 176;
 const BTREE_LBLOCK_CRC_LEN: u64 = 72;
 const BMDR_HDR: u64 = 4;
@@ -259,6 +262,9 @@ impl<S: BlockSource> XfsFs<S> {
         }
         if r.u64(0x98, "di_ino")? != ino {
             return Err(bad("di_ino names another inode"));
+        }
+        if r.u16(0x5A, "di_flags")? & XFS_DIFLAG_REALTIME != 0 {
+            return Err(bad("realtime file: its data is on the realtime device"));
         }
         let flags2 = r.u64(0x78, "di_flags2")?;
         let nextents = if flags2 & XFS_DIFLAG2_NREXT64 != 0 {
@@ -694,7 +700,8 @@ mod tests {
     fn corrupt_forks_and_blocks_are_refused() {
         // The first leaf, at AG 0 block 9.
         let leaf = 9 * BS;
-        let cases: [(&str, usize, Vec<u8>); 14] = [
+        let cases: [(&str, usize, Vec<u8>); 15] = [
+            ("realtime", DINODE + 0x5A, 1u16.to_be_bytes().into()),
             ("owner", leaf + 56, 7u64.to_be_bytes().into()),
             ("level", leaf + 4, 1u16.to_be_bytes().into()),
             ("blkno", leaf + 24, 1u64.to_be_bytes().into()),

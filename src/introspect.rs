@@ -127,6 +127,7 @@ pub fn scan(
         free_page_init: census.as_ref().map(|_| FreePageInit::read(&k)),
         census,
         page_cache,
+        large_folios: report::large_folios(&walk),
         restorable_bytes: restorable,
         runs: map.runs.len(),
         filesystems,

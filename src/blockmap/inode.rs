@@ -80,6 +80,8 @@ impl Ext4Volume {
 enum Walker<'s, S: BlockSource + ?Sized> {
     Extents(ExtentTree<'s, S>),
     Indirect(IndirectMap<'s, S>),
+    /// Extents read in full beforehand (XFS's data fork).
+    List(super::xfs::ExtentList),
 }
 
 /// Resolves logical blocks of one inode to physical blocks, reading metadata blocks
@@ -123,11 +125,19 @@ impl<'s, S: BlockSource + ?Sized> BlockMapper<'s, S> {
         Ok(BlockMapper { walker })
     }
 
+    /// A mapper over a file's whole extent list, read beforehand (XFS).
+    pub fn from_list(list: super::xfs::ExtentList) -> Self {
+        BlockMapper {
+            walker: Walker::List(list),
+        }
+    }
+
     /// What backs logical block `lblk`, and for how many blocks from there on.
     pub fn map(&mut self, lblk: u64) -> Result<BlockExtent, BlockMapError> {
         match &mut self.walker {
             Walker::Extents(t) => t.map(lblk),
             Walker::Indirect(m) => m.map(lblk),
+            Walker::List(l) => Ok(l.map(lblk)),
         }
     }
 
@@ -136,6 +146,7 @@ impl<'s, S: BlockSource + ?Sized> BlockMapper<'s, S> {
         match &self.walker {
             Walker::Extents(t) => t.reads(),
             Walker::Indirect(m) => m.reads(),
+            Walker::List(_) => 0,
         }
     }
 }

@@ -14,6 +14,8 @@
 //! - [`source`]: [`BlockSource`], how index and indirect blocks are read.
 //! - [`ondisk`]: superblock, group descriptors, inodes and directories read from a disk
 //!   image (for tests, and for guests whose profile lacks the ext4 types).
+//! - [`xfs`]: XFS's superblock, inodes and data-fork extents (inline list or bmbt B+tree)
+//!   read from the disk; its extents feed the same page-level rules.
 //!
 //! A walker maps the cached pages of one inode like this (pages sorted ascending; one
 //! tree descent per extent leaf, not per page):
@@ -38,6 +40,7 @@ mod meta;
 pub mod ondisk;
 pub mod pages;
 pub mod source;
+pub mod xfs;
 
 pub use error::{BlockMapError, NodeAt, OnDiskError};
 pub use inode::{BlockMapper, Ext4Inode, Ext4Volume};

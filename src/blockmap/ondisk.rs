@@ -204,6 +204,35 @@ pub struct DirEntry {
     pub name: Vec<u8>,
 }
 
+/// Reads filesystem block `pblk` of `block_size` bytes from `source`, refusing blocks at or
+/// past `blocks_count`; errors name `what` and its disk byte (`partition_start` added).
+pub(crate) fn read_fs_block<S: BlockSource>(
+    source: &S,
+    pblk: u64,
+    block_size: u32,
+    blocks_count: u64,
+    partition_start: u64,
+    what: &'static str,
+) -> Result<Vec<u8>, OnDiskError> {
+    let mut buf = vec![0u8; block_size as usize];
+    let offset = pblk
+        .saturating_mul(u64::from(block_size))
+        .saturating_add(partition_start);
+    let io = |source| OnDiskError::Io {
+        what,
+        offset,
+        source,
+    };
+    if pblk >= blocks_count {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "block past the filesystem",
+        )));
+    }
+    source.read_block(pblk, &mut buf).map_err(io)?;
+    Ok(buf)
+}
+
 /// Largest directory this reader scans (bounds work on a corrupt `i_size`).
 const MAX_DIR_BYTES: u64 = 64 << 20;
 
@@ -272,29 +301,14 @@ impl<S: BlockSource> Ext4Fs<S> {
     }
 
     fn read_block(&self, pblk: u64, what: &'static str) -> Result<Vec<u8>, OnDiskError> {
-        let bs = self.sb.block_size() as usize;
-        let mut buf = vec![0u8; bs];
-        let offset = pblk
-            .saturating_mul(bs as u64)
-            .saturating_add(self.partition_start);
-        if pblk >= self.sb.s_blocks_count {
-            return Err(OnDiskError::Io {
-                what,
-                offset,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "block past the filesystem",
-                ),
-            });
-        }
-        self.source
-            .read_block(pblk, &mut buf)
-            .map_err(|source| OnDiskError::Io {
-                what,
-                offset,
-                source,
-            })?;
-        Ok(buf)
+        read_fs_block(
+            &self.source,
+            pblk,
+            self.sb.block_size(),
+            self.sb.s_blocks_count,
+            self.partition_start,
+            what,
+        )
     }
 
     /// `bg_inode_table` of group `group`.

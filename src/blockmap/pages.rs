@@ -170,6 +170,31 @@ impl<'s, S: BlockSource + ?Sized> PageMapper<'s, S> {
         })
     }
 
+    /// A mapper for a file of `i_size` bytes whose blocks `blocks` resolves (an XFS file:
+    /// none of ext4's inode flags apply).
+    pub fn from_blocks(
+        vol: &Ext4Volume,
+        ino: u64,
+        i_size: u64,
+        blocks: BlockMapper<'s, S>,
+        opts: MapOptions,
+    ) -> Result<Self, BlockMapError> {
+        vol.check()?;
+        Ok(PageMapper {
+            vol: *vol,
+            inode: Ext4Inode {
+                ino,
+                i_flags: 0,
+                i_size,
+                i_block: [0; 60],
+            },
+            opts,
+            blocks: Some(blocks),
+            whole: None,
+            last: None,
+        })
+    }
+
     pub fn block_reads(&self) -> u32 {
         self.blocks.as_ref().map_or(0, |b| b.reads())
     }

@@ -3,13 +3,14 @@
 //! the disk's bytes, each attributed to its device, inode and, where the dentry cache
 //! knows it, a path.
 //!
-//! Built from a [`CacheWalk`]: clean pages of regular ext4 files go through the block
-//! map; clean pages of a block device's own cache map directly (partition start +
+//! Built from a [`CacheWalk`]: clean pages of regular ext4 and XFS files go through the
+//! block map (XFS's from its on-disk inodes, [`crate::blockmap::xfs`]); clean pages of a block device's own cache map directly (partition start +
 //! index × 4 KiB). Metadata blocks the block map needs (extent index blocks, indirect
 //! blocks) are read from the guest's cached copies first, then from the disk image.
 
 pub mod source;
 
+use crate::blockmap::xfs::{ExtentList, XfsFs};
 use crate::blockmap::{self, Ext4Inode, Ext4Volume, MapOptions, Unrestorable};
 use crate::kernel::Kernel;
 use crate::walk::dentry::dentry_path;
@@ -29,6 +30,7 @@ const EXT_FAMILY: [&str; 3] = ["ext4", "ext3", "ext2"];
 struct SbContext<'a> {
     source: source::MetaSource<'a>,
     ondisk: Option<Result<blockmap::ondisk::Ext4Fs<source::MetaSource<'a>>, String>>,
+    xfs: Option<Result<XfsFs<source::MetaSource<'a>>, String>>,
     k: &'a Kernel<'a>,
     walk: &'a CacheWalk,
     sb: usize,
@@ -45,6 +47,7 @@ impl<'a> SbContext<'a> {
         SbContext {
             source: source::MetaSource::new(k, walk, sb, disk),
             ondisk: None,
+            xfs: None,
             k,
             walk,
             sb,
@@ -66,6 +69,59 @@ impl<'a> SbContext<'a> {
             .read_inode(ino)
             .map_err(|e| e.to_string())?
             .as_ext4_inode())
+    }
+}
+
+impl<'a> SbContext<'a> {
+    /// The page map of XFS inode `ino` (`i_size` bytes, as the VFS inode says) for the
+    /// sorted page indices `pages`, from its on-disk inode and data fork.
+    fn xfs_file_map(
+        &mut self,
+        ino: u64,
+        i_size: u64,
+        pages: impl IntoIterator<Item = u64>,
+    ) -> Result<blockmap::FileMap, String> {
+        let (k, walk, sb, disk) = (self.k, self.walk, self.sb, self.disk);
+        let start = walk.super_blocks[sb].part_start;
+        let fs = self.xfs.get_or_insert_with(|| {
+            XfsFs::new(source::MetaSource::new(k, walk, sb, disk), start)
+                .map_err(|e| format!("XFS superblock: {e}"))
+        });
+        let fs = fs.as_ref().map_err(Clone::clone)?;
+        let inode = fs
+            .read_inode(ino)
+            .map_err(|e| format!("on-disk inode: {e}"))?;
+        if !inode.is_reg() {
+            return Err(format!("on-disk inode {ino} is not a regular file"));
+        }
+        let extents = fs.extents(&inode).map_err(|e| e.to_string())?;
+        let vol = Ext4Volume {
+            block_size: fs.superblock().blocksize,
+            partition_start: start,
+            blocks_count: Some(fs.superblock().dblocks),
+        };
+        let blocks = blockmap::BlockMapper::from_list(ExtentList::new(&extents));
+        blockmap::PageMapper::<source::MetaSource>::from_blocks(
+            &vol,
+            ino,
+            i_size,
+            blocks,
+            map_options(),
+        )
+        .and_then(|mut m| m.map_pages(pages))
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// How file pages are mapped: the partial last page too. The kernel zeroes a page past
+/// EOF before it writes it, so with 4 KiB blocks the disk block holds exactly the page
+/// (ext4 zeroes the tail again on truncate, XFS zeroes the EOF block's tail when it
+/// extends or truncates). Smaller blocks give a `Tail` (disk bytes, then zeros), which a
+/// run cannot express: those stay out.
+fn map_options() -> MapOptions {
+    MapOptions {
+        tail_page: true,
+        ..MapOptions::default()
     }
 }
 
@@ -175,7 +231,10 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
             }
             continue;
         }
-        if sb.bdev == 0 || !EXT_FAMILY.contains(&sb.fs_type.as_str()) || ic.mode & S_IFMT != S_IFREG
+        let is_xfs = sb.fs_type == "xfs";
+        if sb.bdev == 0
+            || !(is_xfs || EXT_FAMILY.contains(&sb.fs_type.as_str()))
+            || ic.mode & S_IFMT != S_IFREG
         {
             map.excluded.unsupported_fs += clean.len() as u64;
             continue;
@@ -183,47 +242,12 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
         let fs = per_sb
             .entry(ic.sb)
             .or_insert_with(|| SbContext::new(k, walk, ic.sb, disk));
-        let vol = Ext4Volume {
-            block_size: 1u32 << sb.blocksize_bits.min(16),
-            partition_start: sb.part_start,
-            blocks_count: None,
+        let fm = if is_xfs {
+            fs.xfs_file_map(ic.ino, ic.size, clean.iter().map(|p| p.index))
+        } else {
+            ext4_file_map(fs, ic, sb, clean.iter().map(|p| p.index))
         };
-        // The in-memory ext4_inode_info when the profile describes it; otherwise the
-        // on-disk inode (imported profiles often lack ext4's private types).
-        let inode = match ic.ext4 {
-            Some(e4) => Ext4Inode {
-                ino: ic.ino,
-                i_flags: e4.i_flags,
-                i_size: ic.size,
-                i_block: e4.i_data,
-            },
-            None => match fs.ondisk_inode(ic.ino) {
-                Ok(i) => i,
-                Err(e) => {
-                    map.excluded
-                        .failed_inodes
-                        .push(format!("inode {} on {}: on-disk inode: {e}", ic.ino, sb.id));
-                    *map.excluded.by_block_map.entry("error".into()).or_default() +=
-                        clean.len() as u64;
-                    continue;
-                }
-            },
-        };
-        let src = &fs.source;
-        let fm = match blockmap::map_file_pages(
-            &vol,
-            &inode,
-            src,
-            // The partial last page too: the kernel zeroes a page past EOF before it writes
-            // it, so with 4 KiB blocks the disk block holds exactly the page (ext4 zeroes
-            // the tail again on truncate). Smaller blocks give a `Tail` (disk bytes, then
-            // zeros), which a run cannot express: those stay out.
-            MapOptions {
-                tail_page: true,
-                ..MapOptions::default()
-            },
-            clean.iter().map(|p| p.index),
-        ) {
+        let fm = match fm {
             Ok(fm) => fm,
             Err(e) => {
                 map.excluded
@@ -297,6 +321,35 @@ pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> Cach
         map.runs.push(p);
     }
     map
+}
+
+/// The page map of an ext4 inode for the sorted page indices `pages`: from the in-memory
+/// `ext4_inode_info` when the profile describes it, otherwise from the on-disk inode
+/// (imported profiles often lack ext4's private types).
+fn ext4_file_map(
+    fs: &mut SbContext,
+    ic: &crate::walk::fs::InodeCache,
+    sb: &crate::walk::fs::SuperBlockInfo,
+    pages: impl IntoIterator<Item = u64>,
+) -> Result<blockmap::FileMap, String> {
+    let vol = Ext4Volume {
+        block_size: 1u32 << sb.blocksize_bits.min(16),
+        partition_start: sb.part_start,
+        blocks_count: None,
+    };
+    let inode = match ic.ext4 {
+        Some(e4) => Ext4Inode {
+            ino: ic.ino,
+            i_flags: e4.i_flags,
+            i_size: ic.size,
+            i_block: e4.i_data,
+        },
+        None => fs
+            .ondisk_inode(ic.ino)
+            .map_err(|e| format!("on-disk inode: {e}"))?,
+    };
+    blockmap::map_file_pages(&vol, &inode, &fs.source, map_options(), pages)
+        .map_err(|e| e.to_string())
 }
 
 fn reason(u: Unrestorable) -> &'static str {

@@ -23,6 +23,8 @@ pub struct ScanReport {
     pub free_page_init: Option<crate::walk::buddy::FreePageInit>,
     /// Page cache found by the tree walk, by page state, in bytes.
     pub page_cache: BTreeMap<String, u64>,
+    /// Large folios the walk found, by filesystem, order and state.
+    pub large_folios: Vec<FolioCount>,
     pub restorable_bytes: u64,
     pub runs: usize,
     pub filesystems: Vec<FsSummary>,
@@ -66,6 +68,37 @@ pub struct FsSummary {
     pub cached_bytes: u64,
     pub clean_bytes: u64,
     pub restorable_bytes: u64,
+}
+
+/// How many large folios of one order and state a filesystem's page cache holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct FolioCount {
+    pub fs_type: String,
+    pub dev: String,
+    pub order: u8,
+    pub state: String,
+    pub folios: u64,
+}
+
+/// Counts the walk's large folios (each is reported once, at its first page).
+pub fn large_folios(walk: &CacheWalk) -> Vec<FolioCount> {
+    let mut n: BTreeMap<(usize, u8, &'static str), u64> = BTreeMap::new();
+    for ic in &walk.inodes {
+        for p in ic.pages.iter().filter(|p| p.order > 0) {
+            if p.index % (1u64 << p.order) == 0 {
+                *n.entry((ic.sb, p.order, p.state.name())).or_default() += 1;
+            }
+        }
+    }
+    n.into_iter()
+        .map(|((sb, order, state), folios)| FolioCount {
+            fs_type: walk.super_blocks[sb].fs_type.clone(),
+            dev: walk.super_blocks[sb].id.clone(),
+            order,
+            state: state.to_owned(),
+            folios,
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -285,6 +318,19 @@ impl ScanReport {
             human(self.restorable_bytes),
             self.runs
         );
+        if !self.large_folios.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nlarge folios (filesystem, device, order, state: count)"
+            );
+            for f in &self.large_folios {
+                let _ = writeln!(
+                    s,
+                    "  {:<12} {:<10} order {:<2} {:<14} {:>8}",
+                    f.fs_type, f.dev, f.order, f.state, f.folios
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "\n{:<12} {:<10} {:>12} {:>12} {:>12}",

@@ -31,12 +31,15 @@ pub struct SuperBlockInfo {
     pub part_start: u64,
 }
 
-/// One cached page of an inode.
+/// One cached page of an inode: an order-0 folio, or one page of a large folio (whose
+/// head's flags give every page of it its state).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct CachedPage {
     pub index: u64,
     pub pfn: u64,
     pub state: PageState,
+    /// The order of the folio the page belongs to (0: a folio of one page).
+    pub order: u8,
 }
 
 /// An inode with page cache.
@@ -241,7 +244,10 @@ pub fn walk_page_cache(k: &Kernel) -> Result<CacheWalk, WalkError> {
         }
         for inode in inodes {
             match walk_inode(k, &o, &pages, inode, sbi, is_ext4, false) {
-                Ok(Some(ic)) => out.inodes.push(ic),
+                Ok(Some((ic, problems))) => {
+                    out.inodes.push(ic);
+                    out.problems.extend(problems);
+                }
                 Ok(None) => {}
                 Err(e) => out
                     .problems
@@ -250,7 +256,10 @@ pub fn walk_page_cache(k: &Kernel) -> Result<CacheWalk, WalkError> {
         }
         if bd_inode != 0 {
             match walk_inode(k, &o, &pages, bd_inode, sbi, false, true) {
-                Ok(Some(ic)) => out.inodes.push(ic),
+                Ok(Some((ic, problems))) => {
+                    out.inodes.push(ic);
+                    out.problems.extend(problems);
+                }
                 Ok(None) => {}
                 Err(e) => out
                     .problems
@@ -467,7 +476,7 @@ fn walk_inode(
     sb: usize,
     is_ext4: bool,
     is_bdev: bool,
-) -> Result<Option<InodeCache>, WalkError> {
+) -> Result<Option<(InodeCache, Vec<String>)>, WalkError> {
     let bytes = k.read(inode, o.inode_size, "inode")?;
     let b = at_va(&bytes, inode, "inode");
     let mapping = b.u64(o.i_mapping, "i_mapping")?;
@@ -508,32 +517,68 @@ fn walk_inode(
         }
     }
     let what = format!("page cache of inode {}", ic.ino);
-    let visit = |index: u64, entry: u64| {
+    let file_pages = ic.size.div_ceil(4096);
+    let mut problems = Vec::new();
+    let visit = |index: u64, entry: u64, span: Option<u64>| {
         let Some(pfn) = pages.page_to_pfn(entry) else {
             return Err(WalkError::Corrupt {
                 what: what.clone(),
                 msg: format!("entry {entry:#x} at index {index} is not a struct page"),
             });
         };
-        let state = match k.read(entry, pages.struct_size(), "struct page") {
-            Ok(bytes) => {
-                let pb = at_va(&bytes, entry, "page");
-                let st = pages.state_of(&pb, mapping, index)?;
-                if is_bdev && st == PageState::Clean && !buffers_clean(k, o, &pb) {
-                    PageState::BuffersBusy
-                } else {
-                    st
+        let mut push = |state, n: u64| {
+            let order = n.trailing_zeros() as u8;
+            ic.pages.extend((0..n).map(|i| CachedPage {
+                index: index + i,
+                pfn: pfn + i,
+                state,
+                order,
+            }));
+        };
+        let bytes = match k.read(entry, pages.struct_size(), "struct page") {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                push(PageState::Inconsistent, 1);
+                return Ok(());
+            }
+        };
+        let pb = at_va(&bytes, entry, "page");
+        let st = pages.state_of(&pb, mapping, index)?;
+        let head = pages.is_head(&pb)?;
+        if st == PageState::Inconsistent || (!head && span.is_some_and(|s| s != 1)) {
+            // Not the page the tree's entry says, or a multi-index entry for a single page.
+            push(PageState::Inconsistent, 1);
+            return Ok(());
+        }
+        // (Checks at most 8 buffers: a large block-device folio with more stays out.)
+        let st = if is_bdev && st == PageState::Clean && !buffers_clean(k, o, &pb) {
+            PageState::BuffersBusy
+        } else {
+            st
+        };
+        if head {
+            // A large folio: its head's flags govern all its pages.
+            match pages.folio_nr_pages(k, entry, pfn, index, span, file_pages) {
+                Ok(n) => push(st, n),
+                Err(why) => {
+                    problems.push(format!(
+                        "{what}: folio at index {index}, frame {pfn:#x}: {why}"
+                    ));
+                    push(PageState::Inconsistent, 1);
                 }
             }
-            Err(_) => PageState::Inconsistent,
-        };
-        ic.pages.push(CachedPage { index, pfn, state });
+            return Ok(());
+        }
+        push(st, 1);
         Ok(())
     };
     match k.profile.page_cache_tree() {
         Some(PageCacheTree::XArray) if o.xa_head.is_some() => xa_for_each(k, head, &what, visit)?,
-        _ => radix_tree_for_each(k, mapping + o.a_i_pages, &what, visit)?,
+        _ => {
+            let mut visit = visit;
+            radix_tree_for_each(k, mapping + o.a_i_pages, &what, |i, e| visit(i, e, None))?
+        }
     }
     ic.pages.sort_by_key(|p| p.index);
-    Ok(Some(ic))
+    Ok(Some((ic, problems)))
 }

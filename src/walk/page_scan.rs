@@ -79,13 +79,18 @@ struct Classifier {
     private_off: Option<u64>,
     slab_bit: Option<u32>,
     last: Kind,
+    /// The last page-cache page of a mapping asked for: (its `struct page` address, its
+    /// frame, mapping, index). Its tail pages, if it heads a large folio, follow it.
+    last_head: Option<(u64, u64, u64, u64)>,
     /// Remaining tail frames of a free buddy block.
     free_run: u64,
 }
 
 /// Scans every `struct page` of guest RAM, in PFN order like drgn's `for_each_page`
-/// helper, and returns those whose `page->mapping` is in `mappings` (head and order-0
-/// pages only: tail pages point at their head), with a census of what all of RAM holds.
+/// helper, and returns those whose `page->mapping` is in `mappings`, with a census of what
+/// all of RAM holds. A tail page of a large folio (`compound_head` = head | 1) counts as its
+/// head does: it is returned with its head's mapping and the head's index plus its offset
+/// in the folio, as the tree walk reports it.
 /// Fails when a field the scan reads lies outside `sizeof(struct page)` (a profile whose
 /// offsets do not fit its sizes).
 pub fn for_each_page(k: &Kernel, mappings: &BTreeSet<u64>) -> Result<StructPageScan, WalkError> {
@@ -107,6 +112,7 @@ pub fn for_each_page(k: &Kernel, mappings: &BTreeSet<u64>) -> Result<StructPageS
         private_off: p.offset("page", "private"),
         slab_bit: p.pageflag("PG_slab"),
         last: Kind::Other,
+        last_head: None,
         free_run: 0,
     };
     let max_pfn = k.mem.end_gpa() / 4096;
@@ -163,15 +169,30 @@ impl Classifier {
             c.free += 1;
             return Ok(());
         }
-        let tail = match self.tail {
-            TailMark::CompoundHead(off) => b.u64(off, "compound_head")? & 1 == 1,
-            TailMark::Flag(bit) => pages.fields(b)?.0 >> bit & 1 == 1,
+        // A tail page; with `compound_head`, also which head it belongs to (before 4.4 a
+        // PG_tail page names its head elsewhere, and no page cache had large pages).
+        let (tail, compound_head) = match self.tail {
+            TailMark::CompoundHead(off) => {
+                let ch = b.u64(off, "compound_head")?;
+                (ch & 1 == 1, Some(ch))
+            }
+            TailMark::Flag(bit) => (pages.fields(b)?.0 >> bit & 1 == 1, None),
         };
         if tail {
             // Tail page of a compound page: counts as its head did.
             self.count(c, self.last);
+            if let Some((head, head_pfn, mapping, index)) = self.last_head {
+                if compound_head == Some(head | 1) {
+                    out.pages.push(ScannedPage {
+                        pfn,
+                        mapping,
+                        index: index.wrapping_add(pfn - head_pfn),
+                    });
+                }
+            }
             return Ok(());
         }
+        self.last_head = None;
         let (flags, mapping, index) = pages.fields(b)?;
         let page_type = match self.mapcount_off {
             Some(o) => b.u32(o, "_mapcount")?,
@@ -204,6 +225,7 @@ impl Classifier {
                     mapping,
                     index,
                 });
+                self.last_head = Some((pages.pfn_to_page(pfn), pfn, mapping, index));
             }
             Kind::File
         } else {

@@ -96,11 +96,12 @@ pub fn radix_tree_for_each(
                 slots_off,
                 nslots,
                 classify: classify_shift,
+                siblings: false,
             };
             match classify_shift(rnode, 0, 0) {
-                Slot::Skip => Ok(()),
+                Slot::Skip | Slot::Sibling(_) => Ok(()),
                 Slot::Page(e) => f(0, e),
-                Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut f),
+                Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut |i, e, _| f(i, e)),
             }
         }
         PageCacheTree::RadixHeight | PageCacheTree::RadixPath => {

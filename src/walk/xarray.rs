@@ -2,8 +2,11 @@
 //!
 //! Entry encoding (include/linux/xarray.h): bit 0 set = value entry (shadow, swap,
 //! DAX: skipped); low bits `10` = internal entry: a node pointer (+2) when above 4096,
-//! otherwise sibling/retry/zero markers (skipped). Anything else is a pointer to the
-//! `struct page` of a folio.
+//! otherwise sibling/retry/zero markers. Anything else is a pointer to the `struct page`
+//! of a folio. A folio of 2^order pages is one multi-index entry: its pointer in the slot
+//! of its first index and sibling entries (`(slot << 2) | 2`, naming that slot) in the
+//! following slots of the same node, or a single slot of a node at shift ≥ order; the
+//! walk reports how many indices each entry covers.
 
 use super::{at_va, need, WalkError};
 use crate::kernel::Kernel;
@@ -21,11 +24,17 @@ fn is_node(e: u64) -> bool {
 fn is_value(e: u64) -> bool {
     e & 1 == 1
 }
+/// `xa_is_sibling`: an internal entry below `xa_mk_sibling(XA_CHUNK_SIZE - 1)`.
+fn is_sibling(e: u64) -> bool {
+    is_internal(e) && e >> 2 < 63
+}
 
 /// What a slot of a shift-indexed tree node holds.
 pub(crate) enum Slot {
-    /// Nothing to visit: empty, a value/exceptional entry, a retry or sibling marker.
+    /// Nothing to visit: empty, a value/exceptional entry, a retry marker.
     Skip,
+    /// A sibling entry: this slot belongs to the multi-index entry in slot `.0`.
+    Sibling(u64),
     /// A child node at this VA.
     Node(u64),
     /// An entry the tree stores: a `struct page` pointer.
@@ -44,7 +53,14 @@ pub(crate) struct ShiftTree {
     pub nslots: u64,
     /// Decodes a slot's entry; gets the entry and the VA and size of its node.
     pub classify: fn(u64, u64, u64) -> Slot,
+    /// The tree marks multi-index entries with [`Slot::Sibling`] entries, so each item's
+    /// span is known (the XArray).
+    pub siblings: bool,
 }
+
+/// What a tree walk's callback gets for one item: its first index, the entry (a
+/// `struct page` pointer) and, where the tree records it, how many indices it covers.
+pub type Visit<'f> = dyn FnMut(u64, u64, Option<u64>) -> Result<(), WalkError> + 'f;
 
 /// Walks the nodes of a shift-indexed tree from `top` down, calling `f(index, item)`
 /// in index order. Each node's `shift` must be its parent's minus the chunk shift and,
@@ -54,7 +70,7 @@ pub(crate) fn walk_shift_tree(
     top: u64,
     t: &ShiftTree,
     what: &str,
-    f: &mut dyn FnMut(u64, u64) -> Result<(), WalkError>,
+    f: &mut Visit,
 ) -> Result<(), WalkError> {
     if !t.nslots.is_power_of_two() || !(4..=1024).contains(&t.nslots) {
         return Err(WalkError::ProfileLacks(format!(
@@ -98,10 +114,16 @@ pub(crate) fn walk_shift_tree(
         }
         // Push children in reverse so the walk visits indices in increasing order.
         let mut children = Vec::new();
-        for slot in 0..t.nslots {
+        let slots = (0..t.nslots)
+            .map(|slot| {
+                let e = b.u64(t.slots_off + slot * 8, "slots")?;
+                Ok((t.classify)(e, node, node_size))
+            })
+            .collect::<Result<Vec<_>, WalkError>>()?;
+        for (slot, entry) in (0u64..).zip(&slots) {
             let index = base | (slot << shift);
-            match (t.classify)(b.u64(t.slots_off + slot * 8, "slots")?, node, node_size) {
-                Slot::Skip => {}
+            match *entry {
+                Slot::Skip | Slot::Sibling(_) => {}
                 Slot::Node(child) => {
                     if shift < chunk_shift {
                         return Err(corrupt(format!(
@@ -110,8 +132,16 @@ pub(crate) fn walk_shift_tree(
                     }
                     children.push((child, node, Some(slot), shift - chunk_shift, index));
                 }
-                // At shift > 0 this is a multi-index entry (a large folio).
-                Slot::Page(e) => f(index, e)?,
+                // A multi-index entry (a large folio) spans its sibling slots, each
+                // covering 2^shift indices.
+                Slot::Page(e) => {
+                    let siblings = slots[slot as usize + 1..]
+                        .iter()
+                        .take_while(|s| matches!(s, Slot::Sibling(to) if *to == slot))
+                        .count() as u64;
+                    let span = t.siblings.then_some((1 + siblings) << shift);
+                    f(index, e, span)?
+                }
             }
         }
         stack.extend(children.into_iter().rev());
@@ -124,6 +154,8 @@ fn classify(e: u64, _node: u64, _size: u64) -> Slot {
         Slot::Skip
     } else if is_node(e) {
         Slot::Node(e - 2)
+    } else if is_sibling(e) {
+        Slot::Sibling(e >> 2)
     } else if is_internal(e) {
         Slot::Skip
     } else {
@@ -131,13 +163,13 @@ fn classify(e: u64, _node: u64, _size: u64) -> Slot {
     }
 }
 
-/// Calls `f(index, entry)` for every present, non-value entry of the XArray whose
-/// `xa_head` is `head`, in index order.
+/// Calls `f(index, entry, span)` for every present, non-value entry of the XArray whose
+/// `xa_head` is `head`, in index order; `span` is the number of indices the entry covers.
 pub fn xa_for_each(
     k: &Kernel,
     head: u64,
     what: &str,
-    mut f: impl FnMut(u64, u64) -> Result<(), WalkError>,
+    mut f: impl FnMut(u64, u64, Option<u64>) -> Result<(), WalkError>,
 ) -> Result<(), WalkError> {
     let p = k.profile;
     let tree = ShiftTree {
@@ -151,10 +183,40 @@ pub fn xa_for_each(
             .and_then(|f| f.count)
             .unwrap_or(64),
         classify,
+        siblings: true,
     };
     match classify(head, 0, 0) {
-        Slot::Skip => Ok(()),
-        Slot::Page(e) => f(0, e),
+        Slot::Skip | Slot::Sibling(_) => Ok(()),
+        // A lone entry in the head covers index 0 only.
+        Slot::Page(e) => f(0, e, Some(1)),
         Slot::Node(top) => walk_shift_tree(k, top, &tree, what, &mut f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_told_apart() {
+        let is = |e: u64, want: &str| {
+            let got = match classify(e, 0, 0) {
+                Slot::Skip => "skip".to_owned(),
+                Slot::Sibling(s) => format!("sibling {s}"),
+                Slot::Node(n) => format!("node {n:#x}"),
+                Slot::Page(p) => format!("page {p:#x}"),
+            };
+            assert_eq!(got, want, "entry {e:#x}");
+        };
+        is(0, "skip");
+        // xa_mk_sibling(slot) = slot << 2 | 2, for slots 0..=62.
+        is(1 << 2 | 2, "sibling 1");
+        is(62 << 2 | 2, "sibling 62");
+        // Retry (256) and zero (257) entries, and values (bit 0): nothing to visit.
+        is(256 << 2 | 2, "skip");
+        is(257 << 2 | 2, "skip");
+        is(0x1234_5679, "skip");
+        is(0xffff_8880_0123_4002, "node 0xffff888001234000");
+        is(0xffff_ea00_0004_0000, "page 0xffffea0000040000");
     }
 }

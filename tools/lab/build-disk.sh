@@ -10,6 +10,10 @@
 #          part      MBR-partitioned disk, filesystem in partition 1 at sector 63 (not 4 KiB aligned)
 #          bs1k      1 KiB blocks            bs2k  2 KiB blocks
 #          noextent  -O ^extent: block-mapped (direct/indirect) files
+#          xfs       MBR-partitioned: partition 1 (sector 2048) the ext4 filesystem as in
+#                    plain, partition 2 an XFS filesystem (mkfs.xfs -p, no mount needed)
+#                    holding /big (4 x 4 MiB), /small (32 x 300 KB) and /tail (a partial
+#                    last page): files the guest reads into large folios
 #
 # Every disk also has /special: a sparse file with holes, a file whose last page is
 # partial, a fragmented file whose
@@ -27,7 +31,8 @@ plain | part) ;;
 bs1k) mkfs_opts=(-b 1024) ;;
 bs2k) mkfs_opts=(-b 2048) ;;
 noextent) mkfs_opts=(-b 4096 -O ^extent,^flex_bg,^huge_file,^64bit) ;;
-*) die "unknown layout '$LAYOUT' (plain, part, bs1k, bs2k, noextent)" ;;
+xfs) need_root_or_tools mkfs.xfs ;;
+*) die "unknown layout '$LAYOUT' (plain, part, bs1k, bs2k, noextent, xfs)" ;;
 esac
 need_root_or_tools mkfs.ext4 debugfs sfdisk sha256sum
 
@@ -105,6 +110,43 @@ if [ "$LAYOUT" = part ]; then
 	echo "start=$start, size=$fs_sectors, type=83" | sfdisk -q --no-reread --no-tell-kernel "$disk" >/dev/null 2>&1 ||
 		die "sfdisk could not partition the disk image"
 	dd if="$fs" of="$disk" bs=512 seek=$start conv=notrunc,sparse status=none
+	mv "$disk" "$out.tmp"
+elif [ "$LAYOUT" = xfs ]; then
+	# The XFS part: files written by mkfs.xfs from a prototype file (its extents are what
+	# the mkfs allocator gives: one or a few per file). XFS needs at least 300 MB.
+	xsrc=$tmp/xsrc
+	mkdir -p "$xsrc/big" "$xsrc/small"
+	for i in 0 1 2 3; do rand $((4 << 20)) >"$xsrc/big/file$i"; done
+	for i in $(seq -w 0 31); do rand 307200 >"$xsrc/small/f$i"; done
+	rand 1000000 >"$xsrc/tail"
+	{
+		echo /dev/null
+		echo 0 0
+		echo "d--755 0 0"
+		echo "big d--755 0 0"
+		for i in 0 1 2 3; do echo "file$i ---644 0 0 $xsrc/big/file$i"; done
+		echo '$'
+		echo "small d--755 0 0"
+		for i in $(seq -w 0 31); do echo "f$i ---644 0 0 $xsrc/small/f$i"; done
+		echo '$'
+		echo "tail ---644 0 0 $xsrc/tail"
+		echo '$'
+	} >"$tmp/xfs.proto"
+	xfs=$tmp/xfs.img
+	truncate -s 320M "$xfs"
+	mkfs.xfs -q -f -L pct-xfs -p "$tmp/xfs.proto" "$xfs" >/dev/null || die "mkfs.xfs -p failed"
+	rm -rf "$xsrc"
+	start=2048
+	disk=$tmp/disk.img
+	fs_sectors=$(($(stat -c %s "$fs") / 512))
+	xfs_start=$((start + fs_sectors))
+	xfs_sectors=$(($(stat -c %s "$xfs") / 512))
+	truncate -s $(((xfs_start + xfs_sectors + 2048) * 512)) "$disk"
+	printf 'start=%s, size=%s, type=83\nstart=%s, size=%s, type=83\n' "$start" "$fs_sectors" "$xfs_start" "$xfs_sectors" |
+		sfdisk -q --no-reread --no-tell-kernel "$disk" >/dev/null 2>&1 ||
+		die "sfdisk could not partition the disk image"
+	dd if="$fs" of="$disk" bs=512 seek=$start conv=notrunc,sparse status=none
+	dd if="$xfs" of="$disk" bs=512 seek=$xfs_start conv=notrunc,sparse status=none
 	mv "$disk" "$out.tmp"
 else
 	mv "$fs" "$out.tmp"

@@ -6,7 +6,8 @@
 # Contents: static busybox, the guest init (tools/lab/guest/init), pct-oracle and
 # pct-readrate (built here, static), and the modules the guest needs (virtio PCI + block, qemu_fw_cfg so
 # QEMU dumps carry VMCOREINFO, ext4 where it is a module), loaded in the order their
-# `depends=` fields require. Cached by a hash of its inputs.
+# `depends=` fields require, and, listed apart in /etc/modules.xfs for guests that mount
+# an XFS filesystem, xfs and what it depends on. Cached by a hash of its inputs.
 source "$(dirname "$0")/common.sh"
 
 KDIR=${1:?usage: build-initramfs.sh KERNEL_DIR}
@@ -57,6 +58,9 @@ visit() {
 	ORDER+=("$path")
 }
 for m in "${WANT[@]}"; do visit "$m"; done
+# XFS (a module on Debian's kernels): loaded only by guests with pct.xfs= (see guest/init).
+nbase=${#ORDER[@]}
+if [ -n "${PATHS[xfs]:-}" ]; then visit xfs; fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -69,12 +73,15 @@ gcc -static -O2 -Wall -Wextra -o "$root/bin/pct-readrate" "$LAB_DIR/guest/pct-re
 	die "cannot build the guest's read-rate probe (gcc -static needs libc6-dev)"
 install -m 0755 "$LAB_DIR/guest/init" "$root/init"
 : >"$root/etc/modules.order"
+: >"$root/etc/modules.xfs"
+n=0
 for p in "${ORDER[@]}"; do
 	b=$(basename "$p")
 	cp "$p" "$root/lib/modules/$b"
-	echo "$b" >>"$root/etc/modules.order"
+	if [ $n -lt "$nbase" ]; then echo "$b" >>"$root/etc/modules.order"; else echo "$b" >>"$root/etc/modules.xfs"; fi
+	n=$((n + 1))
 done
-note "initramfs modules in load order: $(tr '\n' ' ' <"$root/etc/modules.order")"
+note "initramfs modules in load order: $(tr '\n' ' ' <"$root/etc/modules.order")(for XFS: $(tr '\n' ' ' <"$root/etc/modules.xfs"))"
 mkdir -p "$PCT_CACHE/initramfs"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$out.tmp"
 mv "$out.tmp" "$out"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the host packages the lab needs (QEMU, busybox, pahole, iproute2, e2fsprogs),
+# Install the host packages the lab needs (QEMU, busybox, pahole, iproute2, e2fsprogs,
+# xfsprogs),
 # idempotently. Needs root for apt-get; does nothing when everything is already there.
 source "$(dirname "$0")/common.sh"
 
@@ -12,6 +13,8 @@ declare -A PKG=(
 	[tc]=iproute2
 	[mkfs.ext4]=e2fsprogs
 	[debugfs]=e2fsprogs
+	[mkfs.xfs]=xfsprogs
+	[xfs_db]=xfsprogs
 	[xz]=xz-utils
 	[zstd]=zstd
 	[cpio]=cpio

@@ -2,7 +2,7 @@
 # Start one lab guest under QEMU (exec: the caller owns the QEMU process).
 #
 #   tools/lab/run-guest.sh --dir RUNDIR [--workload apache|aged|idle|db] [--fileset web|mini|db]
-#       [--layout plain|part|bs1k|bs2k|noextent] [--flavour cloud-amd64|amd64|rt-amd64]
+#       [--layout plain|part|bs1k|bs2k|noextent|xfs] [--flavour cloud-amd64|amd64|rt-amd64]
 #       [--mem MiB|KiBK] [--smp N] [--accel tcg|kvm] [--cpu MODEL] [--disk IMG] [--incoming] [--paused] [--name NAME]
 #       [--anon-ram]   (plain anonymous guest RAM instead of a shared file in /dev/shm)
 #       [--uuid UUID]  (the guest's -uuid)
@@ -79,6 +79,8 @@ if [ -z "$bare" ]; then
 fi
 root=/dev/vda
 [ "$layout" = part ] && root=/dev/vda1
+# The xfs layout: ext4 in partition 1, XFS in partition 2 (mounted at /xfs by the init).
+[ "$layout" = xfs ] && root=/dev/vda1 && append="pct.xfs=/dev/vda2${append:+ $append}"
 
 # --mem is MiB, or KiB with a K suffix (e.g. 1048584K: 1 GiB + 8 KiB, see
 # tools/qemu-lost-writes.sh).

@@ -27,6 +27,16 @@ fn isf_kernel_profile() -> Profile {
 /// symbol must agree, in both directions.
 const NEWER_THAN_FIXTURE: &[&str] = &["init_on_free", "_page_poisoning_enabled"];
 
+/// Struct fields pct's profile builder looks up since the fixture was built, as
+/// `type.field` (the large-folio fields, 6.10's `bd_mapping`): left out in the same way.
+const FIELDS_NEWER_THAN_FIXTURE: &[&str] = &[
+    "folio._flags_1",
+    "folio._folio_order",
+    "folio._folio_nr_pages",
+    "page.compound_order",
+    "block_device.bd_mapping",
+];
+
 /// A profile pct builds today: the lab kernel's (None, with a message, when it cannot be
 /// fetched here).
 fn built_profile() -> Option<Profile> {
@@ -46,13 +56,16 @@ fn assert_same_layouts(a: &Profile, b: &Profile, what: &str) {
         let tb = &b.types[k];
         assert_eq!(ta.size, tb.size, "{what}: sizeof {k}");
         assert_eq!(ta.kind, tb.kind, "{what}: kind of {k}");
-        assert_eq!(
-            ta.fields.keys().collect::<Vec<_>>(),
-            tb.fields.keys().collect::<Vec<_>>(),
-            "{what}: {k}"
-        );
-        for (f, fa) in &ta.fields {
-            let fb = &tb.fields[f];
+        let compared = |t: &pct::profile::TypeLayout| {
+            t.fields
+                .keys()
+                .filter(|f| !FIELDS_NEWER_THAN_FIXTURE.contains(&format!("{k}.{f}").as_str()))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(compared(ta), compared(tb), "{what}: {k}");
+        for f in compared(ta) {
+            let (fa, fb) = (&ta.fields[&f], &tb.fields[&f]);
             assert_eq!(
                 (fa.offset, fa.size, fa.count, fa.bit_offset, fa.bit_size),
                 (fb.offset, fb.size, fb.count, fb.bit_offset, fb.bit_size),

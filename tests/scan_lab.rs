@@ -300,6 +300,21 @@ fn debian11_kernel() {
     check_kernel("cloud-amd64", "bullseye");
 }
 
+/// Debian 11's 5.10 places a partition through `bd_part->start_sect` (the `hd_struct`),
+/// not `bd_start_sect`: the partitioned layout (partition at sector 63) on that kernel.
+#[test]
+fn debian11_partitioned() {
+    let mut spec = GuestSpec::new("apache").layout("mini", "part");
+    spec.suite = Some("bullseye");
+    let p = profile_of(&spec);
+    assert!(
+        p.offset("block_device", "bd_start_sect").is_none()
+            && p.offset("block_device", "bd_part").is_some(),
+        "5.10 has bd_part and no bd_start_sect"
+    );
+    check_guest(spec);
+}
+
 #[test]
 fn debian13_kernel() {
     check_kernel("cloud-amd64", "trixie");

@@ -28,14 +28,13 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 /// The first bytes of every qcow2 image.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// How to interpret the disk file: `--disk-format raw|qcow2|auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DiskFormat {
     /// The file (or block device) holds the disk's bytes as they are.
     Raw,
@@ -45,18 +44,6 @@ pub enum DiskFormat {
     /// why that is unsafe with an untrusted guest's raw disk).
     #[default]
     Auto,
-}
-
-impl FromStr for DiskFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "raw" => Ok(DiskFormat::Raw),
-            "qcow2" => Ok(DiskFormat::Qcow2),
-            "auto" => Ok(DiskFormat::Auto),
-            _ => Err(format!("unknown disk format `{s}` (raw, qcow2 or auto)")),
-        }
-    }
 }
 
 impl fmt::Display for DiskFormat {

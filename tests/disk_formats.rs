@@ -12,28 +12,11 @@ mod support;
 
 use pct::disk::{Disk, DiskFormat};
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use support::{rng, run_ok};
+use std::path::Path;
+use support::disk::{qemu_img, qemu_io, Loop};
+use support::rng;
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    run_ok(
-        Command::new("qemu-img").current_dir(dir).args(args),
-        &format!("qemu-img {}", args.join(" ")),
-    );
-}
-
-/// `qemu-io -c CMD...` on `image` (its format given, so nothing is probed).
-fn qemu_io(dir: &Path, format: &str, image: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.current_dir(dir).args(["-f", format]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run_ok(c.arg(image), &format!("qemu-io {cmds:?} {image}"));
-}
 
 /// A raw file of `len` bytes: random pages, zero pages and a repeating text, so that both
 /// compressible and incompressible clusters exist.
@@ -414,27 +397,6 @@ fn probing_takes_a_qcow2_header_in_a_raw_disk_for_an_image_and_raw_does_not() {
     // ... `raw` reads the disk as it is.
     let disk = Disk::open(&p, DiskFormat::Raw).unwrap();
     assert_same("raw with a qcow2 magic", &read_all(&disk), &bytes);
-}
-
-/// A loop device over a file, detached when dropped (also when a test fails).
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = run_ok(
-            Command::new("losetup")
-                .args(["--find", "--show", "--read-only"])
-                .arg(file),
-            "losetup",
-        );
-        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
 }
 
 #[test]

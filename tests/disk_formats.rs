@@ -53,7 +53,7 @@ fn read_all(disk: &Disk) -> Vec<u8> {
 /// `image` (of `format`) flattened by QEMU.
 fn qemu_flat(dir: &Path, format: &str, image: &str) -> Vec<u8> {
     let flat = format!("{image}.flat");
-    qemu_img(dir, &["convert", "-f", format, "-O", "raw", image, &flat]);
+    qemu_img(dir, &format!("convert -f {format} -O raw {image} {flat}"));
     std::fs::read(dir.join(&flat)).expect("read flattened image")
 }
 
@@ -94,10 +94,7 @@ fn raw_file_reads_exactly_and_refuses_past_the_end() {
 fn qcow2_reads_what_qemu_reads() {
     let d = tmp();
     make_raw(&d.path().join("base.raw"), 6 * MIB, 2);
-    qemu_img(
-        d.path(),
-        &["convert", "-f", "raw", "-O", "qcow2", "base.raw", "d.qcow2"],
-    );
+    qemu_img(d.path(), "convert -f raw -O qcow2 base.raw d.qcow2");
     let disk = Disk::open(d.path().join("d.qcow2"), DiskFormat::Auto).unwrap();
     assert_eq!(disk.format(), DiskFormat::Qcow2);
     assert_eq!(disk.size(), 6 * MIB);
@@ -132,12 +129,7 @@ fn qcow2_overlay_on_raw_backing_with_rewritten_clusters() {
     let d = tmp();
     let base = make_raw(&d.path().join("base.raw"), 6 * MIB, 3);
     // Larger than its backing file: the tail reads as zeros.
-    qemu_img(
-        d.path(),
-        &[
-            "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2", "8M",
-        ],
-    );
+    qemu_img(d.path(), "create -f qcow2 -b base.raw -F raw ov.qcow2 8M");
     rewrite_some(d.path(), "ov.qcow2");
     let disk = Disk::open(d.path().join("ov.qcow2"), DiskFormat::Qcow2).unwrap();
     assert!(
@@ -163,48 +155,13 @@ fn qcow2_overlay_on_raw_backing_with_rewritten_clusters() {
 fn qcow2_chain_of_three_with_relative_backing_names() {
     let d = tmp();
     make_raw(&d.path().join("base.raw"), 6 * MIB, 4);
-    qemu_img(
-        d.path(),
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "base.raw",
-            "base.qcow2",
-        ],
-    );
+    qemu_img(d.path(), "convert -f raw -O qcow2 base.raw base.qcow2");
     let sub = d.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
     // Backing names are relative to the image that names them.
-    qemu_img(
-        &sub,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "../base.qcow2",
-            "-F",
-            "qcow2",
-            "mid.qcow2",
-        ],
-    );
+    qemu_img(&sub, "create -f qcow2 -b ../base.qcow2 -F qcow2 mid.qcow2");
     qemu_io(&sub, "qcow2", "mid.qcow2", &["write -P 0x77 512k 64k"]);
-    qemu_img(
-        &sub,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qemu_img(&sub, "create -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2");
     rewrite_some(&sub, "top.qcow2");
     // Opened from elsewhere: the chain still resolves from the images' directories.
     let disk = Disk::open(sub.join("top.qcow2"), DiskFormat::Auto).unwrap();
@@ -224,12 +181,7 @@ fn qcow2_chain_of_three_with_relative_backing_names() {
 fn compressed_clusters_read_as_qemu_reads_them() {
     let d = tmp();
     make_raw(&d.path().join("base.raw"), 4 * MIB, 5);
-    qemu_img(
-        d.path(),
-        &[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "base.raw", "c.qcow2",
-        ],
-    );
+    qemu_img(d.path(), "convert -c -f raw -O qcow2 base.raw c.qcow2");
     // Compression happened: the image is smaller than the data it holds.
     let len = std::fs::metadata(d.path().join("c.qcow2")).unwrap().len();
     assert!(len < 3 * MIB, "compressed image is {len} bytes");
@@ -247,18 +199,7 @@ fn zstd_compressed_qcow2_is_refused_clearly() {
     make_raw(&d.path().join("base.raw"), MIB, 6);
     qemu_img(
         d.path(),
-        &[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "compression_type=zstd",
-            "base.raw",
-            "z.qcow2",
-        ],
+        "convert -c -f raw -O qcow2 -o compression_type=zstd base.raw z.qcow2",
     );
     let e = Disk::open(d.path().join("z.qcow2"), DiskFormat::Auto).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
@@ -270,15 +211,7 @@ fn external_data_file_is_followed() {
     let d = tmp();
     qemu_img(
         d.path(),
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=data.raw",
-            "ext.qcow2",
-            "2M",
-        ],
+        "create -f qcow2 -o data_file=data.raw ext.qcow2 2M",
     );
     qemu_io(
         d.path(),
@@ -299,20 +232,7 @@ fn external_data_file_is_followed() {
 #[test]
 fn encrypted_qcow2_is_refused_clearly() {
     let d = tmp();
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=s0,data=pct-test",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0",
-            "e.qcow2",
-            "2M",
-        ],
-    );
+    qemu_img(d.path(), "create -f qcow2 --object secret,id=s0,data=pct-test -o encrypt.format=luks,encrypt.key-secret=s0 e.qcow2 2M");
     let e = Disk::open(d.path().join("e.qcow2"), DiskFormat::Auto).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(
@@ -322,9 +242,7 @@ fn encrypted_qcow2_is_refused_clearly() {
     // An encrypted backing file under a plain overlay is refused too.
     qemu_img(
         d.path(),
-        &[
-            "create", "-f", "qcow2", "-u", "-b", "e.qcow2", "-F", "qcow2", "ov.qcow2", "2M",
-        ],
+        "create -f qcow2 -u -b e.qcow2 -F qcow2 ov.qcow2 2M",
     );
     let e = Disk::open(d.path().join("ov.qcow2"), DiskFormat::Auto).unwrap_err();
     assert!(e.to_string().contains("encrypted"), "{e}");
@@ -333,7 +251,7 @@ fn encrypted_qcow2_is_refused_clearly() {
 #[test]
 fn unknown_incompatible_feature_is_refused() {
     let d = tmp();
-    qemu_img(d.path(), &["create", "-f", "qcow2", "f.qcow2", "1M"]);
+    qemu_img(d.path(), "create -f qcow2 f.qcow2 1M");
     let p = d.path().join("f.qcow2");
     let mut bytes = std::fs::read(&p).unwrap();
     // incompatible_features (be64 at byte 72): bit 40, which no qcow2 defines.
@@ -348,10 +266,7 @@ fn unknown_incompatible_feature_is_refused() {
 fn truncated_qcow2_reads_fail_instead_of_zeros() {
     let d = tmp();
     let want = make_raw(&d.path().join("base.raw"), 4 * MIB, 7);
-    qemu_img(
-        d.path(),
-        &["convert", "-f", "raw", "-O", "qcow2", "base.raw", "t.qcow2"],
-    );
+    qemu_img(d.path(), "convert -f raw -O qcow2 base.raw t.qcow2");
     let p = d.path().join("t.qcow2");
     let len = std::fs::metadata(&p).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();

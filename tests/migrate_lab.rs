@@ -403,10 +403,8 @@ fn dir_of(p: &Path) -> &Path {
 /// `disk`. Made with `-u`: the destination QEMU has the disk open.
 fn overlay_on(disk: &Path, backing: &Path, name: &str) -> PathBuf {
     let size = std::fs::metadata(disk).expect("disk").len().to_string();
-    let backing = backing.to_str().expect("path");
-    let args = [
-        "create", "-u", "-f", "qcow2", "-b", backing, "-F", "raw", name, &size,
-    ];
+    let backing = backing.display();
+    let args = format!("create -u -f qcow2 -b {backing} -F raw {name} {size}");
     qemu_img(dir_of(disk), &args);
     dir_of(disk).join(name)
 }
@@ -445,18 +443,8 @@ fn destination_disk_as_qcow2_overlay_or_loop_device() {
         }
         drop(f);
         let overlay = overlay_on(disk, disk, "dst.qcow2");
-        let args = [
-            "rebase",
-            "-U",
-            "-f",
-            "qcow2",
-            "-b",
-            "stale-base.img",
-            "-F",
-            "raw",
-            "dst.qcow2",
-        ];
-        qemu_img(dir_of(disk), &args);
+        let args = "rebase -U -f qcow2 -b stale-base.img -F raw dst.qcow2";
+        qemu_img(dir_of(disk), args);
         // The overlay holds data clusters of its own (what the stale copy lacks).
         let map = run_ok(
             Command::new("qemu-img")

@@ -5,11 +5,14 @@ use super::run_ok;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `qemu-img ARGS...`, run in `dir` (relative backing names resolve from there).
-pub fn qemu_img(dir: &Path, args: &[&str]) {
+/// `qemu-img ARGS`, run in `dir` (relative backing names resolve from there); `args` are
+/// split at whitespace (no argument of these tests holds a space).
+pub fn qemu_img(dir: &Path, args: &str) {
     run_ok(
-        Command::new("qemu-img").current_dir(dir).args(args),
-        &format!("qemu-img {}", args.join(" ")),
+        Command::new("qemu-img")
+            .current_dir(dir)
+            .args(args.split_whitespace()),
+        &format!("qemu-img {args}"),
     );
 }
 

@@ -38,7 +38,7 @@ pub struct ScanOptions {
 pub fn scan(
     mem: &GuestMemory,
     profile: &Profile,
-    disk: Option<&std::fs::File>,
+    disk: Option<&crate::disk::Disk>,
     opts: ScanOptions,
 ) -> Result<(CacheMap, ScanReport), ScanError> {
     let mut t = BTreeMap::new();

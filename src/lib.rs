@@ -6,6 +6,7 @@
 //! profile   vmlinux (DWARF/BTF) or imports ─▶ a kernel's symbols, layouts, enums
 //! memory    guest RAM (raw file, ELF core) ─▶ a guest-physical view
 //! qemu      a live QEMU: its monitor, its guest RAM as a memory view, migration control
+//! disk      the guest's disk on the host (raw file, block device, qcow2 chain) ─▶ bytes
 //! kernel    the kernel located (VMCOREINFO, KASLR, page tables); its own kallsyms and BTF
 //!           ─▶ a profile from memory; which profile to use
 //! walk      super_blocks → inodes → page-cache trees → struct page: clean page cache
@@ -21,6 +22,7 @@
 
 pub mod blockmap;
 pub mod cachemap;
+pub mod disk;
 pub mod introspect;
 pub mod kernel;
 pub mod memory;

@@ -215,7 +215,8 @@ fn check_kernel(
     eprintln!("{flavour}: pahole on the BTF found in memory agrees on {n} fields");
 
     // The same cache map with either profile.
-    let disk = std::fs::File::open(g.path("disk.img")).expect("disk image");
+    let disk =
+        pct::disk::Disk::open(g.path("disk.img"), pct::disk::DiskFormat::Raw).expect("disk image");
     let opts = ScanOptions {
         cross_check: false,
         verify: true,

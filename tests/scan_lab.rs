@@ -39,7 +39,7 @@ fn boot_and_scan(spec: GuestSpec) -> (Guest, CacheMap, ScanReport, Oracle) {
     let oracle = g.oracle();
     g.stop();
     let mem = GuestMemory::open(&g.ram_path).expect("map guest RAM");
-    let disk = std::fs::File::open(g.path("disk.img")).unwrap();
+    let disk = pct::disk::Disk::open(g.path("disk.img"), pct::disk::DiskFormat::Raw).unwrap();
     let opts = ScanOptions {
         cross_check: true,
         verify: true,
@@ -395,7 +395,7 @@ fn amd64_flavour_and_five_level_paging() {
         let mem = mem_of(&g);
         let k = Kernel::locate(&mem, &p).expect("locate");
         assert_eq!(k.loc.levels, levels, "{label}: paging levels");
-        let disk = std::fs::File::open(g.path("disk.img")).unwrap();
+        let disk = pct::disk::Disk::open(g.path("disk.img"), pct::disk::DiskFormat::Raw).unwrap();
         let opts = ScanOptions {
             cross_check: true,
             verify: true,
@@ -488,7 +488,7 @@ fn sources_agree_and_drgn_agrees() {
     g.dump_elf(&core, false);
     let p = profile();
 
-    let disk = std::fs::File::open(g.path("disk.img")).unwrap();
+    let disk = pct::disk::Disk::open(g.path("disk.img"), pct::disk::DiskFormat::Raw).unwrap();
     let elf = GuestMemory::open(&core).expect("open ELF core");
     assert!(
         elf.vmcoreinfo().is_some(),

@@ -385,7 +385,7 @@ fn another_old_profile_gives_an_error_never_wrong_pages() {
                 levels: 4,
             },
         };
-        let disk_file = std::fs::File::open(&disk.img).unwrap();
+        let disk_file = pct::disk::Disk::open(&disk.img, pct::disk::DiskFormat::Raw).unwrap();
         let mapped: BTreeSet<(u64, u64)> = match pct::walk::fs::walk_page_cache(&k) {
             Ok(walk) => pct::cachemap::build(&k, &walk, Some(&disk_file))
                 .runs

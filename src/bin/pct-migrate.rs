@@ -12,6 +12,7 @@ mod tools;
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
+use pct::disk::DiskFormat;
 use pct::migrate::destination::{self, DestinationOptions};
 use pct::migrate::flow::parse_rate;
 use pct::migrate::inspect::{inspect, InspectOptions};
@@ -87,9 +88,15 @@ struct SendArgs {
     /// Cap pct's sending rate, e.g. 50mbit, 6MB/s.
     #[arg(long, value_name = "RATE")]
     bandwidth: Option<String>,
-    /// The source's copy of the guest disk (raw): metadata blocks the guest has not cached.
+    /// The source's copy of the guest disk (raw image, block device or qcow2): metadata
+    /// blocks the guest has not cached.
     #[arg(long)]
     disk: Option<PathBuf>,
+    /// How to read --disk: raw, qcow2 (backing chain included), or auto: qcow2 if the file
+    /// starts with qcow2's magic. Say raw for an untrusted guest's raw disk (a guest can
+    /// write that magic into its first sector).
+    #[arg(long, value_enum, default_value_t = DiskFormat::Auto, requires = "disk")]
+    disk_format: DiskFormat,
     /// Print the forensic report and the predicted savings; do not migrate.
     #[arg(long)]
     dry_run: bool,
@@ -126,9 +133,14 @@ struct ReceiveArgs {
     /// The destination QEMU's QMP socket (QEMU started with -incoming defer).
     #[arg(long)]
     qmp: PathBuf,
-    /// The destination's copy of the guest disk (raw image).
+    /// The destination's copy of the guest disk (raw image, block device or qcow2).
     #[arg(long)]
     disk: PathBuf,
+    /// How to read --disk: raw, qcow2 (backing chain included), or auto: qcow2 if the file
+    /// starts with qcow2's magic. Say raw for an untrusted guest's raw disk (a guest can
+    /// write that magic into its first sector).
+    #[arg(long, value_enum, default_value_t = DiskFormat::Auto, requires = "disk")]
+    disk_format: DiskFormat,
     /// Seconds to wait for the sender.
     #[arg(long, default_value_t = 600)]
     accept_timeout: u64,
@@ -177,6 +189,7 @@ fn send_main(a: SendArgs) -> Result<()> {
         qmp,
         profile: a.profile,
         disk: a.disk,
+        disk_format: a.disk_format,
         teleport: !a.no_teleport,
         free_elision: !a.no_free_elision,
         switchover_check: a.switchover_check,
@@ -212,6 +225,7 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
         listen: a.listen,
         qmp: a.qmp,
         disk: a.disk,
+        disk_format: a.disk_format,
         accept_timeout: Duration::from_secs(a.accept_timeout),
         receiver: ReceiverOptions {
             record: a.record_stream,

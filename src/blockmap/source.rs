@@ -1,14 +1,14 @@
 //! Where metadata blocks (extent index/leaf blocks, indirect blocks) are read from.
 //!
 //! The mapper asks for filesystem block `pblk` with a buffer whose length is the block
-//! size; a source turns that into a read of the guest's disk: the image file on the host
-//! ([`ImageFile`], `pread` at partition start + `pblk` × block size), an in-memory or
+//! size; a source turns that into a read of the guest's disk: its copy on the host
+//! ([`ImageFile`]: a [`Disk`], raw, block device or qcow2, read at partition start +
+//! `pblk` × block size), an in-memory or
 //! memory-mapped copy ([`DiskBytes`]), or, later, the guest's own cached copy in the block
 //! device's page cache.
 
-use std::fs::File;
+use crate::disk::{Disk, DiskFormat};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// A reader of filesystem blocks. `buf.len()` is the block size; the block's disk byte
@@ -31,22 +31,26 @@ pub fn block_offset(partition_start: u64, pblk: u64, len: usize) -> io::Result<u
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "block offset overflows"))
 }
 
-/// A raw disk image file on the host (the destination's copy of the guest disk).
+/// The guest's disk on the host, read by filesystem block.
 #[derive(Debug)]
 pub struct ImageFile {
-    file: File,
+    disk: Disk,
     partition_start: u64,
 }
 
 impl ImageFile {
-    /// Open `path` read-only; the filesystem starts `partition_start` bytes into it.
+    /// Open the raw image `path` read-only; the filesystem starts `partition_start` bytes
+    /// into it.
     pub fn open(path: impl AsRef<Path>, partition_start: u64) -> io::Result<ImageFile> {
-        Ok(ImageFile::new(File::open(path)?, partition_start))
+        Ok(ImageFile::new(
+            Disk::open(path, DiskFormat::Raw)?,
+            partition_start,
+        ))
     }
 
-    pub fn new(file: File, partition_start: u64) -> ImageFile {
+    pub fn new(disk: Disk, partition_start: u64) -> ImageFile {
         ImageFile {
-            file,
+            disk,
             partition_start,
         }
     }
@@ -57,14 +61,14 @@ impl ImageFile {
 
     /// Read raw disk bytes at an absolute disk offset (not relative to the partition).
     pub fn read_disk_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        Ok(self.disk.read_exact_at(buf, offset)?)
     }
 }
 
 impl BlockSource for ImageFile {
     fn read_block(&self, pblk: u64, buf: &mut [u8]) -> io::Result<()> {
         let off = block_offset(self.partition_start, pblk, buf.len())?;
-        self.file.read_exact_at(buf, off)
+        Ok(self.disk.read_exact_at(buf, off)?)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod source;
 
 use crate::blockmap::xfs::{ExtentList, XfsFs};
 use crate::blockmap::{self, Ext4Inode, Ext4Volume, MapOptions, Unrestorable};
+use crate::disk::Disk;
 use crate::kernel::Kernel;
 use crate::walk::dentry::dentry_path;
 use crate::walk::fs::CacheWalk;
@@ -34,7 +35,7 @@ struct SbContext<'a> {
     k: &'a Kernel<'a>,
     walk: &'a CacheWalk,
     sb: usize,
-    disk: Option<&'a std::fs::File>,
+    disk: Option<&'a Disk>,
 }
 
 impl<'a> SbContext<'a> {
@@ -42,7 +43,7 @@ impl<'a> SbContext<'a> {
         k: &'a Kernel<'a>,
         walk: &'a CacheWalk,
         sb: usize,
-        disk: Option<&'a std::fs::File>,
+        disk: Option<&'a Disk>,
     ) -> SbContext<'a> {
         SbContext {
             source: source::MetaSource::new(k, walk, sb, disk),
@@ -196,8 +197,8 @@ impl CacheMap {
     }
 }
 
-/// Builds the map. `disk` is the guest's disk image, if the host has it.
-pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&std::fs::File>) -> CacheMap {
+/// Builds the map. `disk` is the guest's disk, if the host has it.
+pub fn build(k: &Kernel, walk: &CacheWalk, disk: Option<&Disk>) -> CacheMap {
     let mut map = CacheMap::default();
     let mut pieces: Vec<Run> = Vec::new();
     let mut per_sb: HashMap<usize, SbContext> = HashMap::new();

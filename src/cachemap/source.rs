@@ -3,19 +3,19 @@
 //! newest version, and no disk needed), else the host's disk image.
 
 use crate::blockmap::BlockSource;
+use crate::disk::Disk;
 use crate::kernel::Kernel;
 use crate::walk::fs::CacheWalk;
 use crate::walk::page::PageState;
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 pub struct MetaSource<'a> {
     k: &'a Kernel<'a>,
     /// bdev page index → pfn, for uptodate pages of this filesystem's block device.
     cached: HashMap<u64, u64>,
     part_start: u64,
-    disk: Option<&'a std::fs::File>,
+    disk: Option<&'a Disk>,
 }
 
 impl<'a> MetaSource<'a> {
@@ -23,7 +23,7 @@ impl<'a> MetaSource<'a> {
         k: &'a Kernel<'a>,
         walk: &CacheWalk,
         sb: usize,
-        disk: Option<&'a std::fs::File>,
+        disk: Option<&'a Disk>,
     ) -> MetaSource<'a> {
         let cached = walk
             .inodes
@@ -65,7 +65,7 @@ impl BlockSource for MetaSource<'_> {
             }
         }
         match self.disk {
-            Some(f) => f.read_exact_at(buf, self.part_start + rel),
+            Some(d) => Ok(d.read_exact_at(buf, self.part_start + rel)?),
             None => Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("metadata block {pblk} is not in the guest's cache and no --disk image was given"),

@@ -7,11 +7,11 @@
 use super::link;
 use super::receiver::{self, Closing, ReceiverOptions, ReceiverReport};
 use super::wire::{Role, WireStats};
+use crate::disk::{Disk, DiskFormat};
 use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
 use crate::qemu::EventKind;
 use crate::qemu::Qmp;
 use anyhow::{bail, Context, Result};
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,8 +23,11 @@ pub struct DestinationOptions {
     pub listen: String,
     /// The destination QEMU's QMP socket.
     pub qmp: PathBuf,
-    /// The destination's copy of the guest disk (raw image).
+    /// The destination's copy of the guest disk: a raw image, a block device or a qcow2
+    /// image ([`crate::disk`]).
     pub disk: PathBuf,
+    /// How to read it (`Auto` probes for qcow2).
+    pub disk_format: DiskFormat,
     /// How long to wait for the sender.
     pub accept_timeout: Duration,
     /// The receiver's tunables (and its stream record).
@@ -39,6 +42,8 @@ pub struct Received {
     pub report_json: String,
     /// From the sender's connection to `Complete`.
     pub elapsed: Duration,
+    /// The disk the pages were restored from, as opened ([`Disk::description`]).
+    pub disk: String,
 }
 
 impl Received {
@@ -49,15 +54,16 @@ impl Received {
         Ok(v)
     }
 
-    /// One line for people; `disk`: the image the pages were restored from.
+    /// One line for people; `disk`: the path the pages were restored from.
     pub fn to_text(&self, disk: &std::path::Path) -> String {
         let r = &self.report;
         format!(
-            "received {:.1} MB of QEMU stream in {:.2} s: {} pages restored from {} ({} verified, {} fallen back), restore {:.2} s\n",
+            "received {:.1} MB of QEMU stream in {:.2} s: {} pages restored from {} ({}; {} verified, {} fallen back), restore {:.2} s\n",
             r.stream_bytes as f64 / 1e6,
             self.elapsed.as_secs_f64(),
             r.ref_pages,
             disk.display(),
+            self.disk,
             r.verified_pages,
             r.fallback_pages,
             r.restore_seconds
@@ -68,8 +74,8 @@ impl Received {
 /// Receives one migration. `listening` is told the address once the listening socket is
 /// bound (before the sender may connect).
 pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) -> Result<Received> {
-    let disk = File::open(&opts.disk)
-        .with_context(|| format!("opening the destination disk image {}", opts.disk.display()))?;
+    let disk = Disk::open(&opts.disk, opts.disk_format)
+        .context("opening the destination's copy of the guest disk")?;
     let mut qmp = Qmp::connect(&opts.qmp, Duration::from_secs(10)).with_context(|| {
         format!(
             "connecting to the destination QEMU at {}",
@@ -101,6 +107,7 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
     let qemu = ctl::start_destination(&mut qmp, &format!("unix:{}", sock.display()))
         .and_then(|()| ctl::connect_destination(&sock, Duration::from_secs(10)))
         .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+    let disk_description = disk.description().to_owned();
     let got = receiver::receive(tcp, disk, qemu, &opts.receiver, wire_stats);
     let mut report = match got {
         Ok((report, _)) => report,
@@ -139,5 +146,6 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
         report,
         report_json,
         elapsed: started.elapsed(),
+        disk: disk_description,
     })
 }

@@ -9,6 +9,7 @@
 
 use super::refmap::RefMap;
 use super::sender::SenderOptions;
+use crate::disk::Disk;
 use crate::introspect::{scan, ScanOptions};
 use crate::memory::GuestMemory;
 use crate::profile::Profile;
@@ -17,7 +18,6 @@ use crate::walk::buddy::is_poisoned;
 use anyhow::{anyhow, Result};
 use serde::Serialize;
 use std::fmt::Write;
-use std::fs::File;
 
 const PAGE: u64 = 4096;
 /// Header of a RAM record in QEMU's stream: `be64 offset | flags`.
@@ -69,7 +69,7 @@ fn compressed_len(data: &[u8], level: i32) -> u64 {
 pub fn dry_run(
     mem: &GuestMemory,
     profile: &Profile,
-    disk: Option<&File>,
+    disk: Option<&Disk>,
     block: &str,
     free_elision: bool,
 ) -> Result<DryRun> {

@@ -30,10 +30,10 @@ pub use pages::{bench_restore, read_pages, RestoreBench};
 use super::stream::{Decoder, Recorder};
 use super::timeline::{now_unix_ms, ReceiverMarks};
 use super::wire::{read_frame, write_frame, Frame, PageRefs, WireError, WireStats};
+use crate::disk::Disk;
 use fallback::{FailedRun, Link};
 use pages::page_views;
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -171,7 +171,7 @@ fn fail(slot: &Failure, e: RecvError) {
 /// [`super::destination`] does.
 pub fn receive(
     tcp: TcpStream,
-    disk: File,
+    disk: Disk,
     mut qemu: UnixStream,
     opts: &ReceiverOptions,
     wire_stats: WireStats,

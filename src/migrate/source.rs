@@ -16,6 +16,7 @@ use super::stream::RamBlock;
 use super::summary::Summary;
 use super::switchover::SwitchoverCheck;
 use super::wire::{Role, WireStats};
+use crate::disk::{Disk, DiskFormat};
 use crate::introspect::{scan, ScanOptions};
 use crate::kernel::select::{select_profile, Origin};
 use crate::memory::GuestMemory;
@@ -26,7 +27,6 @@ use crate::qemu::EventKind;
 use crate::qemu::Qmp;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fmt;
-use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -50,8 +50,11 @@ pub struct SourceOptions {
     pub qmp: PathBuf,
     /// Kernel profile; `None`: selected for the guest ([`select_profile`]).
     pub profile: Option<PathBuf>,
-    /// The source's copy of the guest disk (raw), for blocks the guest has not cached.
+    /// The source's copy of the guest disk (raw, block device or qcow2), for blocks the
+    /// guest has not cached.
     pub disk: Option<PathBuf>,
+    /// How to read `disk` (`Auto` probes for qcow2).
+    pub disk_format: DiskFormat,
     /// Replace cached pages by references (else pct is a plain transport).
     pub teleport: bool,
     /// Send the guest's free pages as zero pages (with `teleport`; docs/migration.md,
@@ -125,7 +128,7 @@ pub struct Source<'n> {
     notify: Notify<'n>,
     mem: Option<GuestMemory>,
     profile: Option<Profile>,
-    disk: Option<File>,
+    disk: Option<Disk>,
     /// The switchover check is to run (and can).
     check: bool,
     qmp: Qmp,
@@ -191,7 +194,10 @@ impl<'n> Source<'n> {
         let disk = opts
             .disk
             .as_ref()
-            .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
+            .map(|p| {
+                Disk::open(p, opts.disk_format)
+                    .context("opening the source's copy of the guest disk")
+            })
             .transpose()?;
         Ok(Source {
             opts,

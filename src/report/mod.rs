@@ -10,7 +10,6 @@ use crate::walk::page_scan::{Census, FreeBlock};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::os::unix::fs::FileExt;
 
 #[derive(Debug, Serialize)]
 pub struct ScanReport {
@@ -220,8 +219,12 @@ pub fn savings(bytes: u64) -> Vec<Saving> {
         .collect()
 }
 
-/// Byte-compares every run with the disk image.
-pub fn verify(mem: &crate::memory::GuestMemory, map: &CacheMap, disk: &std::fs::File) -> Verify {
+/// Byte-compares every run with the guest's disk.
+pub fn verify(
+    mem: &crate::memory::GuestMemory,
+    map: &CacheMap,
+    disk: &crate::disk::Disk,
+) -> Verify {
     let mut v = Verify::default();
     let mut buf = vec![0u8; 1 << 20];
     for r in &map.runs {

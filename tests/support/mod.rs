@@ -6,10 +6,12 @@
 //! - [`migrate`]: `pct-migrate` processes and migrations between two lab guests;
 //! - [`stream`]: firmware-only guests with a patterned RAM file, for real QEMU streams;
 //! - [`blockmap`]: lab disk images and debugfs as the independent oracle;
+//! - [`disk`]: qemu-img, qemu-io and loop devices, for the disk reader's formats;
 //! - [`oldguest`]: synthetic RAM of kernels laid out by a profile (radix trees, whole guests).
 #![allow(dead_code)]
 
 pub mod blockmap;
+pub mod disk;
 pub mod lab;
 pub mod migrate;
 pub mod oldguest;

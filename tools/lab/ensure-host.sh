@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install the host packages the lab needs (QEMU, busybox, pahole, iproute2, e2fsprogs,
-# xfsprogs),
+# Install the host packages the lab needs (QEMU and qemu-img, busybox, pahole, iproute2,
+# e2fsprogs, xfsprogs),
 # idempotently. Needs root for apt-get; does nothing when everything is already there.
 source "$(dirname "$0")/common.sh"
 
 # command -> Debian package
 declare -A PKG=(
 	[qemu-system-x86_64]=qemu-system-x86
+	[qemu-img]=qemu-utils
 	[busybox]=busybox-static
 	[pahole]=dwarves
 	[ip]=iproute2

@@ -1,5 +1,6 @@
 //! `pct-introspect scan`: the forensic dry-run.
 
+use pct::disk::{Disk, DiskFormat};
 use pct::introspect::{scan, ScanOptions};
 use pct::kernel::select::select_profile;
 use pct::memory::GuestMemory;
@@ -19,9 +20,15 @@ pub struct ScanArgs {
     /// A live QEMU's QMP socket: pct finds and maps its RAM file itself (read-only).
     #[arg(long)]
     qmp: Option<PathBuf>,
-    /// The guest's disk image (raw): metadata blocks the guest has not cached, and --verify.
+    /// The guest's disk (raw image, block device or qcow2): metadata blocks the guest has
+    /// not cached, and --verify.
     #[arg(long)]
     disk: Option<PathBuf>,
+    /// How to read --disk: raw, qcow2 (backing chain included), or auto: qcow2 if the file
+    /// starts with qcow2's magic. Say raw for an untrusted guest's raw disk (a guest can
+    /// write that magic into its first sector).
+    #[arg(long, value_enum, default_value_t = DiskFormat::Auto, requires = "disk")]
+    disk_format: DiskFormat,
     /// Byte-compare every run of the map with the disk image.
     #[arg(long, requires = "disk")]
     verify: bool,
@@ -57,10 +64,7 @@ pub fn run(a: ScanArgs) -> Result<ExitCode, String> {
     eprintln!("using profile {}", selected.origin);
     let profile = selected.profile;
     let disk = match &a.disk {
-        Some(p) => Some(
-            std::fs::File::open(p)
-                .map_err(|e| format!("cannot open disk image {}: {e}", p.display()))?,
-        ),
+        Some(p) => Some(Disk::open(p, a.disk_format).map_err(|e| e.to_string())?),
         None => None,
     };
     let opts = ScanOptions {

@@ -3,6 +3,7 @@
 //! `bench-restore`.
 
 use anyhow::{Context, Result};
+use pct::disk::{Disk, DiskFormat};
 use pct::migrate::receiver::bench_restore;
 use pct::qemu::migration::stock_migrate;
 use pct::qemu::Qmp;
@@ -11,9 +12,14 @@ use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Raw disk image (read it once before to have it page-cached).
+    /// Disk image: raw, block device or qcow2 (read it once before to have it page-cached).
     #[arg(long)]
     disk: PathBuf,
+    /// How to read --disk: raw, qcow2 (backing chain included), or auto: qcow2 if the file
+    /// starts with qcow2's magic. Say raw for an untrusted guest's raw disk (a guest can
+    /// write that magic into its first sector).
+    #[arg(long, value_enum, default_value_t = DiskFormat::Auto, requires = "disk")]
+    disk_format: DiskFormat,
     /// Pages to restore (from the start of the image).
     #[arg(long, default_value_t = 76_800)]
     pages: u64,
@@ -82,8 +88,8 @@ pub fn stock_main(a: StockArgs) -> Result<()> {
 
 /// Restores `pages` pages from `disk` in runs and prints the rate.
 pub fn bench_main(a: BenchArgs) -> Result<()> {
-    let disk =
-        std::fs::File::open(&a.disk).with_context(|| format!("opening {}", a.disk.display()))?;
+    let disk = Disk::open(&a.disk, a.disk_format)?;
+    eprintln!("{}: {}", a.disk.display(), disk.description());
     print!("{}", bench_restore(&disk, a.pages, a.run_pages)?.to_text());
     Ok(())
 }

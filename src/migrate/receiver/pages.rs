@@ -1,4 +1,4 @@
-//! The pages of a reference run at the receiver: read from the disk image
+//! The pages of a reference run at the receiver: read from the guest's disk
 //! ([`read_pages`]), written back into QEMU's stream as the `PAGE` records they replaced
 //! ([`PageRefs::emit_records`]), and the benchmark of that restore path
 //! ([`bench_restore`], `pct-migrate bench-restore`).
@@ -6,13 +6,12 @@
 use super::super::stream::put_page;
 use super::super::wire::{Hello, PageRefs, Role, RunBuilder, WireError, PAGE_SIZE};
 use super::RecvError;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::disk::Disk;
 use std::time::Instant;
 
 /// Reads `refs`' pages from `disk`; returns the bytes (zeros where unreadable) and, per
 /// page, whether it could be read.
-pub fn read_pages(disk: &File, refs: &PageRefs) -> (Vec<u8>, Vec<bool>) {
+pub fn read_pages(disk: &Disk, refs: &PageRefs) -> (Vec<u8>, Vec<bool>) {
     let n = refs.pages.len();
     let mut data = vec![0u8; n * PAGE_SIZE];
     let mut ok = vec![true; n];
@@ -86,8 +85,8 @@ pub struct RestoreBench {
 /// The restorer's work for the first `pages` pages of `disk`, in runs of `run_pages` as
 /// the sender builds them: read (contiguous ranges in one read), then check the run hash.
 /// Only the reading and checking is timed.
-pub fn bench_restore(disk: &File, pages: u64, run_pages: usize) -> Result<RestoreBench, RecvError> {
-    let len = disk.metadata().map_err(RecvError::Io)?.len();
+pub fn bench_restore(disk: &Disk, pages: u64, run_pages: usize) -> Result<RestoreBench, RecvError> {
+    let len = disk.size();
     let pages = pages.min(len / PAGE_SIZE as u64);
     let session = Hello::new(Role::Sender).negotiate(&Hello::new(Role::Receiver))?;
     // Build the runs (hashes of the real bytes), as the sender would.
@@ -97,7 +96,7 @@ pub fn bench_restore(disk: &File, pages: u64, run_pages: usize) -> Result<Restor
     let page = PAGE_SIZE as u64;
     for p in 0..pages {
         disk.read_exact_at(&mut buf, p * page)
-            .map_err(RecvError::Io)?;
+            .map_err(|e| RecvError::Io(e.into()))?;
         if let Some(r) = b.push(0, p * page, p > 0, p * page, &buf) {
             runs.push(r);
         }

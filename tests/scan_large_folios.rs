@@ -127,7 +127,7 @@ fn xfs_large_folios_are_mapped_and_huge_tmpfs_is_not() {
     g.stop();
     let mem = GuestMemory::open(&g.ram_path).expect("map guest RAM");
     let disk_path = g.path("disk.img");
-    let disk = std::fs::File::open(&disk_path).unwrap();
+    let disk = pct::disk::Disk::open(&disk_path, pct::disk::DiskFormat::Raw).unwrap();
     let opts = ScanOptions {
         cross_check: true,
         verify: true,

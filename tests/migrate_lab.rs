@@ -185,26 +185,7 @@ fn apache_with_anonymous_ram() {
 fn db_with_anonymous_ram() {
     let mut spec = GuestSpec::new("db").layout("db", "plain");
     spec.anon_ram = true;
-    let Some((_one, src, mut dst, disk)) = lab_pair_of(spec) else {
-        return;
-    };
-    let run = migrate(&src, &dst, &disk, &[], None);
-    let s = succeeded(&run);
-    assert_identical(&src, &dst);
-    assert!(u(&s, &["pages", "teleported"]) > 20_000, "{s}");
-    eprintln!(
-        "db, anonymous RAM: {} fell back of {} teleported, {} pages re-sent at switchover \
-         (copy {} ms)",
-        u(&s, &["pages", "fallen_back"]),
-        u(&s, &["pages", "teleported"]),
-        u(&s, &["switchover_check", "pages_resent"]),
-        s["switchover_check"]["copy_time"],
-    );
-    std::fs::copy(src.path("disk.img"), &disk).expect("sync the destination disk");
-    drop(src);
-    let skip = dst.serial_log().len();
-    dst.cont();
-    dst.wait_serial(skip, "PCT-DB ops=", Duration::from_secs(60));
+    db_case(spec);
 }
 
 /// Free-page elision on an aged guest (400 MB of random data went through its memory and
@@ -696,19 +677,18 @@ fn cut_link_leaves_source_running() {
 /// runs on at the destination.
 #[test]
 fn db_bit_identical_while_writing() {
-    db_case(1);
+    db_case(GuestSpec::new("db").layout("db", "plain"));
 }
 
 /// The same with 2 vCPUs (MTTCG): the database writes while the other vCPU runs too.
 #[test]
 fn db_two_vcpus() {
-    db_case(2);
+    db_case(GuestSpec::new("db").layout("db", "plain").smp(2));
 }
 
-fn db_case(smp: u32) {
-    let Some((_one, src, mut dst, disk)) =
-        lab_pair_of(GuestSpec::new("db").layout("db", "plain").smp(smp))
-    else {
+fn db_case(spec: GuestSpec) {
+    let (smp, anon) = (spec.smp, spec.anon_ram);
+    let Some((_one, src, mut dst, disk)) = lab_pair_of(spec) else {
         return;
     };
     let run = migrate(&src, &dst, &disk, &[], None);
@@ -716,13 +696,14 @@ fn db_case(smp: u32) {
     assert_identical(&src, &dst);
     assert!(u(&s, &["pages", "teleported"]) > 20_000, "{s}");
     eprintln!(
-        "db, {smp} vCPU(s): {} fell back of {} teleported, fallback {} B, protocol {} B, {} pages \
-         re-sent at switchover",
+        "db, {smp} vCPU(s), anonymous RAM {anon}: {} fell back of {} teleported, fallback {} B, \
+         protocol {} B, {} pages re-sent at switchover (copying RAM: {} ms)",
         u(&s, &["pages", "fallen_back"]),
         u(&s, &["pages", "teleported"]),
         u(&s, &["wire", "fallback"]),
         u(&s, &["wire", "protocol"]),
-        u(&s, &["switchover_check", "pages_resent"])
+        u(&s, &["switchover_check", "pages_resent"]),
+        s["switchover_check"]["copy_time"],
     );
 
     // The mirror catches up (the source is stopped), then the guest resumes.

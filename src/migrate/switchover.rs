@@ -372,9 +372,9 @@ impl<'a> SwitchoverCheck<'a> {
     /// the guest's vCPUs are stopped, and the check is downtime.
     pub fn hasher(&self) -> impl FnOnce() -> LiveHashes + Send + 'a {
         let pages = self.sent.len();
-        let (ram, process) = match &self.ram {
-            LiveRam::Mapped(ram) => (Some(*ram), None),
-            LiveRam::Process(p) => (None, Some(p.clone())),
+        let source = match &self.ram {
+            LiveRam::Mapped(ram) => LiveRam::Mapped(ram),
+            LiveRam::Process(p) => LiveRam::Process(p.clone()),
         };
         self.cancel.store(true, Ordering::Relaxed);
         let baseline = std::mem::take(&mut *lock(&self.baseline));
@@ -386,9 +386,9 @@ impl<'a> SwitchoverCheck<'a> {
         };
         move || {
             let t = Instant::now();
-            let Some(ram) = ram else {
-                let process = process.expect("a check reads a mapped or a process's block");
-                return hash_copy(&process, pages, why_none, t);
+            let ram = match source {
+                LiveRam::Mapped(ram) => ram,
+                LiveRam::Process(process) => return hash_copy(&process, pages, why_none, t),
             };
             let done = |i: usize| {
                 baseline.done.get(i / CHUNK).copied().unwrap_or(false)

@@ -235,9 +235,37 @@ impl ProcessRam {
         })?;
         let mut copy = memmap2::MmapMut::map_anon(len).map_err(io)?;
         use std::os::unix::fs::FileExt;
-        for (i, chunk) in copy.chunks_mut(64 << 20).enumerate() {
-            file.read_exact_at(chunk, self.base + (i as u64) * (64 << 20))
-                .map_err(io)?;
+        // In 8 MiB pieces, on as many threads as the host has cores (up to 8): one
+        // thread's reads of another process's memory run at about 1.4 GB/s here.
+        const PIECE: usize = 8 << 20;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let per_thread = len.div_ceil(threads).div_ceil(PIECE) * PIECE;
+        let base = self.base;
+        let failed = std::thread::scope(|s| {
+            let workers: Vec<_> = copy
+                .chunks_mut(per_thread.max(PIECE))
+                .enumerate()
+                .map(|(t, part)| {
+                    let file = &file;
+                    s.spawn(move || {
+                        let first = (t * per_thread.max(PIECE)) as u64;
+                        for (i, piece) in part.chunks_mut(PIECE).enumerate() {
+                            file.read_exact_at(piece, base + first + (i * PIECE) as u64)?;
+                        }
+                        Ok::<(), std::io::Error>(())
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("reader panicked")))
+                })
+                .find_map(Result::err)
+        });
+        if let Some(e) = failed {
+            return Err(io(e));
         }
         let map = copy.make_read_only().map_err(io)?;
         let mem = GuestMemory::from_map(

@@ -436,6 +436,57 @@ fn garbage_never_panics() {
     }
 }
 
+/// Inputs `fuzz/fuzz_targets/receiver_wire.rs` found, kept in `tests/fixtures/receiver_wire/`
+/// (first byte: the fuzz target's selector; then the bytes a receiver read). Each must be
+/// refused with the error named here, by the buffered decoder and by `read_frame` alike.
+#[test]
+fn receiver_wire_regressions() {
+    let cases: [(&str, &str); 1] = [
+        // A data frame whose decompressed length 8 came as the two-byte varint `88 00`:
+        // accepted, it re-encoded to a different, shorter frame.
+        (
+            "padded-varint",
+            "varint 8 not in its shortest form (2 bytes)",
+        ),
+    ];
+    for (name, want) in cases {
+        let path = format!(
+            "{}/tests/fixtures/receiver_wire/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let input = std::fs::read(&path).expect("fixture");
+        let wire = &input[1..];
+        let e = Frame::decode(wire, MAX_PAYLOAD).expect_err(name);
+        assert!(e.to_string().contains(want), "{name}: {e}");
+        let e = read_frame(&mut &wire[..], MAX_PAYLOAD).expect_err(name);
+        assert!(e.to_string().contains(want), "{name}: {e}");
+    }
+}
+
+/// Varints: every value's `put_varint` form decodes; padded forms are refused.
+#[test]
+fn varints_have_one_encoding() {
+    for v in [0u64, 1, 127, 128, 300, 1 << 35, 1 << 62] {
+        let f = Frame::Complete { stream_bytes: v };
+        let mut b = Vec::new();
+        f.encode(&mut b).expect("encode");
+        assert_eq!(
+            Frame::decode(&b, MAX_PAYLOAD)
+                .expect("decode")
+                .expect("whole")
+                .0,
+            f
+        );
+        // The same value with a zero byte appended to its varint.
+        let last = b.len() - 1;
+        b[last] |= 0x80;
+        b.push(0);
+        b[4] += 1;
+        let e = Frame::decode(&b, MAX_PAYLOAD).expect_err("padded");
+        assert!(e.to_string().contains("shortest form"), "{v}: {e}");
+    }
+}
+
 /// A sender's side of a short session, as the receiver reads it: hello, the start of a
 /// QEMU stream (`ram` section with `MEM_SIZE`), a reference run of zero pages, a run whose
 /// pages differ from zeros, fallback data and page hashes, the rest of the stream, `End`.

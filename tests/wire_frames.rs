@@ -441,12 +441,19 @@ fn garbage_never_panics() {
 /// refused with the error named here, by the buffered decoder and by `read_frame` alike.
 #[test]
 fn receiver_wire_regressions() {
-    let cases: [(&str, &str); 1] = [
+    let cases: [(&str, &str); 2] = [
         // A data frame whose decompressed length 8 came as the two-byte varint `88 00`:
         // accepted, it re-encoded to a different, shorter frame.
         (
             "padded-varint",
             "varint 8 not in its shortest form (2 bytes)",
+        ),
+        // Page hashes for pages 71 + (2^64 - 1) of a run: the bound check added first and
+        // count, which overflowed (a panic with overflow checks; without, a wrapped sum
+        // that passed the check and a truncated count).
+        (
+            "page-count-overflow",
+            "pages 71+18446744073709551615 outside a run of at most 4096 pages",
         ),
     ];
     for (name, want) in cases {

@@ -132,6 +132,13 @@ pub fn handshake(
     s.set_read_timeout(None)?;
     let (frame, n) = got.ok_or(LinkError::HelloClosed)?;
     stats.count(&frame, n);
+    peer_hello(&ours, frame)
+}
+
+/// What the peer's first frame means for the session, given `ours`: its hello settles the
+/// session parameters; an error frame or any other frame refuses the session. The part of
+/// [`handshake`] that judges untrusted bytes, without a socket (fuzz/receiver_wire).
+pub fn peer_hello(ours: &Hello, frame: Frame) -> Result<Session, LinkError> {
     match frame {
         Frame::Hello(peer) => Ok(ours.negotiate(&peer)?),
         Frame::Error { message, .. } => Err(LinkError::Hello(WireError::Mismatch(message))),

@@ -355,7 +355,6 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> Result<usize,
     Ok(n)
 }
 
-/// `first` and `count` pages, bounded.
 /// The rest of the frame as text of at most `max` bytes (`what` names it in errors).
 fn utf8_rest(r: &mut Reader<'_>, max: usize, what: &str) -> Result<String, WireError> {
     let rest = r.rest();
@@ -372,8 +371,14 @@ fn run_pages(r: &mut Reader<'_>) -> Result<(u64, u32, u32), WireError> {
     let run = r.varint()?;
     let first = r.varint()?;
     let count = r.varint()?;
-    if first >= MAX_RUN_PAGES as u64 || count == 0 || first + count > MAX_RUN_PAGES as u64 {
-        return Err(malformed(r.frame, format!("pages {first}+{count}")));
+    // `count` is checked against the room left after `first`: `first + count` can
+    // overflow (and, wrapped, pass).
+    let max = MAX_RUN_PAGES as u64;
+    if first >= max || count == 0 || count > max - first {
+        return Err(malformed(
+            r.frame,
+            format!("pages {first}+{count} outside a run of at most {max} pages"),
+        ));
     }
     Ok((run, first as u32, count as u32))
 }

@@ -68,6 +68,15 @@ impl<'b> Reader<'b> {
             }
             v |= bits << (7 * i);
             if b & 0x80 == 0 {
+                // A zero last byte after others only pads the value: refused, so that
+                // every accepted varint is the one `put_varint` writes (one encoding per
+                // frame, as the receiver's fuzz target checks).
+                if i > 0 && b == 0 {
+                    return Err(malformed(
+                        self.frame,
+                        format!("varint {v} not in its shortest form ({} bytes)", i + 1),
+                    ));
+                }
                 return Ok(v);
             }
         }

@@ -160,14 +160,19 @@ impl<'n> Source<'n> {
             CheckMode::Off => false,
             CheckMode::Auto => ctl::misses_writes(&mut connect(&opts.qmp)?)?,
         };
-        let mem = if map || check_wanted {
-            Some(live::open_live(&opts.qmp).map_err(|e| anyhow!("mapping the guest's RAM: {e}"))?)
-        } else {
-            None
-        };
-        // QEMU serves one client per QMP socket: connected after open_live is done with it.
-        let mut qmp = connect(&opts.qmp)?;
-        let ram = main_ram(&mut qmp, &opts.qmp)?;
+        // QEMU serves one client per QMP socket: this connection is closed before
+        // open_live makes its own.
+        let ram = main_ram(&mut connect(&opts.qmp)?, &opts.qmp)?;
+        // The map reads guest RAM; so does the check of a shared RAM file (anonymous RAM is
+        // copied for the check when the guest has stopped).
+        let mem = match &ram {
+            MainRam::File(_) if map || check_wanted => Some(live::open_live(&opts.qmp)),
+            MainRam::Process(p) if map => Some(p.snapshot()),
+            _ => None,
+        }
+        .transpose()
+        .map_err(|e| anyhow!("mapping the guest's RAM: {e}"))?;
+        let qmp = connect(&opts.qmp)?;
         // A shared RAM file is checked through its mapping, anonymous RAM through a copy.
         let check = check_wanted
             && match &ram {
@@ -289,7 +294,8 @@ impl<'n> Source<'n> {
             };
             let t = Instant::now();
             let scan_opts = ScanOptions {
-                free_pages: free_elision,
+                // Elision needs a live view (below): no free-page scan for a copy.
+                free_pages: free_elision && mem.live_block().is_some(),
                 ..ScanOptions::default()
             };
             match scan(mem, profile, disk.as_ref(), scan_opts) {

@@ -4,8 +4,9 @@
 //! pct sender and sends pct frames to a receiver ([`pct::migrate::source`]). Destination
 //! side (`receive`): accepts one sender, feeds the destination QEMU (started with
 //! `-incoming defer`) a standard stream, and exits with the migration's status
-//! ([`pct::migrate::destination`]). This file parses the arguments and prints; see
-//! docs/migration.md.
+//! ([`pct::migrate::destination`]). `proxy`: the source side when libvirt drives the
+//! migration ([`pct::migrate::proxy`]). This file parses the arguments and prints; see
+//! docs/migration.md and docs/libvirt.md.
 
 #[path = "pct-migrate/tools.rs"]
 mod tools;
@@ -13,7 +14,8 @@ mod tools;
 use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 use pct::disk::DiskFormat;
-use pct::migrate::destination::{self, DestinationOptions};
+use pct::migrate::destination::{self, DestinationOptions, DestinationQemu};
+use pct::migrate::proxy::{self, ProxyOptions};
 use pct::migrate::flow::parse_rate;
 use pct::migrate::inspect::{inspect, InspectOptions};
 use pct::migrate::receiver::ReceiverOptions;
@@ -42,6 +44,9 @@ struct Cli {
 enum Cmd {
     /// Destination side: accept one pct sender and feed the destination QEMU.
     Receive(ReceiveArgs),
+    /// Source side of a migration libvirt drives: relay the source QEMU's stream to a pct
+    /// receiver.
+    Proxy(ProxyArgs),
     /// Read a recorded stream (`--record-stream`): its figures, and where given pages occur.
     InspectStream(InspectArgs),
     /// Benchmark the receiver's restore path (read + verify) on a disk image.
@@ -76,12 +81,27 @@ struct InspectArgs {
 /// Source side.
 #[derive(Args)]
 struct SendArgs {
-    /// Kernel profile (JSON) [default: the shipped profile matching the guest's build-id].
-    #[arg(long)]
-    profile: Option<PathBuf>,
     /// The source QEMU's QMP socket.
     #[arg(long)]
     qmp: Option<PathBuf>,
+    /// Print the forensic report and the predicted savings; do not migrate.
+    #[arg(long)]
+    dry_run: bool,
+    /// Send the guest's free pages as they are (by default a page free in the guest's
+    /// buddy allocator is sent as a zero page; one no longer free at the switchover is
+    /// re-sent).
+    #[arg(long)]
+    no_free_elision: bool,
+    #[command(flatten)]
+    send: SenderArgs,
+}
+
+/// What every sending side takes: pct's own source (`--qmp`) and the proxy.
+#[derive(Args)]
+struct SenderArgs {
+    /// Kernel profile (JSON) [default: the shipped profile matching the guest's build-id].
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// The pct receiver, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     to: Option<String>,
@@ -97,17 +117,9 @@ struct SendArgs {
     /// write that magic into its first sector).
     #[arg(long, value_enum, default_value_t = DiskFormat::Auto, requires = "disk")]
     disk_format: DiskFormat,
-    /// Print the forensic report and the predicted savings; do not migrate.
-    #[arg(long)]
-    dry_run: bool,
     /// Send every page (no teleportation): pct as a plain transport, for comparison.
     #[arg(long)]
     no_teleport: bool,
-    /// Send the guest's free pages as they are (by default a page free in the guest's
-    /// buddy allocator is sent as a zero page; one no longer free at the switchover is
-    /// re-sent).
-    #[arg(long)]
-    no_free_elision: bool,
     /// Send data uncompressed (with --no-teleport: pct's own overhead, for comparison).
     #[arg(long)]
     no_compress: bool,
@@ -125,14 +137,50 @@ struct SendArgs {
     switchover_check: CheckMode,
 }
 
+impl SenderArgs {
+    fn sender_options(&mut self) -> Result<SenderOptions> {
+        let bandwidth = self.bandwidth.as_deref().map(parse_rate).transpose();
+        Ok(SenderOptions {
+            bandwidth: bandwidth.map_err(|e| anyhow!(e))?,
+            zstd_level: if self.no_compress { None } else { Some(1) },
+            record: self.record_stream.take(),
+            ..SenderOptions::default()
+        })
+    }
+}
+
+/// Source side of a migration that a VM manager (libvirt) drives: listen where the source
+/// QEMU is told to migrate (`virsh migrate --migrateuri tcp://127.0.0.1:PORT`), and carry
+/// its stream to a pct receiver. pct needs no monitor of its own: it finds the QEMU process
+/// from the connection and reads its RAM through /proc. See docs/libvirt.md.
+#[derive(Args)]
+struct ProxyArgs {
+    /// Where the source QEMU will connect, HOST:PORT (e.g. 127.0.0.1:49152).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// The source QEMU's process id [default: the process that connects].
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Seconds to wait for the source QEMU to connect.
+    #[arg(long, default_value_t = 600)]
+    accept_timeout: u64,
+    #[command(flatten)]
+    send: SenderArgs,
+}
+
 #[derive(Args)]
 struct ReceiveArgs {
     /// Address to listen on, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     listen: String,
-    /// The destination QEMU's QMP socket (QEMU started with -incoming defer).
-    #[arg(long)]
-    qmp: PathBuf,
+    /// The destination QEMU's QMP socket (QEMU started with -incoming defer): pct starts
+    /// the incoming migration and waits for QEMU to load it.
+    #[arg(long, required_unless_present = "qemu_incoming", conflicts_with = "qemu_incoming")]
+    qmp: Option<PathBuf>,
+    /// Where the destination QEMU listens for the stream, HOST:PORT, when a VM manager
+    /// (libvirt) drives it: pct connects there and writes the stream (see docs/libvirt.md).
+    #[arg(long, value_name = "HOST:PORT")]
+    qemu_incoming: Option<String>,
     /// The destination's copy of the guest disk (raw image, block device or qcow2).
     #[arg(long)]
     disk: PathBuf,
@@ -157,6 +205,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Some(Cmd::Receive(a)) => receive_main(a),
+        Some(Cmd::Proxy(a)) => proxy_main(a),
         Some(Cmd::InspectStream(a)) => inspect_main(a),
         Some(Cmd::BenchRestore(a)) => tools::bench_main(a),
         Some(Cmd::Qmp(a)) => tools::qmp_main(a),
@@ -182,38 +231,57 @@ fn print_notice(n: Notice<'_>, tty: bool) {
     }
 }
 
-fn send_main(a: SendArgs) -> Result<()> {
+fn send_main(mut a: SendArgs) -> Result<()> {
     let qmp = a.qmp.ok_or_else(|| anyhow!("--qmp SRC.sock is required"))?;
-    let bandwidth = a.bandwidth.as_deref().map(parse_rate).transpose();
     let opts = SourceOptions {
         qmp,
-        profile: a.profile,
-        disk: a.disk,
-        disk_format: a.disk_format,
-        teleport: !a.no_teleport,
+        profile: a.send.profile.take(),
+        disk: a.send.disk.take(),
+        disk_format: a.send.disk_format,
+        teleport: !a.send.no_teleport,
         free_elision: !a.no_free_elision,
-        switchover_check: a.switchover_check,
-        sender: SenderOptions {
-            bandwidth: bandwidth.map_err(|e| anyhow!(e))?,
-            zstd_level: if a.no_compress { None } else { Some(1) },
-            record: a.record_stream,
-            ..SenderOptions::default()
-        },
+        switchover_check: a.send.switchover_check,
+        sender: a.send.sender_options()?,
     };
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
     if a.dry_run {
         let d = Source::for_dry_run(opts, &notify)?.predict()?;
-        match a.json {
+        match a.send.json {
             true => println!("{}", serde_json::to_string_pretty(&d.to_json()?)?),
             false => print!("{}", d.to_text()),
         }
         return Ok(());
     }
     let src = Source::for_migration(opts, &notify)?;
-    let to = a.to.ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
+    let to = a.send.to.ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
     let s = src.migrate(&to)?;
-    match a.json {
+    match a.send.json {
+        true => println!("{}", serde_json::to_string_pretty(&s)?),
+        false => print!("{}", s.to_text()),
+    }
+    Ok(())
+}
+
+fn proxy_main(mut a: ProxyArgs) -> Result<()> {
+    let to = a.send.to.take().ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
+    let opts = ProxyOptions {
+        listen: a.listen,
+        pid: a.pid,
+        profile: a.send.profile.take(),
+        disk: a.send.disk.take(),
+        disk_format: a.send.disk_format,
+        teleport: !a.send.no_teleport,
+        switchover_check: a.send.switchover_check,
+        accept_timeout: Duration::from_secs(a.accept_timeout),
+        sender: a.send.sender_options()?,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let notify = move |n: Notice<'_>| print_notice(n, tty);
+    let s = proxy::relay(&opts, &to, &notify, |addr| {
+        eprintln!("pct-migrate: proxy listening on {addr} for the source QEMU")
+    })?;
+    match a.send.json {
         true => println!("{}", serde_json::to_string_pretty(&s)?),
         false => print!("{}", s.to_text()),
     }
@@ -221,9 +289,14 @@ fn send_main(a: SendArgs) -> Result<()> {
 }
 
 fn receive_main(a: ReceiveArgs) -> Result<()> {
+    let qemu = match (a.qmp, a.qemu_incoming) {
+        (Some(qmp), _) => DestinationQemu::Qmp(qmp),
+        (None, Some(addr)) => DestinationQemu::Incoming(addr),
+        (None, None) => return Err(anyhow!("--qmp or --qemu-incoming is required")),
+    };
     let opts = DestinationOptions {
         listen: a.listen,
-        qmp: a.qmp,
+        qemu,
         disk: a.disk,
         disk_format: a.disk_format,
         accept_timeout: Duration::from_secs(a.accept_timeout),

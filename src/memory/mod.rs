@@ -58,6 +58,31 @@ pub enum RawLayout {
     SplitAt4G { below_4g: u64 },
 }
 
+impl RawLayout {
+    /// The guest-physical pieces of a RAM block of `len` bytes laid out this way.
+    pub fn regions(self, len: u64) -> Vec<Region> {
+        match self {
+            RawLayout::SplitAt4G { below_4g } if below_4g < len => vec![
+                Region {
+                    gpa: 0,
+                    offset: 0,
+                    len: below_4g,
+                },
+                Region {
+                    gpa: 1 << 32,
+                    offset: below_4g,
+                    len: len - below_4g,
+                },
+            ],
+            _ => vec![Region {
+                gpa: 0,
+                offset: 0,
+                len,
+            }],
+        }
+    }
+}
+
 impl GuestMemory {
     /// Opens an ELF core (detected by its magic) or a raw RAM file.
     pub fn open(path: &Path) -> Result<GuestMemory, MemError> {
@@ -122,25 +147,7 @@ impl GuestMemory {
                 ),
             });
         }
-        let regions = match layout {
-            RawLayout::SplitAt4G { below_4g } if below_4g < len => vec![
-                Region {
-                    gpa: 0,
-                    offset: 0,
-                    len: below_4g,
-                },
-                Region {
-                    gpa: 1 << 32,
-                    offset: below_4g,
-                    len: len - below_4g,
-                },
-            ],
-            _ => vec![Region {
-                gpa: 0,
-                offset: 0,
-                len,
-            }],
-        };
+        let regions = layout.regions(len);
         Ok(GuestMemory {
             map,
             regions,

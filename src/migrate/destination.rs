@@ -2,7 +2,9 @@
 //! and preparing the destination QEMU (started with `-incoming defer`), accepting one pct
 //! sender, starting QEMU's incoming migration, running the [`super::receiver`],
 //! waiting for QEMU to load the whole stream, and closing the session: `Report` and
-//! `Complete` on success, `Error` (with the reason) on any failure after the hello.
+//! `Complete` on success, `Error` (with the reason) on any failure after the hello. When a
+//! VM manager drives the destination QEMU instead ([`DestinationQemu::Incoming`]), pct
+//! only connects to where QEMU listens and writes the stream.
 
 use super::link;
 use super::receiver::{self, Closing, ReceiverOptions, ReceiverReport};
@@ -11,8 +13,9 @@ use crate::disk::{Disk, DiskFormat};
 use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
 use crate::qemu::EventKind;
 use crate::qemu::Qmp;
-use anyhow::{bail, Context, Result};
-use std::net::SocketAddr;
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -21,8 +24,8 @@ use std::time::{Duration, Instant};
 pub struct DestinationOptions {
     /// Address to listen on for the sender, HOST:PORT.
     pub listen: String,
-    /// The destination QEMU's QMP socket.
-    pub qmp: PathBuf,
+    /// The destination QEMU, and who drives it.
+    pub qemu: DestinationQemu,
     /// The destination's copy of the guest disk: a raw image, a block device or a qcow2
     /// image ([`crate::disk`]).
     pub disk: PathBuf,
@@ -32,6 +35,19 @@ pub struct DestinationOptions {
     pub accept_timeout: Duration,
     /// The receiver's tunables (and its stream record).
     pub receiver: ReceiverOptions,
+}
+
+/// The destination QEMU, as the receiver reaches it.
+#[derive(Debug, Clone)]
+pub enum DestinationQemu {
+    /// pct drives it over this QMP socket: QEMU waits with `-incoming defer`, pct starts
+    /// its incoming migration and waits for it to load the stream.
+    Qmp(PathBuf),
+    /// A VM manager (libvirt) drives it: QEMU listens for the stream at this HOST:PORT
+    /// (`-incoming tcp:…` or `migrate-incoming`), and the manager resumes it. pct connects,
+    /// writes the stream and waits for QEMU to close the connection, which it does once it
+    /// has loaded the stream (or failed to: the manager sees which).
+    Incoming(String),
 }
 
 /// A migration received.
@@ -76,10 +92,14 @@ impl Received {
 pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) -> Result<Received> {
     let disk = Disk::open(&opts.disk, opts.disk_format)
         .context("opening the destination's copy of the guest disk")?;
-    let mut qmp = Qmp::connect(&opts.qmp, Duration::from_secs(10)).with_context(|| {
+    let qmp_path = match &opts.qemu {
+        DestinationQemu::Qmp(p) => p,
+        DestinationQemu::Incoming(addr) => return receive_managed(opts, disk, addr, listening),
+    };
+    let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).with_context(|| {
         format!(
             "connecting to the destination QEMU at {}",
-            opts.qmp.display()
+            qmp_path.display()
         )
     })?;
     let state = ctl::run_state(&mut qmp)?;
@@ -88,18 +108,7 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
     }
     ctl::prepare(&mut qmp)?;
     ctl::enable_events(&mut qmp)?;
-    let l = link::listen(&opts.listen)?;
-    listening(l.local_addr()?);
-    let mut tcp = link::accept(&l, opts.accept_timeout)?;
-    drop(l);
-    let mut wire_stats = WireStats::default();
-    let started = Instant::now();
-    link::handshake(
-        &mut tcp,
-        Role::Receiver,
-        &mut wire_stats,
-        Duration::from_secs(30),
-    )?;
+    let (tcp, wire_stats, started) = accept_sender(opts, listening)?;
     let mut closing = Closing::new(&tcp)?;
 
     let dir = SockDir::new("dst")?;
@@ -108,7 +117,7 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
         .and_then(|()| ctl::connect_destination(&sock, Duration::from_secs(10)))
         .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
     let disk_description = disk.description().to_owned();
-    let got = receiver::receive(tcp, disk, qemu, &opts.receiver, wire_stats);
+    let got = receiver::receive(tcp, disk, qemu.into(), &opts.receiver, wire_stats);
     let mut report = match got {
         Ok((report, _)) => report,
         Err(e) => {
@@ -141,6 +150,87 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
             _ => {}
         }
     }
+    let report_json = closing.complete(&report)?;
+    Ok(Received {
+        report,
+        report_json,
+        elapsed: started.elapsed(),
+        disk: disk_description,
+    })
+}
+
+/// The sender, accepted and greeted: the link, its counted hello frames, and when it came.
+fn accept_sender(
+    opts: &DestinationOptions,
+    listening: impl FnOnce(SocketAddr),
+) -> Result<(TcpStream, WireStats, Instant)> {
+    let l = link::listen(&opts.listen)?;
+    listening(l.local_addr()?);
+    let mut tcp = link::accept(&l, opts.accept_timeout)?;
+    drop(l);
+    let mut wire_stats = WireStats::default();
+    let started = Instant::now();
+    link::handshake(
+        &mut tcp,
+        Role::Receiver,
+        &mut wire_stats,
+        Duration::from_secs(30),
+    )?;
+    Ok((tcp, wire_stats, started))
+}
+
+/// [`receive`] into a destination QEMU that a VM manager drives
+/// ([`DestinationQemu::Incoming`]).
+fn receive_managed(
+    opts: &DestinationOptions,
+    disk: Disk,
+    qemu_addr: &str,
+    listening: impl FnOnce(SocketAddr),
+) -> Result<Received> {
+    let (tcp, wire_stats, started) = accept_sender(opts, listening)?;
+    let mut closing = Closing::new(&tcp)?;
+    let qemu = link::connect(qemu_addr, Duration::from_secs(30))
+        .map_err(|e| anyhow!("the destination QEMU's incoming migration at {qemu_addr}: {e}"))
+        .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+    let mut watch = qemu.try_clone()?;
+    let disk_description = disk.description().to_owned();
+    let mut report = match receiver::receive(tcp, disk, qemu.into(), &opts.receiver, wire_stats) {
+        Ok((report, _)) => report,
+        Err(e) => {
+            closing.fail(&format!("receiver: {e}"));
+            bail!("{e}\n  the connection to the destination QEMU is closed: its migration fails");
+        }
+    };
+    // The stream is written and our side shut: QEMU closes its side once it has loaded it.
+    watch.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut byte = [0u8; 1];
+    let closed = loop {
+        match watch.read(&mut byte) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break Err(anyhow!(
+                    "the destination QEMU had not closed its migration connection 120 s after \
+                     the whole stream reached it"
+                ))
+            }
+            Err(e) => {
+                break Err(anyhow!(
+                    "the destination QEMU dropped its migration connection: {e}"
+                ))
+            }
+        }
+    };
+    if let Err(e) = closed {
+        closing.fail(&e.to_string());
+        return Err(e);
+    }
+    report.loaded_at_unix_ms = Some(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3),
+    );
     let report_json = closing.complete(&report)?;
     Ok(Received {
         report,

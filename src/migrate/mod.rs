@@ -12,6 +12,8 @@
 //! - [`source`] / [`destination`]: one migration end to end on each host (QEMU through
 //!   [`crate::qemu`], the sender or receiver, the session's last frames), as `pct-migrate`
 //!   runs it.
+//! - [`proxy`]: the source side when a VM manager (libvirt) drives the migration: pct
+//!   listens where the source QEMU is told to connect, and finds the guest from the host.
 //! - [`switchover`]: the check, with the guest stopped, that the stream holds its RAM as it
 //!   is (re-sending what QEMU's dirty tracking missed).
 //! - [`timeline`]: when each step of the switchover happened, on both ends (the downtime,
@@ -30,6 +32,7 @@ pub mod freemap;
 pub mod inspect;
 pub mod link;
 pub mod predict;
+pub mod proxy;
 pub mod receiver;
 pub mod refmap;
 pub mod sender;

@@ -36,7 +36,7 @@ use pages::page_views;
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
+use crate::qemu::Channel;
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -172,7 +172,7 @@ fn fail(slot: &Failure, e: RecvError) {
 pub fn receive(
     tcp: TcpStream,
     disk: Disk,
-    mut qemu: UnixStream,
+    mut qemu: Channel,
     opts: &ReceiverOptions,
     wire_stats: WireStats,
 ) -> Result<(ReceiverReport, WireStats), RecvError> {
@@ -340,7 +340,7 @@ fn ack(
 
 /// The emitter: writes the stream to QEMU in order.
 fn emit(
-    qemu: &mut UnixStream,
+    qemu: &mut Channel,
     tcp: &mut TcpStream,
     rx: &Receiver<Restored>,
     stats: &Mutex<WireStats>,

@@ -34,7 +34,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use crate::qemu::Channel;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -254,7 +254,7 @@ fn pack(data: &[u8], level: Option<i32>) -> Result<Payload, WireError> {
 #[derive(Debug)]
 pub struct Connections {
     /// QEMU's migration connection (the stream comes in here).
-    pub qemu: UnixStream,
+    pub qemu: Channel,
     /// The receiver, after the hello exchange.
     pub tcp: TcpStream,
     /// What the hello exchange settled.

@@ -11,7 +11,9 @@ use super::freemap::FreeMap;
 use super::link;
 use super::predict::{self, DryRun};
 use super::refmap::RefMap;
-use super::sender::{self, Connections, Counters, SenderHooks, SenderOptions, StreamMap};
+use super::sender::{
+    self, Connections, Counters, SenderHooks, SenderOptions, SenderReport, StreamMap,
+};
 use super::stream::RamBlock;
 use super::summary::Summary;
 use super::switchover::SwitchoverCheck;
@@ -79,6 +81,8 @@ pub struct Progress<'a> {
 /// What the source side tells the user while it works.
 #[derive(Debug)]
 pub enum Notice<'a> {
+    /// The QEMU process whose migration connection came from this address (the proxy).
+    Source(u32, std::net::SocketAddr),
     /// The kernel profile in use, and where it came from.
     Profile(&'a Origin),
     /// The switchover check cannot run, and why.
@@ -96,6 +100,9 @@ impl fmt::Display for Notice<'_> {
     /// The message for the user (the progress line without its carriage return).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Notice::Source(pid, peer) => {
+                write!(f, "source QEMU: process {pid}, connected from {peer}")
+            }
             Notice::Profile(origin) => write!(f, "using profile {origin}"),
             Notice::NoSwitchoverCheck(why) => write!(f, "warning: no switchover check: {why}"),
             Notice::CapabilitiesOff(caps) => {
@@ -292,35 +299,12 @@ impl<'n> Source<'n> {
             let (Some(mem), Some(profile)) = (mem.as_ref(), profile.as_ref()) else {
                 return Ok(None);
             };
-            let t = Instant::now();
-            let scan_opts = ScanOptions {
-                // Elision needs a live view (below): no free-page scan for a copy.
-                free_pages: free_elision && mem.live_block().is_some(),
-                ..ScanOptions::default()
-            };
-            match scan(mem, profile, disk.as_ref(), scan_opts) {
-                Ok((map, report)) => {
-                    free_scan_ms = report.timings_ms.get("free_pages").copied();
-                    let refs = RefMap::new(&block, &map, mem.regions());
-                    // Elision needs the re-check to read the stopped guest's struct pages
-                    // live: a copy of anonymous RAM (no live view) elides nothing.
-                    let len = mem.live_block_len();
-                    let free = map
-                        .free
-                        .zip(len)
-                        .map(|(f, len)| FreeMap::new(mem, profile, &f, len));
-                    scan_s = Some(t.elapsed().as_secs_f64());
-                    Ok(Some(StreamMap { refs, free }))
-                }
-                Err(e) => {
-                    // The map is a hint: without it, the migration is a plain one.
-                    notify(Notice::MapFailed(&e.to_string()));
-                    Ok(None)
-                }
-            }
+            let taken = take_map(mem, profile, disk.as_ref(), &block, free_elision, notify);
+            (scan_s, free_scan_ms) = (taken.scan_s, taken.free_scan_ms);
+            Ok(taken.map)
         };
         let conn = Connections {
-            qemu,
+            qemu: qemu.into(),
             tcp,
             session,
             wire_stats,
@@ -360,31 +344,92 @@ impl<'n> Source<'n> {
                 info.error.unwrap_or_default()
             );
         }
-        let mut s = Summary::new(&report, opts.teleport);
-        s.time.total_s = report.completed_at.duration_since(started).as_secs_f64();
+        let mut s = summarize(&report, opts.teleport, started, stop_at);
         s.time.downtime_qemu_ms = info.downtime_ms;
-        // Source stopped → destination resumed (or loaded everything, if kept paused), by
-        // the two hosts' clocks; without the destination's times, → its confirmation
-        // arrived here.
-        let unix_ms = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-        };
-        let confirmed =
-            unix_ms(SystemTime::now()) - report.completed_at.elapsed().as_secs_f64() * 1e3;
-        let dest = report.receiver.report.as_ref().and_then(|r| {
-            r["resumed_at_unix_ms"]
-                .as_f64()
-                .or_else(|| r["loaded_at_unix_ms"].as_f64())
-        });
-        s.time.downtime_end_to_end_ms = stop_at.map(|t| dest.unwrap_or(confirmed) - t);
-        s.stopped_at(stop_at);
         s.time.downtime_limit_ms = downtime_limit;
         s.time.scan_s = scan_s;
         s.time.free_scan_ms = free_scan_ms;
         s.capabilities_disabled = disabled;
         Ok(s)
     }
+}
+
+/// The cache map taken for a migration, and what it cost.
+pub(super) struct MapTaken<'g> {
+    /// `None`: introspection failed (the user was told), every page is sent.
+    pub map: Option<StreamMap<'g>>,
+    pub scan_s: Option<f64>,
+    pub free_scan_ms: Option<f64>,
+}
+
+/// Takes the cache map of `mem` for the RAM block `block` (and its free pages, with
+/// `free_elision` and a live view). A failure is only a notice: the map is a hint, and
+/// without it the migration is a plain one.
+pub(super) fn take_map<'g>(
+    mem: &'g GuestMemory,
+    profile: &'g Profile,
+    disk: Option<&'g Disk>,
+    block: &str,
+    free_elision: bool,
+    notify: Notify<'_>,
+) -> MapTaken<'g> {
+    let t = Instant::now();
+    let scan_opts = ScanOptions {
+        // Elision needs a live view (below): no free-page scan for a copy.
+        free_pages: free_elision && mem.live_block().is_some(),
+        ..ScanOptions::default()
+    };
+    match scan(mem, profile, disk, scan_opts) {
+        Ok((map, report)) => {
+            let refs = RefMap::new(block, &map, mem.regions());
+            // Elision needs the re-check to read the stopped guest's struct pages live: a
+            // copy of anonymous RAM (no live view) elides nothing.
+            let free = map
+                .free
+                .zip(mem.live_block_len())
+                .map(|(f, len)| FreeMap::new(mem, profile, &f, len));
+            MapTaken {
+                map: Some(StreamMap { refs, free }),
+                scan_s: Some(t.elapsed().as_secs_f64()),
+                free_scan_ms: report.timings_ms.get("free_pages").copied(),
+            }
+        }
+        Err(e) => {
+            notify(Notice::MapFailed(&e.to_string()));
+            MapTaken {
+                map: None,
+                scan_s: None,
+                free_scan_ms: None,
+            }
+        }
+    }
+}
+
+/// The summary of a migration the receiver confirmed: `started` when QEMU's stream began,
+/// `stop_at` (unix ms) when the source guest stopped, if known.
+pub(super) fn summarize(
+    report: &SenderReport,
+    teleport: bool,
+    started: Instant,
+    stop_at: Option<f64>,
+) -> Summary {
+    let mut s = Summary::new(report, teleport);
+    s.time.total_s = report.completed_at.duration_since(started).as_secs_f64();
+    // Source stopped → destination resumed (or loaded everything, if kept paused), by the
+    // two hosts' clocks; without the destination's times, → its confirmation arrived here.
+    let unix_ms = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let confirmed = unix_ms(SystemTime::now()) - report.completed_at.elapsed().as_secs_f64() * 1e3;
+    let dest = report.receiver.report.as_ref().and_then(|r| {
+        r["resumed_at_unix_ms"]
+            .as_f64()
+            .or_else(|| r["loaded_at_unix_ms"].as_f64())
+    });
+    s.time.downtime_end_to_end_ms = stop_at.map(|t| dest.unwrap_or(confirmed) - t);
+    s.stopped_at(stop_at);
+    s
 }
 
 /// Where the source QEMU keeps the guest's main RAM.

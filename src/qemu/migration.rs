@@ -248,7 +248,12 @@ pub fn version(qmp: &mut Qmp) -> Result<(u64, u64), CtlError> {
 /// (fixed upstream by commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency
 /// with TCG memory access").
 pub fn misses_writes(qmp: &mut Qmp) -> Result<bool, CtlError> {
-    Ok(!uses_kvm(qmp)? && version(qmp)?.0 < 9)
+    Ok(dirty_tracking_misses_writes(uses_kvm(qmp)?, version(qmp)?))
+}
+
+/// The rule behind [`misses_writes`]: TCG, and QEMU before 9.0.
+pub fn dirty_tracking_misses_writes(kvm: bool, (major, _minor): (u64, u64)) -> bool {
+    !kvm && major < 9
 }
 
 /// Starts the outgoing migration into `uri` (e.g. `unix:/run/pct/x.sock`).

@@ -217,6 +217,31 @@ impl ProcessRam {
         })
     }
 
+    /// The RAM block `block` of the QEMU process `pid`, found without a monitor: mapped at
+    /// `base` in the process ([`super::process::ram_mapping`]), `len` bytes, laid out in
+    /// guest-physical memory as `regions`.
+    pub fn in_process(
+        pid: u32,
+        block: String,
+        base: u64,
+        len: u64,
+        regions: Vec<Region>,
+    ) -> ProcessRam {
+        ProcessRam {
+            block,
+            pid,
+            base,
+            regions,
+            len,
+        }
+    }
+
+    /// The same block laid out as `regions` instead.
+    pub fn with_regions(mut self, regions: Vec<Region>) -> ProcessRam {
+        self.regions = regions;
+        self
+    }
+
     /// The block as it is now, copied whole through `/proc/PID/mem` (one allocation in
     /// QEMU's process) into memory of pct's own: a view whose offsets are the block's,
     /// including the parts no guest-physical address shows (the PC's legacy VGA and BIOS

@@ -18,7 +18,7 @@ use crate::migrate::stream::{
 use crate::migrate::switchover::{LiveHashes, SwitchoverCheck, SwitchoverReport};
 use crate::migrate::timeline::{now_unix_ms, SenderMarks};
 use crate::migrate::wire::{Frame, PageRefs, RunBuilder, Session, PAGE_SIZE};
-use std::os::unix::net::UnixStream;
+use crate::qemu::Channel;
 use std::sync::atomic::Ordering;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
@@ -125,7 +125,7 @@ where
     }
 
     /// Encodes the whole stream QEMU sends on `qemu`, then the `End` frame.
-    pub(super) fn run(mut self, qemu: &mut UnixStream) -> Result<Encoded, SendError> {
+    pub(super) fn run(mut self, qemu: &mut Channel) -> Result<Encoded, SendError> {
         std::thread::scope(|scope| {
             let mut dec = Decoder::new();
             // The switchover check's baseline (during the live phase) and its hashing of

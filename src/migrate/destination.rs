@@ -190,7 +190,7 @@ fn receive_managed(
     let (tcp, wire_stats, started) = accept_sender(opts, listening)?;
     let mut closing = Closing::new(&tcp)?;
     let qemu = link::connect(qemu_addr, Duration::from_secs(30))
-        .map_err(|e| anyhow!("the destination QEMU's incoming migration at {qemu_addr}: {e}"))
+        .map_err(|e| anyhow!("the destination QEMU's incoming migration: {e}"))
         .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
     let mut watch = qemu.try_clone()?;
     let disk_description = disk.description().to_owned();

@@ -15,12 +15,12 @@ pub const SEND_BUFFER: usize = 128 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("cannot resolve {addr}: {source}")]
-    Resolve { addr: String, source: io::Error },
-    #[error("cannot connect to the pct receiver at {addr}: {source}")]
-    Connect { addr: String, source: io::Error },
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: io::Error },
+    #[error("cannot resolve {addr}: {cause}")]
+    Resolve { addr: String, cause: io::Error },
+    #[error("cannot connect to {addr}: {cause}")]
+    Connect { addr: String, cause: io::Error },
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen { addr: String, cause: io::Error },
     #[error("no pct sender connected to {addr} within {timeout:?}")]
     AcceptTimeout { addr: String, timeout: Duration },
     #[error("socket: {0}")]
@@ -55,9 +55,9 @@ pub fn unacked_bytes(tcp: &TcpStream) -> io::Result<u64> {
 pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, LinkError> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
-        .map_err(|source| LinkError::Resolve {
+        .map_err(|cause| LinkError::Resolve {
             addr: addr.to_owned(),
-            source,
+            cause,
         })?
         .collect();
     let start = Instant::now();
@@ -76,7 +76,7 @@ pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, LinkError> {
         if start.elapsed() >= timeout {
             return Err(LinkError::Connect {
                 addr: addr.to_owned(),
-                source: last,
+                cause: last,
             });
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -85,9 +85,9 @@ pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, LinkError> {
 
 /// Binds the receiver's listening socket.
 pub fn listen(addr: &str) -> Result<TcpListener, LinkError> {
-    TcpListener::bind(addr).map_err(|source| LinkError::Listen {
+    TcpListener::bind(addr).map_err(|cause| LinkError::Listen {
         addr: addr.to_owned(),
-        source,
+        cause,
     })
 }
 

@@ -132,7 +132,7 @@ pub fn relay(
         .transpose()?;
 
     let mut wire_stats = WireStats::default();
-    let mut tcp = link::connect(to, Duration::from_secs(30))?;
+    let mut tcp = link::connect(to, Duration::from_secs(30)).context("the pct receiver")?;
     let session = link::handshake(
         &mut tcp,
         Role::Sender,

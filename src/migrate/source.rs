@@ -263,7 +263,7 @@ impl<'n> Source<'n> {
         }
 
         let mut wire_stats = WireStats::default();
-        let mut tcp = link::connect(to, Duration::from_secs(30))?;
+        let mut tcp = link::connect(to, Duration::from_secs(30)).context("the pct receiver")?;
         let session = link::handshake(
             &mut tcp,
             Role::Sender,

@@ -157,9 +157,9 @@ fn may_hold_ram(m: &Mapping) -> bool {
     m.perms.starts_with("rw") && !m.perms.contains('x') && !m.path.starts_with('[')
 }
 
-/// Where the RAM block of `len` bytes is mapped in the process `pid`: the one span of
-/// adjacent read-write mappings (QEMU maps a block in one piece, with a guard page after
-/// it, but `madvise` can split it into several) exactly `len` bytes long. Errors when there
+/// Where the RAM block of `len` bytes is mapped in the process `pid`: the one read-write
+/// mapping exactly `len` bytes long (QEMU maps a block in one piece, with a guard page
+/// after it), else the one span of adjacent ones (something split it) that long. Errors when there
 /// is none or more than one: pct never guesses which memory is the guest's.
 pub fn ram_mapping(pid: u32, len: u64) -> Result<u64, ProcessError> {
     let maps = parse_maps(&read(format!("/proc/{pid}/maps"))?);
@@ -178,11 +178,21 @@ pub fn ram_mapping(pid: u32, len: u64) -> Result<u64, ProcessError> {
     }
 }
 
-/// The starts of the spans of adjacent RAM-capable mappings (of one file, or anonymous)
-/// exactly `len` bytes long.
+/// The starts of the RAM-capable mappings exactly `len` bytes long; if there is none, of
+/// the spans of adjacent ones (of one file, or anonymous) that long. Adjacent mappings are
+/// joined only then: the kernel keeps them apart for a reason (other flags), and a block
+/// QEMU mapped in one piece is one mapping unless something split it since.
 fn spans_of_len(maps: &[Mapping], len: u64) -> Vec<u64> {
+    let ram = || maps.iter().filter(|m| may_hold_ram(m));
+    let whole: Vec<u64> = ram()
+        .filter(|m| m.end - m.start == len)
+        .map(|m| m.start)
+        .collect();
+    if !whole.is_empty() {
+        return whole;
+    }
     let mut spans: Vec<(u64, u64, &str)> = Vec::new();
-    for m in maps.iter().filter(|m| may_hold_ram(m)) {
+    for m in ram() {
         match spans.last_mut() {
             Some((_, end, path)) if *end == m.start && *path == m.path => *end = m.end,
             _ => spans.push((m.start, m.end, &m.path)),
@@ -256,7 +266,7 @@ mod tests {
     #[test]
     fn maps_spans_of_the_block_size() {
         let maps = "\
-7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n\
+7f0000100000-7f0000200000 rw-p 00000000 00:00 0 \n\
 7f0000200000-7f0040200000 rw-p 00000000 00:00 0 \n\
 7f0040200000-7f0040201000 ---p 00000000 00:00 0 \n\
 7f1000000000-7f103ffff000 rwxp 00000000 00:00 0 \n\
@@ -266,13 +276,12 @@ mod tests {
         let m = parse_maps(maps);
         assert_eq!(m.len(), 7);
         assert!(!may_hold_ram(&m[3]) && !may_hold_ram(&m[6]) && may_hold_ram(&m[0]));
-        // 1 GiB: one piece, and two halves split by madvise; the guard page and TCG's
-        // rwx buffer never count.
-        assert_eq!(
-            spans_of_len(&m, 0x4000_0000),
-            vec![0x7f00_0020_0000, 0x7f20_0000_0000]
-        );
-        assert_eq!(spans_of_len(&m[..4], 0x4000_0000), vec![0x7f00_0020_0000]);
+        assert_eq!(spans_of_len(&m, 0x4010_0000), vec![0x7f00_0010_0000]);
+        // 1 GiB in one piece, even next to another mapping; the guard page and TCG's rwx
+        // buffer never count.
+        assert_eq!(spans_of_len(&m, 0x4000_0000), vec![0x7f00_0020_0000]);
+        // Two halves split by madvise, joined only when no mapping has the size whole.
+        assert_eq!(spans_of_len(&m[3..], 0x4000_0000), vec![0x7f20_0000_0000]);
         assert_eq!(spans_of_len(&m, 0x3fff_f000), Vec::<u64>::new());
         assert_eq!(parse_version("QEMU emulator version 10.0.2 (Debian)\n"), Some((10, 0)));
         assert_eq!(parse_version("QEMU emulator version 7.2.22"), Some((7, 2)));

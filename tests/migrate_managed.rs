@@ -1,0 +1,192 @@
+//! Migrations that a VM manager drives, with pct in the middle and no monitor of its own:
+//! the test plays libvirt on the QEMUs' only monitors, the way libvirt does it
+//! (`migrate-incoming tcp:…` on the destination, `migrate tcp:…` on the source), and pct
+//! runs as `pct-migrate proxy` on the source side and `pct-migrate receive
+//! --qemu-incoming` on the destination side. Guest RAM is anonymous, libvirt's default.
+//!
+//! - the destination's RAM equals the source's at pause, pages were teleported, and the
+//!   guest re-verifies its files at the destination;
+//! - a receiver that cannot be reached fails the source QEMU's migration, and the guest
+//!   runs on at the source: the outcome a manager expects of any failed migration.
+//!
+//! tests/migrate_libvirt.rs runs the same with real libvirt daemons.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use support::lab::{have_qemu, Guest, GuestSpec};
+use support::migrate::*;
+use support::profile::lab_profile;
+
+/// Waits until something listens on 127.0.0.1:`port` (pct's proxy, before QEMU is told
+/// to connect there), from /proc/net/tcp: a test connection would be taken for QEMU's.
+fn wait_listening(port: u16, timeout: Duration) {
+    let want = format!("0100007F:{port:04X}");
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if tcp.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        }) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+}
+
+/// The source QEMU's migration status once final (`completed`, `failed`…).
+fn wait_migration_final(g: &Guest, timeout: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let info = g.exec("query-migrate", Value::Null);
+        let status = info["status"].as_str().unwrap_or("none");
+        if matches!(status, "completed" | "failed" | "cancelled") {
+            return info;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "migration still {status} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts the source QEMU's migration to `uri` as libvirt does (no bandwidth cap).
+fn migrate_as_libvirt(src: &Guest, uri: &str) {
+    src.exec(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 1u64 << 40 }),
+    );
+    src.exec("migrate", json!({ "uri": uri }));
+}
+
+#[test]
+fn proxy_in_a_manager_driven_migration() {
+    if !have_qemu() {
+        return;
+    }
+    let mut spec = GuestSpec::new("apache").layout("mini", "plain");
+    spec.anon_ram = true;
+    let (src, mut dst, disk) = pair(&spec);
+    let (qemu_port, recv_port, proxy_port) = (free_port(), free_port(), free_port());
+    // The destination QEMU listens, as libvirt's does after `-incoming defer`.
+    dst.exec(
+        "migrate-incoming",
+        json!({ "uri": format!("tcp:127.0.0.1:{qemu_port}") }),
+    );
+    let receiver = Pct::spawn(
+        "receiver",
+        &[
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{recv_port}"),
+            "--qemu-incoming",
+            &format!("127.0.0.1:{qemu_port}"),
+            "--disk",
+            disk.to_str().expect("path"),
+            "--json",
+        ],
+    );
+    let profile = lab_profile("cloud-amd64");
+    let proxy = Pct::spawn(
+        "proxy",
+        &[
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{proxy_port}"),
+            "--to",
+            &format!("127.0.0.1:{recv_port}"),
+            "--profile",
+            profile.0.to_str().expect("path"),
+            "--json",
+        ],
+    );
+    wait_listening(proxy_port, Duration::from_secs(30));
+    migrate_as_libvirt(&src, &format!("tcp:127.0.0.1:{proxy_port}"));
+    let info = wait_migration_final(&src, Duration::from_secs(300));
+    let proxy = proxy.wait(Duration::from_secs(120));
+    let receiver = receiver.wait(Duration::from_secs(60));
+    eprintln!(
+        "source QEMU: {info}\nproxy: {}\n{}\nreceiver: {}\n{}{}",
+        proxy.status,
+        text(&proxy.stderr),
+        receiver.status,
+        text(&receiver.stdout),
+        text(&receiver.stderr)
+    );
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(proxy.status.success() && receiver.status.success());
+    let s: Value = serde_json::from_slice(&proxy.stdout).expect("proxy's JSON summary");
+    eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    assert!(
+        text(&proxy.stderr).contains(&format!("process {}", src.pid())),
+        "the proxy names the source QEMU's process"
+    );
+    let dst_info = wait_migration_final(&dst, Duration::from_secs(60));
+    assert_eq!(dst_info["status"], "completed", "{dst_info}");
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(dst.status(), "paused");
+    assert_identical_with(&src, &dst, &profile.1);
+
+    let teleported = s["pages"]["teleported"].as_u64().expect("teleported");
+    assert!(teleported > 9000, "only {teleported} pages teleported");
+    assert_eq!(
+        s["pages"]["verified"].as_u64().unwrap_or(0) + s["pages"]["fallen_back"].as_u64().unwrap_or(0),
+        teleported
+    );
+    // QEMU 7.2 under TCG: the check ran over the stopped guest's RAM, copied from QEMU's
+    // process.
+    assert_eq!(s["switchover_check"]["pages_checked"], 262_144, "{s}");
+    eprintln!(
+        "manager-driven: {teleported} pages teleported, wire {} of stream {} bytes, \
+         switchover check re-sent {}",
+        s["wire"]["total"], s["stream_bytes"], s["switchover_check"]["pages_resent"]
+    );
+
+    drop(src);
+    dst.cont();
+    let line = dst.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
+    assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
+}
+
+/// No receiver where the proxy is to send: the source QEMU's migration fails and the guest
+/// runs on at the source, as after any failed migration; the proxy says why.
+#[test]
+fn proxy_failure_leaves_the_source_running() {
+    if !have_qemu() {
+        return;
+    }
+    let mut spec = GuestSpec::new("idle").layout("mini", "plain");
+    spec.anon_ram = true;
+    let mut src = Guest::start(spec);
+    src.wait_ready();
+    let (nobody, proxy_port) = (free_port(), free_port());
+    let profile = lab_profile("cloud-amd64");
+    let proxy = Pct::spawn(
+        "proxy",
+        &[
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{proxy_port}"),
+            "--to",
+            &format!("127.0.0.1:{nobody}"),
+            "--profile",
+            profile.0.to_str().expect("path"),
+        ],
+    );
+    wait_listening(proxy_port, Duration::from_secs(30));
+    migrate_as_libvirt(&src, &format!("tcp:127.0.0.1:{proxy_port}"));
+    let proxy = proxy.wait(Duration::from_secs(120));
+    let info = wait_migration_final(&src, Duration::from_secs(60));
+    let err = text(&proxy.stderr);
+    eprintln!("source QEMU: {info}\nproxy: {}\n{err}", proxy.status);
+    assert!(!proxy.status.success());
+    assert!(err.contains(&format!("127.0.0.1:{nobody}")), "{err}");
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(src.status(), "running");
+    let line = src.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
+    assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
+}

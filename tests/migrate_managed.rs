@@ -19,24 +19,6 @@ use support::lab::{have_qemu, Guest, GuestSpec};
 use support::migrate::*;
 use support::profile::lab_profile;
 
-/// Waits until something listens on 127.0.0.1:`port` (pct's proxy, before QEMU is told
-/// to connect there), from /proc/net/tcp: a test connection would be taken for QEMU's.
-fn wait_listening(port: u16, timeout: Duration) {
-    let want = format!("0100007F:{port:04X}");
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if tcp.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == want && f[3] == "0A"
-        }) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
-}
-
 /// The source QEMU's migration status once final (`completed`, `failed`…).
 fn wait_migration_final(g: &Guest, timeout: Duration) -> Value {
     let start = Instant::now();
@@ -104,7 +86,7 @@ fn proxy_in_a_manager_driven_migration() {
             "--json",
         ],
     );
-    wait_listening(proxy_port, Duration::from_secs(30));
+    wait_listening(None, proxy_port, Duration::from_secs(30));
     migrate_as_libvirt(&src, &format!("tcp:127.0.0.1:{proxy_port}"));
     let info = wait_migration_final(&src, Duration::from_secs(300));
     let proxy = proxy.wait(Duration::from_secs(120));
@@ -177,7 +159,7 @@ fn proxy_failure_leaves_the_source_running() {
             profile.0.to_str().expect("path"),
         ],
     );
-    wait_listening(proxy_port, Duration::from_secs(30));
+    wait_listening(None, proxy_port, Duration::from_secs(30));
     migrate_as_libvirt(&src, &format!("tcp:127.0.0.1:{proxy_port}"));
     let proxy = proxy.wait(Duration::from_secs(120));
     let info = wait_migration_final(&src, Duration::from_secs(60));

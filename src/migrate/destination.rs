@@ -14,7 +14,6 @@ use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
 use crate::qemu::EventKind;
 use crate::qemu::Qmp;
 use anyhow::{anyhow, bail, Context, Result};
-use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -192,45 +191,20 @@ fn receive_managed(
     let qemu = link::connect(qemu_addr, Duration::from_secs(30))
         .map_err(|e| anyhow!("the destination QEMU's incoming migration: {e}"))
         .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
-    let mut watch = qemu.try_clone()?;
     let disk_description = disk.description().to_owned();
-    let mut report = match receiver::receive(tcp, disk, qemu.into(), &opts.receiver, wire_stats) {
+    // The source QEMU waits for the destination's return path (its `SHUT`): relayed, and
+    // QEMU's closing its channel marks the stream loaded.
+    let ropts = ReceiverOptions {
+        return_path: true,
+        ..opts.receiver.clone()
+    };
+    let report = match receiver::receive(tcp, disk, qemu.into(), &ropts, wire_stats) {
         Ok((report, _)) => report,
         Err(e) => {
             closing.fail(&format!("receiver: {e}"));
             bail!("{e}\n  the connection to the destination QEMU is closed: its migration fails");
         }
     };
-    // The stream is written and our side shut: QEMU closes its side once it has loaded it.
-    watch.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let mut byte = [0u8; 1];
-    let closed = loop {
-        match watch.read(&mut byte) {
-            Ok(0) => break Ok(()),
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                break Err(anyhow!(
-                    "the destination QEMU had not closed its migration connection 120 s after \
-                     the whole stream reached it"
-                ))
-            }
-            Err(e) => {
-                break Err(anyhow!(
-                    "the destination QEMU dropped its migration connection: {e}"
-                ))
-            }
-        }
-    };
-    if let Err(e) = closed {
-        closing.fail(&e.to_string());
-        return Err(e);
-    }
-    report.loaded_at_unix_ms = Some(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3),
-    );
     let report_json = closing.complete(&report)?;
     Ok(Received {
         report,

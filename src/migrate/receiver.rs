@@ -34,9 +34,10 @@ use crate::disk::Disk;
 use fallback::{FailedRun, Link};
 use pages::page_views;
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use crate::qemu::Channel;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,6 +59,11 @@ pub struct ReceiverOptions {
     pub page_hashes: bool,
     /// Keep a copy of the stream given to QEMU in this file (diagnosis).
     pub record: Option<std::path::PathBuf>,
+    /// Relay what the destination QEMU writes back on its channel (its return path) to
+    /// the sender, and return only once QEMU has closed the channel: for a destination a
+    /// VM manager drives, whose source QEMU waits for that return path
+    /// ([`super::destination::DestinationQemu::Incoming`]).
+    pub return_path: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -69,6 +75,7 @@ impl Default for ReceiverOptions {
             ack_frames: 8,
             page_hashes: true,
             record: None,
+            return_path: false,
         }
     }
 }
@@ -177,6 +184,7 @@ pub fn receive(
     wire_stats: WireStats,
 ) -> Result<(ReceiverReport, WireStats), RecvError> {
     let failure: Failure = Arc::default();
+    let emit_done = AtomicBool::new(false);
     let stats = Arc::new(Mutex::new(wire_stats));
     let (ftx, frx) = sync_channel::<Frame>(opts.frame_queue);
     let (itx, irx) = sync_channel::<Restored>(opts.restore_queue);
@@ -287,8 +295,34 @@ pub fn receive(
             .map_err(RecvError::Io)?
     };
 
-    let mut control = tcp.try_clone().map_err(RecvError::Io)?;
-    let emitted = emit(&mut qemu, &mut control, &irx, &stats, opts, &failure);
+    let control = Mutex::new(tcp.try_clone().map_err(RecvError::Io)?);
+    let emitted = std::thread::scope(|s| {
+        let back = opts
+            .return_path
+            .then(|| {
+                let qemu = qemu.try_clone()?;
+                let (control, stats, done) = (&control, &stats, &emit_done);
+                std::thread::Builder::new()
+                    .name("pct-recv-return".into())
+                    .spawn_scoped(s, move || relay_return_path(qemu, control, stats, done))
+            })
+            .transpose()
+            .map_err(RecvError::Io)?;
+        let emitted = emit(&mut qemu, &control, &irx, &stats, opts, &failure);
+        emit_done.store(true, Ordering::Relaxed);
+        let closed = back.map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(RecvError::Protocol("return-path thread panicked".into())))
+        });
+        match (emitted, closed) {
+            (Ok(r), Some(Ok(at))) => Ok(ReceiverReport {
+                loaded_at_unix_ms: Some(at),
+                ..r
+            }),
+            (Ok(_), Some(Err(e))) | (Err(e), _) => Err(e),
+            (Ok(r), None) => Ok(r),
+        }
+    });
     drop(irx);
     if emitted.is_err() {
         let _ = tcp.shutdown(Shutdown::Both);
@@ -315,17 +349,69 @@ pub fn receive(
     Ok((report, s))
 }
 
-/// Sends a frame on the control path (fallback requests, acks).
-fn control(tcp: &mut TcpStream, stats: &Mutex<WireStats>, f: &Frame) -> Result<(), RecvError> {
-    let n = write_frame(tcp, f)?;
+/// Sends a frame on the control path (fallback requests, acks, the return path): whole
+/// frames, one writer at a time.
+fn control(tcp: &Mutex<TcpStream>, stats: &Mutex<WireStats>, f: &Frame) -> Result<(), RecvError> {
+    let n = write_frame(&mut *lock(tcp), f)?;
     lock(stats).count(f, n);
     Ok(())
+}
+
+/// How long the destination QEMU may take, once it has the whole stream, to load it and
+/// close its channel.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The return-path thread: forwards what the destination QEMU writes on its channel to the
+/// sender as [`Frame::ReturnPath`], until QEMU closes the channel (it has loaded the stream,
+/// or failed to) and returns when that was (unix ms). QEMU writes its return path only after
+/// the source opened it and, in precopy, its `SHUT` once the stream is loaded; the source
+/// QEMU waits for that `SHUT` before it completes. `done`: the whole stream was written to
+/// QEMU (from then on it has [`LOAD_TIMEOUT`]).
+fn relay_return_path(
+    mut qemu: Channel,
+    tcp: &Mutex<TcpStream>,
+    stats: &Mutex<WireStats>,
+    done: &AtomicBool,
+) -> Result<f64, RecvError> {
+    qemu.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(RecvError::Qemu)?;
+    let mut buf = vec![0u8; super::wire::MAX_RETURN_PATH];
+    let mut since_done: Option<Instant> = None;
+    loop {
+        match qemu.read(&mut buf) {
+            Ok(0) => return Ok(now_unix_ms()),
+            Ok(n) => control(
+                tcp,
+                stats,
+                &Frame::ReturnPath {
+                    data: buf[..n].to_vec(),
+                },
+            )?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if done.load(Ordering::Relaxed) {
+                    let t = *since_done.get_or_insert_with(Instant::now);
+                    if t.elapsed() > LOAD_TIMEOUT {
+                        return Err(RecvError::Protocol(format!(
+                            "the destination QEMU had not closed its migration channel {} s \
+                             after it had the whole stream",
+                            LOAD_TIMEOUT.as_secs()
+                        )));
+                    }
+                }
+            }
+            // A reset after QEMU's last words is its way of closing too; whether it loaded
+            // the stream is for its manager to tell.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(now_unix_ms()),
+            Err(e) => return Err(RecvError::Qemu(e)),
+        }
+    }
 }
 
 /// Acks, unless the last ack already said as much: `runs` restored and `frames` stream
 /// frames given to QEMU (what the sender's window counts, see [`super::flow::Window`]).
 fn ack(
-    tcp: &mut TcpStream,
+    tcp: &Mutex<TcpStream>,
     stats: &Mutex<WireStats>,
     acked: &mut (u64, u64),
     runs: u64,
@@ -341,7 +427,7 @@ fn ack(
 /// The emitter: writes the stream to QEMU in order.
 fn emit(
     qemu: &mut Channel,
-    tcp: &mut TcpStream,
+    tcp: &Mutex<TcpStream>,
     rx: &Receiver<Restored>,
     stats: &Mutex<WireStats>,
     opts: &ReceiverOptions,

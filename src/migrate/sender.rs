@@ -344,13 +344,13 @@ where
 
     let listener = {
         let mut tcp = tcp.try_clone().map_err(io("cloning the TCP socket"))?;
-        let qemu = qemu.try_clone().map_err(io("cloning QEMU's socket"))?;
+        let mut qemu = qemu.try_clone().map_err(io("cloning QEMU's socket"))?;
         let shared = shared.clone();
         let (level, hash_len) = (opts.zstd_level, session.hash_len);
         std::thread::Builder::new()
             .name("pct-send-listener".into())
             .spawn(move || {
-                let r = listen(&mut tcp, &shared, level, hash_len);
+                let r = listen(&mut tcp, &mut qemu, &shared, level, hash_len);
                 if r.is_err() {
                     // Unblock the encoder wherever it waits.
                     shared.abort();
@@ -414,9 +414,11 @@ where
     })
 }
 
-/// The listener thread: everything the receiver sends, up to `Complete`.
+/// The listener thread: everything the receiver sends, up to `Complete`. What the
+/// destination QEMU said on its return path goes to the source QEMU (`qemu`).
 fn listen(
     tcp: &mut TcpStream,
+    qemu: &mut Channel,
     shared: &Pipeline,
     level: Option<i32>,
     hash_len: u8,
@@ -478,6 +480,13 @@ fn listen(
                 shared.window.acked(frames);
             }
             Frame::Report { json } => report = serde_json::from_str(&json).ok(),
+            Frame::ReturnPath { data } => {
+                qemu.write_all(&data)
+                    .map_err(|source| SendError::Io {
+                        what: "relaying the destination's return path to the source QEMU",
+                        source,
+                    })?;
+            }
             Frame::Complete { stream_bytes } => {
                 return Ok(ReceiverEnd {
                     stream_bytes,

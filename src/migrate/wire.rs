@@ -22,7 +22,9 @@ mod runs;
 mod stats;
 mod varint;
 
-pub use frame::{frame_type, read_frame, write_frame, Frame, HEADER_LEN, MAX_PAYLOAD};
+pub use frame::{
+    frame_type, read_frame, write_frame, Frame, HEADER_LEN, MAX_PAYLOAD, MAX_RETURN_PATH,
+};
 pub use handshake::{caps, Hello, Role, Session, HASH_BLAKE3, MAGIC, VERSION};
 pub use hash::{hash_page, hash_pages, hash_run};
 pub use payload::{Codec, Payload, MAX_RAW};

@@ -22,6 +22,13 @@ impl Channel {
         }
     }
 
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Channel::Unix(s) => s.set_read_timeout(t),
+            Channel::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Channel::Unix(s) => s.shutdown(how),

@@ -29,7 +29,17 @@ impl Pct {
 
     /// [`spawn`](Self::spawn) with extra environment variables.
     pub fn spawn_env(what: &'static str, args: &[&str], env: &[(&str, &Path)]) -> Pct {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pct-migrate"));
+        Self::spawn_cmd(what, Command::new(env!("CARGO_BIN_EXE_pct-migrate")), args, env)
+    }
+
+    /// [`spawn`](Self::spawn) inside the network namespace `netns` (`ip netns exec`).
+    pub fn spawn_in(netns: &str, what: &'static str, args: &[&str]) -> Pct {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_pct-migrate")]);
+        Self::spawn_cmd(what, cmd, args, &[])
+    }
+
+    fn spawn_cmd(what: &'static str, mut cmd: Command, args: &[&str], env: &[(&str, &Path)]) -> Pct {
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .current_dir(repo())
@@ -91,6 +101,32 @@ impl Drop for Pct {
             let _ = c.wait();
         }
     }
+}
+
+/// Waits until something listens on 127.0.0.1:`port` of network namespace `netns` (`None`:
+/// this one), from /proc/net/tcp: pct's proxy, before QEMU is told to connect there (a test
+/// connection would be taken for QEMU's).
+pub fn wait_listening(netns: Option<&str>, port: u16, timeout: Duration) {
+    let want = format!("0100007F:{port:04X}");
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let tcp = match netns {
+            None => std::fs::read_to_string("/proc/net/tcp").unwrap_or_default(),
+            Some(ns) => Command::new("ip")
+                .args(["netns", "exec", ns, "cat", "/proc/net/tcp"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default(),
+        };
+        if tcp.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        }) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
 }
 
 /// A free TCP port on localhost.

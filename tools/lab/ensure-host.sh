@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the host packages the lab needs (QEMU and qemu-img, busybox, pahole, iproute2,
-# e2fsprogs, xfsprogs),
+# e2fsprogs, xfsprogs, libvirt),
 # idempotently. Needs root for apt-get; does nothing when everything is already there.
 source "$(dirname "$0")/common.sh"
 
@@ -22,6 +22,10 @@ declare -A PKG=(
 	[sfdisk]=fdisk
 	[python3]=python3
 	[readelf]=binutils
+	# tests/migrate_libvirt.rs: two libvirt daemons (tools/lab/libvirt.sh)
+	[libvirtd]=libvirt-daemon-system
+	[virsh]=libvirt-clients
+	[unshare]=util-linux
 )
 
 missing=()
@@ -35,6 +39,10 @@ done
 [ -x /usr/bin/time ] || missing+=(time)
 if ! dpkg -s busybox-static >/dev/null 2>&1; then
 	missing+=(busybox-static)
+fi
+# libvirt's QEMU driver is a package of its own.
+if ! dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1; then
+	missing+=(libvirt-daemon-driver-qemu)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

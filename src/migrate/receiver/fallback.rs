@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 /// What the emitter needs to ask the sender something and wait for the answer.
 pub(super) struct Link<'a> {
-    pub(super) tcp: &'a mut TcpStream,
+    pub(super) tcp: &'a Mutex<TcpStream>,
     pub(super) stats: &'a Mutex<WireStats>,
     pub(super) rx: &'a Receiver<Restored>,
     /// Items that arrived while waiting, in order.

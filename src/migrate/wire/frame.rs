@@ -17,6 +17,8 @@ pub const MAX_PAYLOAD: usize = 16 << 20;
 const MAX_ERROR_MESSAGE: usize = 4096;
 /// Upper bound on a report frame's JSON.
 const MAX_REPORT: usize = 64 << 10;
+/// Upper bound on a return-path frame's bytes.
+pub const MAX_RETURN_PATH: usize = 64 << 10;
 
 /// Frame type bytes.
 pub mod frame_type {
@@ -32,6 +34,7 @@ pub mod frame_type {
     pub const REPORT: u8 = 0x0a;
     pub const HASH_REQUEST: u8 = 0x0b;
     pub const PAGE_HASHES: u8 = 0x0c;
+    pub const RETURN_PATH: u8 = 0x0d;
 }
 
 /// One frame.
@@ -95,6 +98,11 @@ pub enum Frame {
     Report {
         json: String,
     },
+    /// Receiver → sender: bytes the destination QEMU wrote on its migration channel, QEMU's
+    /// return path (its `SHUT` once it has loaded the stream), for the source QEMU.
+    ReturnPath {
+        data: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -112,6 +120,7 @@ impl Frame {
             Frame::Complete { .. } => frame_type::COMPLETE,
             Frame::Error { .. } => frame_type::ERROR,
             Frame::Report { .. } => frame_type::REPORT,
+            Frame::ReturnPath { .. } => frame_type::RETURN_PATH,
         }
     }
 
@@ -207,6 +216,12 @@ impl Frame {
                 }
                 out.extend_from_slice(json.as_bytes());
             }
+            Frame::ReturnPath { data } => {
+                if data.is_empty() || data.len() > MAX_RETURN_PATH {
+                    return Err(malformed("return path", format!("{} bytes", data.len())));
+                }
+                out.extend_from_slice(data);
+            }
         }
         Ok(())
     }
@@ -281,6 +296,15 @@ impl Frame {
             frame_type::REPORT => Frame::Report {
                 json: utf8_rest(&mut r, MAX_REPORT, "report")?,
             },
+            frame_type::RETURN_PATH => {
+                let data = r.rest();
+                if data.is_empty() || data.len() > MAX_RETURN_PATH {
+                    return Err(malformed("return path", format!("{} bytes", data.len())));
+                }
+                Frame::ReturnPath {
+                    data: data.to_vec(),
+                }
+            }
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -302,6 +326,7 @@ fn type_name(t: u8) -> &'static str {
         frame_type::COMPLETE => "complete",
         frame_type::ERROR => "error",
         frame_type::REPORT => "report",
+        frame_type::RETURN_PATH => "return path",
         _ => "unknown",
     }
 }

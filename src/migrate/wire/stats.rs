@@ -50,7 +50,8 @@ impl WireStats {
             | Frame::End { .. }
             | Frame::Complete { .. }
             | Frame::Error { .. }
-            | Frame::Report { .. } => self.control_wire += n,
+            | Frame::Report { .. }
+            | Frame::ReturnPath { .. } => self.control_wire += n,
         }
     }
 

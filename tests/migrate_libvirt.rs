@@ -275,7 +275,9 @@ fn virsh_migrate_through_pct() {
     eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
 
     // libvirt's view: gone from the source, paused (--suspend) at the destination.
-    assert!(!lv.virsh_ok("a", &["list", "--all", "--name"]).contains("pct-lv"));
+    assert!(!lv
+        .virsh_ok("a", &["list", "--all", "--name"])
+        .contains("pct-lv"));
     let state = lv.virsh_ok("b", &["domstate", "pct-lv"]);
     assert_eq!(state.trim(), "paused", "{state}");
 

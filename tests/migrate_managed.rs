@@ -116,7 +116,8 @@ fn proxy_in_a_manager_driven_migration() {
     let teleported = s["pages"]["teleported"].as_u64().expect("teleported");
     assert!(teleported > 9000, "only {teleported} pages teleported");
     assert_eq!(
-        s["pages"]["verified"].as_u64().unwrap_or(0) + s["pages"]["fallen_back"].as_u64().unwrap_or(0),
+        s["pages"]["verified"].as_u64().unwrap_or(0)
+            + s["pages"]["fallen_back"].as_u64().unwrap_or(0),
         teleported
     );
     // QEMU 7.2 under TCG: the check ran over the stopped guest's RAM, copied from QEMU's

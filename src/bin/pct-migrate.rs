@@ -15,9 +15,9 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 use pct::disk::DiskFormat;
 use pct::migrate::destination::{self, DestinationOptions, DestinationQemu};
-use pct::migrate::proxy::{self, ProxyOptions};
 use pct::migrate::flow::parse_rate;
 use pct::migrate::inspect::{inspect, InspectOptions};
+use pct::migrate::proxy::{self, ProxyOptions};
 use pct::migrate::receiver::ReceiverOptions;
 use pct::migrate::sender::SenderOptions;
 use pct::migrate::source::{CheckMode, Notice, Source, SourceOptions};
@@ -175,7 +175,11 @@ struct ReceiveArgs {
     listen: String,
     /// The destination QEMU's QMP socket (QEMU started with -incoming defer): pct starts
     /// the incoming migration and waits for QEMU to load it.
-    #[arg(long, required_unless_present = "qemu_incoming", conflicts_with = "qemu_incoming")]
+    #[arg(
+        long,
+        required_unless_present = "qemu_incoming",
+        conflicts_with = "qemu_incoming"
+    )]
     qmp: Option<PathBuf>,
     /// Where the destination QEMU listens for the stream, HOST:PORT, when a VM manager
     /// (libvirt) drives it: pct connects there and writes the stream (see docs/libvirt.md).
@@ -254,7 +258,10 @@ fn send_main(mut a: SendArgs) -> Result<()> {
         return Ok(());
     }
     let src = Source::for_migration(opts, &notify)?;
-    let to = a.send.to.ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
+    let to = a
+        .send
+        .to
+        .ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
     let s = src.migrate(&to)?;
     match a.send.json {
         true => println!("{}", serde_json::to_string_pretty(&s)?),
@@ -264,7 +271,11 @@ fn send_main(mut a: SendArgs) -> Result<()> {
 }
 
 fn proxy_main(mut a: ProxyArgs) -> Result<()> {
-    let to = a.send.to.take().ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
+    let to = a
+        .send
+        .to
+        .take()
+        .ok_or_else(|| anyhow!("--to HOST:PORT is required"))?;
     let opts = ProxyOptions {
         listen: a.listen,
         pid: a.pid,

@@ -115,8 +115,7 @@ pub fn relay(
         let mem = ram
             .snapshot()
             .map_err(|e| anyhow!("copying the guest's RAM: {e}"))?;
-        let selected =
-            select_profile(&mem, opts.profile.as_deref()).map_err(|e| anyhow!("{e}"))?;
+        let selected = select_profile(&mem, opts.profile.as_deref()).map_err(|e| anyhow!("{e}"))?;
         notify(Notice::Profile(&selected.origin));
         let layout = pc_layout(&mem, &selected.profile, len)?;
         ram = ram.with_regions(layout.regions(len));
@@ -128,7 +127,9 @@ pub fn relay(
     let disk = opts
         .disk
         .as_ref()
-        .map(|p| Disk::open(p, opts.disk_format).context("opening the source's copy of the guest disk"))
+        .map(|p| {
+            Disk::open(p, opts.disk_format).context("opening the source's copy of the guest disk")
+        })
         .transpose()?;
 
     let mut wire_stats = WireStats::default();
@@ -220,7 +221,9 @@ fn pc_layout(mem: &GuestMemory, profile: &Profile, len: u64) -> Result<RawLayout
         .read_u64(at, "max_pfn")
         .map_err(|e| anyhow!("reading max_pfn: {e}"))?;
     let high = max_pfn.saturating_mul(4096).saturating_sub(1 << 32);
-    let below_4g = len.checked_sub(high).filter(|b| (0x8000_0000..=0xe000_0000).contains(b));
+    let below_4g = len
+        .checked_sub(high)
+        .filter(|b| (0x8000_0000..=0xe000_0000).contains(b));
     match below_4g {
         Some(below_4g) => Ok(RawLayout::SplitAt4G { below_4g }),
         None => bail!(

@@ -31,12 +31,12 @@ use super::stream::{Decoder, Recorder};
 use super::timeline::{now_unix_ms, ReceiverMarks};
 use super::wire::{read_frame, write_frame, Frame, PageRefs, WireError, WireStats};
 use crate::disk::Disk;
+use crate::qemu::Channel;
 use fallback::{FailedRun, Link};
 use pages::page_views;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use crate::qemu::Channel;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -388,7 +388,12 @@ fn relay_return_path(
                 },
             )?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 if done.load(Ordering::Relaxed) {
                     let t = *since_done.get_or_insert_with(Instant::now);
                     if t.elapsed() > LOAD_TIMEOUT {

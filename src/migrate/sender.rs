@@ -28,13 +28,13 @@ use super::stream::{RamBlock, StreamError, StreamStats};
 use super::switchover::{SwitchoverCheck, SwitchoverReport};
 use super::timeline::{now_unix_ms, SenderMarks};
 use super::wire::{hash_pages, read_frame, Frame, Payload, Session, WireError, WireStats};
+use crate::qemu::Channel;
 use encoder::Encoder;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
-use crate::qemu::Channel;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -481,11 +481,10 @@ fn listen(
             }
             Frame::Report { json } => report = serde_json::from_str(&json).ok(),
             Frame::ReturnPath { data } => {
-                qemu.write_all(&data)
-                    .map_err(|source| SendError::Io {
-                        what: "relaying the destination's return path to the source QEMU",
-                        source,
-                    })?;
+                qemu.write_all(&data).map_err(|source| SendError::Io {
+                    what: "relaying the destination's return path to the source QEMU",
+                    source,
+                })?;
             }
             Frame::Complete { stream_bytes } => {
                 return Ok(ReceiverEnd {

@@ -107,7 +107,11 @@ pub fn tcp_peer_pid(ours: SocketAddr, peer: SocketAddr) -> Result<u32, ProcessEr
         source,
     })?;
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
@@ -283,7 +287,10 @@ mod tests {
         // Two halves split by madvise, joined only when no mapping has the size whole.
         assert_eq!(spans_of_len(&m[3..], 0x4000_0000), vec![0x7f20_0000_0000]);
         assert_eq!(spans_of_len(&m, 0x3fff_f000), Vec::<u64>::new());
-        assert_eq!(parse_version("QEMU emulator version 10.0.2 (Debian)\n"), Some((10, 0)));
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0.2 (Debian)\n"),
+            Some((10, 0))
+        );
         assert_eq!(parse_version("QEMU emulator version 7.2.22"), Some((7, 2)));
         assert_eq!(parse_version("something else"), None);
     }

@@ -29,7 +29,12 @@ impl Pct {
 
     /// [`spawn`](Self::spawn) with extra environment variables.
     pub fn spawn_env(what: &'static str, args: &[&str], env: &[(&str, &Path)]) -> Pct {
-        Self::spawn_cmd(what, Command::new(env!("CARGO_BIN_EXE_pct-migrate")), args, env)
+        Self::spawn_cmd(
+            what,
+            Command::new(env!("CARGO_BIN_EXE_pct-migrate")),
+            args,
+            env,
+        )
     }
 
     /// [`spawn`](Self::spawn) inside the network namespace `netns` (`ip netns exec`).
@@ -39,7 +44,12 @@ impl Pct {
         Self::spawn_cmd(what, cmd, args, &[])
     }
 
-    fn spawn_cmd(what: &'static str, mut cmd: Command, args: &[&str], env: &[(&str, &Path)]) -> Pct {
+    fn spawn_cmd(
+        what: &'static str,
+        mut cmd: Command,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Pct {
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .current_dir(repo())

@@ -59,9 +59,12 @@ fn proc_net_forms(a: SocketAddr) -> Vec<String> {
 }
 
 /// The inode of the socket whose local end is `local` and remote end is `remote`, from
-/// `/proc/net/tcp` and `/proc/net/tcp6` (of pct's own network namespace).
+/// `/proc/net/tcp` and `/proc/net/tcp6` (of pct's own network namespace). When no socket
+/// has both, the one socket whose local end is `local`: a connection redirected to pct by
+/// netfilter (`REDIRECT`, `DNAT`) still names its original destination as its remote end.
 fn tcp_socket_inode(local: SocketAddr, remote: SocketAddr) -> Result<Option<u64>, ProcessError> {
     let (locals, remotes) = (proc_net_forms(local), proc_net_forms(remote));
+    let (mut exact, mut by_local) = (None, Vec::new());
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = match fs::read_to_string(table) {
             Ok(t) => t,
@@ -75,19 +78,22 @@ fn tcp_socket_inode(local: SocketAddr, remote: SocketAddr) -> Result<Option<u64>
         };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 {
+            let Some(inode) = f.get(9).and_then(|i| i.parse::<u64>().ok()) else {
+                continue;
+            };
+            if inode == 0 || !locals.iter().any(|l| l == f[1]) {
                 continue;
             }
-            if locals.iter().any(|l| l == f[1]) && remotes.iter().any(|r| r == f[2]) {
-                if let Ok(inode) = f[9].parse::<u64>() {
-                    if inode != 0 {
-                        return Ok(Some(inode));
-                    }
-                }
+            if remotes.iter().any(|r| r == f[2]) {
+                exact = Some(inode);
             }
+            by_local.push(inode);
         }
     }
-    Ok(None)
+    Ok(exact.or(match by_local[..] {
+        [only] => Some(only),
+        _ => None,
+    }))
 }
 
 /// The process holding the other end of a TCP connection that pct accepted: `ours` is

@@ -22,8 +22,12 @@ cargo test --release --all-targets --no-fail-fast "$@" || status=$?
 
 left_qemu=$(pgrep -f 'qemu-system-x86_64 -name pct-' || true)
 left_shm=$(ls /dev/shm | grep '^pct-' || true)
-if [ -n "$left_qemu" ] || [ -n "$left_shm" ]; then
-	echo "test.sh: the suite left things behind: QEMU pids [$left_qemu] /dev/shm [$left_shm]" >&2
+# tests/migrate_libvirt.rs: its daemons, their guests and its network namespaces.
+left_libvirt=$(pgrep -f 'pct-libvirt-' || true)
+left_netns=$(ip netns list 2>/dev/null | grep -E '^lv[0-9]+-[ab]' || true)
+if [ -n "$left_qemu$left_shm$left_libvirt$left_netns" ]; then
+	echo "test.sh: the suite left things behind: QEMU pids [$left_qemu] /dev/shm [$left_shm]" \
+		"libvirt pids [$left_libvirt] namespaces [$left_netns]" >&2
 	status=1
 fi
 exit $status

@@ -84,6 +84,7 @@ up)
 	dir=${1:?DIR}
 	name=${2:?NAME}
 	rate=${3:-1gbit}
+	bash "$LAB_DIR/ensure-host.sh"
 	for c in libvirtd virsh ip tc unshare; do
 		command -v "$c" >/dev/null || die "$c is missing: run tools/lab/ensure-host.sh as root"
 	done

@@ -15,12 +15,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use support::disk::{qemu_img, qemu_io, Loop};
 use support::lab::{have_qemu, Guest, GuestSpec};
@@ -574,53 +573,6 @@ fn disk_case(what: &str, prepare: impl FnOnce(&Guest, &Path) -> (PathBuf, Option
 
 /// A relay between sender and receiver that cuts both connections once `cut_after` bytes
 /// went from the sender to the receiver.
-fn cutting_relay(cut_after: u64, cut: Arc<AtomicBool>) -> impl Fn(u16) -> u16 {
-    move |to: u16| {
-        let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
-        let port = l.local_addr().expect("addr").port();
-        let cut = cut.clone();
-        std::thread::spawn(move || {
-            let Ok((a, _)) = l.accept() else { return };
-            // The receiver may not listen yet.
-            let mut tries = 0;
-            let b = loop {
-                match TcpStream::connect(("127.0.0.1", to)) {
-                    Ok(b) => break b,
-                    Err(_) if tries < 200 => tries += 1,
-                    Err(_) => return,
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            let seen = Arc::new(AtomicU64::new(0));
-            let (a2, b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
-            // Receiver → sender: plain copy.
-            std::thread::spawn(move || {
-                let (mut from, mut to) = (b2, a2);
-                let mut buf = vec![0u8; 64 << 10];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 || to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-            let (mut from, mut to) = (a, b);
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n) = from.read(&mut buf) {
-                if n == 0 || to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-                if seen.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= cut_after {
-                    break;
-                }
-            }
-            cut.store(true, Ordering::SeqCst);
-            let _ = from.shutdown(Shutdown::Both);
-            let _ = to.shutdown(Shutdown::Both);
-        });
-        port
-    }
-}
-
 /// Cutting the link mid-migration: the source keeps running unchanged, the destination
 /// QEMU and both pct processes exit with an error, no socket directories are left.
 #[test]
@@ -628,11 +580,10 @@ fn cut_link_leaves_source_running() {
     let Some((_one, mut src, mut dst, disk)) = lab_pair("apache", "mini", "plain") else {
         return;
     };
-    let cut = Arc::new(AtomicBool::new(false));
-    let relay = cutting_relay(8 << 20, cut.clone());
+    let relay = Relay::new(Some(8 << 20));
     // Slow enough that 8 MB is well inside the migration.
-    let run = migrate(&src, &dst, &disk, &["--bandwidth", "40mbit"], Some(&relay));
-    assert!(cut.load(Ordering::SeqCst), "the relay never cut the link");
+    let run = migrate(&src, &dst, &disk, &["--bandwidth", "40mbit"], Some(&relay.via()));
+    assert!(relay.was_cut.load(Ordering::SeqCst), "the relay never cut the link");
     assert!(!run.sender.status.success(), "the sender reported success");
     assert!(
         !run.receiver.status.success(),

@@ -115,6 +115,9 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
     let qemu = ctl::start_destination(&mut qmp, &format!("unix:{}", sock.display()))
         .and_then(|()| ctl::connect_destination(&sock, Duration::from_secs(10)))
         .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+    // Connected: QEMU's listening socket needs no path any more, and removing the directory
+    // now leaves nothing behind even if pct is killed.
+    drop(dir);
     let disk_description = disk.description().to_owned();
     let got = receiver::receive(tcp, disk, qemu.into(), &opts.receiver, wire_stats);
     let mut report = match got {

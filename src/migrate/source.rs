@@ -281,7 +281,10 @@ impl<'n> Source<'n> {
             let _ = ctl::cancel(&mut qmp);
         })?;
         drop(listener);
+        // QEMU is connected: nothing needs the socket's directory any more, and removing it
+        // now leaves nothing behind even if pct is killed.
         let _ = std::fs::remove_file(&sock);
+        drop(dir);
 
         let counters = Arc::new(Counters::default());
         let check = match (check, &ram) {

@@ -9,7 +9,10 @@ use super::profile::lab_profile;
 use super::repo;
 use pct::profile::Profile;
 use serde_json::Value;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -137,6 +140,95 @@ pub fn wait_listening(netns: Option<&str>, port: u16, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+}
+
+/// A TCP relay between the sender and the receiver, on localhost: it counts the bytes it
+/// forwards from the sender and cuts the connection in both directions after `cut_after`
+/// of them, or when told to ([`Relay::cut_now`]).
+#[derive(Clone, Default)]
+pub struct Relay {
+    /// Bytes forwarded sender → receiver so far.
+    pub forwarded: Arc<AtomicU64>,
+    /// Set once the relay has cut the connection.
+    pub was_cut: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    cut_after: Option<u64>,
+}
+
+impl Relay {
+    pub fn new(cut_after: Option<u64>) -> Relay {
+        Relay {
+            cut_after,
+            ..Relay::default()
+        }
+    }
+
+    /// Cuts the connection now (both directions); what was in flight is lost.
+    pub fn cut_now(&self) {
+        for s in self.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.was_cut.store(true, Ordering::SeqCst);
+    }
+
+    /// For [`How::via`]: given the receiver's port, starts relaying to it (one connection)
+    /// and returns the port the sender is to use.
+    pub fn via(&self) -> impl Fn(u16) -> u16 + '_ {
+        move |to: u16| {
+            let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+            let port = l.local_addr().expect("addr").port();
+            let relay = self.clone();
+            std::thread::spawn(move || relay.serve(l, to));
+            port
+        }
+    }
+
+    fn serve(self, l: TcpListener, to: u16) {
+        let Ok((a, _)) = l.accept() else { return };
+        // The receiver may not listen yet.
+        let mut tries = 0;
+        let b = loop {
+            match TcpStream::connect(("127.0.0.1", to)) {
+                Ok(b) => break b,
+                Err(_) if tries < 200 => tries += 1,
+                Err(_) => return,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+            return;
+        };
+        if let (Ok(x), Ok(y)) = (a.try_clone(), b.try_clone()) {
+            self.sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend([x, y]);
+        }
+        // Receiver → sender: a plain copy.
+        std::thread::spawn(move || {
+            let (mut from, mut to) = (b2, a2);
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 || to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut from, mut to) = (a, b);
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let seen = self.forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            if self.cut_after.is_some_and(|c| seen >= c) {
+                self.cut_now();
+                return;
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    }
 }
 
 /// A free TCP port on localhost.
@@ -354,22 +446,45 @@ pub enum ProfileChoice {
     FromMemory { dir: PathBuf },
 }
 
-/// Migrates `src` into `dst` (which must be `-incoming defer`) as `how` says.
-pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
+/// Where the two pct processes of a migration run and meet: the receiver listens on
+/// `listen`, the sender sends to `to` (the receiver, or a relay in front of it), each
+/// optionally inside a network namespace.
+pub struct Net {
+    pub listen: String,
+    pub to: String,
+    pub sender_netns: Option<String>,
+    pub receiver_netns: Option<String>,
+}
+
+impl Net {
+    /// Both on localhost; `via` optionally puts a relay in front of the receiver.
+    pub fn local(via: Option<&dyn Fn(u16) -> u16>) -> Net {
+        let port = free_port();
+        let to_port = via.map_or(port, |f| f(port));
+        Net {
+            listen: format!("127.0.0.1:{port}"),
+            to: format!("127.0.0.1:{to_port}"),
+            sender_netns: None,
+            receiver_netns: None,
+        }
+    }
+}
+
+/// The two pct processes of a migration of `src` into `dst` (which must be `-incoming
+/// defer`), started as `how` and `net` say: (sender, receiver).
+pub fn spawn_migration(src: &Guest, dst: &Guest, disk: &Path, how: &How, net: &Net) -> (Pct, Pct) {
     let How {
         extra,
-        via,
+        via: _,
         record,
         profile: choice,
     } = how;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let dst_qmp = dst.qmp_path();
     let record = record.map(|d| stream_records(src, d));
     let mut rargs = vec![
         "receive",
         "--listen",
-        &listen,
+        &net.listen,
         "--qmp",
         dst_qmp.to_str().expect("path"),
         "--disk",
@@ -379,9 +494,10 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
     if let Some((_, d)) = &record {
         rargs.extend(["--record-stream", d.to_str().expect("path")]);
     }
-    let receiver = Pct::spawn("receiver", &rargs);
-    let to_port = via.map_or(port, |f| f(port));
-    let to = format!("127.0.0.1:{to_port}");
+    let receiver = match &net.receiver_netns {
+        None => Pct::spawn("receiver", &rargs),
+        Some(ns) => Pct::spawn_in(ns, "receiver", &rargs),
+    };
     let src_qmp = src.qmp_path();
     let lab = lab_profile("cloud-amd64").0;
     let mut args = match choice {
@@ -393,7 +509,7 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
         "--qmp",
         src_qmp.to_str().expect("path"),
         "--to",
-        &to,
+        &net.to,
         "--json",
     ]);
     args.extend_from_slice(extra);
@@ -409,7 +525,18 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
             vec![("PCT_PROFILES", &shipped), ("PCT_PROFILE_CACHE", &cache)]
         }
     };
-    let sender = Pct::spawn_env("sender", &args, &env);
+    let sender = match &net.sender_netns {
+        None => Pct::spawn_env("sender", &args, &env),
+        Some(ns) => {
+            assert!(env.is_empty(), "no environment through ip netns exec");
+            Pct::spawn_in(ns, "sender", &args)
+        }
+    };
+    (sender, receiver)
+}
+
+/// Waits for both pct processes of a migration and prints what they said.
+pub fn finish_migration(sender: Pct, receiver: Pct) -> Run {
     let (sender_pid, receiver_pid) = (sender.pid(), receiver.pid());
     let sender = sender.wait(Duration::from_secs(300));
     let receiver = receiver.wait(Duration::from_secs(60));
@@ -432,6 +559,13 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
         receiver,
         summary,
     }
+}
+
+/// Migrates `src` into `dst` (which must be `-incoming defer`) as `how` says.
+pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
+    let net = Net::local(how.via);
+    let (sender, receiver) = spawn_migration(src, dst, disk, how, &net);
+    finish_migration(sender, receiver)
 }
 
 /// Source and destination guests for `spec`, the source ready; the destination runs on a

@@ -15,7 +15,8 @@
 //! report    the forensic report and its disk verification
 //! introspect  the scan end to end: memory → kernel → walk → cachemap → report
 //! migrate   QEMU's stream ─▶ pct sender ══ WAN ══▶ pct receiver ─▶ QEMU's stream
-//! (sanitize: untrusted strings made safe to print, for any of them)
+//! (sanitize: untrusted strings made safe to print, for any of them;
+//!  errors: how an error and its causes read on a terminal)
 //! ```
 //!
 //! docs/design.md describes the design; each module's top comment says what it owns.
@@ -23,6 +24,7 @@
 pub mod blockmap;
 pub mod cachemap;
 pub mod disk;
+pub mod errors;
 pub mod introspect;
 pub mod kernel;
 pub mod memory;

@@ -582,8 +582,17 @@ fn cut_link_leaves_source_running() {
     };
     let relay = Relay::new(Some(8 << 20));
     // Slow enough that 8 MB is well inside the migration.
-    let run = migrate(&src, &dst, &disk, &["--bandwidth", "40mbit"], Some(&relay.via()));
-    assert!(relay.was_cut.load(Ordering::SeqCst), "the relay never cut the link");
+    let run = migrate(
+        &src,
+        &dst,
+        &disk,
+        &["--bandwidth", "40mbit"],
+        Some(&relay.via()),
+    );
+    assert!(
+        relay.was_cut.load(Ordering::SeqCst),
+        "the relay never cut the link"
+    );
     assert!(!run.sender.status.success(), "the sender reported success");
     assert!(
         !run.receiver.status.success(),

@@ -219,7 +219,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pct-migrate: error: {e:#}");
+            eprintln!("pct-migrate: error: {}", pct::errors::chain_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -193,6 +193,9 @@ struct Pipeline {
     tcp: TcpStream,
     /// The guest is stopped (the `ram` section's END part has begun).
     stopped: AtomicBool,
+    /// The listener failed (and shut QEMU's stream and the outbox down): its error is the
+    /// cause of whatever the encoder then hits.
+    listener_failed: AtomicBool,
     /// Fallback and hash requests answered since then.
     final_requests: AtomicU64,
 }
@@ -312,6 +315,7 @@ where
         counters,
         tcp: tcp.try_clone().map_err(io("cloning the TCP socket"))?,
         stopped: AtomicBool::new(false),
+        listener_failed: AtomicBool::new(false),
         final_requests: AtomicU64::new(0),
     });
 
@@ -352,6 +356,7 @@ where
             .spawn(move || {
                 let r = listen(&mut tcp, &mut qemu, &shared, level, hash_len);
                 if r.is_err() {
+                    shared.listener_failed.store(true, Ordering::SeqCst);
                     // Unblock the encoder wherever it waits.
                     shared.abort();
                     let _ = qemu.shutdown(Shutdown::Read);
@@ -379,9 +384,10 @@ where
     // The most telling error first: what the receiver said, then ours.
     let end = match (encoded, heard) {
         (_, Err(e @ SendError::Peer(_))) => return Err(e),
-        // The encoder found the outbox closed because the listener failed: its error is
-        // the cause.
+        // The encoder found the outbox closed, or QEMU's stream cut short, because the
+        // listener failed (and shut both down): the listener's error is the cause.
         (Err(SendError::Closed), Err(e)) => return Err(e),
+        (Err(_), Err(e)) if shared.listener_failed.load(Ordering::SeqCst) => return Err(e),
         (Err(e), _) => return Err(e),
         (Ok(_), Err(e)) => return Err(e),
         (Ok(enc), Ok(end)) => (enc, end),

@@ -11,10 +11,10 @@ use pct::profile::Profile;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const PAGE: usize = 4096;
@@ -165,7 +165,12 @@ impl Relay {
 
     /// Cuts the connection now (both directions); what was in flight is lost.
     pub fn cut_now(&self) {
-        for s in self.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = s.shutdown(Shutdown::Both);
         }
         self.was_cut.store(true, Ordering::SeqCst);

@@ -3,6 +3,7 @@
 //! - [`stream`]: QEMU's own precopy migration stream (parse records, re-emit them).
 //! - [`wire`]: pct's framed protocol between the pct sender and the pct receiver.
 //! - [`link`]: the TCP connection and its hello exchange.
+//! - [`tls`]: TLS 1.3 with mutual authentication on that connection, and its certificates.
 //! - [`flow`]: bounded queues and rate caps, so QEMU paces itself by the WAN.
 //! - [`refmap`]: the cache map translated into QEMU's RAM-block offsets.
 //! - [`freemap`]: the guest's free pages in those offsets: which were elided, and the
@@ -41,4 +42,5 @@ pub mod stream;
 pub mod summary;
 pub mod switchover;
 pub mod timeline;
+pub mod tls;
 pub mod wire;

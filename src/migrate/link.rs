@@ -305,8 +305,9 @@ pub fn accept(l: &TcpListener, timeout: Duration) -> Result<TcpStream, LinkError
     Ok(s)
 }
 
-/// The TLS record type of a handshake: the first byte a TLS peer sends.
-const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// TLS record types a TLS peer starts with: a handshake (a client's hello) or an alert (a
+/// server refusing what it got).
+const TLS_RECORDS: [u8; 2] = [0x16, 0x15];
 
 /// Sends our hello, reads the peer's, and settles the session. `stats` counts both.
 pub fn handshake(
@@ -340,7 +341,7 @@ fn hello_exchange(
     if let LinkStream::Plain(tcp) = s {
         // A TLS handshake where a hello should be: the peer was given --tls-dir.
         let mut first = [0u8];
-        if tcp.peek(&mut first)? == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+        if tcp.peek(&mut first)? == 1 && TLS_RECORDS.contains(&first[0]) {
             return Err(LinkError::PeerSpeaksTls);
         }
     }

@@ -403,17 +403,23 @@ fn explain(e: &rustls::Error, side: Side) -> String {
         E::AlertReceived(a) => {
             let peer = side.peer();
             match a {
-                AlertDescription::UnknownCA
-                | AlertDescription::BadCertificate
+                AlertDescription::UnknownCA => format!(
+                    "{peer} refused this end's certificate: not signed by {peer}'s CA (TLS \
+                     alert {a:?})"
+                ),
+                AlertDescription::BadCertificate
                 | AlertDescription::CertificateUnknown
                 | AlertDescription::UnsupportedCertificate
                 | AlertDescription::CertificateExpired
                 | AlertDescription::CertificateRevoked
                 | AlertDescription::CertificateRequired
-                | AlertDescription::DecryptError => format!(
-                    "{peer} refused this end's certificate (TLS alert {a:?}: is this end's \
-                     certificate signed by {peer}'s CA?)"
-                ),
+                | AlertDescription::DecryptError => {
+                    let hint = match side {
+                        Side::Sender => ": does this end's certificate name the host it dialled?",
+                        _ => "",
+                    };
+                    format!("{peer} refused this end's certificate (TLS alert {a:?}{hint})")
+                }
                 AlertDescription::ProtocolVersion => {
                     format!("{peer} does not speak TLS 1.3 (alert {a:?})")
                 }

@@ -60,6 +60,10 @@ enum Cmd {
     /// Benchmark the receiver's restore path (read + verify) on a disk image.
     #[command(hide = true)]
     BenchRestore(tools::BenchArgs),
+    /// Benchmark pct's relay (sender and receiver on loopback, no QEMU), with and without
+    /// TLS.
+    #[command(hide = true)]
+    BenchLink(tools::BenchLinkArgs),
     /// Run one QMP command on a QEMU and print its return value as JSON.
     Qmp(tools::QmpArgs),
     /// Migrate with stock QEMU alone (no pct), as a peer to compare with; prints JSON.
@@ -278,6 +282,7 @@ fn main() -> ExitCode {
         Some(Cmd::Keygen(a)) => keygen_main(a),
         Some(Cmd::InspectStream(a)) => inspect_main(a),
         Some(Cmd::BenchRestore(a)) => tools::bench_main(a),
+        Some(Cmd::BenchLink(a)) => tools::bench_link_main(a),
         Some(Cmd::Qmp(a)) => tools::qmp_main(a),
         Some(Cmd::Stock(a)) => tools::stock_main(a),
         None => send_main(cli.send),

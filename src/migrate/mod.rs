@@ -22,6 +22,8 @@
 //! - [`summary`]: statistics of one migration, as text and JSON.
 //! - [`predict`]: `--dry-run`, what a migration would cost now.
 //! - [`inspect`]: reading a recorded stream after the fact.
+//! - [`replay`]: a stream through the real sender and receiver on loopback, without QEMU
+//!   (pct's relay throughput, TLS or not).
 //!
 //! The sender parses the stream QEMU writes, forwards everything verbatim except RAM
 //! `PAGE` records it can replace by references, and the receiver rebuilds a standard
@@ -36,6 +38,7 @@ pub mod predict;
 pub mod proxy;
 pub mod receiver;
 pub mod refmap;
+pub mod replay;
 pub mod sender;
 pub mod source;
 pub mod stream;

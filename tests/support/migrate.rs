@@ -375,6 +375,7 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
         "--disk",
         disk.to_str().expect("path"),
         "--json",
+        "--insecure-plaintext",
     ];
     if let Some((_, d)) = &record {
         rargs.extend(["--record-stream", d.to_str().expect("path")]);
@@ -395,6 +396,7 @@ pub fn migrate_with(src: &Guest, dst: &Guest, disk: &Path, how: &How) -> Run {
         "--to",
         &to,
         "--json",
+        "--insecure-plaintext",
     ]);
     args.extend_from_slice(extra);
     if let Some((s, _)) = &record {

@@ -171,15 +171,42 @@ fn half_close_then_reply() {
     let asking = std::thread::spawn(move || send_all(s2, &q));
     let a = answer.clone();
     let answering = std::thread::spawn(move || {
-        let r2 = receiver.try_clone().expect("clone");
+        let mut r2 = receiver.try_clone().expect("clone");
         let got = read_all(receiver);
-        send_all(r2, &a);
+        // As the receiver's last frames: written, then sent before the process may exit.
+        r2.write_all(&a).expect("answer");
+        assert!(
+            r2.finish_sending(Duration::from_secs(10)),
+            "the pump sent it all"
+        );
         got
     });
     asking.join().expect("asking");
     let heard = read_all(sender);
     assert!(answering.join().expect("answering") == question);
     assert!(heard == answer);
+}
+
+/// A receiver that goes away mid-stream: the sender's writes fail, they do not hang.
+#[test]
+fn a_peer_going_away_fails_the_other_end() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dirs = ca(tmp.path(), &["127.0.0.1", "src-host"]);
+    let (mut sender, mut receiver, _) = tls_pair(&dirs[0], &dirs[1]);
+    let data = bytes(5, 256 << 20);
+    let writing = std::thread::spawn(move || {
+        let r = sender.write_all(&data);
+        (r, sender.tls_failure())
+    });
+    let mut first = vec![0u8; 1 << 20];
+    receiver.read_exact(&mut first).expect("the first MiB");
+    drop(receiver);
+    let (r, why) = writing.join().expect("writer");
+    eprintln!("sender: {r:?}, TLS: {why:?}");
+    assert!(
+        r.is_err(),
+        "the sender's writes fail once the receiver is gone"
+    );
 }
 
 #[test]

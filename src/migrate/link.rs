@@ -101,6 +101,17 @@ impl LinkStream {
         }
     }
 
+    /// Shuts the link down for writing and waits, at most `timeout`, until what was
+    /// written has gone out (with TLS, through the pump: see [`TlsEnd::wait_sent`]); for
+    /// the last frames of a process. True if it has.
+    pub fn finish_sending(&self, timeout: Duration) -> bool {
+        let _ = self.shutdown(Shutdown::Write);
+        match self {
+            LinkStream::Plain(_) => true,
+            LinkStream::Tls(s) => s.wait_sent(timeout),
+        }
+    }
+
     /// Why the TLS session under the link failed, if it did: the cause behind an end of
     /// input or a broken pipe here.
     pub fn tls_failure(&self) -> Option<String> {

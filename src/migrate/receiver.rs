@@ -585,6 +585,9 @@ fn emit(
     }
 }
 
+/// How long the session's last frames may take to leave.
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The frames that close a session, receiver → sender: [`Frame::Report`] and
 /// [`Frame::Complete`] once the destination QEMU has loaded the whole stream, or
 /// [`Frame::Error`] on failure. Take it before [`receive`] consumes the connection.
@@ -600,15 +603,19 @@ impl Closing {
         })
     }
 
-    /// Tells the sender the migration failed (best effort: the link may be gone).
+    /// Tells the sender the migration failed (best effort: the link may be gone), and
+    /// closes this direction of the connection.
     pub fn fail(&mut self, message: &str) {
-        let _ = write_frame(
+        let sent = write_frame(
             &mut self.link,
             &Frame::Error {
                 code: 1,
                 message: message.to_owned(),
             },
         );
+        if sent.is_ok() {
+            self.link.finish_sending(CLOSING_TIMEOUT);
+        }
     }
 
     /// Sends `report` (as JSON) and `Complete`, then closes this direction of the
@@ -625,7 +632,13 @@ impl Closing {
                 stream_bytes: report.stream_bytes,
             },
         )?;
-        let _ = self.link.shutdown(Shutdown::Write);
+        // The process may exit right after: the frames must have left it.
+        if !self.link.finish_sending(CLOSING_TIMEOUT) {
+            return Err(WireError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the sender did not take the last frames",
+            )));
+        }
         Ok(json)
     }
 }

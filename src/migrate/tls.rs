@@ -46,7 +46,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bytes the pump takes from one side before the other has taken them, in each direction.
@@ -560,6 +560,17 @@ struct Shared {
     /// TLS: the difference is what waits in the socket pair and the pump's buffer.
     written: AtomicU64,
     taken: AtomicU64,
+    /// The outbound direction is over: all that was written went out, then
+    /// `close_notify` (or the pump stopped).
+    sent: Mutex<bool>,
+    sent_cv: Condvar,
+}
+
+impl Shared {
+    fn set_sent(&self) {
+        *lock(&self.sent) = true;
+        self.sent_cv.notify_all();
+    }
 }
 
 /// The plaintext end of a TLS link: a Unix socket whose other end the pump serves.
@@ -601,6 +612,26 @@ impl TlsEnd {
     pub fn unencrypted_bytes(&self) -> u64 {
         let written = self.shared.written.load(Ordering::Relaxed);
         written.saturating_sub(self.shared.taken.load(Ordering::Relaxed))
+    }
+
+    /// Waits, at most `timeout`, until what was written here before a shutdown for writing
+    /// has gone out on TCP, followed by `close_notify` (or the pump stopped); true if so.
+    /// The pump is a thread of this process: a process that exits right after its last
+    /// write must wait for it, as the kernel would have sent what a plain socket held.
+    pub fn wait_sent(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut sent = lock(&self.shared.sent);
+        while !*sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            sent = match self.shared.sent_cv.wait_timeout(sent, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
     }
 
     /// Why the TLS session ended, if it failed: the cause behind an end of input or a
@@ -731,7 +762,7 @@ impl Stop {
                  it stopped, or the connection was cut",
                 side.peer()
             ),
-            Stop::Tcp(e) => format!("TCP: {e}"),
+            Stop::Tcp(e) => format!("the TCP connection to {}: {e}", side.peer()),
         }
     }
 }
@@ -790,6 +821,7 @@ impl Pump {
         }
         let _ = self.tcp.shutdown(Shutdown::Both);
         let _ = self.local.shutdown(Shutdown::Both);
+        self.shared.set_sent();
     }
 
     /// Moves bytes until both directions are over.
@@ -855,6 +887,7 @@ impl Pump {
                 // close_notify is out: TCP's sending side is done too.
                 let _ = self.tcp.shutdown(Shutdown::Write);
                 self.tcp_write_shut = true;
+                self.shared.set_sent();
                 return Ok(());
             }
             match self.out.fill(&mut self.local) {

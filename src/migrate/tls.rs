@@ -49,12 +49,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Bytes the pump takes from one side before the other has taken them, in each direction.
-const PUMP_BUFFER: usize = 64 << 10;
+/// Bytes the pump takes from one side before the other has taken them, in each direction;
+/// also the bound on the TLS records rustls holds for TCP.
+const PUMP_BUFFER: usize = 32 << 10;
 
 /// Kernel send buffer asked for on both ends of the socket pair: with the pump's own
 /// buffer, what TLS adds to the link's buffering (see [`super::flow`]).
-const PAIR_BUFFER: usize = 64 << 10;
+const PAIR_BUFFER: usize = 32 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -666,7 +667,8 @@ impl AsFd for TlsEnd {
 }
 
 /// Starts the pump for `conn` on `tcp` (handshake done); returns the plaintext end.
-fn pump(conn: Connection, tcp: TcpStream) -> Result<TlsEnd, TlsError> {
+fn pump(mut conn: Connection, tcp: TcpStream) -> Result<TlsEnd, TlsError> {
+    conn.set_buffer_limit(Some(PUMP_BUFFER));
     let (ours, theirs) = UnixStream::pair()?;
     for s in [&ours, &theirs] {
         rustix::net::sockopt::set_socket_send_buffer_size(s, PAIR_BUFFER)

@@ -122,8 +122,27 @@ pub fn bench_main(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// CPU time this process has used so far (user and system), in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one `rusage` through the pointer, which points at `ru`,
+    // alive and writable for the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// `bench-link`: pct's relay throughput on loopback, plaintext and TLS, zstd off and on,
-/// through the real sender and receiver ([`replay`]).
+/// through the real sender and receiver ([`replay`]). Plaintext and TLS runs alternate, so
+/// that both see the same load; CPU time (both ends, this process) is counted too.
 pub fn bench_link_main(a: BenchLinkArgs) -> Result<()> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
@@ -139,6 +158,7 @@ pub fn bench_link_main(a: BenchLinkArgs) -> Result<()> {
         ),
     };
     let stream = Arc::new(stream);
+    let gb = stream.len() as f64 / 1e9;
     eprintln!("{what}: {:.1} MB", stream.len() as f64 / 1e6);
     let dir = std::env::temp_dir().join(format!("pct-bench-link-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -151,50 +171,57 @@ pub fn bench_link_main(a: BenchLinkArgs) -> Result<()> {
     let id = issued.and_then(|i| Identity::load(&i.hosts[0]));
     let _ = std::fs::remove_dir_all(&dir);
     let tls = Security::Tls(Arc::new(id?));
+    let links = [("plaintext", Security::Plaintext), ("TLS 1.3", tls)];
     let mut rows = Vec::new();
     for zstd in [false, true] {
-        let mut plain_best = None;
-        for (name, security) in [("plaintext", Security::Plaintext), ("TLS 1.3", tls.clone())] {
-            let opts = ReplayOptions {
-                sender_security: security.clone(),
-                receiver_security: security,
-                host: "127.0.0.1".into(),
-                sender: SenderOptions {
-                    zstd_level: zstd.then_some(1),
-                    ..SenderOptions::default()
-                },
-                receiver: ReceiverOptions::default(),
-                verify: a.verify,
-            };
-            let mut rates = Vec::new();
-            let mut wire = 0;
-            for _ in 0..a.runs {
+        // Per link: MB/s and CPU seconds per GB of stream, run by run.
+        let mut rates = [Vec::new(), Vec::new()];
+        let mut cpu = [Vec::new(), Vec::new()];
+        let mut wire = [0u64; 2];
+        for _ in 0..a.runs {
+            for (i, (name, security)) in links.iter().enumerate() {
+                let opts = ReplayOptions {
+                    sender_security: security.clone(),
+                    receiver_security: security.clone(),
+                    host: "127.0.0.1".into(),
+                    sender: SenderOptions {
+                        zstd_level: zstd.then_some(1),
+                        ..SenderOptions::default()
+                    },
+                    receiver: ReceiverOptions::default(),
+                    verify: a.verify,
+                };
+                let before = cpu_seconds();
                 let r = replay(stream.clone(), &opts)?;
+                cpu[i].push((cpu_seconds() - before) / gb);
                 if r.identical == Some(false) {
                     bail!("the receiver's output differs from the stream ({name})");
                 }
-                wire = r.wire_bytes;
-                rates.push(r.mb_per_s());
+                wire[i] = r.wire_bytes;
+                rates[i].push(r.mb_per_s());
             }
-            rates.sort_by(f64::total_cmp);
-            let best = rates[rates.len() - 1];
-            let median = rates[rates.len() / 2];
-            let ratio = plain_best.map(|p: f64| best / p);
-            plain_best.get_or_insert(best);
+        }
+        let medians: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+        for (i, (name, _)) in links.iter().enumerate() {
+            let best = rates[i].iter().copied().fold(f64::NAN, f64::max);
+            let cpu_gb = median(&mut cpu[i]);
+            let ratio = (i > 0).then(|| medians[i] / medians[0]);
             eprintln!(
-                "zstd {:<3}  {name:<9}  {best:8.1} MB/s best, {median:8.1} median of {}; wire {:.1} MB{}",
+                "zstd {:<3}  {name:<9}  {:8.1} MB/s median of {} ({best:.1} best), {cpu_gb:.2} CPU s/GB; wire {:.1} MB{}",
                 if zstd { "on" } else { "off" },
+                medians[i],
                 a.runs,
-                wire as f64 / 1e6,
+                wire[i] as f64 / 1e6,
                 ratio.map_or_else(String::new, |r| format!("; {r:.2} of plaintext"))
             );
             rows.push(serde_json::json!({
                 "zstd": zstd,
                 "link": name,
+                "median_mb_s": medians[i],
                 "best_mb_s": best,
-                "median_mb_s": median,
-                "runs": rates,
-                "wire_bytes": wire,
+                "runs_mb_s": rates[i],
+                "cpu_s_per_gb": cpu_gb,
+                "wire_bytes": wire[i],
                 "ratio_to_plaintext": ratio,
             }));
         }

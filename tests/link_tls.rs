@@ -131,7 +131,9 @@ fn bulk_both_ways_with_half_closes() {
     let (sender, receiver, peers) = tls_pair(&dirs[0], &dirs[1]);
     assert_eq!(peers.receiver, "CN=127.0.0.1, IP:127.0.0.1");
     assert_eq!(peers.sender, "CN=src-host, DNS:src-host");
+    // TLS 1.3, with the hybrid post-quantum key exchange both ends prefer.
     assert!(peers.suite.starts_with("TLS13_"), "{}", peers.suite);
+    assert!(peers.suite.ends_with(", X25519MLKEM768"), "{}", peers.suite);
 
     // 64 MiB each way at once: each end writes from one thread and reads from another, as
     // the sender and receiver do.

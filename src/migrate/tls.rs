@@ -483,7 +483,8 @@ fn handshake(conn: &mut Connection, tcp: &mut TcpStream, timeout: Duration) -> i
 pub struct Peer {
     /// What its certificate names (sanitized).
     pub subject: String,
-    /// The cipher suite agreed.
+    /// The cipher suite and the key exchange agreed, e.g.
+    /// `TLS13_AES_256_GCM_SHA384, X25519MLKEM768`.
     pub suite: String,
 }
 
@@ -493,10 +494,16 @@ impl Peer {
             .peer_certificates()
             .and_then(|c| c.first())
             .map_or_else(|| "no certificate".into(), |c| Names::of(c).subject());
-        let suite = conn
+        let cipher = conn
             .negotiated_cipher_suite()
             .map_or_else(|| "?".into(), |s| format!("{:?}", s.suite()));
-        Peer { subject, suite }
+        let group = conn
+            .negotiated_key_exchange_group()
+            .map_or_else(|| "?".into(), |g| format!("{:?}", g.name()));
+        Peer {
+            subject,
+            suite: format!("{cipher}, {group}"),
+        }
     }
 }
 

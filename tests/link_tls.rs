@@ -260,6 +260,31 @@ fn sender_of_another_ca_is_refused_with_who_and_why() {
     );
 }
 
+/// Connections that are no sender (a port scan) are refused; the receiver waits on.
+#[test]
+fn a_port_scan_does_not_stop_the_receiver() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dirs = ca(tmp.path(), &["127.0.0.1", "src-host"]);
+    let (l, port) = listen();
+    let security = tls(&dirs[0]);
+    let receiving = std::thread::spawn(move || accept(l, security, Duration::from_secs(20)));
+    for garbage in [&b""[..], b"GET / HTTP/1.0\r\n\r\n"] {
+        let mut probe = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        probe.write_all(garbage).expect("probe");
+        drop(probe);
+    }
+    let (_good, _) = link::dial(
+        &format!("127.0.0.1:{port}"),
+        &tls(&dirs[1]),
+        Duration::from_secs(10),
+    )
+    .expect("dial");
+    let (got, refused) = receiving.join().expect("receiver");
+    eprintln!("receiver: {refused:?}");
+    assert!(got.is_ok(), "the sender after the probes is accepted");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+}
+
 #[test]
 fn receiver_not_named_as_dialled_is_refused_by_the_sender() {
     let tmp = tempfile::tempdir().expect("tmp");

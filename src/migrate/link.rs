@@ -209,7 +209,10 @@ pub fn accept_peer(
             LinkError::AcceptTimeout { addr, .. } => LinkError::AcceptTimeout { addr, timeout },
             e => e,
         })?;
-        let addr = tcp.peer_addr()?;
+        // A peer gone already (a port scan, say) is no sender.
+        let Ok(addr) = tcp.peer_addr() else {
+            continue;
+        };
         match security {
             Security::Plaintext => {
                 return Ok(Accepted {
@@ -218,7 +221,7 @@ pub fn accept_peer(
                     peer: None,
                 })
             }
-            Security::Tls(id) => match tls::accept(tcp, id, TLS_HANDSHAKE_TIMEOUT) {
+            Security::Tls(id) => match tls::accept(tcp, addr, id, TLS_HANDSHAKE_TIMEOUT) {
                 Ok((end, peer)) => {
                     return Ok(Accepted {
                         link: LinkStream::Tls(end),

@@ -534,15 +534,15 @@ pub fn connect(
     Ok((pump(conn, tcp)?, who))
 }
 
-/// The receiver's handshake on `tcp`, just accepted. Returns the link's plaintext end, its
-/// pump running, and who the sender is; or, as [`TlsError::Refused`], who was refused and
-/// why.
+/// The receiver's handshake on `tcp`, just accepted from `peer`. Returns the link's
+/// plaintext end, its pump running, and who the sender is; or, as [`TlsError::Refused`],
+/// who was refused and why.
 pub fn accept(
     mut tcp: TcpStream,
+    peer: SocketAddr,
     id: &Identity,
     timeout: Duration,
 ) -> Result<(TlsEnd, Peer), TlsError> {
-    let peer = tcp.peer_addr()?;
     let seen = Arc::new(Seen::default());
     let conn = ServerConnection::new(id.server_config(seen.clone())?)
         .map_err(|e| TlsError::Config(e.to_string()))?;

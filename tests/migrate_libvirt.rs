@@ -214,6 +214,7 @@ fn virsh_migrate_through_pct() {
             "--disk",
             dst.join("disk.img").to_str().expect("path"),
             "--json",
+            "--insecure-plaintext",
         ],
     );
     let profile = lab_profile("cloud-amd64");
@@ -229,6 +230,7 @@ fn virsh_migrate_through_pct() {
             "--profile",
             profile.0.to_str().expect("path"),
             "--json",
+            "--insecure-plaintext",
         ],
     );
     wait_listening(Some(&ns_a), qemu_port, Duration::from_secs(30));

@@ -5,7 +5,8 @@
 //! --qemu-incoming` on the destination side. Guest RAM is anonymous, libvirt's default.
 //!
 //! - the destination's RAM equals the source's at pause, pages were teleported, and the
-//!   guest re-verifies its files at the destination;
+//!   guest re-verifies its files at the destination; proxy and receiver talk TLS, with
+//!   certificates from `pct-migrate keygen`, and each names the other;
 //! - a receiver that cannot be reached fails the source QEMU's migration, and the guest
 //!   runs on at the source: the outcome a manager expects of any failed migration.
 //!
@@ -54,6 +55,17 @@ fn proxy_in_a_manager_driven_migration() {
     spec.anon_ram = true;
     let (src, mut dst, disk) = pair(&spec);
     let (qemu_port, recv_port, proxy_port) = (free_port(), free_port(), free_port());
+    // TLS between proxy and receiver: the receiver is dialled as 127.0.0.1.
+    let pki = tempfile::tempdir().expect("tmp");
+    let keygen = std::process::Command::new(env!("CARGO_BIN_EXE_pct-migrate"))
+        .args(["keygen", "--out"])
+        .arg(pki.path())
+        .args(["127.0.0.1", "src-host"])
+        .output()
+        .expect("pct-migrate keygen");
+    assert!(keygen.status.success(), "{}", text(&keygen.stderr));
+    let tls_dir = |h: &str| pki.path().join(h).to_str().expect("path").to_owned();
+    let (recv_tls, proxy_tls) = (tls_dir("127.0.0.1"), tls_dir("src-host"));
     // The destination QEMU listens, as libvirt's does after `-incoming defer`.
     dst.exec(
         "migrate-incoming",
@@ -70,6 +82,8 @@ fn proxy_in_a_manager_driven_migration() {
             "--disk",
             disk.to_str().expect("path"),
             "--json",
+            "--tls-dir",
+            &recv_tls,
         ],
     );
     let profile = lab_profile("cloud-amd64");
@@ -84,6 +98,8 @@ fn proxy_in_a_manager_driven_migration() {
             "--profile",
             profile.0.to_str().expect("path"),
             "--json",
+            "--tls-dir",
+            &proxy_tls,
         ],
     );
     wait_listening(None, proxy_port, Duration::from_secs(30));
@@ -106,6 +122,15 @@ fn proxy_in_a_manager_driven_migration() {
     assert!(
         text(&proxy.stderr).contains(&format!("process {}", src.pid())),
         "the proxy names the source QEMU's process"
+    );
+    // Each end names the other, from its certificate.
+    assert!(
+        text(&proxy.stderr).contains("receiver: CN=127.0.0.1, IP:127.0.0.1 (TLS 1.3"),
+        "the proxy names the receiver"
+    );
+    assert!(
+        text(&receiver.stderr).contains(": CN=src-host, DNS:src-host (TLS 1.3"),
+        "the receiver names its sender"
     );
     let dst_info = wait_migration_final(&dst, Duration::from_secs(60));
     assert_eq!(dst_info["status"], "completed", "{dst_info}");
@@ -158,6 +183,7 @@ fn proxy_failure_leaves_the_source_running() {
             &format!("127.0.0.1:{nobody}"),
             "--profile",
             profile.0.to_str().expect("path"),
+            "--insecure-plaintext",
         ],
     );
     wait_listening(None, proxy_port, Duration::from_secs(30));

@@ -44,6 +44,18 @@ ml_profile_args() {
 	[ "$PROFILE" = auto ] || printf '%s\n' --profile "$PROFILE"
 }
 
+# ml_link_args END: how end a or b of ml_pct protects its link. By default the lab's link
+# is plaintext (--insecure-plaintext: the lab's own namespaces); ML_TLS=1 gives both ends
+# certificates of one CA (pct-migrate keygen in RUN/pki) and TLS.
+ml_link_args() {
+	if [ "${ML_TLS:-0}" = 1 ]; then
+		[ -d "$RUN/pki/10.77.0.1" ] || "$PCT" keygen --out "$RUN/pki" 10.77.0.1 10.77.0.2 >/dev/null
+		printf '%s\n' --tls-dir "$RUN/pki/$(ml_addr "$1")"
+	else
+		printf '%s\n' --insecure-plaintext
+	fi
+}
+
 # ml_qemu_prefix CHOICE: the prefix of the QEMU a choice names (tools/lab/common.sh).
 ml_qemu_prefix() {
 	bash -c 'source tools/lab/common.sh; qemu_prefix_of "$1"' _ "$1"
@@ -179,12 +191,14 @@ ml_pct() {
 	local from=${ML_FROM:-a} to before after rpid
 	if [ "$from" = a ]; then to=b; else to=a; fi
 	before=$(bash tools/netns.sh bytes "$NS" "$from")
-	ip netns exec "$NS-$to" "$PCT" receive --listen "$(ml_addr "$to"):7400" --qmp "$dst/qmp.sock" --disk "$disk" --json >"$out.recv.json" 2>"$out.recv.err" &
+	local profile_args recv_link send_link
+	mapfile -t recv_link < <(ml_link_args "$to")
+	mapfile -t send_link < <(ml_link_args "$from")
+	ip netns exec "$NS-$to" "$PCT" receive --listen "$(ml_addr "$to"):7400" --qmp "$dst/qmp.sock" --disk "$disk" --json "${recv_link[@]}" >"$out.recv.json" 2>"$out.recv.err" &
 	rpid=$!
 	ML_PIDS+=("$rpid")
-	local profile_args
 	mapfile -t profile_args < <(ml_profile_args)
-	if ! ip netns exec "$NS-$from" "$PCT" "${profile_args[@]}" --qmp "$src/qmp.sock" --to "$(ml_addr "$to"):7400" --json "$@" >"$out.json" 2>"$out.err"; then
+	if ! ip netns exec "$NS-$from" "$PCT" "${profile_args[@]}" --qmp "$src/qmp.sock" --to "$(ml_addr "$to"):7400" --json "${send_link[@]}" "$@" >"$out.json" 2>"$out.err"; then
 		cat "$out.err" "$out.recv.err" >&2
 		return 1
 	fi

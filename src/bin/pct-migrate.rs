@@ -5,25 +5,30 @@
 //! side (`receive`): accepts one sender, feeds the destination QEMU (started with
 //! `-incoming defer`) a standard stream, and exits with the migration's status
 //! ([`pct::migrate::destination`]). `proxy`: the source side when libvirt drives the
-//! migration ([`pct::migrate::proxy`]). This file parses the arguments and prints; see
+//! migration ([`pct::migrate::proxy`]). `keygen`: certificates for the TLS link
+//! ([`pct::migrate::tls::certs`]). This file parses the arguments and prints; see
 //! docs/migration.md and docs/libvirt.md.
 
 #[path = "pct-migrate/tools.rs"]
 mod tools;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 use pct::disk::DiskFormat;
 use pct::migrate::destination::{self, DestinationOptions, DestinationQemu};
 use pct::migrate::flow::parse_rate;
 use pct::migrate::inspect::{inspect, InspectOptions};
+use pct::migrate::link::Security;
 use pct::migrate::proxy::{self, ProxyOptions};
 use pct::migrate::receiver::ReceiverOptions;
 use pct::migrate::sender::SenderOptions;
 use pct::migrate::source::{CheckMode, Notice, Source, SourceOptions};
+use pct::migrate::tls::certs::{self, HostSpec};
+use pct::migrate::tls::Identity;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -47,15 +52,75 @@ enum Cmd {
     /// Source side of a migration libvirt drives: relay the source QEMU's stream to a pct
     /// receiver.
     Proxy(ProxyArgs),
+    /// Make a CA and, for each host, a certificate signed by it: DIR/HOST is that host's
+    /// --tls-dir.
+    Keygen(KeygenArgs),
     /// Read a recorded stream (`--record-stream`): its figures, and where given pages occur.
     InspectStream(InspectArgs),
     /// Benchmark the receiver's restore path (read + verify) on a disk image.
     #[command(hide = true)]
     BenchRestore(tools::BenchArgs),
+    /// Benchmark pct's relay (sender and receiver on loopback, no QEMU), with and without
+    /// TLS.
+    #[command(hide = true)]
+    BenchLink(tools::BenchLinkArgs),
     /// Run one QMP command on a QEMU and print its return value as JSON.
     Qmp(tools::QmpArgs),
     /// Migrate with stock QEMU alone (no pct), as a peer to compare with; prints JSON.
     Stock(tools::StockArgs),
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Where to write: DIR/ca.pem and DIR/ca-key.pem (the CA; if both exist already, that
+    /// CA signs), and one directory DIR/HOST per host.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Each host: its DNS name or IP address as the other end dials it (`--to`), or
+    /// several, comma-separated (the first names its directory).
+    #[arg(required = true, value_name = "HOST[,NAME…]")]
+    hosts: Vec<HostSpec>,
+}
+
+/// How the link between sender and receiver is protected (both ends take the same).
+#[derive(Args)]
+struct LinkArgs {
+    /// This host's TLS directory (as `pct-migrate keygen` writes it, or your own PEM files:
+    /// ca.pem, cert.pem, key.pem). The peer must present a certificate signed by ca.pem;
+    /// the receiver's must also name the host the sender dials (--to).
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// No TLS: the guest's whole memory crosses the link unencrypted and unauthenticated.
+    /// For a lab network only.
+    #[arg(long, conflicts_with = "tls_dir")]
+    insecure_plaintext: bool,
+}
+
+impl LinkArgs {
+    /// The link's protection; without --tls-dir, a refusal unless --insecure-plaintext
+    /// (then a loud warning).
+    fn security(&self) -> Result<Security> {
+        match (&self.tls_dir, self.insecure_plaintext) {
+            (Some(dir), _) => Ok(Security::Tls(Arc::new(Identity::load(dir)?))),
+            (None, true) => {
+                eprintln!(
+                    "pct-migrate: WARNING: --insecure-plaintext: the guest's whole memory (its \
+                     keys, its users' data, everything in its RAM) will cross the link \
+                     UNENCRYPTED, and the peer is NOT AUTHENTICATED: anyone on the path can \
+                     read or alter it, and anyone who reaches the port can take the place of \
+                     either end. Use it on a trusted lab network only; elsewhere use \
+                     --tls-dir (see pct-migrate keygen)."
+                );
+                Ok(Security::Plaintext)
+            }
+            (None, false) => bail!(
+                "refusing to migrate over an unprotected link: give --tls-dir DIR/HOST \
+                 (certificates from `pct-migrate keygen --out DIR HOST…`), or \
+                 --insecure-plaintext to send the guest's memory unencrypted and \
+                 unauthenticated (a lab network only)"
+            ),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -102,9 +167,11 @@ struct SenderArgs {
     /// Kernel profile (JSON) [default: the shipped profile matching the guest's build-id].
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// The pct receiver, HOST:PORT.
+    /// The pct receiver, HOST:PORT (with TLS, its certificate must name HOST).
     #[arg(long, value_name = "HOST:PORT")]
     to: Option<String>,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Cap pct's sending rate, e.g. 50mbit, 6MB/s.
     #[arg(long, value_name = "RATE")]
     bandwidth: Option<String>,
@@ -173,6 +240,8 @@ struct ReceiveArgs {
     /// Address to listen on, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     listen: String,
+    #[command(flatten)]
+    link: LinkArgs,
     /// The destination QEMU's QMP socket (QEMU started with -incoming defer): pct starts
     /// the incoming migration and waits for QEMU to load it.
     #[arg(
@@ -210,8 +279,10 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Some(Cmd::Receive(a)) => receive_main(a),
         Some(Cmd::Proxy(a)) => proxy_main(a),
+        Some(Cmd::Keygen(a)) => keygen_main(a),
         Some(Cmd::InspectStream(a)) => inspect_main(a),
         Some(Cmd::BenchRestore(a)) => tools::bench_main(a),
+        Some(Cmd::BenchLink(a)) => tools::bench_link_main(a),
         Some(Cmd::Qmp(a)) => tools::qmp_main(a),
         Some(Cmd::Stock(a)) => tools::stock_main(a),
         None => send_main(cli.send),
@@ -237,6 +308,11 @@ fn print_notice(n: Notice<'_>, tty: bool) {
 
 fn send_main(mut a: SendArgs) -> Result<()> {
     let qmp = a.qmp.ok_or_else(|| anyhow!("--qmp SRC.sock is required"))?;
+    // A dry run opens no link.
+    let security = match a.dry_run {
+        true => Security::Plaintext,
+        false => a.send.link.security()?,
+    };
     let opts = SourceOptions {
         qmp,
         profile: a.send.profile.take(),
@@ -246,6 +322,7 @@ fn send_main(mut a: SendArgs) -> Result<()> {
         free_elision: !a.no_free_elision,
         switchover_check: a.send.switchover_check,
         sender: a.send.sender_options()?,
+        security,
     };
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
@@ -271,6 +348,7 @@ fn send_main(mut a: SendArgs) -> Result<()> {
 }
 
 fn proxy_main(mut a: ProxyArgs) -> Result<()> {
+    let security = a.send.link.security()?;
     let to = a
         .send
         .to
@@ -286,6 +364,7 @@ fn proxy_main(mut a: ProxyArgs) -> Result<()> {
         switchover_check: a.send.switchover_check,
         accept_timeout: Duration::from_secs(a.accept_timeout),
         sender: a.send.sender_options()?,
+        security,
     };
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
@@ -300,6 +379,7 @@ fn proxy_main(mut a: ProxyArgs) -> Result<()> {
 }
 
 fn receive_main(a: ReceiveArgs) -> Result<()> {
+    let security = a.link.security()?;
     let qemu = match (a.qmp, a.qemu_incoming) {
         (Some(qmp), _) => DestinationQemu::Qmp(qmp),
         (None, Some(addr)) => DestinationQemu::Incoming(addr),
@@ -307,6 +387,7 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
     };
     let opts = DestinationOptions {
         listen: a.listen,
+        security,
         qemu,
         disk: a.disk,
         disk_format: a.disk_format,
@@ -316,12 +397,26 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
             ..ReceiverOptions::default()
         },
     };
-    let got = destination::receive(&opts, |addr| {
-        eprintln!("pct-migrate: receiver listening on {addr}")
-    })?;
+    let got = destination::receive(&opts, &|n| eprintln!("pct-migrate: {n}"))?;
     match a.json {
         true => println!("{}", serde_json::to_string_pretty(&got.to_json()?)?),
         false => print!("{}", got.to_text(&opts.disk)),
+    }
+    Ok(())
+}
+
+fn keygen_main(a: KeygenArgs) -> Result<()> {
+    let issued = certs::keygen(&a.out, &a.hosts)?;
+    match issued.new_ca {
+        true => println!(
+            "new CA: {} (its key: {}; keep it off the migration hosts)",
+            issued.ca.display(),
+            a.out.join(certs::CA_KEY_FILE).display()
+        ),
+        false => println!("signed by the existing CA {}", issued.ca.display()),
+    }
+    for dir in &issued.hosts {
+        println!("--tls-dir {}", dir.display());
     }
     Ok(())
 }

@@ -1,20 +1,23 @@
 //! The destination side of one migration, end to end (`pct-migrate receive`): checking
 //! and preparing the destination QEMU (started with `-incoming defer`), accepting one pct
-//! sender, starting QEMU's incoming migration, running the [`super::receiver`],
+//! sender (authenticated by TLS unless `--insecure-plaintext`), starting QEMU's incoming
+//! migration, running the [`super::receiver`],
 //! waiting for QEMU to load the whole stream, and closing the session: `Report` and
 //! `Complete` on success, `Error` (with the reason) on any failure after the hello. When a
 //! VM manager drives the destination QEMU instead ([`DestinationQemu::Incoming`]), pct
 //! only connects to where QEMU listens and writes the stream.
 
-use super::link;
+use super::link::{self, LinkStream, Security};
 use super::receiver::{self, Closing, ReceiverOptions, ReceiverReport};
+use super::tls::{Peer, TlsError};
 use super::wire::{Role, WireStats};
 use crate::disk::{Disk, DiskFormat};
 use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
 use crate::qemu::EventKind;
 use crate::qemu::Qmp;
 use anyhow::{anyhow, bail, Context, Result};
-use std::net::{SocketAddr, TcpStream};
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,6 +26,8 @@ use std::time::{Duration, Instant};
 pub struct DestinationOptions {
     /// Address to listen on for the sender, HOST:PORT.
     pub listen: String,
+    /// TLS (the sender's certificate must chain to our CA) or plain TCP.
+    pub security: Security,
     /// The destination QEMU, and who drives it.
     pub qemu: DestinationQemu,
     /// The destination's copy of the guest disk: a raw image, a block device or a qcow2
@@ -86,14 +91,42 @@ impl Received {
     }
 }
 
-/// Receives one migration. `listening` is told the address once the listening socket is
-/// bound (before the sender may connect).
-pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) -> Result<Received> {
+/// What the destination side tells the user while it waits for its sender.
+#[derive(Debug)]
+pub enum Notice<'a> {
+    /// The listening socket is bound (the sender may connect).
+    Listening(SocketAddr),
+    /// The sender connected from this address; with TLS, it is authenticated, and this is
+    /// who it is.
+    Sender(SocketAddr, Option<&'a Peer>),
+    /// A connection refused at the TLS handshake ([`TlsError::Refused`]: who, and why).
+    /// The receiver waits on for its sender.
+    Refused(&'a TlsError),
+}
+
+impl fmt::Display for Notice<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Notice::Listening(addr) => write!(f, "receiver listening on {addr}"),
+            Notice::Sender(addr, None) => write!(f, "sender connected from {addr} (plaintext)"),
+            Notice::Sender(addr, Some(p)) => write!(
+                f,
+                "sender connected from {addr}: {} (TLS 1.3, {})",
+                p.subject, p.suite
+            ),
+            Notice::Refused(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Receives one migration. `notify` is told when the listening socket is bound (before the
+/// sender may connect), who connected, and who was refused.
+pub fn receive(opts: &DestinationOptions, notify: &dyn Fn(Notice<'_>)) -> Result<Received> {
     let disk = Disk::open(&opts.disk, opts.disk_format)
         .context("opening the destination's copy of the guest disk")?;
     let qmp_path = match &opts.qemu {
         DestinationQemu::Qmp(p) => p,
-        DestinationQemu::Incoming(addr) => return receive_managed(opts, disk, addr, listening),
+        DestinationQemu::Incoming(addr) => return receive_managed(opts, disk, addr, notify),
     };
     let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).with_context(|| {
         format!(
@@ -107,8 +140,8 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
     }
     ctl::prepare(&mut qmp)?;
     ctl::enable_events(&mut qmp)?;
-    let (tcp, wire_stats, started) = accept_sender(opts, listening)?;
-    let mut closing = Closing::new(&tcp)?;
+    let (link, wire_stats, started) = accept_sender(opts, notify)?;
+    let mut closing = Closing::new(&link)?;
 
     let dir = SockDir::new("dst")?;
     let sock = dir.path().join("qemu.sock");
@@ -119,7 +152,7 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
     // now leaves nothing behind even if pct is killed.
     drop(dir);
     let disk_description = disk.description().to_owned();
-    let got = receiver::receive(tcp, disk, qemu.into(), &opts.receiver, wire_stats);
+    let got = receiver::receive(link, disk, qemu.into(), &opts.receiver, wire_stats);
     let mut report = match got {
         Ok((report, _)) => report,
         Err(e) => {
@@ -161,24 +194,28 @@ pub fn receive(opts: &DestinationOptions, listening: impl FnOnce(SocketAddr)) ->
     })
 }
 
-/// The sender, accepted and greeted: the link, its counted hello frames, and when it came.
+/// The sender, accepted (with TLS: authenticated) and greeted: the link, its counted hello
+/// frames, and when it came.
 fn accept_sender(
     opts: &DestinationOptions,
-    listening: impl FnOnce(SocketAddr),
-) -> Result<(TcpStream, WireStats, Instant)> {
+    notify: &dyn Fn(Notice<'_>),
+) -> Result<(LinkStream, WireStats, Instant)> {
     let l = link::listen(&opts.listen)?;
-    listening(l.local_addr()?);
-    let mut tcp = link::accept(&l, opts.accept_timeout)?;
+    notify(Notice::Listening(l.local_addr()?));
+    let mut refused = |e: &TlsError| notify(Notice::Refused(e));
+    let mut got = link::accept_peer(&l, &opts.security, opts.accept_timeout, &mut refused)?;
     drop(l);
+    notify(Notice::Sender(got.addr, got.peer.as_ref()));
     let mut wire_stats = WireStats::default();
     let started = Instant::now();
     link::handshake(
-        &mut tcp,
+        &mut got.link,
         Role::Receiver,
         &mut wire_stats,
         Duration::from_secs(30),
-    )?;
-    Ok((tcp, wire_stats, started))
+    )
+    .with_context(|| format!("the sender at {}", got.addr))?;
+    Ok((got.link, wire_stats, started))
 }
 
 /// [`receive`] into a destination QEMU that a VM manager drives
@@ -187,10 +224,10 @@ fn receive_managed(
     opts: &DestinationOptions,
     disk: Disk,
     qemu_addr: &str,
-    listening: impl FnOnce(SocketAddr),
+    notify: &dyn Fn(Notice<'_>),
 ) -> Result<Received> {
-    let (tcp, wire_stats, started) = accept_sender(opts, listening)?;
-    let mut closing = Closing::new(&tcp)?;
+    let (link, wire_stats, started) = accept_sender(opts, notify)?;
+    let mut closing = Closing::new(&link)?;
     let qemu = link::connect(qemu_addr, Duration::from_secs(30))
         .map_err(|e| anyhow!("the destination QEMU's incoming migration: {e}"))
         .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
@@ -201,7 +238,7 @@ fn receive_managed(
         return_path: true,
         ..opts.receiver.clone()
     };
-    let report = match receiver::receive(tcp, disk, qemu.into(), &ropts, wire_stats) {
+    let report = match receiver::receive(link, disk, qemu.into(), &ropts, wire_stats) {
         Ok((report, _)) => report,
         Err(e) => {
             closing.fail(&format!("receiver: {e}"));

@@ -1,11 +1,13 @@
-//! The TCP link between the pct sender and the pct receiver: connection set-up, socket
-//! options that keep the link's buffering small (see [`super::flow`]), and the hello
-//! exchange that opens every session.
+//! The link between the pct sender and the pct receiver: connection set-up, socket
+//! options that keep the link's buffering small (see [`super::flow`]), TLS or not
+//! ([`Security`], [`super::tls`]), and the hello exchange that opens every session.
 
+use super::tls::{self, Identity, TlsEnd, TlsError};
 use super::wire::{read_frame, write_frame, Frame, Hello, Role, Session, WireError, WireStats};
-use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Kernel send buffer asked for on the sender's socket (Linux doubles it). Small, so that
@@ -31,6 +33,207 @@ pub enum LinkError {
     HelloClosed,
     #[error("expected a hello, got a {0} frame")]
     NotHello(&'static str),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The TLS session under the link failed (the pump's words).
+    #[error("{0}")]
+    TlsLink(String),
+    #[error("the peer speaks TLS: start this end with --tls-dir too")]
+    PeerSpeaksTls,
+}
+
+/// How the link is protected.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// TLS 1.3, both ends authenticated by certificates of one CA ([`super::tls`]).
+    Tls(Arc<Identity>),
+    /// Plain TCP (`--insecure-plaintext`): the guest's memory crosses the link as it is.
+    Plaintext,
+}
+
+/// How long a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The link to the peer pct, as the sender's and receiver's threads use it: the TCP socket
+/// itself, or the plaintext end of the TLS pump ([`TlsEnd`]). Each thread takes its own
+/// handle ([`LinkStream::try_clone`]).
+#[derive(Debug)]
+pub enum LinkStream {
+    Plain(TcpStream),
+    Tls(TlsEnd),
+}
+
+impl LinkStream {
+    pub fn try_clone(&self) -> io::Result<LinkStream> {
+        match self {
+            LinkStream::Plain(s) => s.try_clone().map(LinkStream::Plain),
+            LinkStream::Tls(s) => s.try_clone().map(LinkStream::Tls),
+        }
+    }
+
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            LinkStream::Plain(s) => s.shutdown(how),
+            LinkStream::Tls(s) => s.shutdown(how),
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            LinkStream::Plain(s) => s.set_read_timeout(t),
+            LinkStream::Tls(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            LinkStream::Plain(s) => s.set_write_timeout(t),
+            LinkStream::Tls(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Bytes written to the link that have not reached the peer: the TCP send queue's
+    /// unacknowledged bytes, plus with TLS what waits for encryption.
+    pub fn unacked_bytes(&self) -> io::Result<u64> {
+        match self {
+            LinkStream::Plain(s) => unacked_bytes(s),
+            LinkStream::Tls(s) => Ok(unacked_bytes(s.tcp())? + s.unencrypted_bytes()),
+        }
+    }
+
+    /// Shuts the link down for writing and waits, at most `timeout`, until what was
+    /// written has gone out (with TLS, through the pump: see [`TlsEnd::wait_sent`]); for
+    /// the last frames of a process. True if it has.
+    pub fn finish_sending(&self, timeout: Duration) -> bool {
+        let _ = self.shutdown(Shutdown::Write);
+        match self {
+            LinkStream::Plain(_) => true,
+            LinkStream::Tls(s) => s.wait_sent(timeout),
+        }
+    }
+
+    /// Why the TLS session under the link failed, if it did: the cause behind an end of
+    /// input or a broken pipe here.
+    pub fn tls_failure(&self) -> Option<String> {
+        match self {
+            LinkStream::Plain(_) => None,
+            LinkStream::Tls(s) => s.failure(),
+        }
+    }
+}
+
+impl Read for LinkStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            LinkStream::Plain(s) => s.read(buf),
+            LinkStream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for LinkStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            LinkStream::Plain(s) => s.write(buf),
+            LinkStream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            LinkStream::Plain(s) => s.flush(),
+            LinkStream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl AsFd for LinkStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            LinkStream::Plain(s) => s.as_fd(),
+            LinkStream::Tls(s) => s.as_fd(),
+        }
+    }
+}
+
+/// The host part of `HOST:PORT` (`[V6]:PORT` too): the name the receiver's certificate
+/// must have.
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// Connects to the receiver at `to` (retrying until `timeout`, as [`connect`]) and, with
+/// TLS, runs the handshake: the receiver's certificate must chain to our CA and name the
+/// host in `to`. Returns the link and, with TLS, who the receiver is.
+pub fn dial(
+    to: &str,
+    security: &Security,
+    timeout: Duration,
+) -> Result<(LinkStream, Option<tls::Peer>), LinkError> {
+    let tcp = connect(to, timeout)?;
+    match security {
+        Security::Plaintext => Ok((LinkStream::Plain(tcp), None)),
+        Security::Tls(id) => {
+            let (end, peer) = tls::connect(tcp, host_of(to), id, TLS_HANDSHAKE_TIMEOUT)?;
+            Ok((LinkStream::Tls(end), Some(peer)))
+        }
+    }
+}
+
+/// A sender, accepted.
+#[derive(Debug)]
+pub struct Accepted {
+    pub link: LinkStream,
+    /// Where it connected from.
+    pub addr: SocketAddr,
+    /// With TLS: who it is.
+    pub peer: Option<tls::Peer>,
+}
+
+/// Accepts a sender within `timeout`. With TLS, a connection whose handshake fails (a
+/// certificate not of our CA, say) is refused, `refused` is told who and why, and the wait
+/// goes on for a sender that passes.
+pub fn accept_peer(
+    l: &TcpListener,
+    security: &Security,
+    timeout: Duration,
+    refused: &mut dyn FnMut(&TlsError),
+) -> Result<Accepted, LinkError> {
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        let tcp = accept(l, left).map_err(|e| match e {
+            LinkError::AcceptTimeout { addr, .. } => LinkError::AcceptTimeout { addr, timeout },
+            e => e,
+        })?;
+        // A peer gone already (a port scan, say) is no sender.
+        let Ok(addr) = tcp.peer_addr() else {
+            continue;
+        };
+        match security {
+            Security::Plaintext => {
+                return Ok(Accepted {
+                    link: LinkStream::Plain(tcp),
+                    addr,
+                    peer: None,
+                })
+            }
+            Security::Tls(id) => match tls::accept(tcp, addr, id, TLS_HANDSHAKE_TIMEOUT) {
+                Ok((end, peer)) => {
+                    return Ok(Accepted {
+                        link: LinkStream::Tls(end),
+                        addr,
+                        peer: Some(peer),
+                    })
+                }
+                Err(e @ TlsError::Refused { .. }) => refused(&e),
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
 }
 
 fn set_sndbuf(s: &TcpStream, bytes: usize) -> io::Result<()> {
@@ -116,9 +319,30 @@ pub fn accept(l: &TcpListener, timeout: Duration) -> Result<TcpStream, LinkError
     Ok(s)
 }
 
+/// TLS record types a TLS peer starts with: a handshake (a client's hello) or an alert (a
+/// server refusing what it got).
+const TLS_RECORDS: [u8; 2] = [0x16, 0x15];
+
 /// Sends our hello, reads the peer's, and settles the session. `stats` counts both.
 pub fn handshake(
-    s: &mut TcpStream,
+    s: &mut LinkStream,
+    role: Role,
+    stats: &mut WireStats,
+    timeout: Duration,
+) -> Result<Session, LinkError> {
+    let r = hello_exchange(s, role, stats, timeout);
+    // Under TLS, a closed or broken link has its cause in the TLS session.
+    match (r, s.tls_failure()) {
+        (
+            Err(LinkError::HelloClosed | LinkError::Io(_) | LinkError::Hello(WireError::Io(_))),
+            Some(why),
+        ) => Err(LinkError::TlsLink(why)),
+        (r, _) => r,
+    }
+}
+
+fn hello_exchange(
+    s: &mut LinkStream,
     role: Role,
     stats: &mut WireStats,
     timeout: Duration,
@@ -128,6 +352,13 @@ pub fn handshake(
     let n = write_frame(s, &f)?;
     stats.count(&f, n);
     s.set_read_timeout(Some(timeout))?;
+    if let LinkStream::Plain(tcp) = s {
+        // A TLS handshake where a hello should be: the peer was given --tls-dir.
+        let mut first = [0u8];
+        if tcp.peek(&mut first)? == 1 && TLS_RECORDS.contains(&first[0]) {
+            return Err(LinkError::PeerSpeaksTls);
+        }
+    }
     let got = read_frame(s, super::wire::MAX_PAYLOAD)?;
     s.set_read_timeout(None)?;
     let (frame, n) = got.ok_or(LinkError::HelloClosed)?;

@@ -3,6 +3,7 @@
 //! - [`stream`]: QEMU's own precopy migration stream (parse records, re-emit them).
 //! - [`wire`]: pct's framed protocol between the pct sender and the pct receiver.
 //! - [`link`]: the TCP connection and its hello exchange.
+//! - [`tls`]: TLS 1.3 with mutual authentication on that connection, and its certificates.
 //! - [`flow`]: bounded queues and rate caps, so QEMU paces itself by the WAN.
 //! - [`refmap`]: the cache map translated into QEMU's RAM-block offsets.
 //! - [`freemap`]: the guest's free pages in those offsets: which were elided, and the
@@ -21,6 +22,8 @@
 //! - [`summary`]: statistics of one migration, as text and JSON.
 //! - [`predict`]: `--dry-run`, what a migration would cost now.
 //! - [`inspect`]: reading a recorded stream after the fact.
+//! - [`replay`]: a stream through the real sender and receiver on loopback, without QEMU
+//!   (pct's relay throughput, TLS or not).
 //!
 //! The sender parses the stream QEMU writes, forwards everything verbatim except RAM
 //! `PAGE` records it can replace by references, and the receiver rebuilds a standard
@@ -35,10 +38,12 @@ pub mod predict;
 pub mod proxy;
 pub mod receiver;
 pub mod refmap;
+pub mod replay;
 pub mod sender;
 pub mod source;
 pub mod stream;
 pub mod summary;
 pub mod switchover;
 pub mod timeline;
+pub mod tls;
 pub mod wire;

@@ -17,7 +17,7 @@
 //! A failure anywhere closes QEMU's connection: its migration fails and the manager keeps
 //! the source guest running, as after any failed migration.
 
-use super::link;
+use super::link::{self, Security};
 use super::sender::{self, Connections, Counters, SenderHooks, SenderOptions, StreamMap};
 use super::source::{summarize, take_map, CheckMode, Notice, Notify, Progress};
 use super::stream::{Decoder, RamBlock};
@@ -57,6 +57,8 @@ pub struct ProxyOptions {
     /// How long to wait for the source QEMU to connect.
     pub accept_timeout: Duration,
     pub sender: SenderOptions,
+    /// TLS to the receiver, or plain TCP.
+    pub security: Security,
 }
 
 /// Guest RAM of a PC machine up to this size lies in one piece from guest-physical 0 (QEMU
@@ -133,13 +135,18 @@ pub fn relay(
         .transpose()?;
 
     let mut wire_stats = WireStats::default();
-    let mut tcp = link::connect(to, Duration::from_secs(30)).context("the pct receiver")?;
+    let (mut link, peer) =
+        link::dial(to, &opts.security, Duration::from_secs(30)).context("the pct receiver")?;
+    if let Some(p) = &peer {
+        notify(Notice::Receiver(p));
+    }
     let session = link::handshake(
-        &mut tcp,
+        &mut link,
         Role::Sender,
         &mut wire_stats,
         Duration::from_secs(30),
-    )?;
+    )
+    .with_context(|| format!("the pct receiver at {to}"))?;
     let counters = Arc::new(Counters::default());
     let block = main.name.clone();
     let (mut scan_s, mut free_scan_ms) = (None, None);
@@ -153,7 +160,7 @@ pub fn relay(
     };
     let conn = Connections {
         qemu: qemu.into(),
-        tcp,
+        link,
         session,
         wire_stats,
     };

@@ -1,10 +1,10 @@
-//! The pct receiver: pct frames in (TCP from the sender), a standard QEMU precopy stream out
+//! The pct receiver: pct frames in (the link from the sender), a standard QEMU precopy stream out
 //! (the destination QEMU's `migrate-incoming` socket).
 //!
 //! Three stages, each a thread, joined by bounded channels so that a slow destination
 //! QEMU slows the link down (and with it the source QEMU), never fills memory:
 //!
-//! - the *reader* takes frames off the TCP connection;
+//! - the *reader* takes frames off the link;
 //! - the *restorer* decompresses data frames and, for each reference run, reads the pages
 //!   from the disk image (contiguous disk ranges in one read) and checks the hash. It runs
 //!   ahead of emission by the channel's depth, so the link never waits on the disk;
@@ -27,6 +27,7 @@ mod pages;
 
 pub use pages::{bench_restore, read_pages, RestoreBench};
 
+use super::link::LinkStream;
 use super::stream::{Decoder, Recorder};
 use super::timeline::{now_unix_ms, ReceiverMarks};
 use super::wire::{read_frame, write_frame, Frame, PageRefs, WireError, WireStats};
@@ -36,7 +37,7 @@ use fallback::{FailedRun, Link};
 use pages::page_views;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -94,6 +95,9 @@ pub enum RecvError {
     Qemu(io::Error),
     #[error("{0}")]
     Io(io::Error),
+    /// The TLS session under the link failed.
+    #[error("link to the sender: {0}")]
+    Tls(String),
 }
 
 /// What the receiver did.
@@ -171,13 +175,13 @@ fn fail(slot: &Failure, e: RecvError) {
     }
 }
 
-/// Runs one migration's receiver side. `tcp` has completed the hello exchange; `qemu` is
+/// Runs one migration's receiver side. `link` has completed the hello exchange; `qemu` is
 /// connected to the destination QEMU's incoming socket. Returns once the whole stream was
 /// written to QEMU: the caller then waits for QEMU to finish loading it and closes the
 /// session with a [`Closing`] taken before (`Report` and `Complete`, or `Error`), as
 /// [`super::destination`] does.
 pub fn receive(
-    tcp: TcpStream,
+    link: LinkStream,
     disk: Disk,
     mut qemu: Channel,
     opts: &ReceiverOptions,
@@ -192,12 +196,12 @@ pub fn receive(
     let marks = Arc::new(Mutex::new(ReceiverMarks::default()));
 
     let reader = {
-        let mut tcp = tcp.try_clone().map_err(RecvError::Io)?;
+        let mut link = link.try_clone().map_err(RecvError::Io)?;
         let (failure, stats, marks) = (failure.clone(), stats.clone(), marks.clone());
         std::thread::Builder::new()
             .name("pct-recv-reader".into())
             .spawn(move || loop {
-                match read_frame(&mut tcp, super::wire::MAX_PAYLOAD) {
+                match read_frame(&mut link, super::wire::MAX_PAYLOAD) {
                     Ok(Some((f, n))) => {
                         lock(&stats).count(&f, n);
                         if matches!(f, Frame::End { .. }) {
@@ -295,7 +299,7 @@ pub fn receive(
             .map_err(RecvError::Io)?
     };
 
-    let control = Mutex::new(tcp.try_clone().map_err(RecvError::Io)?);
+    let control = Mutex::new(link.try_clone().map_err(RecvError::Io)?);
     let emitted = std::thread::scope(|s| {
         let back = opts
             .return_path
@@ -325,15 +329,21 @@ pub fn receive(
     });
     drop(irx);
     if emitted.is_err() {
-        let _ = tcp.shutdown(Shutdown::Both);
+        let _ = link.shutdown(Shutdown::Both);
     }
     let mut report = match emitted {
         Ok(r) => r,
         Err(e) => {
             let _ = restorer.join();
             let _ = reader.join();
-            let first = lock(&failure).take();
-            return Err(first.unwrap_or(e));
+            let first = lock(&failure).take().unwrap_or(e);
+            // Under TLS, a link closed or broken has its cause in the TLS session.
+            return Err(match (first, link.tls_failure()) {
+                (RecvError::Closed | RecvError::Wire(WireError::Io(_)), Some(why)) => {
+                    RecvError::Tls(why)
+                }
+                (e, _) => e,
+            });
         }
     };
     // Reader and restorer stay blocked on the socket until the sender closes it (after
@@ -351,8 +361,8 @@ pub fn receive(
 
 /// Sends a frame on the control path (fallback requests, acks, the return path): whole
 /// frames, one writer at a time.
-fn control(tcp: &Mutex<TcpStream>, stats: &Mutex<WireStats>, f: &Frame) -> Result<(), RecvError> {
-    let n = write_frame(&mut *lock(tcp), f)?;
+fn control(link: &Mutex<LinkStream>, stats: &Mutex<WireStats>, f: &Frame) -> Result<(), RecvError> {
+    let n = write_frame(&mut *lock(link), f)?;
     lock(stats).count(f, n);
     Ok(())
 }
@@ -369,7 +379,7 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// QEMU (from then on it has [`LOAD_TIMEOUT`]).
 fn relay_return_path(
     mut qemu: Channel,
-    tcp: &Mutex<TcpStream>,
+    link: &Mutex<LinkStream>,
     stats: &Mutex<WireStats>,
     done: &AtomicBool,
 ) -> Result<f64, RecvError> {
@@ -381,7 +391,7 @@ fn relay_return_path(
         match qemu.read(&mut buf) {
             Ok(0) => return Ok(now_unix_ms()),
             Ok(n) => control(
-                tcp,
+                link,
                 stats,
                 &Frame::ReturnPath {
                     data: buf[..n].to_vec(),
@@ -416,7 +426,7 @@ fn relay_return_path(
 /// Acks, unless the last ack already said as much: `runs` restored and `frames` stream
 /// frames given to QEMU (what the sender's window counts, see [`super::flow::Window`]).
 fn ack(
-    tcp: &Mutex<TcpStream>,
+    link: &Mutex<LinkStream>,
     stats: &Mutex<WireStats>,
     acked: &mut (u64, u64),
     runs: u64,
@@ -424,7 +434,7 @@ fn ack(
 ) -> Result<(), RecvError> {
     if frames > acked.1 {
         *acked = (runs, frames);
-        control(tcp, stats, &Frame::Ack { runs, frames })?;
+        control(link, stats, &Frame::Ack { runs, frames })?;
     }
     Ok(())
 }
@@ -432,7 +442,7 @@ fn ack(
 /// The emitter: writes the stream to QEMU in order.
 fn emit(
     qemu: &mut Channel,
-    tcp: &Mutex<TcpStream>,
+    link: &Mutex<LinkStream>,
     rx: &Receiver<Restored>,
     stats: &Mutex<WireStats>,
     opts: &ReceiverOptions,
@@ -482,7 +492,7 @@ fn emit(
                 Err(TryRecvError::Empty) => {
                     // About to wait for the link: tell the sender how far QEMU got, so
                     // that its window is open while this end has nothing to do.
-                    ack(tcp, stats, &mut acked, r.runs, frames)?;
+                    ack(link, stats, &mut acked, r.runs, frames)?;
                     rx.recv().map_err(|_| closed())?
                 }
                 Err(TryRecvError::Disconnected) => return Err(closed()),
@@ -495,7 +505,7 @@ fn emit(
             Restored::Bytes(b) => {
                 write(&b, &mut r, &mut names)?;
                 if frames - acked.1 >= opts.ack_frames {
-                    ack(tcp, stats, &mut acked, r.runs, frames)?;
+                    ack(link, stats, &mut acked, r.runs, frames)?;
                 }
             }
             Restored::Run {
@@ -510,7 +520,7 @@ fn emit(
                 if !bad.is_empty() {
                     let t = Instant::now();
                     let mut link = Link {
-                        tcp,
+                        link,
                         stats,
                         rx,
                         held: &mut held,
@@ -547,7 +557,7 @@ fn emit(
                 r.verified_pages += (n - fetched) as u64;
                 r.unreadable_pages += unreadable.len() as u64;
                 if r.runs - acked.0 >= opts.ack_every || frames - acked.1 >= opts.ack_frames {
-                    ack(tcp, stats, &mut acked, r.runs, frames)?;
+                    ack(link, stats, &mut acked, r.runs, frames)?;
                 }
             }
             Restored::Fallback { run, .. } | Restored::PageHashes { run, .. } => {
@@ -568,37 +578,44 @@ fn emit(
                 if let Some(rec) = recorder.take() {
                     rec.finish().map_err(RecvError::Io)?;
                 }
-                ack(tcp, stats, &mut acked, r.runs, frames)?;
+                ack(link, stats, &mut acked, r.runs, frames)?;
                 return Ok(r);
             }
         }
     }
 }
 
+/// How long the session's last frames may take to leave.
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The frames that close a session, receiver → sender: [`Frame::Report`] and
 /// [`Frame::Complete`] once the destination QEMU has loaded the whole stream, or
 /// [`Frame::Error`] on failure. Take it before [`receive`] consumes the connection.
 pub struct Closing {
-    tcp: TcpStream,
+    link: LinkStream,
 }
 
 impl Closing {
     /// A handle on the sender's connection (a clone of the socket).
-    pub fn new(tcp: &TcpStream) -> io::Result<Closing> {
+    pub fn new(link: &LinkStream) -> io::Result<Closing> {
         Ok(Closing {
-            tcp: tcp.try_clone()?,
+            link: link.try_clone()?,
         })
     }
 
-    /// Tells the sender the migration failed (best effort: the link may be gone).
+    /// Tells the sender the migration failed (best effort: the link may be gone), and
+    /// closes this direction of the connection.
     pub fn fail(&mut self, message: &str) {
-        let _ = write_frame(
-            &mut self.tcp,
+        let sent = write_frame(
+            &mut self.link,
             &Frame::Error {
                 code: 1,
                 message: message.to_owned(),
             },
         );
+        if sent.is_ok() {
+            self.link.finish_sending(CLOSING_TIMEOUT);
+        }
     }
 
     /// Sends `report` (as JSON) and `Complete`, then closes this direction of the
@@ -608,14 +625,20 @@ impl Closing {
             frame: "report",
             msg: e.to_string(),
         })?;
-        write_frame(&mut self.tcp, &Frame::Report { json: json.clone() })?;
+        write_frame(&mut self.link, &Frame::Report { json: json.clone() })?;
         write_frame(
-            &mut self.tcp,
+            &mut self.link,
             &Frame::Complete {
                 stream_bytes: report.stream_bytes,
             },
         )?;
-        let _ = self.tcp.shutdown(Shutdown::Write);
+        // The process may exit right after: the frames must have left it.
+        if !self.link.finish_sending(CLOSING_TIMEOUT) {
+            return Err(WireError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the sender did not take the last frames",
+            )));
+        }
         Ok(json)
     }
 }

@@ -1,5 +1,5 @@
 //! The pct sender: QEMU's precopy stream in (a unix socket QEMU migrates into), pct frames
-//! out (TCP to the receiver).
+//! out (the link to the receiver: TCP, or TLS over it).
 //!
 //! Three threads:
 //!
@@ -23,6 +23,7 @@ mod encoder;
 
 use super::flow::{Outbox, TokenBucket, Window};
 use super::freemap::{ElisionReport, FreeMap};
+use super::link::LinkStream;
 use super::refmap::RefMap;
 use super::stream::{RamBlock, StreamError, StreamStats};
 use super::switchover::{SwitchoverCheck, SwitchoverReport};
@@ -33,7 +34,7 @@ use encoder::Encoder;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,6 +107,9 @@ pub enum SendError {
     Protocol(String),
     #[error("introspection: {0}")]
     Map(String),
+    /// The TLS session under the link failed.
+    #[error("link to the receiver: {0}")]
+    Tls(String),
 }
 
 /// What the receiver said at the end.
@@ -189,8 +193,8 @@ struct Pipeline {
     counters: Arc<Counters>,
     /// Stream frames not yet given to the destination QEMU.
     window: Window,
-    /// The link, for asking the kernel how much it still holds.
-    tcp: TcpStream,
+    /// The link, for asking how much it still holds.
+    link: LinkStream,
     /// The guest is stopped (the `ram` section's END part has begun).
     stopped: AtomicBool,
     /// The listener failed (and shut QEMU's stream and the outbox down): its error is the
@@ -205,7 +209,7 @@ impl Pipeline {
     /// and the link bytes so far; returns the latter.
     fn note_stop(&self, marks: &mut SenderMarks) -> u64 {
         self.stopped.store(true, Ordering::Relaxed);
-        let unacked = super::link::unacked_bytes(&self.tcp).unwrap_or(0);
+        let unacked = self.link.unacked_bytes().unwrap_or(0);
         marks.backlog_bytes = Some(self.outbox.queued_bytes() as u64 + unacked);
         marks.backlog_pages = Some(self.window.outstanding().0);
         self.counters.wire_bytes.load(Ordering::Relaxed)
@@ -259,7 +263,7 @@ pub struct Connections {
     /// QEMU's migration connection (the stream comes in here).
     pub qemu: Channel,
     /// The receiver, after the hello exchange.
-    pub tcp: TcpStream,
+    pub link: LinkStream,
     /// What the hello exchange settled.
     pub session: Session,
     /// The hello exchange's frames, counted.
@@ -286,7 +290,7 @@ pub struct SenderHooks<'a, F> {
 }
 
 /// Runs one migration's sender side: reads QEMU's stream from `conn.qemu` and sends it as
-/// pct frames on `conn.tcp`. Returns once the receiver confirmed completion.
+/// pct frames on `conn.link`. Returns once the receiver confirmed completion.
 pub fn send<'g, F>(
     conn: Connections,
     opts: &SenderOptions,
@@ -297,7 +301,7 @@ where
 {
     let Connections {
         mut qemu,
-        tcp,
+        link,
         session,
         wire_stats,
     } = conn;
@@ -313,14 +317,14 @@ where
         stats: Mutex::new(wire_stats),
         originals: Mutex::default(),
         counters,
-        tcp: tcp.try_clone().map_err(io("cloning the TCP socket"))?,
+        link: link.try_clone().map_err(io("cloning the link"))?,
         stopped: AtomicBool::new(false),
         listener_failed: AtomicBool::new(false),
         final_requests: AtomicU64::new(0),
     });
 
     let writer = {
-        let mut tcp = tcp.try_clone().map_err(io("cloning the TCP socket"))?;
+        let mut link = link.try_clone().map_err(io("cloning the link"))?;
         let shared = shared.clone();
         let mut bucket = opts.bandwidth.map(TokenBucket::new);
         std::thread::Builder::new()
@@ -331,7 +335,7 @@ where
                     if let Some(tb) = bucket.as_mut() {
                         tb.take(b.len());
                     }
-                    if let Err(e) = tcp.write_all(&b) {
+                    if let Err(e) = link.write_all(&b) {
                         shared.abort();
                         return Err(e);
                     }
@@ -347,14 +351,14 @@ where
     };
 
     let listener = {
-        let mut tcp = tcp.try_clone().map_err(io("cloning the TCP socket"))?;
+        let mut link = link.try_clone().map_err(io("cloning the link"))?;
         let mut qemu = qemu.try_clone().map_err(io("cloning QEMU's socket"))?;
         let shared = shared.clone();
         let (level, hash_len) = (opts.zstd_level, session.hash_len);
         std::thread::Builder::new()
             .name("pct-send-listener".into())
             .spawn(move || {
-                let r = listen(&mut tcp, &mut qemu, &shared, level, hash_len);
+                let r = listen(&mut link, &mut qemu, &shared, level, hash_len);
                 if r.is_err() {
                     shared.listener_failed.store(true, Ordering::SeqCst);
                     // Unblock the encoder wherever it waits.
@@ -369,7 +373,7 @@ where
     let encoded = Encoder::new(&shared, &session, opts, map, check).and_then(|e| e.run(&mut qemu));
     if encoded.is_err() {
         shared.abort();
-        let _ = tcp.shutdown(Shutdown::Both);
+        let _ = link.shutdown(Shutdown::Both);
     }
     // The writer keeps running after the stream ended: fallback requests for the last
     // runs may still come, up to `Complete`.
@@ -380,7 +384,16 @@ where
     let wrote = writer
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
-    let _ = tcp.shutdown(Shutdown::Both);
+    let _ = link.shutdown(Shutdown::Both);
+    // Under TLS, a link closed or broken has its cause in the TLS session.
+    let tls_cause = |e: SendError| match (e, link.tls_failure()) {
+        (
+            SendError::Closed | SendError::Io { .. } | SendError::Wire(WireError::Io(_)),
+            Some(why),
+        ) => SendError::Tls(why),
+        (e, _) => e,
+    };
+    let (encoded, heard) = (encoded.map_err(tls_cause), heard.map_err(tls_cause));
     // The most telling error first: what the receiver said, then ours.
     let end = match (encoded, heard) {
         (_, Err(e @ SendError::Peer(_))) => return Err(e),
@@ -392,7 +405,9 @@ where
         (Ok(_), Err(e)) => return Err(e),
         (Ok(enc), Ok(end)) => (enc, end),
     };
-    let last_written = wrote.map_err(io("sending to the receiver"))?;
+    let last_written = wrote
+        .map_err(io("sending to the receiver"))
+        .map_err(tls_cause)?;
     let (enc, receiver) = end;
     let mut marks = enc.marks;
     marks.last_written = last_written;
@@ -423,7 +438,7 @@ where
 /// The listener thread: everything the receiver sends, up to `Complete`. What the
 /// destination QEMU said on its return path goes to the source QEMU (`qemu`).
 fn listen(
-    tcp: &mut TcpStream,
+    link: &mut LinkStream,
     qemu: &mut Channel,
     shared: &Pipeline,
     level: Option<i32>,
@@ -431,7 +446,7 @@ fn listen(
 ) -> Result<ReceiverEnd, SendError> {
     let mut report = None;
     loop {
-        let Some((frame, n)) = read_frame(tcp, super::wire::MAX_PAYLOAD)? else {
+        let Some((frame, n)) = read_frame(link, super::wire::MAX_PAYLOAD)? else {
             return Err(SendError::Closed);
         };
         lock(&shared.stats).count(&frame, n);

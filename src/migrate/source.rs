@@ -8,7 +8,7 @@
 //! Nothing here prints: what the caller should tell the user arrives as [`Notice`]s.
 
 use super::freemap::FreeMap;
-use super::link;
+use super::link::{self, Security};
 use super::predict::{self, DryRun};
 use super::refmap::RefMap;
 use super::sender::{
@@ -17,6 +17,7 @@ use super::sender::{
 use super::stream::RamBlock;
 use super::summary::Summary;
 use super::switchover::SwitchoverCheck;
+use super::tls::Peer;
 use super::wire::{Role, WireStats};
 use crate::disk::{Disk, DiskFormat};
 use crate::introspect::{scan, ScanOptions};
@@ -65,6 +66,9 @@ pub struct SourceOptions {
     pub switchover_check: CheckMode,
     /// The sender's tunables (rate cap, compression, stream record).
     pub sender: SenderOptions,
+    /// TLS (the receiver's certificate must chain to our CA and name the host in `--to`)
+    /// or plain TCP.
+    pub security: Security,
 }
 
 /// Where a migration stands, every 250 ms.
@@ -83,6 +87,8 @@ pub struct Progress<'a> {
 pub enum Notice<'a> {
     /// The QEMU process whose migration connection came from this address (the proxy).
     Source(u32, std::net::SocketAddr),
+    /// The receiver, authenticated by TLS.
+    Receiver(&'a Peer),
     /// The kernel profile in use, and where it came from.
     Profile(&'a Origin),
     /// The switchover check cannot run, and why.
@@ -102,6 +108,9 @@ impl fmt::Display for Notice<'_> {
         match self {
             Notice::Source(pid, peer) => {
                 write!(f, "source QEMU: process {pid}, connected from {peer}")
+            }
+            Notice::Receiver(p) => {
+                write!(f, "receiver: {} (TLS 1.3, {})", p.subject, p.suite)
             }
             Notice::Profile(origin) => write!(f, "using profile {origin}"),
             Notice::NoSwitchoverCheck(why) => write!(f, "warning: no switchover check: {why}"),
@@ -263,13 +272,18 @@ impl<'n> Source<'n> {
         }
 
         let mut wire_stats = WireStats::default();
-        let mut tcp = link::connect(to, Duration::from_secs(30)).context("the pct receiver")?;
+        let (mut link, peer) =
+            link::dial(to, &opts.security, Duration::from_secs(30)).context("the pct receiver")?;
+        if let Some(p) = &peer {
+            notify(Notice::Receiver(p));
+        }
         let session = link::handshake(
-            &mut tcp,
+            &mut link,
             Role::Sender,
             &mut wire_stats,
             Duration::from_secs(30),
-        )?;
+        )
+        .with_context(|| format!("the pct receiver at {to}"))?;
 
         let dir = SockDir::new("src")?;
         let sock = dir.path().join("qemu.sock");
@@ -308,7 +322,7 @@ impl<'n> Source<'n> {
         };
         let conn = Connections {
             qemu: qemu.into(),
-            tcp,
+            link,
             session,
             wire_stats,
         };

@@ -495,6 +495,7 @@ pub fn spawn_migration(src: &Guest, dst: &Guest, disk: &Path, how: &How, net: &N
         "--disk",
         disk.to_str().expect("path"),
         "--json",
+        "--insecure-plaintext",
     ];
     if let Some((_, d)) = &record {
         rargs.extend(["--record-stream", d.to_str().expect("path")]);
@@ -516,6 +517,7 @@ pub fn spawn_migration(src: &Guest, dst: &Guest, disk: &Path, how: &How, net: &N
         "--to",
         &net.to,
         "--json",
+        "--insecure-plaintext",
     ]);
     args.extend_from_slice(extra);
     if let Some((s, _)) = &record {

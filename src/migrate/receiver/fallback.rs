@@ -5,14 +5,14 @@
 use super::super::wire::{hash_page, Frame, PageRefs, WireStats, PAGE_SIZE};
 use super::pages::page_views;
 use super::{control, lock, Failure, ReceiverReport, RecvError, Restored};
+use crate::migrate::link::LinkStream;
 use std::collections::VecDeque;
-use std::net::TcpStream;
 use std::sync::mpsc::Receiver;
 use std::sync::Mutex;
 
 /// What the emitter needs to ask the sender something and wait for the answer.
 pub(super) struct Link<'a> {
-    pub(super) tcp: &'a Mutex<TcpStream>,
+    pub(super) link: &'a Mutex<LinkStream>,
     pub(super) stats: &'a Mutex<WireStats>,
     pub(super) rx: &'a Receiver<Restored>,
     /// Items that arrived while waiting, in order.
@@ -22,7 +22,7 @@ pub(super) struct Link<'a> {
 
 impl Link<'_> {
     fn send(&mut self, f: &Frame) -> Result<(), RecvError> {
-        control(self.tcp, self.stats, f)
+        control(self.link, self.stats, f)
     }
 
     /// The next reply (fallback data or page hashes); everything else that arrives first

@@ -4,7 +4,7 @@
 //! and `virsh migrate --live --migrateuri tcp://127.0.0.1:PORT` to the second. On the
 //! source host `pct-migrate proxy` listens on that port; on the destination host
 //! `pct-migrate receive --qemu-incoming` feeds the QEMU that libvirt started listening on
-//! the same port there. libvirt owns both QEMUs' monitors; pct has none.
+//! the same port there, over mutual TLS. libvirt owns both QEMUs' monitors; pct has none.
 //!
 //! Checked: libvirt reports success and the domain runs on at the destination; the
 //! destination's RAM equals the source's at pause (both QEMUs keep guest RAM in files,
@@ -201,6 +201,9 @@ fn virsh_migrate_through_pct() {
     assert!(st.success());
 
     let (ns_a, ns_b) = (format!("{}-a", lv.netns), format!("{}-b", lv.netns));
+    // Mutual TLS between the hosts, as a deployment has it: the receiver is dialled as
+    // 10.77.0.2.
+    let tls = keygen(&tmp.path().join("pki"), &["10.77.0.2", "source-host"]);
     let (qemu_port, recv_port) = (49_160u16, 7_000u16);
     let receiver = Pct::spawn_in(
         &ns_b,
@@ -214,7 +217,8 @@ fn virsh_migrate_through_pct() {
             "--disk",
             dst.join("disk.img").to_str().expect("path"),
             "--json",
-            "--insecure-plaintext",
+            "--tls-dir",
+            &tls[0],
         ],
     );
     let profile = lab_profile("cloud-amd64");
@@ -230,7 +234,8 @@ fn virsh_migrate_through_pct() {
             "--profile",
             profile.0.to_str().expect("path"),
             "--json",
-            "--insecure-plaintext",
+            "--tls-dir",
+            &tls[1],
         ],
     );
     wait_listening(Some(&ns_a), qemu_port, Duration::from_secs(30));

@@ -57,15 +57,8 @@ fn proxy_in_a_manager_driven_migration() {
     let (qemu_port, recv_port, proxy_port) = (free_port(), free_port(), free_port());
     // TLS between proxy and receiver: the receiver is dialled as 127.0.0.1.
     let pki = tempfile::tempdir().expect("tmp");
-    let keygen = std::process::Command::new(env!("CARGO_BIN_EXE_pct-migrate"))
-        .args(["keygen", "--out"])
-        .arg(pki.path())
-        .args(["127.0.0.1", "src-host"])
-        .output()
-        .expect("pct-migrate keygen");
-    assert!(keygen.status.success(), "{}", text(&keygen.stderr));
-    let tls_dir = |h: &str| pki.path().join(h).to_str().expect("path").to_owned();
-    let (recv_tls, proxy_tls) = (tls_dir("127.0.0.1"), tls_dir("src-host"));
+    let tls = keygen(pki.path(), &["127.0.0.1", "src-host"]);
+    let (recv_tls, proxy_tls) = (tls[0].clone(), tls[1].clone());
     // The destination QEMU listens, as libvirt's does after `-incoming defer`.
     dst.exec(
         "migrate-incoming",

@@ -236,6 +236,22 @@ impl Relay {
     }
 }
 
+/// Certificates for the link: `pct-migrate keygen --out DIR HOST…`; returns each host's
+/// `--tls-dir`, in the order given.
+pub fn keygen(dir: &Path, hosts: &[&str]) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_pct-migrate"))
+        .args(["keygen", "--out"])
+        .arg(dir)
+        .args(hosts)
+        .output()
+        .expect("pct-migrate keygen");
+    assert!(out.status.success(), "keygen: {}", text(&out.stderr));
+    hosts
+        .iter()
+        .map(|h| dir.join(h).to_str().expect("path").to_owned())
+        .collect()
+}
+
 /// A free TCP port on localhost.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -55,6 +55,8 @@ fn how<'a>(extra: &'a [&'a str], via: Option<&'a dyn Fn(u16) -> u16>) -> How<'a>
         extra,
         via,
         record: None,
+        tls: None,
+        receiver_extra: &[],
         profile: ProfileChoice::Lab,
     }
 }
@@ -493,6 +495,8 @@ fn mismatched_profile() {
         extra: &["--bandwidth", BANDWIDTH],
         via: None,
         record: None,
+        tls: None,
+        receiver_extra: &[],
         profile: ProfileChoice::Given(other),
     };
     let run = migrate_with(&src, &dst, &disk, &h);
@@ -544,6 +548,71 @@ fn ram_file_unlinked_during_introspection() {
             pages(&s, "teleported")
         ),
         detection: None,
+    }
+    .print();
+}
+
+/// A sender whose certificate comes from another CA: the receiver refuses it, says who and
+/// why, and waits on for its own sender (until `--accept-timeout`); the sender stops before
+/// QEMU sends anything, so the source guest never notices.
+#[test]
+fn sender_with_a_certificate_of_another_ca() {
+    let Some((_one, mut src, dst, disk)) = guests() else {
+        return;
+    };
+    let pki = tempfile::tempdir().expect("tmp");
+    let ours = keygen(&pki.path().join("ours"), &["127.0.0.1", "source-host"]);
+    let theirs = keygen(&pki.path().join("theirs"), &["source-host"]);
+    // The intruder trusts the receiver (it has our CA's certificate) but holds a certificate
+    // of its own CA: it is the receiver that must refuse it.
+    std::fs::copy(
+        Path::new(&ours[0]).join("ca.pem"),
+        Path::new(&theirs[0]).join("ca.pem"),
+    )
+    .expect("the receiver's CA certificate");
+    let h = How {
+        extra: &[],
+        via: None,
+        record: None,
+        profile: ProfileChoice::Lab,
+        tls: Some((ours[0].clone(), theirs[0].clone())),
+        receiver_extra: &["--accept-timeout", "10"],
+    };
+    let net = Net::local(None);
+    let t = Instant::now();
+    let (sender, receiver) = spawn_migration(&src, &dst, &disk, &h, &net);
+    let (sender_pid, receiver_pid) = (sender.pid(), receiver.pid());
+    let sent = sender.wait(Duration::from_secs(60));
+    let detection = t.elapsed();
+    let received = receiver.wait(Duration::from_secs(60));
+    let (serr, rerr) = (text(&sent.stderr), text(&received.stderr));
+    eprintln!(
+        "sender: {}\n{serr}\nreceiver: {}\n{rerr}",
+        sent.status, received.status
+    );
+    assert!(!sent.status.success() && !received.status.success());
+    assert!(rerr.contains("refused sender"), "receiver said: {rerr}");
+    assert!(
+        rerr.contains("not signed by this receiver's CA"),
+        "receiver said: {rerr}"
+    );
+    assert_eq!(
+        src.exec("query-migrate", Value::Null)["status"].as_str(),
+        None,
+        "the source QEMU was asked to migrate"
+    );
+    assert_source_fine(&mut src);
+    assert_nothing_left(sender_pid, receiver_pid);
+    let refused = rerr
+        .lines()
+        .find(|l| l.contains("refused sender"))
+        .unwrap_or("")
+        .trim()
+        .replace('|', "/");
+    Observed {
+        case: "sender with a certificate of another CA",
+        outcome: format!("refused, no migration started; receiver: {refused}"),
+        detection: Some(detection),
     }
     .print();
 }

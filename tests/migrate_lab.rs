@@ -246,6 +246,8 @@ fn idle_bit_identical_with_a_profile_from_memory() {
         extra: &[],
         via: None,
         record: Some(src.dir.path()),
+        tls: None,
+        receiver_extra: &[],
         profile: choice,
     };
     let run = migrate_with(&src, &dst, &disk, &how);

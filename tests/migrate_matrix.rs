@@ -78,6 +78,8 @@ fn cell_of(flavour: &'static str, suite: &'static str, src: Qemu, dst: Qemu) {
         extra: &[],
         via: None,
         record: None,
+        tls: None,
+        receiver_extra: &[],
         profile: ProfileChoice::Given(path),
     };
     let run = migrate_with(&source, &dest, &disk, &how);

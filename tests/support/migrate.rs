@@ -426,6 +426,8 @@ pub fn migrate(
         extra,
         via,
         record: dir.as_deref(),
+        tls: None,
+        receiver_extra: &[],
         profile: ProfileChoice::Lab,
     };
     migrate_with(src, dst, disk, &how)
@@ -442,6 +444,10 @@ pub struct How<'a> {
     pub record: Option<&'a Path>,
     /// The sender's profile.
     pub profile: ProfileChoice,
+    /// `--tls-dir` of the receiver and of the sender; `None`: `--insecure-plaintext`.
+    pub tls: Option<(String, String)>,
+    /// Extra receiver flags.
+    pub receiver_extra: &'a [&'a str],
 }
 
 /// The stream records [`migrate_with`] asks for in `dir`: the sender's (what the source
@@ -493,13 +499,26 @@ impl Net {
 
 /// The two pct processes of a migration of `src` into `dst` (which must be `-incoming
 /// defer`), started as `how` and `net` say: (sender, receiver).
-pub fn spawn_migration(src: &Guest, dst: &Guest, disk: &Path, how: &How, net: &Net) -> (Pct, Pct) {
+pub fn spawn_migration<'a>(
+    src: &Guest,
+    dst: &Guest,
+    disk: &Path,
+    how: &'a How<'a>,
+    net: &'a Net,
+) -> (Pct, Pct) {
     let How {
         extra,
         via: _,
         record,
         profile: choice,
+        tls,
+        receiver_extra,
     } = how;
+    let (recv_link, send_link) = match tls {
+        Some((r, s)) => (["--tls-dir", r.as_str()], ["--tls-dir", s.as_str()]),
+        None => (["--insecure-plaintext", ""], ["--insecure-plaintext", ""]),
+    };
+    let link = |a: [&'a str; 2]| a.into_iter().filter(|x| !x.is_empty());
     let dst_qmp = dst.qmp_path();
     let record = record.map(|d| stream_records(src, d));
     let mut rargs = vec![
@@ -511,8 +530,9 @@ pub fn spawn_migration(src: &Guest, dst: &Guest, disk: &Path, how: &How, net: &N
         "--disk",
         disk.to_str().expect("path"),
         "--json",
-        "--insecure-plaintext",
     ];
+    rargs.extend(link(recv_link));
+    rargs.extend_from_slice(receiver_extra);
     if let Some((_, d)) = &record {
         rargs.extend(["--record-stream", d.to_str().expect("path")]);
     }
@@ -533,8 +553,8 @@ pub fn spawn_migration(src: &Guest, dst: &Guest, disk: &Path, how: &How, net: &N
         "--to",
         &net.to,
         "--json",
-        "--insecure-plaintext",
     ]);
+    args.extend(link(send_link));
     args.extend_from_slice(extra);
     if let Some((s, _)) = &record {
         args.extend(["--record-stream", s.to_str().expect("path")]);

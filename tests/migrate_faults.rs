@@ -424,56 +424,50 @@ fn destination_disk_missing() {
 /// range check and fall back; the migration completes, bit-identical.
 #[test]
 fn destination_disk_too_small() {
-    let Some((_one, src, mut dst, disk)) = guests() else {
-        return;
-    };
-    let len = std::fs::metadata(&disk).expect("disk").len();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .expect("disk");
-    f.set_len(len / 2).expect("truncate");
-    let run = migrate(&src, &dst, &disk, &["--bandwidth", BANDWIDTH], None);
-    let s = assert_completed(&run, &src, &mut dst);
-    let fell = pages(&s, "fallen_back");
-    assert!(fell > 0, "a disk cut in half gave no fallback");
-    Observed {
-        case: "destination disk too small (half its size)",
-        outcome: format!(
-            "completed, bit-identical: {fell} of {} teleported pages fell back",
-            pages(&s, "teleported")
-        ),
-        detection: None,
-    }
-    .print();
+    disk_fault("destination disk too small (half its size)", |disk| {
+        let len = std::fs::metadata(disk).expect("disk").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(disk)
+            .expect("disk");
+        f.set_len(len / 2).expect("truncate");
+    });
 }
 
 /// A destination disk stale in a region: 8 MiB of the files' blocks zeroed. Those pages fail
 /// their hashes and fall back; the migration completes, bit-identical.
 #[test]
 fn destination_disk_stale() {
+    disk_fault("destination disk stale (8 MiB zeroed)", |disk| {
+        // 8 MiB of zeros from 32 MiB on: inside the mini fileset's data.
+        let st = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                "bs=1M",
+                "seek=32",
+                "count=8",
+                "conv=notrunc",
+            ])
+            .arg(format!("of={}", disk.display()))
+            .status()
+            .expect("dd");
+        assert!(st.success());
+    });
+}
+
+/// A migration onto a destination disk that `spoil` damaged: it completes, bit-identical,
+/// through fallbacks.
+fn disk_fault(case: &'static str, spoil: impl FnOnce(&Path)) {
     let Some((_one, src, mut dst, disk)) = guests() else {
         return;
     };
-    // 8 MiB of zeros from 32 MiB on: inside the mini fileset's data.
-    let st = Command::new("dd")
-        .args([
-            "if=/dev/zero",
-            "bs=1M",
-            "seek=32",
-            "count=8",
-            "conv=notrunc",
-        ])
-        .arg(format!("of={}", disk.display()))
-        .status()
-        .expect("dd");
-    assert!(st.success());
+    spoil(&disk);
     let run = migrate(&src, &dst, &disk, &["--bandwidth", BANDWIDTH], None);
     let s = assert_completed(&run, &src, &mut dst);
     let fell = pages(&s, "fallen_back");
-    assert!(fell > 0, "a stale region gave no fallback");
+    assert!(fell > 0, "{case}: no page fell back");
     Observed {
-        case: "destination disk stale (8 MiB zeroed)",
+        case,
         outcome: format!(
             "completed, bit-identical: {fell} of {} teleported pages fell back",
             pages(&s, "teleported")

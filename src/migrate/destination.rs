@@ -185,12 +185,22 @@ pub fn receive(opts: &DestinationOptions, notify: &dyn Fn(Notice<'_>)) -> Result
             _ => {}
         }
     }
+    complete(closing, report, started, disk_description)
+}
+
+/// Closes the session with `Report` and `Complete`: the migration was received.
+fn complete(
+    closing: Closing,
+    report: ReceiverReport,
+    started: Instant,
+    disk: String,
+) -> Result<Received> {
     let report_json = closing.complete(&report)?;
     Ok(Received {
         report,
         report_json,
         elapsed: started.elapsed(),
-        disk: disk_description,
+        disk,
     })
 }
 
@@ -245,11 +255,5 @@ fn receive_managed(
             bail!("{e}\n  the connection to the destination QEMU is closed: its migration fails");
         }
     };
-    let report_json = closing.complete(&report)?;
-    Ok(Received {
-        report,
-        report_json,
-        elapsed: started.elapsed(),
-        disk: disk_description,
-    })
+    complete(closing, report, started, disk_description)
 }

@@ -151,10 +151,7 @@ pub fn relay(
     let block = main.name.clone();
     let (mut scan_s, mut free_scan_ms) = (None, None);
     let map = |_blocks: &[RamBlock]| -> Result<Option<StreamMap<'_>>, String> {
-        let (Some(mem), Some(profile)) = (mem.as_ref(), profile.as_ref()) else {
-            return Ok(None);
-        };
-        let taken = take_map(mem, profile, disk.as_ref(), &block, false, notify);
+        let taken = take_map(&mem, &profile, disk.as_ref(), &block, false, notify);
         (scan_s, free_scan_ms) = (taken.scan_s, taken.free_scan_ms);
         Ok(taken.map)
     };

@@ -313,10 +313,7 @@ impl<'n> Source<'n> {
         let mut free_scan_ms = None;
         let free_elision = opts.free_elision;
         let map = |_blocks: &[RamBlock]| -> Result<Option<StreamMap<'_>>, String> {
-            let (Some(mem), Some(profile)) = (mem.as_ref(), profile.as_ref()) else {
-                return Ok(None);
-            };
-            let taken = take_map(mem, profile, disk.as_ref(), &block, free_elision, notify);
+            let taken = take_map(&mem, &profile, disk.as_ref(), &block, free_elision, notify);
             (scan_s, free_scan_ms) = (taken.scan_s, taken.free_scan_ms);
             Ok(taken.map)
         };
@@ -380,16 +377,24 @@ pub(super) struct MapTaken<'g> {
 }
 
 /// Takes the cache map of `mem` for the RAM block `block` (and its free pages, with
-/// `free_elision` and a live view). A failure is only a notice: the map is a hint, and
-/// without it the migration is a plain one.
+/// `free_elision` and a live view); none without a memory view and a profile. A failure is
+/// only a notice: the map is a hint, and without it the migration is a plain one.
 pub(super) fn take_map<'g>(
-    mem: &'g GuestMemory,
-    profile: &'g Profile,
+    mem: &'g Option<GuestMemory>,
+    profile: &'g Option<Profile>,
     disk: Option<&'g Disk>,
     block: &str,
     free_elision: bool,
     notify: Notify<'_>,
 ) -> MapTaken<'g> {
+    let (Some(mem), Some(profile)) = (mem, profile) else {
+        // Nothing to map with (pct as a plain transport).
+        return MapTaken {
+            map: None,
+            scan_s: None,
+            free_scan_ms: None,
+        };
+    };
     let t = Instant::now();
     let scan_opts = ScanOptions {
         // Elision needs a live view (below): no free-page scan for a copy.

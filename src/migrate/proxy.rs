@@ -19,11 +19,11 @@
 
 use super::link::{self, Security};
 use super::sender::{self, Connections, Counters, SenderHooks, SenderOptions, StreamMap};
-use super::source::{summarize, take_map, CheckMode, Notice, Notify, Progress};
+use super::source::{dial_receiver, summarize, take_map, CheckMode, Notice, Notify, Progress};
 use super::stream::{Decoder, RamBlock};
 use super::summary::Summary;
 use super::switchover::SwitchoverCheck;
-use super::wire::{Role, WireStats};
+
 use crate::disk::{Disk, DiskFormat};
 use crate::kernel::select::select_profile;
 use crate::kernel::Kernel;
@@ -134,19 +134,7 @@ pub fn relay(
         })
         .transpose()?;
 
-    let mut wire_stats = WireStats::default();
-    let (mut link, peer) =
-        link::dial(to, &opts.security, Duration::from_secs(30)).context("the pct receiver")?;
-    if let Some(p) = &peer {
-        notify(Notice::Receiver(p));
-    }
-    let session = link::handshake(
-        &mut link,
-        Role::Sender,
-        &mut wire_stats,
-        Duration::from_secs(30),
-    )
-    .with_context(|| format!("the pct receiver at {to}"))?;
+    let (link, session, wire_stats) = dial_receiver(to, &opts.security, notify)?;
     let counters = Arc::new(Counters::default());
     let block = main.name.clone();
     let (mut scan_s, mut free_scan_ms) = (None, None);

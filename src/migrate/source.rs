@@ -18,7 +18,7 @@ use super::stream::RamBlock;
 use super::summary::Summary;
 use super::switchover::SwitchoverCheck;
 use super::tls::Peer;
-use super::wire::{Role, WireStats};
+use super::wire::{Role, Session, WireStats};
 use crate::disk::{Disk, DiskFormat};
 use crate::introspect::{scan, ScanOptions};
 use crate::kernel::select::{select_profile, Origin};
@@ -271,19 +271,7 @@ impl<'n> Source<'n> {
             notify(Notice::CapabilitiesOff(&disabled));
         }
 
-        let mut wire_stats = WireStats::default();
-        let (mut link, peer) =
-            link::dial(to, &opts.security, Duration::from_secs(30)).context("the pct receiver")?;
-        if let Some(p) = &peer {
-            notify(Notice::Receiver(p));
-        }
-        let session = link::handshake(
-            &mut link,
-            Role::Sender,
-            &mut wire_stats,
-            Duration::from_secs(30),
-        )
-        .with_context(|| format!("the pct receiver at {to}"))?;
+        let (link, session, wire_stats) = dial_receiver(to, &opts.security, notify)?;
 
         let dir = SockDir::new("src")?;
         let sock = dir.path().join("qemu.sock");
@@ -425,6 +413,29 @@ pub(super) fn take_map<'g>(
             }
         }
     }
+}
+
+/// The link to the pct receiver at `to`, dialled (with TLS: authenticated, and the user
+/// told who answered) and greeted: the link, the session the hellos settled, their frames.
+pub(super) fn dial_receiver(
+    to: &str,
+    security: &link::Security,
+    notify: Notify<'_>,
+) -> Result<(link::LinkStream, Session, WireStats)> {
+    let mut wire_stats = WireStats::default();
+    let (mut link, peer) =
+        link::dial(to, security, Duration::from_secs(30)).context("the pct receiver")?;
+    if let Some(p) = &peer {
+        notify(Notice::Receiver(p));
+    }
+    let session = link::handshake(
+        &mut link,
+        Role::Sender,
+        &mut wire_stats,
+        Duration::from_secs(30),
+    )
+    .with_context(|| format!("the pct receiver at {to}"))?;
+    Ok((link, session, wire_stats))
 }
 
 /// The summary of a migration the receiver confirmed: `started` when QEMU's stream began,

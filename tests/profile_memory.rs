@@ -548,11 +548,19 @@ fn kallsyms_structure_selection_and_bad_images() {
         .to_string();
     assert!(e.contains("VMCOREINFO") && e.contains("--profile"), "{e}");
 
-    // A truncated dump: the note survives, the kernel image does not.
+    // A truncated dump: the note survives, the kernel image does not. The note's page is
+    // wherever the kernel allocated it, above the kernel image as often as below: a copy
+    // of it at 64 KiB (page-aligned, as the kernel places it) survives a cut at 4 MiB and a
+    // bit, below the kernel's lowest load address (16 MiB).
     let short = tempfile::NamedTempFile::new().expect("temporary file");
-    let head = std::fs::read(&copy.path).expect("read copy");
-    let note = vmcoreinfo_range(&head).end;
-    let cut = (note + (4 << 20)) & !4095;
+    let mut head = std::fs::read(&copy.path).expect("read copy");
+    let note = vmcoreinfo_range(&head);
+    // The note's header (namesz, descsz, type) and its name, "VMCOREINFO\0\0", precede the
+    // text.
+    let whole = note.start - 24..note.end;
+    let low = 0x1_0000;
+    head.copy_within(whole.clone(), low);
+    let cut = (low + whole.len() + (4 << 20)) & !4095;
     std::fs::write(short.path(), &head[..cut]).expect("write truncated copy");
     drop(head);
     let mem = GuestMemory::open(short.path()).expect("truncated copy opens");

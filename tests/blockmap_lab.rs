@@ -267,7 +267,7 @@ fn tail_page() {
         let fs = open_fs(&img);
         let inode = fs.inode_at("/SHA256SUMS").expect("sums").as_ext4_inode();
         let content = cat(&img, "/SHA256SUMS");
-        assert!(inode.i_size % PAGE_SIZE != 0);
+        assert!(!inode.i_size.is_multiple_of(PAGE_SIZE));
         let last = inode.i_size / PAGE_SIZE;
         let vol = fs.volume();
         let mut pm =

@@ -162,7 +162,7 @@ fn xfs_large_folios_are_mapped_and_huge_tmpfs_is_not() {
     let sb_of = |ty: &str, id: Option<&str>| {
         walk.super_blocks
             .iter()
-            .position(|s| s.fs_type == ty && id.map_or(true, |i| s.id == i))
+            .position(|s| s.fs_type == ty && id.is_none_or(|i| s.id == i))
             .unwrap_or_else(|| panic!("no {ty} super_block"))
     };
     let xfs = sb_of("xfs", Some("vda2"));

@@ -210,7 +210,7 @@ impl Disk {
             source,
         };
         let end = offset.checked_add(len as u64);
-        if end.map_or(true, |e| e > self.size) {
+        if end.is_none_or(|e| e > self.size) {
             return Err(err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("past the end of the disk ({} bytes)", self.size),
@@ -330,7 +330,7 @@ fn check_allocated(
                 ..
             } => {
                 let file_len = storage.size()?;
-                if host.checked_add(n).map_or(true, |e| e > file_len) {
+                if host.checked_add(n).is_none_or(|e| e > file_len) {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!(

@@ -138,7 +138,7 @@ impl GuestMemory {
             });
         }
         let len = map.len() as u64;
-        if len == 0 || len % 4096 != 0 {
+        if len == 0 || !len.is_multiple_of(4096) {
             return Err(MemError::Format {
                 path: path.to_owned(),
                 msg: format!(
@@ -161,7 +161,7 @@ impl GuestMemory {
     /// copy-on-write mapping that a fuzzer mutates.
     pub fn from_map(map: Mmap, description: &str) -> Result<GuestMemory, MemError> {
         let len = map.len() as u64;
-        if len == 0 || len % 4096 != 0 {
+        if len == 0 || !len.is_multiple_of(4096) {
             return Err(MemError::Format {
                 path: PathBuf::from(description),
                 msg: format!("{len} bytes is not a whole number of 4 KiB pages"),

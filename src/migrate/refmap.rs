@@ -57,7 +57,7 @@ impl RefMap {
                     continue;
                 }
                 let disk_offset = run.disk_offset + (start - run.gpa);
-                if disk_offset % 512 != 0 {
+                if !disk_offset.is_multiple_of(512) {
                     continue;
                 }
                 pieces.push(Piece {

@@ -188,7 +188,7 @@ impl<'a> Btf<'a> {
     }
 
     fn rec_at(d: &[u8], pos: usize, end: usize) -> RResult<Rec> {
-        if !pos.checked_add(12).is_some_and(|e| e <= end) {
+        if pos.checked_add(12).is_none_or(|e| e > end) {
             return Err(malformed(format!("truncated type record at byte {pos}")));
         }
         let info = u32_at(d, pos + 4)?;

@@ -106,7 +106,7 @@ pub fn find_matching_in(
     for (path, p) in list_profiles(dir)? {
         let Ok(p) = p else { continue };
         if let Some(q) = match_profile(&p, banner_or_buildid) {
-            if !best.as_ref().is_some_and(|b| q <= b.2) {
+            if best.as_ref().is_none_or(|b| q > b.2) {
                 best = Some((path, p, q));
             }
         }

@@ -138,10 +138,7 @@ impl TouchLog {
         first: usize,
         count: usize,
     ) -> Result<(), String> {
-        if !first
-            .checked_add(count)
-            .is_some_and(|end| end <= self.pages)
-        {
+        if first.checked_add(count).is_none_or(|end| end > self.pages) {
             return Err(format!("pages {first}+{count} are not in the block"));
         }
         let (offset, len) = (first as u64 * PAGE, count as u64 * PAGE);

@@ -122,7 +122,10 @@ impl<'k, 'a> Buddy<'k, 'a> {
             return Ok(None);
         }
         let order = b.u64(self.private_off, "private")?;
-        Ok((order <= u64::from(MAX_ORDER) && pfn % (1 << order) == 0).then_some(order as u32))
+        Ok(
+            (order <= u64::from(MAX_ORDER) && pfn.is_multiple_of(1 << order))
+                .then_some(order as u32),
+        )
     }
 
     /// `is_free_buddy_page`: whether frame `pfn` lies in a free block of the buddy

@@ -200,7 +200,7 @@ fn check_folio(n: u64, e: &FolioEvidence) -> Result<(), String> {
             "the tree's entry covers {s} indices, the folio {n} pages"
         ));
     }
-    if e.pfn % n != 0 || e.index % n != 0 {
+    if !e.pfn.is_multiple_of(n) || !e.index.is_multiple_of(n) {
         return Err(format!(
             "folio of {n} pages at frame {:#x}, index {} is not aligned to its size",
             e.pfn, e.index

@@ -203,7 +203,7 @@ impl Classifier {
             // `buddy_order`: a free block's order is in `private`; a block is aligned to
             // its size.
             (true, Some(o)) => Some(b.u64(o, "private")?)
-                .filter(|&order| order <= u64::from(MAX_ORDER) && pfn % (1 << order) == 0),
+                .filter(|&order| order <= u64::from(MAX_ORDER) && pfn.is_multiple_of(1 << order)),
             _ => None,
         };
         let kind = if let Some(order) = buddy_order {

@@ -95,7 +95,7 @@ impl Link<'_> {
         for &i in &want {
             fetched[i] = true;
         }
-        let originals_match = hashes.as_ref().map_or(true, |h| {
+        let originals_match = hashes.as_ref().is_none_or(|h| {
             want.iter().all(|&i| {
                 hash_page(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], len)
                     == h[i * len..(i + 1) * len]

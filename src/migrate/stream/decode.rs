@@ -862,7 +862,7 @@ impl Decoder {
                 let used = self.blocks.get(block).map_or(0, |b| b.used_length);
                 if addr
                     .checked_add(PAGE_SIZE as u64)
-                    .map_or(true, |end| end > used)
+                    .is_none_or(|end| end > used)
                 {
                     return Err(malformed(format!(
                         "page offset {addr:#x} outside RAM block {block} ({used:#x} bytes)"

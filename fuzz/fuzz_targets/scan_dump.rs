@@ -78,6 +78,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let Ok(map) = map.make_read_only() else { return };
     let Ok(mem) = GuestMemory::from_map(map, "fuzzed dump") else { return };
-    let _ = scan(&mem, &b.profile, None, ScanOptions { cross_check: true, verify: false });
+    let _ = scan(&mem, &b.profile, None, ScanOptions { cross_check: true, verify: false, free_pages: true });
     let _ = pct::kernel::self_profile::build_profile_from_memory(&mem);
 });

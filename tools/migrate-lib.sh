@@ -198,7 +198,16 @@ ml_pct() {
 	rpid=$!
 	ML_PIDS+=("$rpid")
 	mapfile -t profile_args < <(ml_profile_args)
-	if ! ip netns exec "$NS-$from" "$PCT" "${profile_args[@]}" --qmp "$src/qmp.sock" --to "$(ml_addr "$to"):7400" --json "${send_link[@]}" "$@" >"$out.json" 2>"$out.err"; then
+	# ML_PCT_TIMEOUT=S: a sender still running after S seconds is killed (QEMU's migration
+	# then fails and the source guest runs on); ml_pct returns 2.
+	local limit=() rc=0
+	[ -n "${ML_PCT_TIMEOUT:-}" ] && limit=(timeout -s KILL "$ML_PCT_TIMEOUT")
+	ip netns exec "$NS-$from" "${limit[@]}" "$PCT" "${profile_args[@]}" --qmp "$src/qmp.sock" --to "$(ml_addr "$to"):7400" --json "${send_link[@]}" "$@" >"$out.json" 2>"$out.err" || rc=$?
+	if [ "$rc" -eq 137 ] && [ -n "${ML_PCT_TIMEOUT:-}" ]; then
+		echo "pct-migrate did not finish in $ML_PCT_TIMEOUT s: killed, the source guest runs on" >&2
+		wait "$rpid" 2>/dev/null || true
+		return 2
+	elif [ "$rc" -ne 0 ]; then
 		cat "$out.err" "$out.recv.err" >&2
 		return 1
 	fi

@@ -173,7 +173,7 @@ fn with_fault_recording(
         receiver: receiver.pid(),
         dst_qemu: dst.pid(),
     };
-    let injected = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let t = s.spawn(|| {
             inject(&relay, src, &pids);
             Instant::now()
@@ -184,8 +184,7 @@ fn with_fault_recording(
             run,
             t.join().ok().map(|at| exited.saturating_duration_since(at)),
         )
-    });
-    injected
+    })
 }
 
 /// The processes a fault may kill.

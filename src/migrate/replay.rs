@@ -318,15 +318,7 @@ pub fn synthetic_stream(bytes: u64, content: Content) -> Result<Vec<u8>> {
     )?;
     put(&mut s, Record::Ram(RamRecord::Eos))?;
     put(&mut s, Record::Footer { section_id: 2 })?;
-    let mut next = {
-        let mut x = 0x5eed_u64;
-        move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    };
+    let mut next = xorshift(0x5eed);
     let mut data = vec![0u8; PAGE_SIZE];
     let mut sent = 0u64;
     let mut pass = 0u64;
@@ -387,6 +379,18 @@ pub fn synthetic_stream(bytes: u64, content: Content) -> Result<Vec<u8>> {
         },
     )?;
     Ok(s)
+}
+
+/// xorshift64*: reproducible pseudo-random numbers (synthetic pages here, test bytes
+/// elsewhere in the crate).
+pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
 }
 
 #[cfg(test)]

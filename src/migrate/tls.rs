@@ -1008,17 +1008,3 @@ impl Pump {
         Ok(())
     }
 }
-
-#[cfg(test)]
-pub(crate) mod tests {
-    /// xorshift64*, for test bytes.
-    pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-        let mut x = seed | 1;
-        move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
-}

@@ -421,7 +421,7 @@ mod tests {
         for len in 0..der.len() {
             let _ = Names::of(&der[..len]);
         }
-        let mut next = crate::migrate::tls::tests::xorshift(7);
+        let mut next = crate::migrate::replay::xorshift(7);
         for _ in 0..2000 {
             let mut d = der.clone();
             let at = (next() as usize) % d.len();

@@ -4,7 +4,8 @@
 #
 #   bash tools/test.sh [extra cargo test arguments]
 #
-# Afterwards it checks that no QEMU process and no guest RAM file was left behind.
+# Afterwards it checks that the suite left no QEMU process, guest RAM file, libvirt daemon
+# or network namespace behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,18 +17,26 @@ python3 -c 'import drgn, volatility3' 2>/dev/null ||
 	python3 -m pip install -q --disable-pip-version-check drgn volatility3 ||
 	{ echo "test.sh: cannot install drgn and volatility3 from PyPI" >&2; exit 1; }
 
+# What was there before the suite started (a demo killed midway, say) is not the suite's.
+leftovers() {
+	{
+		pgrep -f 'qemu-system-x86_64 -name pct-' | sed 's/^/QEMU pid /' || true
+		ls /dev/shm | grep '^pct-' | sed 's|^|/dev/shm/|' || true
+		# tests/migrate_libvirt.rs: its daemons, their guests and its network namespaces.
+		pgrep -f 'pct-libvirt-' | sed 's/^/libvirt pid /' || true
+		ip netns list 2>/dev/null | grep -E '^lv[0-9]+-[ab]' | sed 's/^/namespace /' || true
+	} | sort
+}
+before=$(leftovers)
+[ -z "$before" ] || echo "test.sh: already present before the suite, not counted:" $before >&2
+
 status=0
 # Release mode: the tests parse a 590 MB vmlinux and 1 GiB guest images.
 cargo test --release --all-targets --no-fail-fast "$@" || status=$?
 
-left_qemu=$(pgrep -f 'qemu-system-x86_64 -name pct-' || true)
-left_shm=$(ls /dev/shm | grep '^pct-' || true)
-# tests/migrate_libvirt.rs: its daemons, their guests and its network namespaces.
-left_libvirt=$(pgrep -f 'pct-libvirt-' || true)
-left_netns=$(ip netns list 2>/dev/null | grep -E '^lv[0-9]+-[ab]' || true)
-if [ -n "$left_qemu$left_shm$left_libvirt$left_netns" ]; then
-	echo "test.sh: the suite left things behind: QEMU pids [$left_qemu] /dev/shm [$left_shm]" \
-		"libvirt pids [$left_libvirt] namespaces [$left_netns]" >&2
+left=$(comm -13 <(echo "$before") <(leftovers) | grep . || true)
+if [ -n "$left" ]; then
+	echo "test.sh: the suite left things behind:" $left >&2
 	status=1
 fi
 exit $status

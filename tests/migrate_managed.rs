@@ -8,7 +8,9 @@
 //!   guest re-verifies its files at the destination; proxy and receiver talk TLS, with
 //!   certificates from `pct-migrate keygen`, and each names the other;
 //! - a receiver that cannot be reached fails the source QEMU's migration, and the guest
-//!   runs on at the source: the outcome a manager expects of any failed migration.
+//!   runs on at the source: the outcome a manager expects of any failed migration;
+//! - a link cut midway fails both QEMUs' migrations, both ends of pct report it at once,
+//!   and the guest runs on at the source.
 //!
 //! tests/migrate_libvirt.rs runs the same with real libvirt daemons.
 
@@ -188,6 +190,97 @@ fn proxy_failure_leaves_the_source_running() {
     assert!(!proxy.status.success());
     assert!(err.contains(&format!("127.0.0.1:{nobody}")), "{err}");
     assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(src.status(), "running");
+    let line = src.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
+    assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
+}
+
+/// The link between proxy and receiver cut a third of the way in: the source QEMU's
+/// migration fails and the guest runs on at the source, and both ends of pct report at once.
+/// The receiver must not wait for the destination QEMU, which waits for the rest of the
+/// stream: it closes QEMU's channel, so QEMU's load fails too.
+#[test]
+fn link_cut_in_a_manager_driven_migration() {
+    if !have_qemu() {
+        return;
+    }
+    let mut spec = GuestSpec::new("apache").layout("mini", "plain");
+    spec.anon_ram = true;
+    let (mut src, mut dst, disk) = pair(&spec);
+    let (qemu_port, recv_port, proxy_port) = (free_port(), free_port(), free_port());
+    dst.exec(
+        "migrate-incoming",
+        json!({ "uri": format!("tcp:127.0.0.1:{qemu_port}") }),
+    );
+    let receiver = Pct::spawn(
+        "receiver",
+        &[
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{recv_port}"),
+            "--qemu-incoming",
+            &format!("127.0.0.1:{qemu_port}"),
+            "--disk",
+            disk.to_str().expect("path"),
+            "--insecure-plaintext",
+        ],
+    );
+    wait_listening(None, recv_port, Duration::from_secs(30));
+    let relay = Relay::new(Some(8 << 20));
+    let via = relay.via()(recv_port);
+    let profile = lab_profile("cloud-amd64");
+    let proxy = Pct::spawn(
+        "proxy",
+        &[
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{proxy_port}"),
+            "--to",
+            &format!("127.0.0.1:{via}"),
+            "--profile",
+            profile.0.to_str().expect("path"),
+            "--insecure-plaintext",
+        ],
+    );
+    wait_listening(None, proxy_port, Duration::from_secs(30));
+    migrate_as_libvirt(&src, &format!("tcp:127.0.0.1:{proxy_port}"));
+    let start = Instant::now();
+    while !relay.was_cut.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the relay forwarded only {} bytes",
+            relay.forwarded.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cut = Instant::now();
+    let receiver = receiver.wait(Duration::from_secs(60));
+    let receiver_after = cut.elapsed();
+    let proxy = proxy.wait(Duration::from_secs(60));
+    let proxy_after = cut.elapsed();
+    let info = wait_migration_final(&src, Duration::from_secs(60));
+    // A QEMU whose incoming migration fails exits (QEMU before 9.0 always; later ones by
+    // default, `exit-on-error`).
+    let dst_exit = dst.wait_exit(Duration::from_secs(30));
+    eprintln!(
+        "source QEMU: {info}\ndestination QEMU: {dst_exit:?}\nproxy ({proxy_after:?} after \
+         the cut): {}\n{}\nreceiver ({receiver_after:?} after the cut): {}\n{}",
+        proxy.status,
+        text(&proxy.stderr),
+        receiver.status,
+        text(&receiver.stderr)
+    );
+    assert!(!receiver.status.success() && !proxy.status.success());
+    assert!(
+        receiver_after < Duration::from_secs(20),
+        "the receiver took {receiver_after:?} to report the cut"
+    );
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(
+        dst_exit.is_some_and(|s| !s.success()),
+        "the destination QEMU is still there, or exited 0: {dst_exit:?}\n{}",
+        dst.log_tail()
+    );
     assert_eq!(src.status(), "running");
     let line = src.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
     assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");

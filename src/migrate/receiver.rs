@@ -314,6 +314,11 @@ pub fn receive(
             .map_err(RecvError::Io)?;
         let emitted = emit(&mut qemu, &control, &irx, &stats, opts, &failure);
         emit_done.store(true, Ordering::Relaxed);
+        if emitted.is_err() {
+            // QEMU waits for the rest of the stream, and the return-path thread for QEMU:
+            // closing the channel fails QEMU's load, which closes its end.
+            let _ = qemu.shutdown(Shutdown::Both);
+        }
         let closed = back.map(|t| {
             t.join()
                 .unwrap_or_else(|_| Err(RecvError::Protocol("return-path thread panicked".into())))

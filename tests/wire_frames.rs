@@ -4,8 +4,9 @@
 mod support;
 
 use pct::migrate::wire::{
-    caps, hash_page, hash_run, read_frame, write_frame, Codec, Frame, Hello, PageRef, PageRefs,
-    Payload, Role, WireError, WireStats, HEADER_LEN, MAX_PAYLOAD, PAGE_SIZE,
+    caps, hash_page, hash_run, read_frame, valid_vm_name, write_frame, Codec, Frame, Hello,
+    PageRef, PageRefs, Payload, Role, WireError, WireStats, HEADER_LEN, MAX_PAYLOAD, MAX_VM_NAME,
+    PAGE_SIZE,
 };
 use support::rng;
 
@@ -168,6 +169,32 @@ fn hello_negotiation() {
         Frame::decode(&buf, MAX_PAYLOAD),
         Err(WireError::BadMagic(_))
     ));
+}
+
+/// A sender's hello names its VM (protocol 4); the name is checked where it is decoded,
+/// so a receiver never matches or prints a hostile one.
+#[test]
+fn hello_names_the_vm() {
+    let named = Hello::for_vm("web-1.prod_a");
+    round_trip(&Frame::Hello(named.clone()));
+    round_trip(&Frame::Hello(Hello::for_vm("")));
+    let mut long = "v".repeat(MAX_VM_NAME);
+    assert!(valid_vm_name(&long));
+    long.push('v');
+    assert!(!valid_vm_name(&long));
+    for bad in ["", "-rf", ".hidden", "a b", "a/b", "vm\u{1b}[2J", "é"] {
+        assert!(!valid_vm_name(bad), "{bad:?}");
+    }
+    // On the wire: the name is the last field, a length byte then the bytes.
+    let mut buf = Vec::new();
+    Frame::Hello(named).encode(&mut buf).unwrap();
+    let at = buf.len() - "web-1.prod_a".len();
+    buf[at] = 0x1b;
+    let e = Frame::decode(&buf, MAX_PAYLOAD).unwrap_err().to_string();
+    assert!(e.contains("VM name `\\x1beb-1.prod_a`"), "{e}");
+    // A length past the payload is a truncation.
+    buf[at - 1] = 200;
+    assert!(Frame::decode(&buf, MAX_PAYLOAD).is_err());
 }
 
 /// Beyond the hashes, a run of consecutive pages costs ≤ 4 bytes per page.

@@ -22,6 +22,7 @@ use pct::migrate::link::Security;
 use pct::migrate::proxy::{self, ProxyOptions};
 use pct::migrate::receiver::ReceiverOptions;
 use pct::migrate::sender::SenderOptions;
+use pct::migrate::service::{self, config::ServiceConfig};
 use pct::migrate::source::{CheckMode, Notice, Source, SourceOptions};
 use pct::migrate::tls::certs::{self, HostSpec};
 use pct::migrate::tls::Identity;
@@ -170,6 +171,10 @@ struct SenderArgs {
     /// The pct receiver, HOST:PORT (with TLS, its certificate must name HOST).
     #[arg(long, value_name = "HOST:PORT")]
     to: Option<String>,
+    /// The VM, as the receiver's service configuration names it (a receiver started with
+    /// --config serves several; one started for a single migration takes any).
+    #[arg(long, value_name = "NAME", value_parser = vm_name)]
+    vm: Option<String>,
     #[command(flatten)]
     link: LinkArgs,
     /// Cap pct's sending rate, e.g. 50mbit, 6MB/s.
@@ -202,6 +207,16 @@ struct SenderArgs {
     /// before 9.0 misses writes under TCG). auto: on for TCG guests of QEMU before 9.0.
     #[arg(long, value_enum, default_value_t = CheckMode::Auto)]
     switchover_check: CheckMode,
+}
+
+fn vm_name(s: &str) -> Result<String, String> {
+    match pct::migrate::wire::valid_vm_name(s) {
+        true => Ok(s.to_owned()),
+        false => Err(format!(
+            "use 1 to {} letters, digits, `.`, `_` or `-`, not starting with `.` or `-`",
+            pct::migrate::wire::MAX_VM_NAME
+        )),
+    }
 }
 
 impl SenderArgs {
@@ -237,16 +252,24 @@ struct ProxyArgs {
 
 #[derive(Args)]
 struct ReceiveArgs {
+    /// Serve many migrations, each into a VM that FILE (TOML) names with its QEMU, its disk
+    /// and the senders allowed to migrate it; runs until SIGINT or SIGTERM. See
+    /// docs/migration.md, "The receiver service".
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "qmp", "qemu_incoming", "disk", "record_stream", "accept_timeout"])]
+    config: Option<PathBuf>,
+    /// With --config: exit once this many migrations have ended (received or failed).
+    #[arg(long, value_name = "N", requires = "config")]
+    sessions: Option<u64>,
     /// Address to listen on, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
-    listen: String,
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "config")]
+    listen: Option<String>,
     #[command(flatten)]
     link: LinkArgs,
     /// The destination QEMU's QMP socket (QEMU started with -incoming defer): pct starts
     /// the incoming migration and waits for QEMU to load it.
     #[arg(
         long,
-        required_unless_present = "qemu_incoming",
+        required_unless_present_any = ["qemu_incoming", "config"],
         conflicts_with = "qemu_incoming"
     )]
     qmp: Option<PathBuf>,
@@ -255,17 +278,17 @@ struct ReceiveArgs {
     #[arg(long, value_name = "HOST:PORT")]
     qemu_incoming: Option<String>,
     /// The destination's copy of the guest disk (raw image, block device or qcow2).
-    #[arg(long)]
-    disk: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    disk: Option<PathBuf>,
     /// How to read --disk: raw, qcow2 (backing chain included), or auto: qcow2 if the file
     /// starts with qcow2's magic. Say raw for an untrusted guest's raw disk (a guest can
     /// write that magic into its first sector).
     #[arg(long, value_enum, default_value_t = DiskFormat::Auto, requires = "disk")]
     disk_format: DiskFormat,
     /// Seconds to wait for the sender.
-    #[arg(long, default_value_t = 600)]
-    accept_timeout: u64,
-    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    accept_timeout: Option<u64>,
+    /// Print the summary as JSON on stdout (with --config: one line per migration).
     #[arg(long)]
     json: bool,
     /// Keep a copy of the stream given to the destination QEMU in FILE (for diagnosis;
@@ -323,6 +346,7 @@ fn send_main(mut a: SendArgs) -> Result<()> {
         switchover_check: a.send.switchover_check,
         sender: a.send.sender_options()?,
         security,
+        vm: a.send.vm.take().unwrap_or_default(),
     };
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
@@ -365,6 +389,7 @@ fn proxy_main(mut a: ProxyArgs) -> Result<()> {
         accept_timeout: Duration::from_secs(a.accept_timeout),
         sender: a.send.sender_options()?,
         security,
+        vm: a.send.vm.take().unwrap_or_default(),
     };
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
@@ -379,6 +404,9 @@ fn proxy_main(mut a: ProxyArgs) -> Result<()> {
 }
 
 fn receive_main(a: ReceiveArgs) -> Result<()> {
+    if let Some(config) = &a.config {
+        return serve_main(config, &a);
+    }
     let security = a.link.security()?;
     let qemu = match (a.qmp, a.qemu_incoming) {
         (Some(qmp), _) => DestinationQemu::Qmp(qmp),
@@ -386,12 +414,14 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
         (None, None) => return Err(anyhow!("--qmp or --qemu-incoming is required")),
     };
     let opts = DestinationOptions {
-        listen: a.listen,
+        listen: a
+            .listen
+            .ok_or_else(|| anyhow!("--listen HOST:PORT is required"))?,
         security,
         qemu,
-        disk: a.disk,
+        disk: a.disk.ok_or_else(|| anyhow!("--disk is required"))?,
         disk_format: a.disk_format,
-        accept_timeout: Duration::from_secs(a.accept_timeout),
+        accept_timeout: Duration::from_secs(a.accept_timeout.unwrap_or(600)),
         receiver: ReceiverOptions {
             record: a.record_stream,
             ..ReceiverOptions::default()
@@ -403,6 +433,58 @@ fn receive_main(a: ReceiveArgs) -> Result<()> {
         false => print!("{}", got.to_text(&opts.disk)),
     }
     Ok(())
+}
+
+/// `receive --config`: the receiver service. Each event is a line on stderr; with --json,
+/// each migration's end is also a JSON line on stdout.
+fn serve_main(config: &std::path::Path, a: &ReceiveArgs) -> Result<()> {
+    let cfg = ServiceConfig::load(config)?;
+    // The command line's --tls-dir or --insecure-plaintext, else the file's.
+    let link = match (&a.link.tls_dir, a.link.insecure_plaintext) {
+        (None, false) => LinkArgs {
+            tls_dir: cfg.tls_dir.clone(),
+            insecure_plaintext: cfg.insecure_plaintext,
+        },
+        (tls_dir, insecure_plaintext) => LinkArgs {
+            tls_dir: tls_dir.clone(),
+            insecure_plaintext,
+        },
+    };
+    let security = link.security()?;
+    let json = a.json;
+    let notify = move |e: service::Event<'_>| {
+        eprintln!("pct-migrate: {e}");
+        if let (
+            true,
+            service::Event::Finished {
+                vm, who, result, ..
+            },
+        ) = (json, &e)
+        {
+            let mut v = match result {
+                Ok(r) => r.to_json().unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": pct::errors::chain_text(e) }),
+            };
+            v["vm"] = (*vm).into();
+            v["sender"] = (*who).into();
+            println!("{v}");
+        }
+    };
+    let served = service::serve(
+        cfg,
+        security,
+        ReceiverOptions::default(),
+        a.sessions,
+        Arc::new(notify),
+    )?;
+    eprintln!(
+        "pct-migrate: receiver service stopped: {} received, {} failed, {} refused",
+        served.received, served.failed, served.refused
+    );
+    match served.failed {
+        0 => Ok(()),
+        n => bail!("{n} migration(s) failed"),
+    }
 }
 
 fn keygen_main(a: KeygenArgs) -> Result<()> {

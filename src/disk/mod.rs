@@ -34,7 +34,8 @@ use std::sync::{Arc, Mutex};
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// How to interpret the disk file: `--disk-format raw|qcow2|auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
     /// The file (or block device) holds the disk's bytes as they are.
     Raw,

@@ -10,7 +10,7 @@
 use super::link::{self, LinkStream, Security};
 use super::receiver::{self, Closing, ReceiverOptions, ReceiverReport};
 use super::tls::{Peer, TlsError};
-use super::wire::{Role, WireStats};
+use super::wire::WireStats;
 use crate::disk::{Disk, DiskFormat};
 use crate::qemu::migration::{self as ctl, MigrationStatus, RunState, SockDir};
 use crate::qemu::EventKind;
@@ -18,7 +18,7 @@ use crate::qemu::Qmp;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// What the destination side is to do.
@@ -124,35 +124,92 @@ impl fmt::Display for Notice<'_> {
 pub fn receive(opts: &DestinationOptions, notify: &dyn Fn(Notice<'_>)) -> Result<Received> {
     let disk = Disk::open(&opts.disk, opts.disk_format)
         .context("opening the destination's copy of the guest disk")?;
-    let qmp_path = match &opts.qemu {
-        DestinationQemu::Qmp(p) => p,
-        DestinationQemu::Incoming(addr) => return receive_managed(opts, disk, addr, notify),
+    // A QEMU that pct drives is checked before the sender may come.
+    let qmp = match &opts.qemu {
+        DestinationQemu::Qmp(p) => Some(prepare_qmp(p)?),
+        DestinationQemu::Incoming(_) => None,
     };
-    let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).with_context(|| {
-        format!(
-            "connecting to the destination QEMU at {}",
-            qmp_path.display()
-        )
-    })?;
+    let (link, wire_stats, started) = accept_sender(opts, notify)?;
+    receive_admitted(
+        Admitted {
+            link,
+            wire_stats,
+            started,
+        },
+        disk,
+        &opts.qemu,
+        qmp,
+        &opts.receiver,
+    )
+}
+
+/// A sender whose hello was accepted: its link, the hello frames counted, and when it
+/// came.
+pub struct Admitted {
+    pub link: LinkStream,
+    pub wire_stats: WireStats,
+    pub started: Instant,
+}
+
+/// Receives the migration of `sender` into `qemu`, restoring pages from `disk`; `qmp`: the
+/// destination QEMU's monitor, already checked by [`prepare_qmp`] (else connected here).
+/// Any failure is also told to the sender.
+pub fn receive_admitted(
+    sender: Admitted,
+    disk: Disk,
+    qemu: &DestinationQemu,
+    qmp: Option<Qmp>,
+    ropts: &ReceiverOptions,
+) -> Result<Received> {
+    let mut closing = Closing::new(&sender.link)?;
+    let got = match qemu {
+        DestinationQemu::Qmp(path) => qmp
+            .map_or_else(|| prepare_qmp(path), Ok)
+            .and_then(|qmp| receive_qmp(qmp, sender, disk, ropts, &mut closing)),
+        DestinationQemu::Incoming(addr) => receive_managed(sender, disk, addr, ropts, &mut closing),
+    };
+    match got {
+        Ok((report, started, disk)) => complete(closing, report, started, disk),
+        Err(e) => {
+            closing.fail(&format!("{e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// Connects to the destination QEMU's monitor and checks that it waits for a migration
+/// (`-incoming defer`), with the capabilities and events pct needs.
+pub fn prepare_qmp(path: &Path) -> Result<Qmp> {
+    let mut qmp = Qmp::connect(path, Duration::from_secs(10))
+        .with_context(|| format!("connecting to the destination QEMU at {}", path.display()))?;
     let state = ctl::run_state(&mut qmp)?;
     if state != RunState::Inmigrate {
         bail!("the destination QEMU is `{state}`, not waiting for a migration: start it with -incoming defer");
     }
     ctl::prepare(&mut qmp)?;
     ctl::enable_events(&mut qmp)?;
-    let (link, wire_stats, started) = accept_sender(opts, notify)?;
-    let mut closing = Closing::new(&link)?;
+    Ok(qmp)
+}
 
+/// [`receive_admitted`] into a destination QEMU that pct drives over `qmp`. Returns the
+/// report, when the sender came, and the disk's description.
+fn receive_qmp(
+    mut qmp: Qmp,
+    sender: Admitted,
+    disk: Disk,
+    ropts: &ReceiverOptions,
+    closing: &mut Closing,
+) -> Result<(ReceiverReport, Instant, String)> {
     let dir = SockDir::new("dst")?;
     let sock = dir.path().join("qemu.sock");
     let qemu = ctl::start_destination(&mut qmp, &format!("unix:{}", sock.display()))
         .and_then(|()| ctl::connect_destination(&sock, Duration::from_secs(10)))
-        .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+        .context("destination QEMU")?;
     // Connected: QEMU's listening socket needs no path any more, and removing the directory
     // now leaves nothing behind even if pct is killed.
     drop(dir);
     let disk_description = disk.description().to_owned();
-    let got = receiver::receive(link, disk, qemu.into(), &opts.receiver, wire_stats);
+    let got = receiver::receive(sender.link, disk, qemu.into(), ropts, sender.wire_stats);
     let mut report = match got {
         Ok((report, _)) => report,
         Err(e) => {
@@ -162,16 +219,13 @@ pub fn receive(opts: &DestinationOptions, notify: &dyn Fn(Notice<'_>)) -> Result
             bail!("{e}\n  destination QEMU migration: {status}");
         }
     };
-    let info = ctl::wait_final(&mut qmp, Duration::from_secs(120))
-        .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+    let info = ctl::wait_final(&mut qmp, Duration::from_secs(120)).context("destination QEMU")?;
     if info.status != MigrationStatus::Completed {
-        let msg = format!(
+        bail!(
             "the destination QEMU could not load the stream: migration {} {}",
             info.status,
             info.error.unwrap_or_default()
         );
-        closing.fail(&msg);
-        bail!(msg);
     }
     // When the destination had it all, and when the guest resumed there (if not -S): QEMU
     // sends RESUME before it reports `running`, so one more round trip collects it.
@@ -185,7 +239,7 @@ pub fn receive(opts: &DestinationOptions, notify: &dyn Fn(Notice<'_>)) -> Result
             _ => {}
         }
     }
-    complete(closing, report, started, disk_description)
+    Ok((report, sender.started, disk_description))
 }
 
 /// Closes the session with `Report` and `Complete`: the migration was received.
@@ -218,42 +272,40 @@ fn accept_sender(
     notify(Notice::Sender(got.addr, got.peer.as_ref()));
     let mut wire_stats = WireStats::default();
     let started = Instant::now();
-    link::handshake(
+    // A one-shot receiver takes whatever VM the sender names: it has only one.
+    link::hello_as_receiver(
         &mut got.link,
-        Role::Receiver,
         &mut wire_stats,
         Duration::from_secs(30),
+        |_| Ok(()),
     )
     .with_context(|| format!("the sender at {}", got.addr))?;
     Ok((got.link, wire_stats, started))
 }
 
-/// [`receive`] into a destination QEMU that a VM manager drives
+/// [`receive_admitted`] into a destination QEMU that a VM manager drives
 /// ([`DestinationQemu::Incoming`]).
 fn receive_managed(
-    opts: &DestinationOptions,
+    sender: Admitted,
     disk: Disk,
     qemu_addr: &str,
-    notify: &dyn Fn(Notice<'_>),
-) -> Result<Received> {
-    let (link, wire_stats, started) = accept_sender(opts, notify)?;
-    let mut closing = Closing::new(&link)?;
+    ropts: &ReceiverOptions,
+    closing: &mut Closing,
+) -> Result<(ReceiverReport, Instant, String)> {
     let qemu = link::connect(qemu_addr, Duration::from_secs(30))
-        .map_err(|e| anyhow!("the destination QEMU's incoming migration: {e}"))
-        .inspect_err(|e| closing.fail(&format!("destination QEMU: {e}")))?;
+        .map_err(|e| anyhow!("the destination QEMU's incoming migration: {e}"))?;
     let disk_description = disk.description().to_owned();
     // The source QEMU waits for the destination's return path (its `SHUT`): relayed, and
     // QEMU's closing its channel marks the stream loaded.
     let ropts = ReceiverOptions {
         return_path: true,
-        ..opts.receiver.clone()
+        ..ropts.clone()
     };
-    let report = match receiver::receive(link, disk, qemu.into(), &ropts, wire_stats) {
-        Ok((report, _)) => report,
+    match receiver::receive(sender.link, disk, qemu.into(), &ropts, sender.wire_stats) {
+        Ok((report, _)) => Ok((report, sender.started, disk_description)),
         Err(e) => {
             closing.fail(&format!("receiver: {e}"));
             bail!("{e}\n  the connection to the destination QEMU is closed: its migration fails");
         }
-    };
-    complete(closing, report, started, disk_description)
+    }
 }

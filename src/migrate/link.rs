@@ -40,6 +40,13 @@ pub enum LinkError {
     TlsLink(String),
     #[error("the peer speaks TLS: start this end with --tls-dir too")]
     PeerSpeaksTls,
+    /// The receiver answered our hello with the reason it will not take this migration
+    /// (sanitized: it comes from the network).
+    #[error("the receiver refused this migration: {0}")]
+    RefusedByReceiver(String),
+    /// We refused the sender's hello (told the sender why, too).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// How the link is protected.
@@ -323,15 +330,61 @@ pub fn accept(l: &TcpListener, timeout: Duration) -> Result<TcpStream, LinkError
 /// server refusing what it got).
 const TLS_RECORDS: [u8; 2] = [0x16, 0x15];
 
-/// Sends our hello, reads the peer's, and settles the session. `stats` counts both.
-pub fn handshake(
+/// The sender's half of the hello exchange: sends our hello, naming `vm` (empty: a receiver
+/// that serves one migration), then reads the receiver's answer: its hello, which settles
+/// the session, or the reason it refuses. `stats` counts both.
+pub fn hello_as_sender(
     s: &mut LinkStream,
-    role: Role,
+    vm: &str,
     stats: &mut WireStats,
     timeout: Duration,
 ) -> Result<Session, LinkError> {
-    let r = hello_exchange(s, role, stats, timeout);
-    // Under TLS, a closed or broken link has its cause in the TLS session.
+    let ours = Hello::for_vm(vm);
+    let r = send_hello(s, &ours, stats)
+        .and_then(|()| read_hello(s, stats, timeout))
+        .and_then(|frame| peer_hello(&ours, frame));
+    with_tls_cause(s, r)
+}
+
+/// The receiver's half: reads the sender's hello and lets `admit` judge it (the VM it names,
+/// against who the sender is); then answers with our hello, which settles the session, or
+/// with the reason `admit` gives, and fails with it. `stats` counts both.
+pub fn hello_as_receiver<T>(
+    s: &mut LinkStream,
+    stats: &mut WireStats,
+    timeout: Duration,
+    admit: impl FnOnce(&Hello) -> Result<T, String>,
+) -> Result<(Session, T), LinkError> {
+    let ours = Hello::new(Role::Receiver);
+    let r = read_hello(s, stats, timeout).and_then(|frame| {
+        let session = peer_hello(&ours, frame.clone());
+        let admitted = match (&session, &frame) {
+            (Ok(_), Frame::Hello(peer)) => admit(peer).map_err(LinkError::Refused),
+            _ => Err(LinkError::HelloClosed),
+        };
+        match (session, admitted) {
+            (Ok(session), Ok(t)) => {
+                send_hello(s, &ours, stats)?;
+                Ok((session, t))
+            }
+            // Told why, the sender can say so (a closed link would only say "closed").
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                let f = Frame::Error {
+                    code: 1,
+                    message: e.to_string(),
+                };
+                if let Ok(n) = write_frame(s, &f) {
+                    stats.count(&f, n);
+                }
+                Err(e)
+            }
+        }
+    });
+    with_tls_cause(s, r)
+}
+
+/// Under TLS, a closed or broken link has its cause in the TLS session.
+fn with_tls_cause<T>(s: &LinkStream, r: Result<T, LinkError>) -> Result<T, LinkError> {
     match (r, s.tls_failure()) {
         (
             Err(LinkError::HelloClosed | LinkError::Io(_) | LinkError::Hello(WireError::Io(_))),
@@ -341,16 +394,19 @@ pub fn handshake(
     }
 }
 
-fn hello_exchange(
-    s: &mut LinkStream,
-    role: Role,
-    stats: &mut WireStats,
-    timeout: Duration,
-) -> Result<Session, LinkError> {
-    let ours = Hello::new(role);
+fn send_hello(s: &mut LinkStream, ours: &Hello, stats: &mut WireStats) -> Result<(), LinkError> {
     let f = Frame::Hello(ours.clone());
     let n = write_frame(s, &f)?;
     stats.count(&f, n);
+    Ok(())
+}
+
+/// The peer's first frame, within `timeout`.
+fn read_hello(
+    s: &mut LinkStream,
+    stats: &mut WireStats,
+    timeout: Duration,
+) -> Result<Frame, LinkError> {
     s.set_read_timeout(Some(timeout))?;
     if let LinkStream::Plain(tcp) = s {
         // A TLS handshake where a hello should be: the peer was given --tls-dir.
@@ -363,16 +419,18 @@ fn hello_exchange(
     s.set_read_timeout(None)?;
     let (frame, n) = got.ok_or(LinkError::HelloClosed)?;
     stats.count(&frame, n);
-    peer_hello(&ours, frame)
+    Ok(frame)
 }
 
 /// What the peer's first frame means for the session, given `ours`: its hello settles the
 /// session parameters; an error frame or any other frame refuses the session. The part of
-/// [`handshake`] that judges untrusted bytes, without a socket (fuzz/receiver_wire).
+/// the hello exchange that judges untrusted bytes, without a socket (fuzz/receiver_wire).
 pub fn peer_hello(ours: &Hello, frame: Frame) -> Result<Session, LinkError> {
     match frame {
         Frame::Hello(peer) => Ok(ours.negotiate(&peer)?),
-        Frame::Error { message, .. } => Err(LinkError::Hello(WireError::Mismatch(message))),
+        Frame::Error { message, .. } => Err(LinkError::RefusedByReceiver(
+            crate::sanitize::sanitize(message.as_bytes()),
+        )),
         other => Err(LinkError::NotHello(other.name())),
     }
 }

@@ -13,6 +13,8 @@
 //! - [`source`] / [`destination`]: one migration end to end on each host (QEMU through
 //!   [`crate::qemu`], the sender or receiver, the session's last frames), as `pct-migrate`
 //!   runs it.
+//! - [`service`]: the destination side as a long-lived service: many migrations, each
+//!   into a VM its configuration names, admitted by the sender's certificate.
 //! - [`proxy`]: the source side when a VM manager (libvirt) drives the migration: pct
 //!   listens where the source QEMU is told to connect, and finds the guest from the host.
 //! - [`switchover`]: the check, with the guest stopped, that the stream holds its RAM as it
@@ -40,6 +42,7 @@ pub mod receiver;
 pub mod refmap;
 pub mod replay;
 pub mod sender;
+pub mod service;
 pub mod source;
 pub mod stream;
 pub mod summary;

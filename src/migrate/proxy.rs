@@ -59,6 +59,8 @@ pub struct ProxyOptions {
     pub sender: SenderOptions,
     /// TLS to the receiver, or plain TCP.
     pub security: Security,
+    /// The VM as the receiver's service knows it (`--vm`; empty: a one-shot receiver).
+    pub vm: String,
 }
 
 /// Guest RAM of a PC machine up to this size lies in one piece from guest-physical 0 (QEMU
@@ -134,7 +136,7 @@ pub fn relay(
         })
         .transpose()?;
 
-    let (link, session, wire_stats) = dial_receiver(to, &opts.security, notify)?;
+    let (link, session, wire_stats) = dial_receiver(to, &opts.security, &opts.vm, notify)?;
     let counters = Arc::new(Counters::default());
     let block = main.name.clone();
     let (mut scan_s, mut free_scan_ms) = (None, None);

@@ -17,7 +17,7 @@ use super::stream::{
     SectionKind, PAGE_SIZE,
 };
 use super::tls::TlsError;
-use super::wire::{Role, WireStats};
+use super::wire::WireStats;
 use crate::disk::{Disk, DiskFormat};
 use crate::qemu::Channel;
 use anyhow::{anyhow, Context, Result};
@@ -140,12 +140,9 @@ pub fn replay(stream: Arc<Vec<u8>>, opts: &ReplayOptions) -> Result<Replayed> {
             );
             let mut got = got.map_err(|e| anyhow!("{e} (refused: {refused:?})"))?;
             let mut stats = WireStats::default();
-            link::handshake(
-                &mut got.link,
-                Role::Receiver,
-                &mut stats,
-                Duration::from_secs(30),
-            )?;
+            link::hello_as_receiver(&mut got.link, &mut stats, Duration::from_secs(30), |_| {
+                Ok(())
+            })?;
             let closing = Closing::new(&got.link)?;
             let (report, _) = receiver::receive(
                 got.link,
@@ -165,7 +162,7 @@ pub fn replay(stream: Arc<Vec<u8>>, opts: &ReplayOptions) -> Result<Replayed> {
             let (mut link, peer) = link::dial(&to, &opts.sender_security, Duration::from_secs(10))?;
             let mut stats = WireStats::default();
             let session =
-                link::handshake(&mut link, Role::Sender, &mut stats, Duration::from_secs(30))?;
+                link::hello_as_sender(&mut link, "", &mut stats, Duration::from_secs(30))?;
             let fed = stream.clone();
             let want = verify.then(|| blake3::hash(&stream));
             let started = Instant::now();

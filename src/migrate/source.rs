@@ -18,7 +18,7 @@ use super::stream::RamBlock;
 use super::summary::Summary;
 use super::switchover::SwitchoverCheck;
 use super::tls::Peer;
-use super::wire::{Role, Session, WireStats};
+use super::wire::{Session, WireStats};
 use crate::disk::{Disk, DiskFormat};
 use crate::introspect::{scan, ScanOptions};
 use crate::kernel::select::{select_profile, Origin};
@@ -69,6 +69,8 @@ pub struct SourceOptions {
     /// TLS (the receiver's certificate must chain to our CA and name the host in `--to`)
     /// or plain TCP.
     pub security: Security,
+    /// The VM as the receiver's service knows it (`--vm`; empty: a one-shot receiver).
+    pub vm: String,
 }
 
 /// Where a migration stands, every 250 ms.
@@ -271,7 +273,7 @@ impl<'n> Source<'n> {
             notify(Notice::CapabilitiesOff(&disabled));
         }
 
-        let (link, session, wire_stats) = dial_receiver(to, &opts.security, notify)?;
+        let (link, session, wire_stats) = dial_receiver(to, &opts.security, &opts.vm, notify)?;
 
         let dir = SockDir::new("src")?;
         let sock = dir.path().join("qemu.sock");
@@ -420,6 +422,7 @@ pub(super) fn take_map<'g>(
 pub(super) fn dial_receiver(
     to: &str,
     security: &link::Security,
+    vm: &str,
     notify: Notify<'_>,
 ) -> Result<(link::LinkStream, Session, WireStats)> {
     let mut wire_stats = WireStats::default();
@@ -428,13 +431,8 @@ pub(super) fn dial_receiver(
     if let Some(p) = &peer {
         notify(Notice::Receiver(p));
     }
-    let session = link::handshake(
-        &mut link,
-        Role::Sender,
-        &mut wire_stats,
-        Duration::from_secs(30),
-    )
-    .with_context(|| format!("the pct receiver at {to}"))?;
+    let session = link::hello_as_sender(&mut link, vm, &mut wire_stats, Duration::from_secs(30))
+        .with_context(|| format!("the pct receiver at {to}"))?;
     Ok((link, session, wire_stats))
 }
 

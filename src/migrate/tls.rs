@@ -481,8 +481,10 @@ fn handshake(conn: &mut Connection, tcp: &mut TcpStream, timeout: Duration) -> i
 /// The peer of a TLS link, once authenticated.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    /// What its certificate names (sanitized).
+    /// What its certificate names (sanitized), for people.
     pub subject: String,
+    /// The same names, one by one (what a receiver's `senders` list is matched against).
+    pub names: Names,
     /// The cipher suite and the key exchange agreed, e.g.
     /// `TLS13_AES_256_GCM_SHA384, X25519MLKEM768`.
     pub suite: String,
@@ -490,10 +492,13 @@ pub struct Peer {
 
 impl Peer {
     fn of(conn: &Connection) -> Peer {
-        let subject = conn
+        let names = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .map_or_else(|| "no certificate".into(), |c| Names::of(c).subject());
+            .map(|c| Names::of(c));
+        let subject = names
+            .as_ref()
+            .map_or_else(|| "no certificate".into(), Names::subject);
         let cipher = conn
             .negotiated_cipher_suite()
             .map_or_else(|| "?".into(), |s| format!("{:?}", s.suite()));
@@ -502,6 +507,7 @@ impl Peer {
             .map_or_else(|| "?".into(), |g| format!("{:?}", g.name()));
         Peer {
             subject,
+            names: names.unwrap_or_default(),
             suite: format!("{cipher}, {group}"),
         }
     }

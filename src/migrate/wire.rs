@@ -25,7 +25,9 @@ mod varint;
 pub use frame::{
     frame_type, read_frame, write_frame, Frame, HEADER_LEN, MAX_PAYLOAD, MAX_RETURN_PATH,
 };
-pub use handshake::{caps, Hello, Role, Session, HASH_BLAKE3, MAGIC, VERSION};
+pub use handshake::{
+    caps, valid_vm_name, Hello, Role, Session, HASH_BLAKE3, MAGIC, MAX_VM_NAME, VERSION,
+};
 pub use hash::{hash_page, hash_pages, hash_run};
 pub use payload::{Codec, Payload, MAX_RAW};
 pub use runs::{PageRef, PageRefs, RunBuilder};

@@ -93,6 +93,14 @@ impl Names {
         parts.join(", ")
     }
 
+    /// Whether the certificate names `name`: as its common name, a DNS name or an IP
+    /// address.
+    pub fn has(&self, name: &str) -> bool {
+        self.subject_cn.as_deref() == Some(name)
+            || self.dns.iter().any(|d| d == name)
+            || self.ips.iter().any(|ip| ip.to_string() == name)
+    }
+
     /// The issuer, for people.
     pub fn issuer(&self) -> String {
         match &self.issuer_cn {

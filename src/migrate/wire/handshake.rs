@@ -9,8 +9,25 @@ use super::{check_hash_len, malformed, WireError, PAGE_SIZE};
 pub const MAGIC: [u8; 4] = *b"PCTW";
 /// This protocol's version. 2: per-page hashes on demand (`Frame::HashRequest`,
 /// `Frame::PageHashes`); 3: acks count the stream frames the destination QEMU was given
-/// (`Frame::Ack`'s `frames`, for the end-to-end window). Peers must speak the same version.
-pub const VERSION: u16 = 3;
+/// (`Frame::Ack`'s `frames`, for the end-to-end window); 4: the sender's hello names the VM
+/// it migrates ([`Hello::vm`]), and the receiver answers only once it has judged that hello.
+/// Peers must speak the same version.
+pub const VERSION: u16 = 4;
+
+/// Longest VM name a hello carries.
+pub const MAX_VM_NAME: usize = 64;
+
+/// Whether `name` may name a VM: 1 to [`MAX_VM_NAME`] ASCII letters, digits, `.`, `_` or
+/// `-`, not starting with `.` or `-` (libvirt's domain names are wider; a receiver's
+/// configuration maps them). Checked on both ends, so that a name from the wire is safe to
+/// print and to match.
+pub fn valid_vm_name(name: &str) -> bool {
+    (1..=MAX_VM_NAME).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
 
 /// Capability bits of [`Hello`].
 pub mod caps {
@@ -44,6 +61,9 @@ pub struct Hello {
     pub page_size: u32,
     /// Largest payload this end accepts.
     pub max_payload: u32,
+    /// From a sender: the VM it migrates, as the receiver's configuration names it (empty:
+    /// a receiver that serves one migration, whatever the VM). From a receiver: empty.
+    pub vm: String,
 }
 
 /// What both ends agreed on.
@@ -65,6 +85,15 @@ impl Hello {
             hash_len: 16,
             page_size: PAGE_SIZE as u32,
             max_payload: MAX_PAYLOAD as u32,
+            vm: String::new(),
+        }
+    }
+
+    /// A sender's hello for the VM named `vm` (empty: none named).
+    pub fn for_vm(vm: &str) -> Hello {
+        Hello {
+            vm: vm.to_owned(),
+            ..Hello::new(Role::Sender)
         }
     }
 
@@ -110,6 +139,9 @@ impl Hello {
         out.push(self.hash_len);
         out.extend_from_slice(&self.page_size.to_be_bytes());
         out.extend_from_slice(&self.max_payload.to_be_bytes());
+        // Names are checked when a hello is made (`valid_vm_name`), so this fits a byte.
+        out.push(self.vm.len().min(MAX_VM_NAME) as u8);
+        out.extend_from_slice(&self.vm.as_bytes()[..self.vm.len().min(MAX_VM_NAME)]);
     }
 
     /// Reads a hello payload.
@@ -128,14 +160,34 @@ impl Hello {
             2 => Role::Receiver,
             other => return Err(malformed(name, format!("role {other}"))),
         };
+        let caps = u32::from_be_bytes(r.array()?);
+        let hash_alg = r.u8()?;
+        let hash_len = check_hash_len(name, r.u8()?)?;
+        let page_size = u32::from_be_bytes(r.array()?);
+        let max_payload = u32::from_be_bytes(r.array()?);
+        let len = usize::from(r.u8()?);
+        let vm = r.take(len)?;
+        let vm = match std::str::from_utf8(vm) {
+            Ok(v) if v.is_empty() || valid_vm_name(v) => v.to_owned(),
+            _ => {
+                return Err(malformed(
+                    name,
+                    format!(
+                        "VM name `{}` (letters, digits, `.`, `_`, `-`, at most {MAX_VM_NAME})",
+                        crate::sanitize::sanitize(vm)
+                    ),
+                ))
+            }
+        };
         Ok(Hello {
             version,
             role,
-            caps: u32::from_be_bytes(r.array()?),
-            hash_alg: r.u8()?,
-            hash_len: check_hash_len(name, r.u8()?)?,
-            page_size: u32::from_be_bytes(r.array()?),
-            max_payload: u32::from_be_bytes(r.array()?),
+            caps,
+            hash_alg,
+            hash_len,
+            page_size,
+            max_payload,
+            vm,
         })
     }
 }

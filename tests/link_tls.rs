@@ -8,7 +8,7 @@ use pct::migrate::link::{self, Accepted, LinkStream, Security};
 use pct::migrate::replay::{replay, synthetic_stream, Content, ReplayOptions};
 use pct::migrate::tls::certs::{keygen, HostSpec};
 use pct::migrate::tls::{Identity, TlsError};
-use pct::migrate::wire::{Role, WireStats};
+use pct::migrate::wire::WireStats;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::path::{Path, PathBuf};
@@ -90,12 +90,9 @@ fn tls_pair(recv_dir: &Path, send_dir: &Path) -> (LinkStream, LinkStream, Accept
         let mut got = got.expect("accepted");
         assert!(refused.is_empty(), "{refused:?}");
         let mut stats = WireStats::default();
-        link::handshake(
-            &mut got.link,
-            Role::Receiver,
-            &mut stats,
-            Duration::from_secs(10),
-        )
+        link::hello_as_receiver(&mut got.link, &mut stats, Duration::from_secs(10), |_| {
+            Ok(())
+        })
         .expect("receiver's hello");
         got
     });
@@ -106,8 +103,7 @@ fn tls_pair(recv_dir: &Path, send_dir: &Path) -> (LinkStream, LinkStream, Accept
     )
     .expect("dial");
     let mut stats = WireStats::default();
-    link::handshake(&mut s, Role::Sender, &mut stats, Duration::from_secs(10))
-        .expect("sender's hello");
+    link::hello_as_sender(&mut s, "", &mut stats, Duration::from_secs(10)).expect("sender's hello");
     let got = receiving.join().expect("receiver thread");
     let peers = Accepted2 {
         receiver: peer.expect("TLS peer").subject,
@@ -232,7 +228,7 @@ fn sender_of_another_ca_is_refused_with_who_and_why() {
     let (mut s, _) = link::dial(&to, &tls(&intruder), Duration::from_secs(10))
         .expect("TLS 1.3: the client's part of the handshake ends before the server's verdict");
     let mut stats = WireStats::default();
-    let err = link::handshake(&mut s, Role::Sender, &mut stats, Duration::from_secs(10))
+    let err = link::hello_as_sender(&mut s, "", &mut stats, Duration::from_secs(10))
         .expect_err("refused")
         .to_string();
     eprintln!("sender: {err}");
@@ -330,8 +326,8 @@ fn tls_and_plaintext_ends_do_not_mix() {
     let to = format!("127.0.0.1:{port}");
     let (mut s, _) = link::dial(&to, &Security::Plaintext, Duration::from_secs(10)).expect("tcp");
     let mut stats = WireStats::default();
-    let err = link::handshake(&mut s, Role::Sender, &mut stats, Duration::from_secs(10))
-        .expect_err("no TLS");
+    let err =
+        link::hello_as_sender(&mut s, "", &mut stats, Duration::from_secs(10)).expect_err("no TLS");
     eprintln!("plaintext sender: {err}");
     let (_, refused) = receiving.join().expect("receiver");
     assert_eq!(refused.len(), 1, "{refused:?}");
@@ -343,12 +339,9 @@ fn tls_and_plaintext_ends_do_not_mix() {
         let (got, _) = accept(l, Security::Plaintext, Duration::from_secs(10));
         let mut got = got.expect("tcp");
         let mut stats = WireStats::default();
-        link::handshake(
-            &mut got.link,
-            Role::Receiver,
-            &mut stats,
-            Duration::from_secs(10),
-        )
+        link::hello_as_receiver(&mut got.link, &mut stats, Duration::from_secs(10), |_| {
+            Ok(())
+        })
     });
     let err = link::dial(
         &format!("127.0.0.1:{port}"),
@@ -501,6 +494,65 @@ fn streams_relay_exactly_through_tls() {
             assert_eq!(r.identical, Some(true));
             assert_eq!(r.out_bytes, stream.len() as u64);
             assert!(r.refused.is_empty());
+        }
+    }
+}
+
+/// The receiver judges the sender's hello before it answers (protocol 4): it sees the VM
+/// the sender names and who the sender is (its certificate's names, one by one), and a
+/// refusal reaches the sender as the receiver's own words, sanitized.
+#[test]
+fn hello_admission() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dirs = ca(d.path(), &["127.0.0.1", "src-a,src-a.example"]);
+    for (vm, admit, want) in [
+        ("web-1", true, None),
+        (
+            "web-2",
+            false,
+            Some("src-a may not migrate VM `web-2` \\x1b[2J"),
+        ),
+    ] {
+        let (l, port) = listen();
+        let security = tls(&dirs[0]);
+        let receiving = std::thread::spawn(move || {
+            let (got, _) = accept(l, security, Duration::from_secs(10));
+            let mut got = got.expect("accepted");
+            let names = got.peer.as_ref().expect("TLS peer").names.clone();
+            let mut stats = WireStats::default();
+            link::hello_as_receiver(&mut got.link, &mut stats, Duration::from_secs(10), |h| {
+                assert!(names.has("src-a") && names.has("src-a.example") && !names.has("src"));
+                match admit {
+                    true => Ok(h.vm.clone()),
+                    // A hostile receiver's words are escaped on the sender's terminal.
+                    false => Err(format!("src-a may not migrate VM `{}` \x1b[2J", h.vm)),
+                }
+            })
+            .map(|(_, vm)| vm)
+        });
+        let (mut s, _) = link::dial(
+            &format!("127.0.0.1:{port}"),
+            &tls(&dirs[1]),
+            Duration::from_secs(10),
+        )
+        .expect("dial");
+        let mut stats = WireStats::default();
+        let sent = link::hello_as_sender(&mut s, vm, &mut stats, Duration::from_secs(10));
+        let judged = receiving.join().expect("receiver thread");
+        match want {
+            None => {
+                sent.expect("admitted");
+                assert_eq!(judged.expect("admitted"), vm);
+            }
+            Some(why) => {
+                let err = sent.expect_err("refused").to_string();
+                eprintln!("sender: {err}");
+                assert_eq!(err, format!("the receiver refused this migration: {why}"));
+                assert!(judged
+                    .expect_err("refused")
+                    .to_string()
+                    .starts_with("refused: "));
+            }
         }
     }
 }

@@ -356,7 +356,15 @@ pub fn hello_as_receiver<T>(
     admit: impl FnOnce(&Hello) -> Result<T, String>,
 ) -> Result<(Session, T), LinkError> {
     let ours = Hello::new(Role::Receiver);
-    let r = read_hello(s, stats, timeout).and_then(|frame| {
+    let frame = match read_hello(s, stats, timeout) {
+        // Plain bytes back make the peer's TLS handshake fail saying so (a reset would not).
+        Err(LinkError::PeerSpeaksTls) => {
+            let _ = send_hello(s, &ours, stats);
+            return Err(LinkError::PeerSpeaksTls);
+        }
+        r => r,
+    };
+    let r = frame.and_then(|frame| {
         let session = peer_hello(&ours, frame.clone());
         let admitted = match (&session, &frame) {
             (Ok(_), Frame::Hello(peer)) => admit(peer).map_err(LinkError::Refused),
@@ -369,10 +377,11 @@ pub fn hello_as_receiver<T>(
             }
             // Told why, the sender can say so (a closed link would only say "closed").
             (Err(e), _) | (Ok(_), Err(e)) => {
-                let f = Frame::Error {
-                    code: 1,
-                    message: e.to_string(),
+                let message = match &e {
+                    LinkError::Refused(why) => why.clone(),
+                    e => e.to_string(),
                 };
+                let f = Frame::Error { code: 1, message };
                 if let Ok(n) = write_frame(s, &f) {
                     stats.count(&f, n);
                 }

@@ -451,6 +451,14 @@ fn serve_main(config: &std::path::Path, a: &ReceiveArgs) -> Result<()> {
         },
     };
     let security = link.security()?;
+    if matches!(security, Security::Plaintext) {
+        eprintln!(
+            "pct-migrate: WARNING: no sender is authenticated, so any sender that reaches \
+             {} may migrate into any VM of {}",
+            cfg.listen,
+            config.display()
+        );
+    }
     let json = a.json;
     let notify = move |e: service::Event<'_>| {
         eprintln!("pct-migrate: {e}");

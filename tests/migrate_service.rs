@@ -142,7 +142,7 @@ fn two_vms_through_one_service() {
         "(CN=src-b, DNS:src-b): CN=src-b, DNS:src-b may not migrate VM `web-a`",
         "vm web-a: receiving from 127.0.0.1:",
         "vm web-b: receiving from 127.0.0.1:",
-        "receiver service stopped: 2 received, 0 failed, 3 refused",
+        "receiver service stopped: 2 received, 0 failed, 3 refused; peak RSS ",
     ] {
         assert!(log.contains(line), "{line:?} not in the service's log");
     }

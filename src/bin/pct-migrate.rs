@@ -4,11 +4,15 @@
 //! pct sender and sends pct frames to a receiver ([`pct::migrate::source`]). Destination
 //! side (`receive`): accepts one sender, feeds the destination QEMU (started with
 //! `-incoming defer`) a standard stream, and exits with the migration's status
-//! ([`pct::migrate::destination`]). `proxy`: the source side when libvirt drives the
+//! ([`pct::migrate::destination`]); with `--config`, a service for many VMs
+//! ([`pct::migrate::service`]). `evacuate`: several VMs at once to such a service
+//! ([`pct::migrate::evacuate`]). `proxy`: the source side when libvirt drives the
 //! migration ([`pct::migrate::proxy`]). `keygen`: certificates for the TLS link
 //! ([`pct::migrate::tls::certs`]). This file parses the arguments and prints; see
 //! docs/migration.md and docs/libvirt.md.
 
+#[path = "pct-migrate/evacuate.rs"]
+mod evacuate;
 #[path = "pct-migrate/tools.rs"]
 mod tools;
 
@@ -53,6 +57,9 @@ enum Cmd {
     /// Source side of a migration libvirt drives: relay the source QEMU's stream to a pct
     /// receiver.
     Proxy(ProxyArgs),
+    /// Migrate several VMs at once to one receiver service (`receive --config`), over one
+    /// link.
+    Evacuate(evacuate::EvacuateArgs),
     /// Make a CA and, for each host, a certificate signed by it: DIR/HOST is that host's
     /// --tls-dir.
     Keygen(KeygenArgs),
@@ -158,6 +165,10 @@ struct SendArgs {
     /// re-sent).
     #[arg(long)]
     no_free_elision: bool,
+    /// The VM, as the receiver's service configuration names it (a receiver started with
+    /// --config serves several; one started for a single migration takes any).
+    #[arg(long, value_name = "NAME", value_parser = vm_name)]
+    vm: Option<String>,
     #[command(flatten)]
     send: SenderArgs,
 }
@@ -171,10 +182,6 @@ struct SenderArgs {
     /// The pct receiver, HOST:PORT (with TLS, its certificate must name HOST).
     #[arg(long, value_name = "HOST:PORT")]
     to: Option<String>,
-    /// The VM, as the receiver's service configuration names it (a receiver started with
-    /// --config serves several; one started for a single migration takes any).
-    #[arg(long, value_name = "NAME", value_parser = vm_name)]
-    vm: Option<String>,
     #[command(flatten)]
     link: LinkArgs,
     /// Cap pct's sending rate, e.g. 50mbit, 6MB/s.
@@ -246,6 +253,10 @@ struct ProxyArgs {
     /// Seconds to wait for the source QEMU to connect.
     #[arg(long, default_value_t = 600)]
     accept_timeout: u64,
+    /// The VM, as the receiver's service configuration names it (a receiver started with
+    /// --config serves several; one started for a single migration takes any).
+    #[arg(long, value_name = "NAME", value_parser = vm_name)]
+    vm: Option<String>,
     #[command(flatten)]
     send: SenderArgs,
 }
@@ -302,6 +313,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Some(Cmd::Receive(a)) => receive_main(a),
         Some(Cmd::Proxy(a)) => proxy_main(a),
+        Some(Cmd::Evacuate(a)) => evacuate::evacuate_main(a),
         Some(Cmd::Keygen(a)) => keygen_main(a),
         Some(Cmd::InspectStream(a)) => inspect_main(a),
         Some(Cmd::BenchRestore(a)) => tools::bench_main(a),
@@ -346,7 +358,7 @@ fn send_main(mut a: SendArgs) -> Result<()> {
         switchover_check: a.send.switchover_check,
         sender: a.send.sender_options()?,
         security,
-        vm: a.send.vm.take().unwrap_or_default(),
+        vm: a.vm.take().unwrap_or_default(),
     };
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
@@ -389,7 +401,7 @@ fn proxy_main(mut a: ProxyArgs) -> Result<()> {
         accept_timeout: Duration::from_secs(a.accept_timeout),
         sender: a.send.sender_options()?,
         security,
-        vm: a.send.vm.take().unwrap_or_default(),
+        vm: a.vm.take().unwrap_or_default(),
     };
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
@@ -485,8 +497,10 @@ fn serve_main(config: &std::path::Path, a: &ReceiveArgs) -> Result<()> {
         a.sessions,
         Arc::new(notify),
     )?;
+    let rss = pct::migrate::evacuate::peak_rss()
+        .map_or_else(|| "unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6));
     eprintln!(
-        "pct-migrate: receiver service stopped: {} received, {} failed, {} refused",
+        "pct-migrate: receiver service stopped: {} received, {} failed, {} refused; peak RSS {rss}",
         served.received, served.failed, served.refused
     );
     match served.failed {

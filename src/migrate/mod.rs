@@ -15,6 +15,7 @@
 //!   runs it.
 //! - [`service`]: the destination side as a long-lived service: many migrations, each
 //!   into a VM its configuration names, admitted by the sender's certificate.
+//! - [`evacuate`]: several VMs to one receiver service at once, each with its own source.
 //! - [`proxy`]: the source side when a VM manager (libvirt) drives the migration: pct
 //!   listens where the source QEMU is told to connect, and finds the guest from the host.
 //! - [`switchover`]: the check, with the guest stopped, that the stream holds its RAM as it
@@ -32,6 +33,7 @@
 //! stream for the destination QEMU (docs/design.md, rules 1 and 2).
 
 pub mod destination;
+pub mod evacuate;
 pub mod flow;
 pub mod freemap;
 pub mod inspect;

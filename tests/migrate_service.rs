@@ -2,10 +2,11 @@
 //!
 //! - senders that name a VM they may not migrate, one not configured, or none are refused at
 //!   their hello, each told why; their source guests never start migrating and run on;
-//! - then two guests migrate at the same time through the one service, each into the VM
-//!   its certificate may target: both destinations bit-identical to their sources at pause,
-//!   pages teleported, each guest re-verifies its files there, and the service reports one
-//!   JSON line per migration and stops after the two (`--sessions 2`).
+//! - then `pct-migrate evacuate` migrates both guests at the same time through the one
+//!   service: both destinations bit-identical to their sources at pause, pages teleported,
+//!   each guest re-verifies its files there; the evacuation reports per-VM JSON lines and
+//!   its peak RSS, and the service one JSON line per migration, stopping after the two
+//!   (`--sessions 2`).
 
 mod support;
 
@@ -39,9 +40,9 @@ fn sender(src: &Guest, to: &str, tls_dir: &str, vm: Option<&str>) -> Pct {
 
 fn write_config(path: &Path, port: u16, tls: &str, vms: &[(&str, &Guest, &Path, &str)]) {
     let mut text = format!("listen = \"127.0.0.1:{port}\"\ntls_dir = \"{tls}\"\n");
-    for (name, dst, disk, sender) in vms {
+    for (name, dst, disk, senders) in vms {
         text += &format!(
-            "\n[[vm]]\nname = \"{name}\"\nqmp = \"{}\"\ndisk = \"{}\"\nsenders = [\"{sender}\"]\n",
+            "\n[[vm]]\nname = \"{name}\"\nqmp = \"{}\"\ndisk = \"{}\"\nsenders = {senders}\n",
             dst.qmp_path().display(),
             disk.display()
         );
@@ -50,7 +51,7 @@ fn write_config(path: &Path, port: u16, tls: &str, vms: &[(&str, &Guest, &Path, 
 }
 
 #[test]
-fn two_vms_through_one_service() {
+fn an_evacuation_through_one_service() {
     if !have_qemu() {
         return;
     }
@@ -67,8 +68,8 @@ fn two_vms_through_one_service() {
         port,
         &tls[0],
         &[
-            ("web-a", &dst_a, &disk_a, "src-a"),
-            ("web-b", &dst_b, &disk_b, "src-b"),
+            ("web-a", &dst_a, &disk_a, r#"["src-a"]"#),
+            ("web-b", &dst_b, &disk_b, r#"["src-b", "src-a"]"#),
         ],
     );
     let service = Pct::spawn(
@@ -119,24 +120,40 @@ fn two_vms_through_one_service() {
     }
     assert_eq!(src_a.status(), "running");
 
-    // Both at once.
-    let a = sender(&src_a, &to, &tls[1], Some("web-a"));
-    let b = sender(&src_b, &to, &tls[2], Some("web-b"));
-    let (a, b) = (
-        a.wait(Duration::from_secs(300)),
-        b.wait(Duration::from_secs(300)),
+    // Both at once, from one host.
+    let profile_path = lab_profile("cloud-amd64").0;
+    let (qmp_a, qmp_b) = (src_a.qmp_path(), src_b.qmp_path());
+    let (vm_a, vm_b) = (
+        format!("web-a={}", qmp_a.display()),
+        format!("web-b={}", qmp_b.display()),
     );
+    let evacuation = Pct::spawn(
+        "evacuate",
+        &[
+            "evacuate",
+            "--vm",
+            &vm_a,
+            "--vm",
+            &vm_b,
+            "--to",
+            &to,
+            "--tls-dir",
+            &tls[1],
+            "--profile",
+            profile_path.to_str().expect("path"),
+            "--json",
+        ],
+    )
+    .wait(Duration::from_secs(400));
     let served = service.wait(Duration::from_secs(120));
     let log = text(&served.stderr);
     eprintln!(
-        "sender a: {}\n{}\nsender b: {}\n{}\nservice: {}\n{log}",
-        a.status,
-        text(&a.stderr),
-        b.status,
-        text(&b.stderr),
+        "evacuate: {}\n{}\nservice: {}\n{log}",
+        evacuation.status,
+        text(&evacuation.stderr),
         served.status
     );
-    assert!(a.status.success() && b.status.success() && served.status.success());
+    assert!(evacuation.status.success() && served.status.success());
     for line in [
         "refused the sender at 127.0.0.1:",
         "(CN=src-b, DNS:src-b): CN=src-b, DNS:src-b may not migrate VM `web-a`",
@@ -146,34 +163,65 @@ fn two_vms_through_one_service() {
     ] {
         assert!(log.contains(line), "{line:?} not in the service's log");
     }
-    // One JSON line per migration, each naming its VM and its sender.
-    let reports: Vec<Value> = text(&served.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = |out: &[u8]| -> Vec<Value> {
+        text(out)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    // The evacuation: progress lines for each VM, then each VM's summary, then the whole.
+    let events = lines(&evacuation.stdout);
+    let done = |vm: &str| -> Value {
+        events
+            .iter()
+            .find(|e| e["vm"] == vm && e["event"] == "done")
+            .unwrap_or_else(|| panic!("no summary for {vm}"))["summary"]
+            .clone()
+    };
+    for vm in ["web-a", "web-b"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["vm"] == vm && e["event"] == "progress"),
+            "no progress for {vm}"
+        );
+    }
+    let last = events.last().expect("events");
+    eprintln!("evacuation: {last}");
+    assert_eq!(
+        (last["event"].as_str(), last["failed"].as_u64()),
+        (Some("evacuated"), Some(0))
+    );
+    assert!(
+        last["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{last}"
+    );
+    // The service: one JSON line per migration, each naming its VM and its sender.
+    let reports = lines(&served.stdout);
     assert_eq!(reports.len(), 2, "{reports:?}");
-    for (vm, who) in [("web-a", "CN=src-a"), ("web-b", "CN=src-b")] {
+    for vm in ["web-a", "web-b"] {
         let r = reports
             .iter()
             .find(|r| r["vm"] == vm)
             .unwrap_or_else(|| panic!("no report for {vm}"));
         assert!(
-            r["sender"].as_str().is_some_and(|s| s.starts_with(who)),
+            r["sender"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("CN=src-a")),
             "{r}"
         );
         assert!(r["ref_pages"].as_u64().is_some_and(|n| n > 9000), "{r}");
     }
     let profile = lab_profile("cloud-amd64").1;
-    for (src, dst, out) in [(&src_a, &mut dst_a, &a), (&src_b, &mut dst_b, &b)] {
-        let s: Value = serde_json::from_slice(&out.stdout).expect("sender's JSON summary");
+    for (src, dst, vm) in [(&src_a, &mut dst_a, "web-a"), (&src_b, &mut dst_b, "web-b")] {
+        let s = done(vm);
         let teleported = s["pages"]["teleported"].as_u64().expect("teleported");
         assert!(teleported > 9000, "only {teleported} pages teleported");
         assert_eq!(src.status(), "postmigrate");
         assert_identical_with(src, dst, &profile);
         eprintln!(
-            "{}: {teleported} pages teleported, wire {} bytes",
-            dst.qmp_path().display(),
-            s["wire"]["total"]
+            "{vm}: {teleported} pages teleported, wire {} bytes, {} s",
+            s["wire"]["total"], s["time"]["total_s"]
         );
     }
     drop((src_a, src_b));

@@ -17,6 +17,7 @@
 mod support;
 
 use serde_json::{json, Value};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use support::lab::{have_qemu, Guest, GuestSpec};
 use support::migrate::*;
@@ -48,6 +49,57 @@ fn migrate_as_libvirt(src: &Guest, uri: &str) {
     src.exec("migrate", json!({ "uri": uri }));
 }
 
+/// Has the destination QEMU listen for the stream on `qemu_port`, as libvirt's does after
+/// `-incoming defer`, and starts `pct-migrate receive --qemu-incoming` there, listening on
+/// `recv_port`; `link`: its `--tls-dir DIR` or `--insecure-plaintext`.
+fn managed_receiver(
+    dst: &Guest,
+    disk: &Path,
+    qemu_port: u16,
+    recv_port: u16,
+    link: &[&str],
+) -> Pct {
+    dst.exec(
+        "migrate-incoming",
+        json!({ "uri": format!("tcp:127.0.0.1:{qemu_port}") }),
+    );
+    let (listen, incoming) = (
+        format!("127.0.0.1:{recv_port}"),
+        format!("127.0.0.1:{qemu_port}"),
+    );
+    let mut args = vec![
+        "receive",
+        "--listen",
+        &listen,
+        "--qemu-incoming",
+        &incoming,
+        "--disk",
+        disk.to_str().expect("path"),
+        "--json",
+    ];
+    args.extend_from_slice(link);
+    Pct::spawn("receiver", &args)
+}
+
+/// `pct-migrate proxy` listening on `port` for the source QEMU, sending to `to`, in
+/// plaintext.
+fn plaintext_proxy(port: u16, to: u16) -> Pct {
+    let profile = lab_profile("cloud-amd64");
+    Pct::spawn(
+        "proxy",
+        &[
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--to",
+            &format!("127.0.0.1:{to}"),
+            "--profile",
+            profile.0.to_str().expect("path"),
+            "--insecure-plaintext",
+        ],
+    )
+}
+
 #[test]
 fn proxy_in_a_manager_driven_migration() {
     if !have_qemu() {
@@ -61,26 +113,7 @@ fn proxy_in_a_manager_driven_migration() {
     let pki = tempfile::tempdir().expect("tmp");
     let tls = keygen(pki.path(), &["127.0.0.1", "src-host"]);
     let (recv_tls, proxy_tls) = (tls[0].clone(), tls[1].clone());
-    // The destination QEMU listens, as libvirt's does after `-incoming defer`.
-    dst.exec(
-        "migrate-incoming",
-        json!({ "uri": format!("tcp:127.0.0.1:{qemu_port}") }),
-    );
-    let receiver = Pct::spawn(
-        "receiver",
-        &[
-            "receive",
-            "--listen",
-            &format!("127.0.0.1:{recv_port}"),
-            "--qemu-incoming",
-            &format!("127.0.0.1:{qemu_port}"),
-            "--disk",
-            disk.to_str().expect("path"),
-            "--json",
-            "--tls-dir",
-            &recv_tls,
-        ],
-    );
+    let receiver = managed_receiver(&dst, &disk, qemu_port, recv_port, &["--tls-dir", &recv_tls]);
     let profile = lab_profile("cloud-amd64");
     let proxy = Pct::spawn(
         "proxy",
@@ -167,20 +200,7 @@ fn proxy_failure_leaves_the_source_running() {
     let mut src = Guest::start(spec);
     src.wait_ready();
     let (nobody, proxy_port) = (free_port(), free_port());
-    let profile = lab_profile("cloud-amd64");
-    let proxy = Pct::spawn(
-        "proxy",
-        &[
-            "proxy",
-            "--listen",
-            &format!("127.0.0.1:{proxy_port}"),
-            "--to",
-            &format!("127.0.0.1:{nobody}"),
-            "--profile",
-            profile.0.to_str().expect("path"),
-            "--insecure-plaintext",
-        ],
-    );
+    let proxy = plaintext_proxy(proxy_port, nobody);
     wait_listening(None, proxy_port, Duration::from_secs(30));
     migrate_as_libvirt(&src, &format!("tcp:127.0.0.1:{proxy_port}"));
     let proxy = proxy.wait(Duration::from_secs(120));
@@ -208,40 +228,11 @@ fn link_cut_in_a_manager_driven_migration() {
     spec.anon_ram = true;
     let (mut src, mut dst, disk) = pair(&spec);
     let (qemu_port, recv_port, proxy_port) = (free_port(), free_port(), free_port());
-    dst.exec(
-        "migrate-incoming",
-        json!({ "uri": format!("tcp:127.0.0.1:{qemu_port}") }),
-    );
-    let receiver = Pct::spawn(
-        "receiver",
-        &[
-            "receive",
-            "--listen",
-            &format!("127.0.0.1:{recv_port}"),
-            "--qemu-incoming",
-            &format!("127.0.0.1:{qemu_port}"),
-            "--disk",
-            disk.to_str().expect("path"),
-            "--insecure-plaintext",
-        ],
-    );
+    let receiver = managed_receiver(&dst, &disk, qemu_port, recv_port, &["--insecure-plaintext"]);
     wait_listening(None, recv_port, Duration::from_secs(30));
     let relay = Relay::new(Some(8 << 20));
     let via = relay.via()(recv_port);
-    let profile = lab_profile("cloud-amd64");
-    let proxy = Pct::spawn(
-        "proxy",
-        &[
-            "proxy",
-            "--listen",
-            &format!("127.0.0.1:{proxy_port}"),
-            "--to",
-            &format!("127.0.0.1:{via}"),
-            "--profile",
-            profile.0.to_str().expect("path"),
-            "--insecure-plaintext",
-        ],
-    );
+    let proxy = plaintext_proxy(proxy_port, via);
     wait_listening(None, proxy_port, Duration::from_secs(30));
     migrate_as_libvirt(&src, &format!("tcp:127.0.0.1:{proxy_port}"));
     let start = Instant::now();

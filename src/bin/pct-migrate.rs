@@ -227,6 +227,28 @@ fn vm_name(s: &str) -> Result<String, String> {
 }
 
 impl SenderArgs {
+    /// What pct's own source (`--qmp`) takes of these arguments, for the guest at `qmp`.
+    fn source_options(
+        &mut self,
+        qmp: PathBuf,
+        free_elision: bool,
+        security: Security,
+        vm: String,
+    ) -> Result<SourceOptions> {
+        Ok(SourceOptions {
+            qmp,
+            profile: self.profile.take(),
+            disk: self.disk.take(),
+            disk_format: self.disk_format,
+            teleport: !self.no_teleport,
+            free_elision,
+            switchover_check: self.switchover_check,
+            sender: self.sender_options()?,
+            security,
+            vm,
+        })
+    }
+
     fn sender_options(&mut self) -> Result<SenderOptions> {
         let bandwidth = self.bandwidth.as_deref().map(parse_rate).transpose();
         Ok(SenderOptions {
@@ -348,18 +370,10 @@ fn send_main(mut a: SendArgs) -> Result<()> {
         true => Security::Plaintext,
         false => a.send.link.security()?,
     };
-    let opts = SourceOptions {
-        qmp,
-        profile: a.send.profile.take(),
-        disk: a.send.disk.take(),
-        disk_format: a.send.disk_format,
-        teleport: !a.send.no_teleport,
-        free_elision: !a.no_free_elision,
-        switchover_check: a.send.switchover_check,
-        sender: a.send.sender_options()?,
-        security,
-        vm: a.vm.take().unwrap_or_default(),
-    };
+    let vm = a.vm.take().unwrap_or_default();
+    let opts = a
+        .send
+        .source_options(qmp, !a.no_free_elision, security, vm)?;
     let tty = std::io::stderr().is_terminal();
     let notify = move |n: Notice<'_>| print_notice(n, tty);
     if a.dry_run {

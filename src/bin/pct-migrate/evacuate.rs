@@ -6,7 +6,7 @@ use super::{vm_name, SenderArgs};
 use anyhow::{anyhow, bail, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use pct::migrate::evacuate::{evacuate, peak_rss, Evacuated, Evacuee, Event};
-use pct::migrate::source::{Notice, SourceOptions};
+use pct::migrate::source::Notice;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,21 +55,13 @@ pub fn evacuate_main(mut a: EvacuateArgs) -> Result<()> {
     if a.send.record_stream.is_some() {
         bail!("--record-stream keeps one migration's stream: not with evacuate");
     }
-    let base = SourceOptions {
-        qmp: PathBuf::new(),
-        profile: a.send.profile.take(),
-        disk: None,
-        disk_format: a.send.disk_format,
-        teleport: !a.send.no_teleport,
-        free_elision: !a.no_free_elision,
-        switchover_check: a.send.switchover_check,
-        sender: a.send.sender_options()?,
-        security,
-        vm: String::new(),
-    };
     if a.send.disk.is_some() {
         bail!("--disk names one VM's disk: not with evacuate (each VM's metadata blocks then come from its RAM or its receiver)");
     }
+    // Each VM's QMP socket and name are its own.
+    let base =
+        a.send
+            .source_options(PathBuf::new(), !a.no_free_elision, security, String::new())?;
     let json = a.send.json;
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>12.bold} {spinner} {wide_msg}")

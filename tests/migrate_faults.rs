@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use support::lab::{have_qemu, Guest, GuestSpec};
 use support::migrate::*;
 use support::profile::lab_profile;
-use support::repo;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -673,55 +672,5 @@ struct RemoveOnDrop(std::path::PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A tbf-shaped link between two network namespaces (tools/netns.sh), removed on drop.
-struct NetnsLink {
-    name: String,
-}
-
-impl NetnsLink {
-    fn up(name: &str, rate: &str) -> NetnsLink {
-        let link = NetnsLink {
-            name: name.to_owned(),
-        };
-        link.netns(&["up", name, rate]);
-        link
-    }
-
-    fn netns(&self, args: &[&str]) -> String {
-        let out = Command::new("bash")
-            .arg(repo().join("tools/netns.sh"))
-            .args(args)
-            .output()
-            .expect("tools/netns.sh");
-        assert!(
-            out.status.success(),
-            "tools/netns.sh {args:?}: {}",
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    }
-
-    fn rate(&self, rate: &str) {
-        self.netns(&["rate", &self.name, rate]);
-    }
-
-    /// Bytes sent so far by end `side` (a or b).
-    fn sent(&self, side: &str) -> u64 {
-        self.netns(&["bytes", &self.name, side])
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for NetnsLink {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("tools/netns.sh"))
-            .args(["down", &self.name])
-            .status();
     }
 }

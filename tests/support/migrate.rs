@@ -644,3 +644,54 @@ pub fn pair_to(
     let dst = Guest::start(dst(spec.destination(&disk)));
     (src, dst, disk)
 }
+
+/// A tbf-shaped link between two network namespaces (tools/netns.sh): NAME-a at 10.77.0.1
+/// and NAME-b at 10.77.0.2; removed on drop.
+pub struct NetnsLink {
+    name: String,
+}
+
+impl NetnsLink {
+    pub fn up(name: &str, rate: &str) -> NetnsLink {
+        let link = NetnsLink {
+            name: name.to_owned(),
+        };
+        link.netns(&["up", name, rate]);
+        link
+    }
+
+    pub fn netns(&self, args: &[&str]) -> String {
+        let out = Command::new("bash")
+            .arg(repo().join("tools/netns.sh"))
+            .args(args)
+            .output()
+            .expect("tools/netns.sh");
+        assert!(
+            out.status.success(),
+            "tools/netns.sh {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    pub fn rate(&self, rate: &str) {
+        self.netns(&["rate", &self.name, rate]);
+    }
+
+    /// Bytes sent so far by end `side` (a or b).
+    pub fn sent(&self, side: &str) -> u64 {
+        self.netns(&["bytes", &self.name, side])
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for NetnsLink {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("tools/netns.sh"))
+            .args(["down", &self.name])
+            .status();
+    }
+}

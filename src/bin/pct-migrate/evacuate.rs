@@ -83,6 +83,7 @@ pub fn evacuate_main(mut a: EvacuateArgs) -> Result<()> {
             })
             .collect(),
     );
+    let started = Instant::now();
     let notify = |e: Event<'_>| {
         let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
         match e {
@@ -105,6 +106,7 @@ pub fn evacuate_main(mut a: EvacuateArgs) -> Result<()> {
                         "{}",
                         json!({
                             "vm": vm, "event": "progress", "status": p.status,
+                            "t_s": started.elapsed().as_secs_f64(),
                             "elapsed_s": p.elapsed.as_secs_f64(),
                             "stream_bytes": p.stream_bytes, "wire_bytes": p.wire_bytes,
                             "ref_pages": p.ref_pages,
@@ -132,7 +134,6 @@ pub fn evacuate_main(mut a: EvacuateArgs) -> Result<()> {
             }
         }
     };
-    let started = Instant::now();
     let done = evacuate(&a.vms, &base, &to, &notify);
     let total = started.elapsed();
     let failed = done.iter().filter(|d| d.result.is_err()).count();

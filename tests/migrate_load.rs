@@ -1,0 +1,198 @@
+//! The load test: three 1 GiB guests and one 4 GiB guest leave one host at the same time
+//! (`pct-migrate evacuate`) through one receiver service, over one 100 Mbit/s tbf link
+//! between two network namespaces. It asserts that every destination is bit-identical to
+//! its own source at pause (so nothing was mixed up between sessions), that each service
+//! report names the right VM and sender, and that each guest re-verifies its files at its
+//! destination. It prints per-VM total time, the fairness ratio (slowest to fastest
+//! throughput while all four run) and the peak RSS of both ends.
+//!
+//! Eight TCG guests on this project's 2-core machines take about 10 minutes and 16 GiB, so
+//! the test runs only with PCT_LOAD_TEST=1:
+//!
+//! `PCT_LOAD_TEST=1 cargo test --release --test migrate_load -- --nocapture`
+
+mod support;
+
+use serde_json::Value;
+use std::time::Duration;
+use support::lab::{have_qemu, Guest, GuestSpec};
+use support::migrate::*;
+use support::profile::lab_profile;
+
+#[test]
+fn four_guests_over_one_100_mbit_link() {
+    if !have_qemu() || std::env::var_os("PCT_LOAD_TEST").is_none() {
+        eprintln!("skipped: set PCT_LOAD_TEST=1 to run the load test");
+        return;
+    }
+    // The 4 GiB guest's RAM is anonymous (read through /proc/PID/mem): /dev/shm holds the
+    // three others' RAM files, both ends.
+    let mut big = GuestSpec::new("apache").layout("mini", "plain");
+    big.mem_mib = 4096;
+    big.anon_ram = true;
+    let small = GuestSpec::new("apache").layout("mini", "plain");
+    let specs = [
+        ("vm-1", small.clone()),
+        ("vm-2", small.clone()),
+        ("vm-3", small),
+        ("vm-big", big),
+    ];
+    let mut pairs: Vec<(&str, Guest, Guest, std::path::PathBuf)> = specs
+        .iter()
+        .map(|(name, spec)| {
+            let (src, dst, disk) = pair(spec);
+            (*name, src, dst, disk)
+        })
+        .collect();
+
+    let name = format!("ld{}", std::process::id() % 100_000);
+    let netns = NetnsLink::up(&name, "100mbit");
+    let pki = tempfile::tempdir().expect("tmp");
+    let tls = keygen(pki.path(), &["10.77.0.2", "src-host"]);
+    let port = free_port();
+    let mut config = format!("listen = \"10.77.0.2:{port}\"\ntls_dir = \"{}\"\n", tls[0]);
+    for (vm, _, dst, disk) in &pairs {
+        config += &format!(
+            "\n[[vm]]\nname = \"{vm}\"\nqmp = \"{}\"\ndisk = \"{}\"\nsenders = [\"src-host\"]\n",
+            dst.qmp_path().display(),
+            disk.display()
+        );
+    }
+    let config_path = pki.path().join("receiver.toml");
+    std::fs::write(&config_path, config).expect("configuration");
+    let service = Pct::spawn_in(
+        &format!("{name}-b"),
+        "service",
+        &[
+            "receive",
+            "--config",
+            config_path.to_str().expect("path"),
+            "--sessions",
+            "4",
+            "--json",
+        ],
+    );
+    wait_listening(Some(&format!("{name}-b")), port, Duration::from_secs(30));
+    let profile = lab_profile("cloud-amd64");
+    let vm_args: Vec<String> = pairs
+        .iter()
+        .map(|(vm, src, _, _)| format!("{vm}={}", src.qmp_path().display()))
+        .collect();
+    let to = format!("10.77.0.2:{port}");
+    let mut args = vec![
+        "evacuate",
+        "--to",
+        &to,
+        "--tls-dir",
+        &tls[1],
+        "--profile",
+        profile.0.to_str().expect("path"),
+        "--json",
+    ];
+    for v in &vm_args {
+        args.extend(["--vm", v.as_str()]);
+    }
+    let evacuation =
+        Pct::spawn_in(&format!("{name}-a"), "evacuate", &args).wait(Duration::from_secs(1500));
+    let link_bytes = netns.sent("a");
+    let served = service.wait(Duration::from_secs(120));
+    let log = text(&served.stderr);
+    eprintln!(
+        "evacuate: {}\n{}\nservice: {}\n{log}",
+        evacuation.status,
+        text(&evacuation.stderr),
+        served.status
+    );
+    assert!(evacuation.status.success() && served.status.success());
+    let events: Vec<Value> = text(&evacuation.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let done: Vec<&Value> = events.iter().filter(|e| e["event"] == "done").collect();
+    assert_eq!(done.len(), 4);
+    // While all four run: from the start to the first VM's end.
+    let window = done
+        .iter()
+        .filter_map(|d| d["elapsed_s"].as_f64())
+        .fold(f64::INFINITY, f64::min);
+    let rate = |vm: &str, what: &str| -> f64 {
+        let last = events
+            .iter()
+            .rev()
+            .filter(|e| e["vm"] == vm && e["event"] == "progress")
+            .find(|e| e["t_s"].as_f64().is_some_and(|t| t <= window))
+            .and_then(|e| e[what].as_f64())
+            .unwrap_or(0.0);
+        last / window
+    };
+    let reports: Vec<Value> = text(&served.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(reports.len(), 4, "{reports:?}");
+    let lab = lab_profile("cloud-amd64").1;
+    let mut rows = Vec::new();
+    for (vm, src, dst, _) in &pairs {
+        let d = done
+            .iter()
+            .find(|d| d["vm"] == *vm)
+            .unwrap_or_else(|| panic!("no summary for {vm}"));
+        let s = &d["summary"];
+        let r = reports
+            .iter()
+            .find(|r| r["vm"] == *vm)
+            .unwrap_or_else(|| panic!("no service report for {vm}"));
+        assert!(r["sender"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("CN=src-host")));
+        // The receiver restored exactly the references this VM's sender sent.
+        assert_eq!(r["ref_pages"], s["pages"]["teleported"], "{vm}: {r}");
+        assert_eq!(src.status(), "postmigrate");
+        assert_identical_with(src, dst, &lab);
+        rows.push(format!(
+            "| {vm} | {} MiB | {:.1} s | {:.1} MB | {:.1} MB | {} | {:.1} / {:.2} MB/s |",
+            dst.spec.mem_mib,
+            d["elapsed_s"].as_f64().unwrap_or(0.0),
+            s["stream_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            s["wire"]["total"].as_f64().unwrap_or(0.0) / 1e6,
+            s["pages"]["teleported"],
+            rate(vm, "stream_bytes") / 1e6,
+            rate(vm, "wire_bytes") / 1e6,
+        ));
+    }
+    let ratio = |what: &str| {
+        let r: Vec<f64> = pairs.iter().map(|(vm, ..)| rate(vm, what)).collect();
+        let (lo, hi) = r.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+        lo / hi
+    };
+    let last = events.last().expect("events");
+    let service_rss = log
+        .lines()
+        .find_map(|l| l.split_once("peak RSS ").map(|(_, r)| r.to_owned()))
+        .unwrap_or_default();
+    eprintln!("| VM | RAM | total time | stream | on the link | pages teleported | stream / link throughput while all four run |");
+    eprintln!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        eprintln!("{r}");
+    }
+    eprintln!(
+        "LOAD: all four in {:.1} s, {:.1} MB through the link (tbf 100 Mbit/s); all four ran \
+         together for {window:.1} s: fairness (slowest / fastest throughput) {:.2} of stream, \
+         {:.2} on the link; peak RSS: sender {:.0} MB, receiver service {service_rss}",
+        last["total_s"].as_f64().unwrap_or(0.0),
+        link_bytes as f64 / 1e6,
+        ratio("stream_bytes"),
+        ratio("wire_bytes"),
+        last["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+    );
+    for (_, src, _, _) in &mut pairs {
+        src.stop();
+    }
+    for (vm, _, dst, _) in &mut pairs {
+        dst.cont();
+        let line = dst.command("verify", "PCT-VERIFY-", Duration::from_secs(300));
+        assert!(line.starts_with("PCT-VERIFY-OK"), "{vm}: {line}");
+    }
+}

@@ -56,7 +56,7 @@ fn an_evacuation_through_one_service() {
         return;
     }
     let spec = GuestSpec::new("apache").layout("mini", "plain");
-    let (src_a, mut dst_a, disk_a) = pair(&spec);
+    let (mut src_a, mut dst_a, disk_a) = pair(&spec);
     let (src_b, mut dst_b, disk_b) = pair(&spec);
     let pki = tempfile::tempdir().expect("tmp");
     let tls = keygen(pki.path(), &["127.0.0.1", "src-a", "src-b"]);
@@ -118,7 +118,10 @@ fn an_evacuation_through_one_service() {
             detection.as_secs_f64()
         );
     }
+    // The source guest runs on, unchanged.
     assert_eq!(src_a.status(), "running");
+    let line = src_a.command("verify", "PCT-VERIFY-", Duration::from_secs(120));
+    assert!(line.starts_with("PCT-VERIFY-OK"), "{line}");
 
     // Both at once, from one host.
     let profile_path = lab_profile("cloud-amd64").0;

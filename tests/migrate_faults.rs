@@ -96,13 +96,7 @@ fn assert_nothing_left(sender_pid: u32, receiver_pid: u32) {
             "pct process {pid} is still running"
         );
     }
-    let left: Vec<_> = [
-        format!("pct-migrate-src-{sender_pid}"),
-        format!("pct-migrate-dst-{receiver_pid}"),
-    ]
-    .into_iter()
-    .filter(|n| std::env::temp_dir().join(n).exists())
-    .collect();
+    let left = sock_dirs_left(sender_pid, receiver_pid);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

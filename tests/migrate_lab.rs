@@ -623,13 +623,7 @@ fn cut_link_leaves_source_running() {
         "destination QEMU still running or exited cleanly: {st:?}"
     );
     // No socket directories of either pct process are left.
-    let left: Vec<_> = [
-        format!("pct-migrate-src-{}", run.sender_pid),
-        format!("pct-migrate-dst-{}", run.receiver_pid),
-    ]
-    .into_iter()
-    .filter(|n| std::env::temp_dir().join(n).exists())
-    .collect();
+    let left = sock_dirs_left(run.sender_pid, run.receiver_pid);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

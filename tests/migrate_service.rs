@@ -94,7 +94,11 @@ fn an_evacuation_through_one_service() {
             "CN=src-b, DNS:src-b may not migrate VM `web-a`",
         ),
         (&tls[1], Some("web-z"), "no VM `web-z` is configured here"),
-        (&tls[1], None, "name the one to migrate (--vm NAME)"),
+        (
+            &tls[1],
+            None,
+            "this receiver serves several VMs: name the one to migrate (--vm NAME)",
+        ),
     ];
     for (tls_dir, vm, why) in refusals {
         let t = Instant::now();

@@ -82,9 +82,21 @@ pub fn evacuate(
 }
 
 /// This process's peak resident set size so far (`VmHWM` in /proc/self/status), in bytes.
+/// It counts the pages of guest RAM files the sources have mapped and read, which the page
+/// cache holds anyway: [`rss_anon`] is the process's own memory.
 pub fn peak_rss() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// This process's anonymous resident memory now (`RssAnon`), in bytes.
+pub fn rss_anon() -> Option<u64> {
+    status_bytes("RssAnon:")
+}
+
+/// A `kB` field of /proc/self/status, in bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

@@ -341,9 +341,14 @@ pub fn cancel(qmp: &mut Qmp) -> Result<(), CtlError> {
 pub struct SockDir(PathBuf);
 
 impl SockDir {
-    /// `$TMPDIR/pct-migrate-TAG-PID`, created afresh.
+    /// `$TMPDIR/pct-migrate-TAG-PID-N`, created afresh: N counts this process's
+    /// directories, so that concurrent migrations (the receiver service, an evacuation)
+    /// each have their own.
     pub fn new(tag: &str) -> Result<SockDir, CtlError> {
-        let p = std::env::temp_dir().join(format!("pct-migrate-{tag}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pct-migrate-{tag}-{}-{n}", std::process::id());
+        let p = std::env::temp_dir().join(name);
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir(&p).map_err(io_err(format!("creating {}", p.display())))?;
         Ok(SockDir(p))

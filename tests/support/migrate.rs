@@ -695,3 +695,20 @@ impl Drop for NetnsLink {
             .status();
     }
 }
+
+/// The socket directories (`SockDir`) that the pct processes `sender_pid` and
+/// `receiver_pid` left in the temporary directory.
+pub fn sock_dirs_left(sender_pid: u32, receiver_pid: u32) -> Vec<String> {
+    let prefixes = [
+        format!("pct-migrate-src-{sender_pid}-"),
+        format!("pct-migrate-dst-{receiver_pid}-"),
+    ];
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+                .collect()
+        })
+        .unwrap_or_default()
+}

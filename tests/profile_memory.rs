@@ -471,7 +471,9 @@ fn kallsyms_structure_selection_and_bad_images() {
     // kallsyms reader on the copy (its tables found by structure, as checked above).
     let (pa, ipa) = {
         let mem = GuestMemory::open(&copy.path).expect("copy");
-        let (info, method) = find_vmcoreinfo(&mem).expect("VMCOREINFO");
+        let (info, method) = find_vmcoreinfo(&mem)
+            .expect("reading RAM")
+            .expect("VMCOREINFO");
         let loc = Location::from_vmcoreinfo(&info, method).expect("location");
         let k = Kallsyms::read(&mem, &loc, &info).unwrap_or_else(|e| panic!("{e}"));
         let e = vmlinux_btf(&mem, &loc, None, None)
@@ -586,7 +588,9 @@ fn hostile_kallsyms_and_btf_give_errors_not_panics() {
     let mem = GuestMemory::open(&g.ram_path).expect("guest RAM");
 
     // Physical ranges worth corrupting, found by pct's own readers on the intact image.
-    let (info, method) = find_vmcoreinfo(&mem).expect("VMCOREINFO");
+    let (info, method) = find_vmcoreinfo(&mem)
+        .expect("reading RAM")
+        .expect("VMCOREINFO");
     let loc = Location::from_vmcoreinfo(&info, method).expect("location");
     let k = Kallsyms::read(&mem, &loc, &info).unwrap_or_else(|e| panic!("{e}"));
     let pa = |va: u64| loc.va_to_pa(&mem, va).expect("mapped") as usize;

@@ -42,7 +42,7 @@ fn base() -> &'static Base {
             .map(|pa| pa / 4096)
             .collect();
         // What the from-memory profile build reads: VMCOREINFO, kallsyms, the BTF blobs.
-        if let Some((info, method)) = pct::kernel::find_vmcoreinfo(&mem) {
+        if let Ok(Some((info, method))) = pct::kernel::find_vmcoreinfo(&mem) {
             if let Ok(loc) = pct::kernel::Location::from_vmcoreinfo(&info, method) {
                 if let Ok(ks) = pct::kernel::kallsyms::Kallsyms::read(&mem, &loc, &info) {
                     let t = ks.tables;

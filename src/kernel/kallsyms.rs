@@ -341,19 +341,12 @@ pub fn find_by_structure(
     let start_pa = stext
         .wrapping_sub(START_KERNEL_MAP)
         .wrapping_add(loc.phys_base);
-    let image = mem
-        .chunks()
-        .find_map(|(gpa, bytes)| {
-            let rel = start_pa.checked_sub(gpa)?;
-            let rel = usize::try_from(rel).ok()?;
-            let end = rel.saturating_add(SEARCH_SPAN as usize).min(bytes.len());
-            bytes.get(rel..end)
-        })
-        .ok_or_else(|| {
-            KallsymsError::NotFound(format!(
-                ": the kernel image (_stext at {stext:#x}, physical {start_pa:#x}) is not in this memory"
-            ))
-        })?;
+    let image = mem.read_upto(start_pa, SEARCH_SPAN).map_err(|e| {
+        KallsymsError::NotFound(format!(
+            ": the kernel image (_stext at {stext:#x}, physical {start_pa:#x}) is not in this \
+             memory: {e}"
+        ))
+    })?;
     let va_of = |off: usize| stext + off as u64;
     let needle = stext.to_le_bytes();
     let mut from = 0;
@@ -377,7 +370,7 @@ pub fn find_by_structure(
             continue;
         };
         let names_end = names_at + names_end;
-        let Some((table, index)) = find_token_tables(image, names_end) else {
+        let Some((table, index)) = find_token_tables(&image, names_end) else {
             continue;
         };
         let offsets_len = 4 * num as usize;

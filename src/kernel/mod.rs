@@ -92,13 +92,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// bytes into a page (after namesz, descsz and type): that one spot per page is looked at
 /// first, which is quick even when the page lies at the top of a large guest. Older kernels
 /// keep the note in the image's `.bss`, anywhere in a page: a full scan finds those.
-pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, LocatedBy)> {
+///
+/// `Ok(None)`: there is none; an error: guest RAM could not be read to the end.
+pub fn find_vmcoreinfo(mem: &GuestMemory) -> Result<Option<(VmcoreInfo, LocatedBy)>, MemError> {
     let from_core = mem.vmcoreinfo().map(VmcoreInfo::parse);
     if let Some(info) = from_core
         .as_ref()
         .filter(|i| i.number("phys_base").is_some())
     {
-        return Some((info.clone(), LocatedBy::VmcoreinfoNote));
+        return Ok(Some((info.clone(), LocatedBy::VmcoreinfoNote)));
     }
     // A note without NUMBER(phys_base) (before 4.10) is placed by where it lies in RAM.
     let usable = |bytes: &[u8]| {
@@ -112,26 +114,28 @@ pub fn find_vmcoreinfo(mem: &GuestMemory) -> Option<(VmcoreInfo, LocatedBy)> {
         Some((VmcoreInfo { found_at, ..info }, LocatedBy::VmcoreinfoInRam))
     };
     let marker = vmcoreinfo::NOTE_MARKER;
-    for (gpa, bytes) in mem.chunks() {
+    for piece in mem.pieces() {
+        let (gpa, bytes) = piece?;
         for at in (12..bytes.len()).step_by(4096) {
             if bytes[at..].starts_with(marker) {
                 if let Some(info) = usable(&bytes[at..]) {
-                    return in_ram(gpa, at, info);
+                    return Ok(in_ram(gpa, at, info));
                 }
             }
         }
     }
-    for (gpa, bytes) in mem.chunks() {
+    for piece in mem.pieces() {
+        let (gpa, bytes) = piece?;
         let mut from = 0;
         while let Some(i) = find(&bytes[from..], marker) {
             let at = from + i;
             if let Some(info) = usable(&bytes[at..]) {
-                return in_ram(gpa, at, info);
+                return Ok(in_ram(gpa, at, info));
             }
             from = at + 1;
         }
     }
-    from_core.map(|info| (info, LocatedBy::VmcoreinfoNote))
+    Ok(from_core.map(|info| (info, LocatedBy::VmcoreinfoNote)))
 }
 
 impl Location {
@@ -254,7 +258,7 @@ impl Location {
 impl<'a> Kernel<'a> {
     /// Finds the kernel described by `profile` in `mem`.
     pub fn locate(mem: &'a GuestMemory, profile: &'a Profile) -> Result<Kernel<'a>, LocateError> {
-        Self::locate_with(mem, profile, find_vmcoreinfo(mem))
+        Self::locate_with(mem, profile, find_vmcoreinfo(mem)?)
     }
 
     /// [`locate`](Self::locate) with the VMCOREINFO note already looked for
@@ -403,7 +407,8 @@ impl<'a> Kernel<'a> {
             .ok_or_else(|| LocateError::ProfileLacks("task_struct.files".into()))?;
         let mut needle = banner.as_bytes().to_vec();
         needle.push(0);
-        for (gpa, bytes) in mem.chunks() {
+        for piece in mem.pieces() {
+            let (gpa, bytes) = piece?;
             let mut from = 0;
             while let Some(i) = find(&bytes[from..], &needle) {
                 let banner_pa = gpa + (from + i) as u64;

@@ -77,6 +77,8 @@ pub struct Selected {
 /// Why no profile could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum SelectError {
+    #[error("looking for the guest's VMCOREINFO: {0}")]
+    Memory(#[from] crate::memory::MemError),
     #[error("loading profile {path}: {msg}")]
     Given { path: PathBuf, msg: String },
     #[error("no profile matches the guest (build-id {build_id}), and building one from its memory failed: {source}")]
@@ -120,7 +122,7 @@ pub fn select_profile_in(
         });
     }
     let t0 = std::time::Instant::now();
-    let found = find_vmcoreinfo(mem);
+    let found = find_vmcoreinfo(mem)?;
     let build_id = found
         .as_ref()
         .and_then(|(info, _)| info.build_id())

@@ -70,7 +70,9 @@ pub fn build_profile_from_memory_with(
     dump_btf: Option<&Path>,
 ) -> Result<(Profile, SelfProfileStats), SelfProfileError> {
     let t0 = Instant::now();
-    let found = find_vmcoreinfo(mem).ok_or(SelfProfileError::NoVmcoreinfo)?;
+    let found = find_vmcoreinfo(mem)
+        .map_err(LocateError::from)?
+        .ok_or(SelfProfileError::NoVmcoreinfo)?;
     build_profile_at(mem, found, dump_btf, t0)
 }
 

@@ -8,9 +8,12 @@
 //! them with [`reader::LeSlice`], which fails on a short read instead of making up a 0.
 
 pub mod elfcore;
+pub mod ondemand;
 pub mod reader;
 
 use memmap2::Mmap;
+use ondemand::{OnDemand, ProcessMem};
+use std::borrow::Cow;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -26,6 +29,13 @@ pub enum MemError {
     Format { path: PathBuf, msg: String },
     #[error("guest-physical {gpa:#x}+{len:#x} is outside guest RAM")]
     NotPresent { gpa: u64, len: u64 },
+    #[error("reading guest-physical {gpa:#x}+{len:#x} from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        gpa: u64,
+        len: u64,
+        source: std::io::Error,
+    },
 }
 
 /// One contiguous piece of guest-physical memory and where it lies in the mapping.
@@ -38,7 +48,7 @@ pub struct Region {
 
 /// A read-only view of a guest's physical memory.
 pub struct GuestMemory {
-    map: Mmap,
+    backing: Backing,
     /// Sorted by `gpa`, non-overlapping, each inside the mapping.
     regions: Vec<Region>,
     vmcoreinfo: Option<String>,
@@ -47,6 +57,28 @@ pub struct GuestMemory {
     /// mapping are that block's offsets, and its contents change as the guest runs.
     live_block: Option<String>,
 }
+
+/// Where the bytes of a [`GuestMemory`] are.
+enum Backing {
+    /// A mapping of a file (a RAM file, an image, a core) or of a copy.
+    Mapped(Mmap),
+    /// Another process's memory, each page copied in on its first read.
+    OnDemand(OnDemand),
+}
+
+impl Backing {
+    fn len(&self) -> u64 {
+        match self {
+            Backing::Mapped(map) => map.len() as u64,
+            Backing::OnDemand(d) => d.process().len(),
+        }
+    }
+}
+
+/// Bytes per piece of [`GuestMemory::pieces`] read from another process, and how far
+/// successive pieces overlap.
+const PIECE: u64 = 8 << 20;
+const PIECE_OVERLAP: u64 = 128 << 10;
 
 /// How a raw RAM file maps to guest-physical addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -133,7 +165,7 @@ impl GuestMemory {
                 regions,
                 vmcoreinfo,
                 description: format!("ELF core {}", path.display()),
-                map,
+                backing: Backing::Mapped(map),
                 live_block: None,
             });
         }
@@ -149,7 +181,7 @@ impl GuestMemory {
         }
         let regions = layout.regions(len);
         Ok(GuestMemory {
-            map,
+            backing: Backing::Mapped(map),
             regions,
             vmcoreinfo: None,
             description: format!("raw RAM file {}", path.display()),
@@ -168,7 +200,7 @@ impl GuestMemory {
             });
         }
         Ok(GuestMemory {
-            map,
+            backing: Backing::Mapped(map),
             regions: vec![Region {
                 gpa: 0,
                 offset: 0,
@@ -180,8 +212,34 @@ impl GuestMemory {
         })
     }
 
-    /// Marks this view as RAM block `name` as it is: for a copy of a stopped guest's block
-    /// (the switchover check of anonymous guest RAM), and for tests of what needs a live view.
+    /// Another process's memory, laid out in guest-physical memory as `regions` (those
+    /// inside it), its pages copied in as they are first read: see [`ondemand`].
+    pub fn open_process(
+        process: ProcessMem,
+        regions: Vec<Region>,
+        description: String,
+    ) -> Result<GuestMemory, MemError> {
+        let mem = GuestMemory {
+            backing: Backing::OnDemand(OnDemand::new(process)?),
+            regions: Vec::new(),
+            vmcoreinfo: None,
+            description,
+            live_block: None,
+        };
+        Ok(mem.with_regions(regions))
+    }
+
+    /// For a view of another process's memory, the bytes of it copied into pct so far
+    /// (what the view costs); `None` for a mapping.
+    pub fn copied_bytes(&self) -> Option<u64> {
+        match &self.backing {
+            Backing::Mapped(_) => None,
+            Backing::OnDemand(d) => Some(d.resident_bytes()),
+        }
+    }
+
+    /// Marks this view as RAM block `name` as it is, for tests of what needs a live view.
+    #[cfg(test)]
     pub(crate) fn into_live_block(mut self, name: &str) -> GuestMemory {
         self.live_block = Some(name.to_owned());
         self
@@ -205,7 +263,7 @@ impl GuestMemory {
     /// This mapping laid out as `regions` (guest-physical ranges at offsets of the mapping),
     /// keeping only those that lie inside it.
     pub(crate) fn with_regions(mut self, regions: Vec<Region>) -> GuestMemory {
-        let len = self.map.len() as u64;
+        let len = self.backing.len();
         let mut regions: Vec<Region> = regions
             .into_iter()
             .filter(|r| r.offset.checked_add(r.len).is_some_and(|e| e <= len))
@@ -219,9 +277,17 @@ impl GuestMemory {
     /// ([`live_block`](Self::live_block)) as it is now; `None` for images, copies, and
     /// offsets past the end.
     pub fn live_block_page(&self, offset: u64) -> Option<&[u8]> {
-        self.live_block.as_ref()?;
         let start = usize::try_from(offset).ok()?;
-        self.map.get(start..start.checked_add(4096)?)
+        self.live_map()?.get(start..start.checked_add(4096)?)
+    }
+
+    /// The mapping of a live view; `None` for anything else.
+    fn live_map(&self) -> Option<&Mmap> {
+        self.live_block.as_ref()?;
+        match &self.backing {
+            Backing::Mapped(map) => Some(map),
+            Backing::OnDemand(_) => None,
+        }
     }
 
     /// The QEMU RAM block this is a live view of (see [`live_block_page`](Self::live_block_page)).
@@ -231,13 +297,13 @@ impl GuestMemory {
 
     /// Bytes of the live view's mapping (the RAM block's size as QEMU's file has it).
     pub fn live_block_len(&self) -> Option<u64> {
-        self.live_block.as_ref().map(|_| self.map.len() as u64)
+        self.live_map().map(|m| m.len() as u64)
     }
 
     /// Where this process maps the live view (its first byte), for reading its page table
     /// entries in `/proc/self/pagemap`.
     pub fn live_block_addr(&self) -> Option<u64> {
-        self.live_block.as_ref().map(|_| self.map.as_ptr() as u64)
+        self.live_map().map(|m| m.as_ptr() as u64)
     }
 
     /// Drops this process's page table entries for `len` bytes of the live view from
@@ -246,15 +312,19 @@ impl GuestMemory {
     /// a page that two processes map alone), see
     /// [`TouchLog`](crate::qemu::touched::TouchLog).
     pub fn drop_live_entries(&self, offset: u64, len: u64) -> Result<(), String> {
-        let in_map = offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.map.len() as u64);
-        if self.live_block.is_none() || !in_map {
-            return Err(format!(
-                "{offset:#x}+{len:#x} is not inside the live view of {}",
-                self.description
-            ));
-        }
+        let map = self
+            .live_map()
+            .filter(|m| {
+                offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= m.len() as u64)
+            })
+            .ok_or_else(|| {
+                format!(
+                    "{offset:#x}+{len:#x} is not inside the live view of {}",
+                    self.description
+                )
+            })?;
         // SAFETY: MADV_DONTNEED on a *shared* file mapping (a live view, mapped MAP_SHARED
         // by `open_file`) only zaps this process's page table entries for the range
         // (checked above to lie inside the mapping); the pages stay in the file and a later
@@ -262,7 +332,7 @@ impl GuestMemory {
         // lost, so the bytes any `&[u8]` handed out refers to are unchanged by this call:
         // they remain whatever the file holds, as before.
         unsafe {
-            self.map.unchecked_advise_range(
+            map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
                 offset as usize,
                 len as usize,
@@ -280,17 +350,17 @@ impl GuestMemory {
     /// (`mincore(2)`: for tmpfs, whether the page exists; one punched out of the file or
     /// truncated away does not).
     pub fn live_resident(&self) -> Result<Vec<bool>, String> {
-        if self.live_block.is_none() {
-            return Err(format!("{} is not a live view", self.description));
-        }
-        let mut vec = vec![0u8; self.map.len().div_ceil(4096)];
+        let map = self
+            .live_map()
+            .ok_or_else(|| format!("{} is not a live view", self.description))?;
+        let mut vec = vec![0u8; map.len().div_ceil(4096)];
         // SAFETY: mincore reads no memory of ours; it writes one byte per page of the range
         // into `vec`, which has exactly that many (the range is the whole mapping, which
-        // `self.map` keeps alive and page-aligned for the call).
+        // `map` keeps alive and page-aligned for the call).
         let r = unsafe {
             libc::mincore(
-                self.map.as_ptr() as *mut libc::c_void,
-                self.map.len(),
+                map.as_ptr() as *mut libc::c_void,
+                map.len(),
                 vec.as_mut_ptr(),
             )
         };
@@ -334,7 +404,8 @@ impl GuestMemory {
         (gpa - r.gpa < r.len).then_some(r)
     }
 
-    /// `len` bytes at guest-physical `gpa`, without copying. Fails if any byte is absent.
+    /// `len` bytes at guest-physical `gpa`, without copying (an on-demand view copies each
+    /// page in once, on its first read). Fails if any byte is absent or cannot be read.
     pub fn slice(&self, gpa: u64, len: u64) -> Result<&[u8], MemError> {
         let absent = MemError::NotPresent { gpa, len };
         let r = self.region_of(gpa).ok_or(absent)?;
@@ -342,10 +413,32 @@ impl GuestMemory {
         if len > r.len - rel {
             return Err(MemError::NotPresent { gpa, len });
         }
-        let start = (r.offset + rel) as usize;
-        self.map
-            .get(start..start + len as usize)
-            .ok_or(MemError::NotPresent { gpa, len })
+        let start = r.offset + rel;
+        let bytes = match &self.backing {
+            Backing::Mapped(map) => map.get(start as usize..(start + len) as usize),
+            Backing::OnDemand(d) => d.bytes(start, len, gpa)?,
+        };
+        bytes.ok_or(MemError::NotPresent { gpa, len })
+    }
+
+    /// Up to `max` bytes from guest-physical `gpa`, as many as its region holds (at least
+    /// one), to search through: a mapping's bytes, or for an on-demand view a copy that is
+    /// not kept.
+    pub fn read_upto(&self, gpa: u64, max: u64) -> Result<Cow<'_, [u8]>, MemError> {
+        let r = self
+            .region_of(gpa)
+            .ok_or(MemError::NotPresent { gpa, len: 1 })?;
+        let len = max.min(r.len - (gpa - r.gpa));
+        match &self.backing {
+            Backing::Mapped(_) => self.slice(gpa, len).map(Cow::Borrowed),
+            Backing::OnDemand(d) => {
+                let mut buf = vec![0; len as usize];
+                d.process()
+                    .read_at(r.offset + (gpa - r.gpa), &mut buf)
+                    .map_err(|e| d.process().read_error(gpa, len, e))?;
+                Ok(Cow::Owned(buf))
+            }
+        }
     }
 
     /// The 4 KiB page at page frame number `pfn`.
@@ -364,11 +457,51 @@ impl GuestMemory {
         Ok(u64::from_le_bytes(b.try_into().expect("8-byte slice")))
     }
 
-    /// Every present region's bytes, for scans.
-    pub fn chunks(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.regions.iter().filter_map(|r| {
-            let s = r.offset as usize;
-            Some((r.gpa, self.map.get(s..s + r.len as usize)?))
+    /// Every present region's bytes in address order, for scans over all of RAM, as
+    /// `(gpa, bytes)` pieces. A mapping gives each region whole, without copying. An
+    /// on-demand view reads each region in pieces of 8 MiB into a fresh buffer and keeps
+    /// nothing; successive pieces of a region overlap by 128 KiB and start on a page
+    /// boundary, so a match that starts in one piece at least 128 KiB before its end lies
+    /// wholly inside it (a VMCOREINFO note's text is looked for up to 64 KiB), and page offsets are the same in every piece. A failed read ends
+    /// the pieces with its error.
+    pub fn pieces(&self) -> impl Iterator<Item = Result<(u64, Cow<'_, [u8]>), MemError>> {
+        let mut out = Vec::new();
+        for r in &self.regions {
+            match &self.backing {
+                Backing::Mapped(_) => out.push((r.gpa, r.offset, r.len)),
+                Backing::OnDemand(_) => {
+                    let mut at = 0;
+                    loop {
+                        let n = PIECE.min(r.len - at);
+                        out.push((r.gpa + at, r.offset + at, n));
+                        if at + n >= r.len {
+                            break;
+                        }
+                        at += PIECE - PIECE_OVERLAP;
+                    }
+                }
+            }
+        }
+        let mut failed = false;
+        out.into_iter().map_while(move |(gpa, offset, len)| {
+            if failed {
+                return None;
+            }
+            let piece = match &self.backing {
+                Backing::Mapped(map) => map
+                    .get(offset as usize..(offset + len) as usize)
+                    .map(Cow::Borrowed)
+                    .ok_or(MemError::NotPresent { gpa, len }),
+                Backing::OnDemand(d) => {
+                    let mut buf = vec![0; len as usize];
+                    d.process()
+                        .read_at(offset, &mut buf)
+                        .map(|()| Cow::Owned(buf))
+                        .map_err(|e| d.process().read_error(gpa, len, e))
+                }
+            };
+            failed = piece.is_err();
+            Some(piece.map(|p| (gpa, p)))
         })
     }
 }

@@ -8,7 +8,7 @@
 //!   `--pid`;
 //! - the guest's RAM block: the largest block of the stream's `MEM_SIZE` record, read
 //!   without consuming it (`MSG_PEEK`), and where the process maps that many bytes
-//!   ([`process::ram_mapping`]); copied through `/proc/PID/mem` ([`ProcessRam`]);
+//!   ([`process::ram_mapping`]); read through `/proc/PID/mem` as needed ([`ProcessRam`]);
 //! - the block's guest-physical layout: a PC's RAM in one piece up to 2.75 GiB; above that,
 //!   split at 4 GiB where the guest kernel's own `max_pfn` says;
 //! - whether the switchover check is needed: KVM or TCG from QEMU's descriptors, QEMU's
@@ -117,8 +117,8 @@ pub fn relay(
     };
     let (mem, profile) = if opts.teleport {
         let mem = ram
-            .snapshot()
-            .map_err(|e| anyhow!("copying the guest's RAM: {e}"))?;
+            .open()
+            .map_err(|e| anyhow!("opening the guest's RAM: {e}"))?;
         let selected = select_profile(&mem, opts.profile.as_deref()).map_err(|e| anyhow!("{e}"))?;
         notify(Notice::Profile(&selected.origin));
         let layout = pc_layout(&mem, &selected.profile, len)?;
@@ -170,6 +170,7 @@ pub fn relay(
     let mut s = summarize(&report, opts.teleport, started, report.marks.ram_end);
     s.time.scan_s = scan_s;
     s.time.free_scan_ms = free_scan_ms;
+    s.ram_copied_bytes = mem.as_ref().and_then(GuestMemory::copied_bytes);
     Ok(s)
 }
 

@@ -182,16 +182,17 @@ impl<'n> Source<'n> {
         // open_live makes its own.
         let ram = main_ram(&mut connect(&opts.qmp)?, &opts.qmp)?;
         // The map reads guest RAM; so does the check of a shared RAM file (anonymous RAM is
-        // copied for the check when the guest has stopped).
+        // read for the check, through /proc/PID/mem, when the guest has stopped).
         let mem = match &ram {
             MainRam::File(_) if map || check_wanted => Some(live::open_live(&opts.qmp)),
-            MainRam::Process(p) if map => Some(p.snapshot()),
+            MainRam::Process(p) if map => Some(p.open()),
             _ => None,
         }
         .transpose()
         .map_err(|e| anyhow!("mapping the guest's RAM: {e}"))?;
         let qmp = connect(&opts.qmp)?;
-        // A shared RAM file is checked through its mapping, anonymous RAM through a copy.
+        // A shared RAM file is checked through its mapping, anonymous RAM through
+        // /proc/PID/mem.
         let check = check_wanted
             && match &ram {
                 MainRam::File(_) => mem.as_ref().and_then(SwitchoverCheck::new).is_some(),
@@ -353,6 +354,7 @@ impl<'n> Source<'n> {
         s.time.downtime_limit_ms = downtime_limit;
         s.time.scan_s = scan_s;
         s.time.free_scan_ms = free_scan_ms;
+        s.ram_copied_bytes = mem.as_ref().and_then(GuestMemory::copied_bytes);
         s.capabilities_disabled = disabled;
         Ok(s)
     }
@@ -387,15 +389,15 @@ pub(super) fn take_map<'g>(
     };
     let t = Instant::now();
     let scan_opts = ScanOptions {
-        // Elision needs a live view (below): no free-page scan for a copy.
+        // Elision needs a live view (below): no free-page scan for anonymous RAM.
         free_pages: free_elision && mem.live_block().is_some(),
         ..ScanOptions::default()
     };
     match scan(mem, profile, disk, scan_opts) {
         Ok((map, report)) => {
             let refs = RefMap::new(block, &map, mem.regions());
-            // Elision needs the re-check to read the stopped guest's struct pages live: a
-            // copy of anonymous RAM (no live view) elides nothing.
+            // Elision needs the re-check to read the stopped guest's struct pages live:
+            // anonymous RAM (no live view, pages copied in once) elides nothing.
             let free = map
                 .free
                 .zip(mem.live_block_len())

@@ -78,6 +78,11 @@ pub struct Summary {
     pub time: Timing,
     /// Cache map size when it was taken.
     pub map_pages: u64,
+    /// For guest RAM that is anonymous memory of QEMU: the bytes of it pct copied in from
+    /// `/proc/PID/mem` to take the cache map (what it held of the guest's RAM). `None` for
+    /// a RAM file, which is mapped, not copied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ram_copied_bytes: Option<u64>,
     pub capabilities_disabled: Vec<String>,
     /// Receiver's restore rate from its disk image, MB/s.
     pub restore_mb_per_s: Option<f64>,
@@ -239,6 +244,9 @@ impl Summary {
             );
             if let Some(f) = tm.free_scan_ms {
                 let _ = write!(t, " (free blocks {f:.0} ms)");
+            }
+            if let Some(c) = self.ram_copied_bytes {
+                let _ = write!(t, "; {:.1} MB of guest RAM read into pct", mb(c));
             }
             let _ = writeln!(t);
         }

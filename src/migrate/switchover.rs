@@ -28,6 +28,7 @@
 //! hashed, and the report says why.
 
 use super::stream::{put_page, EncodeError, RamBlock, RamRecord, Record};
+use crate::memory::ondemand::ProcessMem;
 use crate::memory::GuestMemory;
 use crate::qemu::ram::ProcessRam;
 use crate::qemu::touched::TouchLog;
@@ -74,10 +75,11 @@ pub struct SwitchoverReport {
     /// the END part's transfer).
     #[serde(serialize_with = "as_ms")]
     pub hash_time: Duration,
-    /// For a guest whose RAM is anonymous memory of QEMU: the time copying the stopped
-    /// guest's RAM block through `/proc/PID/mem` took (part of `hash_time`).
+    /// For a guest whose RAM is anonymous memory of QEMU: the time reading the stopped
+    /// guest's RAM block through `/proc/PID/mem` took (part of `hash_time`; of the threads
+    /// that read and hashed it in turns, the longest).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_ms_opt")]
-    pub copy_time: Option<Duration>,
+    pub read_time: Option<Duration>,
 }
 
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -121,7 +123,7 @@ pub struct SwitchoverCheck<'a> {
 enum LiveRam<'a> {
     /// A live view: QEMU's shared RAM file, mapped.
     Mapped(&'a GuestMemory),
-    /// QEMU's anonymous memory: copied through `/proc/PID/mem` once the guest is stopped.
+    /// QEMU's anonymous memory: read through `/proc/PID/mem` once the guest is stopped.
     Process(ProcessRam),
 }
 
@@ -181,13 +183,13 @@ impl<'a> SwitchoverCheck<'a> {
 
     /// A check of a RAM block that is anonymous memory of QEMU's process: no baseline (no
     /// RAM file to keep a touch log of); at the switchover the stopped guest's block is
-    /// copied through `/proc/PID/mem` and every page hashed.
+    /// read through `/proc/PID/mem` and every page hashed.
     pub fn for_process(ram: ProcessRam) -> SwitchoverCheck<'a> {
         let name = ram.block.clone();
         let pid = ram.pid;
         let mut c = SwitchoverCheck::with_ram(name, LiveRam::Process(ram));
         c.touch = Err(format!(
-            "the guest's RAM is anonymous memory of QEMU (pid {pid}), copied through \
+            "the guest's RAM is anonymous memory of QEMU (pid {pid}), read through \
              /proc/{pid}/mem with the guest stopped"
         ));
         c
@@ -388,7 +390,7 @@ impl<'a> SwitchoverCheck<'a> {
             let t = Instant::now();
             let ram = match source {
                 LiveRam::Mapped(ram) => ram,
-                LiveRam::Process(process) => return hash_copy(&process, pages, why_none, t),
+                LiveRam::Process(process) => return hash_process(&process, pages, why_none, t),
             };
             let done = |i: usize| {
                 baseline.done.get(i / CHUNK).copied().unwrap_or(false)
@@ -439,22 +441,23 @@ impl<'a> SwitchoverCheck<'a> {
             return Err(CheckError::Read(e));
         }
         // The pages to re-send come from where they were hashed.
-        let ram = match (&live.copy, &self.ram) {
-            (Some(copy), _) => copy,
-            (None, LiveRam::Mapped(ram)) => *ram,
+        let ram = match (&live.process, &self.ram) {
+            (Some(process), _) => Resend::Process(process),
+            (None, LiveRam::Mapped(ram)) => Resend::Mapped(ram),
             (None, LiveRam::Process(_)) => {
                 return Err(CheckError::Read(
-                    "no copy of the stopped guest's RAM".into(),
+                    "the stopped guest's RAM was not read".into(),
                 ))
             }
         };
+        let mut buf = vec![0; PAGE as usize];
         let mut r = SwitchoverReport {
             hash_time: live.time,
             pages_hashed: live.hashed,
             scope: live.scope,
             baseline_time: live.baseline_time,
             baseline_refreshes: live.baseline_refreshes,
-            copy_time: live.copy_time,
+            read_time: live.read_time,
             ..SwitchoverReport::default()
         };
         for (i, (&sent, &now)) in self.sent.iter().zip(&live.hashes).enumerate() {
@@ -470,8 +473,22 @@ impl<'a> SwitchoverCheck<'a> {
                 continue;
             }
             let offset = i as u64 * PAGE;
-            let Some(page) = ram.live_block_page(offset) else {
-                continue;
+            let page = match ram {
+                Resend::Mapped(ram) => match ram.live_block_page(offset) {
+                    Some(page) => page,
+                    None => continue,
+                },
+                // The guest is stopped: the page is as it was hashed.
+                Resend::Process(process) => {
+                    process.read_at(offset, &mut buf).map_err(|e| {
+                        CheckError::Read(format!(
+                            "page {offset:#x} of RAM block {} from {}: {e}",
+                            self.name,
+                            process.path().display()
+                        ))
+                    })?;
+                    &buf[..]
+                }
             };
             // The first names the block, the rest continue it.
             let name = (r.pages_resent == 0).then_some(self.name.as_str());
@@ -493,30 +510,75 @@ impl<'a> SwitchoverCheck<'a> {
     }
 }
 
-/// The hasher for a block of QEMU's anonymous memory: copies the stopped guest's block
-/// through `/proc/PID/mem` (the copy also serves the pages to re-send) and hashes every
-/// page of it. `scope` says why every page is hashed.
-fn hash_copy(process: &ProcessRam, pages: usize, scope: String, t: Instant) -> LiveHashes {
-    let copy = match process.snapshot() {
-        Ok(m) => m.into_live_block(&process.block),
-        Err(e) => {
-            return LiveHashes {
-                error: Some(e.to_string()),
-                time: t.elapsed(),
-                ..LiveHashes::default()
+/// The hasher for a block of QEMU's anonymous memory: reads the stopped guest's block
+/// through `/proc/PID/mem` in pieces of 8 MiB on up to 8 threads, and hashes every page as
+/// it goes, keeping nothing but the hashes (the pages to re-send are read again: the guest
+/// stays stopped). `scope` says why every page is hashed.
+fn hash_process(process: &ProcessRam, pages: usize, scope: String, t: Instant) -> LiveHashes {
+    let failed = |error: String| LiveHashes {
+        error: Some(error),
+        time: t.elapsed(),
+        ..LiveHashes::default()
+    };
+    let mem = match process.memory() {
+        Ok(m) => m,
+        Err(e) => return failed(e.to_string()),
+    };
+    const PIECE_PAGES: usize = 2048;
+    let in_block = pages.min((mem.len() / PAGE) as usize);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let per_thread = in_block.div_ceil(threads).max(1);
+    let mem_ref = &mem;
+    let parts: Vec<std::io::Result<(Vec<u64>, Duration)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..in_block)
+            .step_by(per_thread)
+            .map(|first| {
+                let part = first..(first + per_thread).min(in_block);
+                s.spawn(move || {
+                    let mut buf = vec![0; PIECE_PAGES * PAGE as usize];
+                    let (mut out, mut read) = (Vec::with_capacity(part.len()), Duration::ZERO);
+                    for start in part.clone().step_by(PIECE_PAGES) {
+                        let n = PIECE_PAGES.min(part.end - start);
+                        let bytes = &mut buf[..n * PAGE as usize];
+                        let r = Instant::now();
+                        mem_ref.read_at(start as u64 * PAGE, bytes)?;
+                        read += r.elapsed();
+                        out.extend(bytes.chunks(PAGE as usize).map(page_hash));
+                    }
+                    Ok((out, read))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let (mut hashes, mut read_time) = (Vec::with_capacity(pages), Duration::ZERO);
+    for part in parts {
+        match part {
+            Ok((h, read)) => {
+                hashes.extend(h);
+                read_time = read_time.max(read);
+            }
+            Err(e) => {
+                return failed(format!(
+                    "reading RAM block {} from {}: {e}",
+                    process.block,
+                    mem.path().display()
+                ))
             }
         }
-    };
-    let copy_time = t.elapsed();
-    let never = AtomicBool::new(false);
-    let (hashes, hashed) = hash_block(&copy, 0..pages, &|_| None, &never).unwrap_or_default();
+    }
+    // Past the block: 0, as for a RAM file.
+    hashes.resize(pages, 0);
     LiveHashes {
         hashes,
-        hashed,
+        hashed: in_block as u64,
         scope: format!("all: {scope}"),
         time: t.elapsed(),
-        copy_time: Some(copy_time),
-        copy: Some(copy),
+        read_time: Some(read_time),
+        process: Some(mem),
         ..LiveHashes::default()
     }
 }
@@ -591,11 +653,19 @@ pub struct LiveHashes {
     baseline_time: Duration,
     baseline_refreshes: u32,
     time: Duration,
-    /// For a block of QEMU's anonymous memory: the stopped guest's block, copied, and the
-    /// time the copy took (part of `time`); or why it could not be copied.
-    copy: Option<GuestMemory>,
-    copy_time: Option<Duration>,
+    /// For a block of QEMU's anonymous memory: where the stopped guest's block was read
+    /// (to read the pages to re-send again), and the time the reads took (part of
+    /// `time`).
+    process: Option<ProcessMem>,
+    read_time: Option<Duration>,
+    /// Why the stopped guest's RAM could not be read.
     error: Option<String>,
+}
+
+/// Where [`SwitchoverCheck::repair_with`] takes the pages to re-send.
+enum Resend<'r> {
+    Mapped(&'r GuestMemory),
+    Process(&'r ProcessMem),
 }
 
 /// The hash of page `i` of the live block as it is now (0: past the RAM file).
@@ -686,16 +756,15 @@ mod tests {
         }
     }
 
-    /// Feeds a stream that sent pages 0..3 as `sent` (page 3 never), up to the END part's
-    /// EOS (as [`Switchover`] finds it); returns what the check re-sent.
-    fn run(ram: &GuestMemory, sent: [u8; 3]) -> (SwitchoverReport, Vec<u8>) {
+    /// Feeds `c` a stream that sent pages 0..3 as `sent` (page 3 never), up to the END
+    /// part's EOS (as [`Switchover`] finds it); returns what the check re-sent.
+    fn run(mut c: SwitchoverCheck<'_>, sent: [u8; 3]) -> (SwitchoverReport, Vec<u8>) {
         let blocks = [RamBlock {
             name: BLOCK.into(),
             used_length: 4 * PAGE,
             shared_addr: None,
         }];
         let pages: Vec<Vec<u8>> = sent.iter().map(|f| vec![*f; PAGE as usize]).collect();
-        let mut c = SwitchoverCheck::new(ram).expect("a live view");
         let mut at = Switchover::default();
         let mut feed = |c: &mut SwitchoverCheck<'_>, rec: Record<'_>| {
             c.observe(&rec);
@@ -746,12 +815,10 @@ mod tests {
         (r, out)
     }
 
-    #[test]
-    fn resends_exactly_the_pages_the_stream_got_wrong() {
-        // The guest wrote page 1 after QEMU last sent it and page 2 (sent as a ZERO record)
-        // too; page 0 is as sent; page 3 was never sent.
-        let ram = ram([7, 9, 5, 1]);
-        let (r, out) = run(&ram, [7, 8, 0]);
+    /// The guest wrote page 1 after QEMU last sent it and page 2 (sent as a ZERO record)
+    /// too; page 0 is as sent; page 3 was never sent: pages 1 and 2 must be re-sent.
+    fn assert_repairs_wrong_pages(c: SwitchoverCheck<'_>) -> SwitchoverReport {
+        let (r, out) = run(c, [7, 8, 0]);
         assert_eq!(
             (r.pages_checked, r.pages_resent, r.pages_never_sent),
             (3, 2, 1)
@@ -763,12 +830,45 @@ mod tests {
             out == want,
             "re-sent records are not pages 1 (named) and 2 (continued)"
         );
+        r
+    }
+
+    #[test]
+    fn resends_exactly_the_pages_the_stream_got_wrong() {
+        let ram = ram([7, 9, 5, 1]);
+        assert_repairs_wrong_pages(SwitchoverCheck::new(&ram).expect("a live view"));
+    }
+
+    /// Anonymous RAM: here this process's own memory, read through /proc/self/mem as a
+    /// QEMU's would be. Only the hashes are kept; re-sent pages are read again.
+    #[test]
+    fn resends_from_anonymous_memory_of_a_process() {
+        let mut m = memmap2::MmapMut::map_anon(4 * PAGE as usize).expect("anonymous map");
+        for (page, f) in m.chunks_mut(PAGE as usize).zip([7, 9, 5, 1]) {
+            page.fill(f);
+        }
+        let regions = vec![crate::memory::Region {
+            gpa: 0,
+            offset: 0,
+            len: 4 * PAGE,
+        }];
+        let process = ProcessRam::in_process(
+            std::process::id(),
+            BLOCK.into(),
+            m.as_ptr() as u64,
+            4 * PAGE,
+            regions,
+        );
+        let r = assert_repairs_wrong_pages(SwitchoverCheck::for_process(process));
+        assert!(r.read_time.is_some(), "{r:?}");
+        assert!(r.scope.contains("anonymous"), "{}", r.scope);
+        assert_eq!(r.pages_hashed, 4);
     }
 
     #[test]
     fn a_faithful_stream_needs_nothing() {
         let ram = ram([7, 8, 0, 0]);
-        let (r, out) = run(&ram, [7, 8, 0]);
+        let (r, out) = run(SwitchoverCheck::new(&ram).expect("a live view"), [7, 8, 0]);
         assert_eq!((r.pages_checked, r.pages_resent), (3, 0));
         assert!(out.is_empty());
     }

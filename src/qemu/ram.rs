@@ -3,11 +3,12 @@
 //! QEMU is asked for its `memory-backend-file` objects (`qom-list`/`qom-get`): the
 //! backend's file (shared, e.g. in /dev/shm) is mapped read-only, and the flat memory
 //! map (`info mtree -f`) says which guest-physical ranges show which offsets of it.
-//! Any other QEMU (anonymous RAM): its process memory is copied through
-//! /proc/PID/mem from the host address HMP `gpa2hva` reports — a snapshot taken while
-//! the guest may run, which the walkers' back-pointer checks are made for.
+//! Any other QEMU (anonymous RAM): its process memory is read through /proc/PID/mem from
+//! the host address HMP `gpa2hva` reports, each page when it is first needed and while the
+//! guest may run, which the walkers' back-pointer checks are made for.
 
 use super::Qmp;
+use crate::memory::ondemand::ProcessMem;
 use crate::memory::{GuestMemory, MemError, Region};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -117,7 +118,7 @@ pub fn open_live(socket: &Path) -> Result<GuestMemory, MemError> {
     let backends = backends(&mut qmp)?;
     let mtree = qmp.hmp("info mtree -f").map_err(qmp_err)?;
     let Some(b) = backends.iter().max_by_key(|b| b.size) else {
-        return copy_process_ram(&mut qmp, &mtree, socket);
+        return process_ram(&mut qmp, &mtree, socket);
     };
     if !b.share {
         return Err(MemError::Format {
@@ -242,71 +243,26 @@ impl ProcessRam {
         self
     }
 
-    /// The block as it is now, copied whole through `/proc/PID/mem` (one allocation in
-    /// QEMU's process) into memory of pct's own: a view whose offsets are the block's,
-    /// including the parts no guest-physical address shows (the PC's legacy VGA and BIOS
-    /// window), which QEMU migrates too. While the guest runs the copy may tear; with the
-    /// guest stopped it is exact.
-    pub fn snapshot(&self) -> Result<GuestMemory, MemError> {
-        let path = PathBuf::from(format!("/proc/{}/mem", self.pid));
-        let io = |source| MemError::Open {
-            path: path.clone(),
-            source,
-        };
-        let file = std::fs::File::open(&path).map_err(io)?;
-        let len = usize::try_from(self.len).map_err(|_| MemError::Format {
-            path: path.clone(),
-            msg: format!("RAM block {} of {} bytes", self.block, self.len),
-        })?;
-        let mut copy = memmap2::MmapMut::map_anon(len).map_err(io)?;
-        use std::os::unix::fs::FileExt;
-        // In 8 MiB pieces, on as many threads as the host has cores (up to 8): one
-        // thread's reads of another process's memory run at about 1.4 GB/s here.
-        const PIECE: usize = 8 << 20;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        let per_thread = len.div_ceil(threads).div_ceil(PIECE) * PIECE;
-        let base = self.base;
-        let failed = std::thread::scope(|s| {
-            let workers: Vec<_> = copy
-                .chunks_mut(per_thread.max(PIECE))
-                .enumerate()
-                .map(|(t, part)| {
-                    let file = &file;
-                    s.spawn(move || {
-                        let first = (t * per_thread.max(PIECE)) as u64;
-                        for (i, piece) in part.chunks_mut(PIECE).enumerate() {
-                            file.read_exact_at(piece, base + first + (i * PIECE) as u64)?;
-                        }
-                        Ok::<(), std::io::Error>(())
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("reader panicked")))
-                })
-                .find_map(Result::err)
-        });
-        if let Some(e) = failed {
-            return Err(io(e));
-        }
-        let map = copy.make_read_only().map_err(io)?;
-        let mem = GuestMemory::from_map(
-            map,
-            &format!(
-                "live QEMU pid {} (RAM block {} copied from {})",
-                self.pid,
-                self.block,
-                path.display()
-            ),
-        )?;
-        Ok(mem.with_regions(self.regions.clone()))
+    /// The block's bytes, read through `/proc/PID/mem` into buffers of the caller's; its
+    /// offsets are the block's, including the parts no guest-physical address shows (the
+    /// PC's legacy VGA and BIOS window), which QEMU migrates too.
+    pub fn memory(&self) -> Result<ProcessMem, MemError> {
+        ProcessMem::open(self.pid, self.base, self.len)
+    }
+
+    /// A view of the guest-physical memory of the block that copies each page in from
+    /// `/proc/PID/mem` when it is first read (see [`crate::memory::ondemand`]): while the
+    /// guest runs, each page is as it was at that moment.
+    pub fn open(&self) -> Result<GuestMemory, MemError> {
+        let description = format!(
+            "live QEMU pid {} (RAM block {}, read through /proc/{}/mem)",
+            self.pid, self.block, self.pid
+        );
+        GuestMemory::open_process(self.memory()?, self.regions.clone(), description)
     }
 }
 
-/// Copies the main RAM block of the QEMU process behind `qmp` through /proc/PID/mem.
-fn copy_process_ram(qmp: &mut Qmp, mtree: &str, socket: &Path) -> Result<GuestMemory, MemError> {
-    ProcessRam::find(qmp, mtree, socket)?.snapshot()
+/// The main RAM block of the QEMU process behind `qmp`, read through /proc/PID/mem.
+fn process_ram(qmp: &mut Qmp, mtree: &str, socket: &Path) -> Result<GuestMemory, MemError> {
+    ProcessRam::find(qmp, mtree, socket)?.open()
 }

@@ -9,6 +9,7 @@ use super::source::{Notice, Source, SourceOptions};
 use super::summary::Summary;
 use anyhow::Result;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// One VM to evacuate: its name at the receiver (`--vm`) and its QEMU's QMP socket.
@@ -35,17 +36,40 @@ pub enum Event<'a> {
     Done(&'a Evacuated),
 }
 
+/// What an evacuation did.
+#[derive(Debug)]
+pub struct Evacuation {
+    /// Each VM's outcome, in the order given.
+    pub vms: Vec<Evacuated>,
+    /// The most anonymous memory this process held while the VMs migrated ([`rss_anon`],
+    /// sampled every [`RSS_SAMPLE_EVERY`]): the sender's own memory, which the peak RSS
+    /// ([`peak_rss`]) does not tell apart from the guests' RAM-file pages it mapped.
+    pub peak_rss_anon: Option<u64>,
+}
+
+/// How often [`evacuate`] samples [`rss_anon`].
+pub const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
 /// Migrates every VM of `vms` to the receiver at `to`, all at once; `base` gives what they
-/// share (profile, TLS, sender tunables), each VM its name and QMP socket. Returns each
-/// VM's outcome, in the order given.
+/// share (profile, TLS, sender tunables), each VM its name and QMP socket.
 pub fn evacuate(
     vms: &[Evacuee],
     base: &SourceOptions,
     to: &str,
     notify: &(dyn Fn(Event<'_>) + Sync),
-) -> Vec<Evacuated> {
+) -> Evacuation {
     let start = Instant::now();
+    let running = AtomicUsize::new(vms.len());
     std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = rss_anon();
+            while running.load(Ordering::Acquire) > 0 {
+                std::thread::sleep(RSS_SAMPLE_EVERY);
+                peak = peak.max(rss_anon());
+            }
+            peak
+        });
+        let running = &running;
         let threads: Vec<_> = vms
             .iter()
             .map(|vm| {
@@ -57,6 +81,7 @@ pub fn evacuate(
                 s.spawn(move || {
                     let tell = |n: Notice<'_>| notify(Event::Vm(&vm.name, n));
                     let result = Source::for_migration(opts, &tell).and_then(|src| src.migrate(to));
+                    running.fetch_sub(1, Ordering::Release);
                     let done = Evacuated {
                         vm: vm.name.clone(),
                         result,
@@ -67,17 +92,24 @@ pub fn evacuate(
                 })
             })
             .collect();
-        threads
+        let vms = threads
             .into_iter()
             .zip(vms)
             .map(|(t, vm)| {
-                t.join().unwrap_or_else(|_| Evacuated {
-                    vm: vm.name.clone(),
-                    result: Err(anyhow::anyhow!("the migration's thread panicked")),
-                    elapsed: start.elapsed(),
+                t.join().unwrap_or_else(|_| {
+                    running.fetch_sub(1, Ordering::Release);
+                    Evacuated {
+                        vm: vm.name.clone(),
+                        result: Err(anyhow::anyhow!("the migration's thread panicked")),
+                        elapsed: start.elapsed(),
+                    }
                 })
             })
-            .collect()
+            .collect();
+        Evacuation {
+            vms,
+            peak_rss_anon: sampler.join().unwrap_or(None),
+        }
     })
 }
 

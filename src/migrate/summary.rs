@@ -67,6 +67,10 @@ pub struct Summary {
     pub teleport: bool,
     /// Bytes of QEMU's stream (what stock QEMU would put on the link).
     pub stream_bytes: u64,
+    /// Bytes of stream the receiver fed the destination QEMU, as it confirmed: QEMU's
+    /// stream with elided free pages as zero pages and with the pages the switchover check
+    /// re-sent.
+    pub destination_stream_bytes: u64,
     pub wire: WireBytes,
     pub pages: Pages,
     /// Stream bytes in data frames / their bytes on the wire.
@@ -120,6 +124,7 @@ impl Summary {
             result: "completed".into(),
             teleport,
             stream_bytes: s.stream.total_bytes,
+            destination_stream_bytes: s.receiver.stream_bytes,
             compression_ratio: ratio(w.passthrough_raw, w.passthrough_wire),
             reference_bytes_per_page: ratio(w.ref_wire, s.ref_pages),
             wire_ratio: ratio(wire.total, s.stream.total_bytes),

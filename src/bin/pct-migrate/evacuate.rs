@@ -5,7 +5,7 @@
 use super::{vm_name, SenderArgs};
 use anyhow::{anyhow, bail, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use pct::migrate::evacuate::{evacuate, peak_rss, rss_anon, Evacuated, Evacuee, Event};
+use pct::migrate::evacuate::{evacuate, peak_rss, rss_anon, Evacuated, Evacuation, Evacuee, Event};
 use pct::migrate::source::Notice;
 use serde_json::json;
 use std::collections::HashMap;
@@ -138,21 +138,28 @@ pub fn evacuate_main(mut a: EvacuateArgs) -> Result<()> {
             }
         }
     };
-    let done = evacuate(&a.vms, &base, &to, &notify);
+    let Evacuation {
+        vms: done,
+        peak_rss_anon,
+    } = evacuate(&a.vms, &base, &to, &notify);
     let total = started.elapsed();
     let failed = done.iter().filter(|d| d.result.is_err()).count();
-    let rss = peak_rss();
+    let rss = Rss {
+        peak: peak_rss(),
+        peak_anon: peak_rss_anon,
+        anon_at_end: rss_anon(),
+    };
     if json {
         println!(
             "{}",
             json!({
                 "event": "evacuated", "vms": done.len(), "failed": failed,
-                "total_s": total.as_secs_f64(), "peak_rss_bytes": rss,
-                "rss_anon_bytes_at_end": rss_anon(),
+                "total_s": total.as_secs_f64(), "peak_rss_bytes": rss.peak,
+                "peak_rss_anon_bytes": rss.peak_anon, "rss_anon_bytes_at_end": rss.anon_at_end,
             })
         );
     } else {
-        print!("{}", table(&done, total, rss));
+        print!("{}", table(&done, total, &rss));
     }
     match failed {
         0 => Ok(()),
@@ -172,7 +179,14 @@ fn done_json(d: &Evacuated) -> serde_json::Value {
     }
 }
 
-fn table(done: &[Evacuated], total: Duration, rss: Option<u64>) -> String {
+/// This process's memory, as the evacuation ends.
+struct Rss {
+    peak: Option<u64>,
+    peak_anon: Option<u64>,
+    anon_at_end: Option<u64>,
+}
+
+fn table(done: &[Evacuated], total: Duration, rss: &Rss) -> String {
     let mut t = format!(
         "{:<16} {:>8} {:>12} {:>12} {:>10} {:>12}\n",
         "vm", "result", "stream MB", "link MB", "time s", "downtime ms"
@@ -206,11 +220,12 @@ fn table(done: &[Evacuated], total: Duration, rss: Option<u64>) -> String {
         b.map_or_else(|| "unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
     };
     t += &format!(
-        "{} VMs in {:.1} s; this sender's peak RSS {} (guest RAM it mapped included), anonymous at the end {}\n",
+        "{} VMs in {:.1} s; this sender's own memory (anonymous RSS) peaked at {} and is {} at the end; peak RSS with the guest RAM files it mapped {}\n",
         done.len(),
         total.as_secs_f64(),
-        mb(rss),
-        mb(rss_anon())
+        mb(rss.peak_anon),
+        mb(rss.anon_at_end),
+        mb(rss.peak),
     );
     t
 }

@@ -33,4 +33,5 @@ pub mod profile;
 pub mod qemu;
 pub mod report;
 pub mod sanitize;
+pub mod selfstat;
 pub mod walk;

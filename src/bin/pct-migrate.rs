@@ -511,7 +511,7 @@ fn serve_main(config: &std::path::Path, a: &ReceiveArgs) -> Result<()> {
         a.sessions,
         Arc::new(notify),
     )?;
-    let rss = pct::migrate::evacuate::peak_rss()
+    let rss = pct::selfstat::peak_rss()
         .map_or_else(|| "unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6));
     eprintln!(
         "pct-migrate: receiver service stopped: {} received, {} failed, {} refused; peak RSS {rss}",

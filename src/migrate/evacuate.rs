@@ -7,6 +7,7 @@
 
 use super::source::{Notice, Source, SourceOptions};
 use super::summary::Summary;
+use crate::selfstat::rss_anon;
 use anyhow::Result;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,7 +44,7 @@ pub struct Evacuation {
     pub vms: Vec<Evacuated>,
     /// The most anonymous memory this process held while the VMs migrated ([`rss_anon`],
     /// sampled every [`RSS_SAMPLE_EVERY`]): the sender's own memory, which the peak RSS
-    /// ([`peak_rss`]) does not tell apart from the guests' RAM-file pages it mapped.
+    /// ([`crate::selfstat::peak_rss`]) does not tell apart from the guests' RAM-file pages it mapped.
     pub peak_rss_anon: Option<u64>,
 }
 
@@ -111,24 +112,4 @@ pub fn evacuate(
             peak_rss_anon: sampler.join().unwrap_or(None),
         }
     })
-}
-
-/// This process's peak resident set size so far (`VmHWM` in /proc/self/status), in bytes.
-/// It counts the pages of guest RAM files the sources have mapped and read, which the page
-/// cache holds anyway: [`rss_anon`] is the process's own memory.
-pub fn peak_rss() -> Option<u64> {
-    status_bytes("VmHWM:")
-}
-
-/// This process's anonymous resident memory now (`RssAnon`), in bytes.
-pub fn rss_anon() -> Option<u64> {
-    status_bytes("RssAnon:")
-}
-
-/// A `kB` field of /proc/self/status, in bytes.
-fn status_bytes(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

@@ -45,11 +45,9 @@ pub struct ScanReport {
     pub rss_anon_kib: Option<u64>,
 }
 
-/// `RssAnon` of this process, from /proc/self/status.
+/// `RssAnon` of this process, in KiB.
 pub fn rss_anon_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    crate::selfstat::rss_anon().map(|b| b / 1024)
 }
 
 #[derive(Debug, Serialize)]

@@ -5,8 +5,9 @@
 use super::{vm_name, SenderArgs};
 use anyhow::{anyhow, bail, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use pct::migrate::evacuate::{evacuate, peak_rss, rss_anon, Evacuated, Evacuation, Evacuee, Event};
+use pct::migrate::evacuate::{evacuate, Evacuated, Evacuation, Evacuee, Event};
 use pct::migrate::source::Notice;
+use pct::selfstat::{peak_rss, rss_anon};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -165,11 +165,12 @@ pub fn receive_admitted(
     let got = match qemu {
         DestinationQemu::Qmp(path) => qmp
             .map_or_else(|| prepare_qmp(path), Ok)
-            .and_then(|qmp| receive_qmp(qmp, sender, disk, ropts, &mut closing)),
-        DestinationQemu::Incoming(addr) => receive_managed(sender, disk, addr, ropts, &mut closing),
+            .and_then(|qmp| receive_qmp(qmp, sender, disk, ropts)),
+        DestinationQemu::Incoming(addr) => receive_managed(sender, disk, addr, ropts),
     };
     match got {
         Ok((report, started, disk)) => complete(closing, report, started, disk),
+        // The one place that tells the sender: one `Error` frame, whatever failed.
         Err(e) => {
             closing.fail(&format!("{e:#}"));
             Err(e)
@@ -192,13 +193,13 @@ pub fn prepare_qmp(path: &Path) -> Result<Qmp> {
 }
 
 /// [`receive_admitted`] into a destination QEMU that pct drives over `qmp`. Returns the
-/// report, when the sender came, and the disk's description.
+/// report, when the sender came, and the disk's description. A failure is not told to the
+/// sender here: [`receive_admitted`] does.
 fn receive_qmp(
     mut qmp: Qmp,
     sender: Admitted,
     disk: Disk,
     ropts: &ReceiverOptions,
-    closing: &mut Closing,
 ) -> Result<(ReceiverReport, Instant, String)> {
     let dir = SockDir::new("dst")?;
     let sock = dir.path().join("qemu.sock");
@@ -213,10 +214,9 @@ fn receive_qmp(
     let mut report = match got {
         Ok((report, _)) => report,
         Err(e) => {
-            closing.fail(&format!("receiver: {e}"));
             let status = ctl::wait_final(&mut qmp, Duration::from_secs(10))
                 .map_or_else(|_| "gone (QEMU exited)".into(), |i| i.status.to_string());
-            bail!("{e}\n  destination QEMU migration: {status}");
+            bail!("receiver: {e}\n  destination QEMU migration: {status}");
         }
     };
     let info = ctl::wait_final(&mut qmp, Duration::from_secs(120)).context("destination QEMU")?;
@@ -284,13 +284,13 @@ fn accept_sender(
 }
 
 /// [`receive_admitted`] into a destination QEMU that a VM manager drives
-/// ([`DestinationQemu::Incoming`]).
+/// ([`DestinationQemu::Incoming`]). Like [`receive_qmp`], it leaves telling the sender of
+/// a failure to [`receive_admitted`].
 fn receive_managed(
     sender: Admitted,
     disk: Disk,
     qemu_addr: &str,
     ropts: &ReceiverOptions,
-    closing: &mut Closing,
 ) -> Result<(ReceiverReport, Instant, String)> {
     let qemu = link::connect(qemu_addr, Duration::from_secs(30))
         .map_err(|e| anyhow!("the destination QEMU's incoming migration: {e}"))?;
@@ -304,8 +304,7 @@ fn receive_managed(
     match receiver::receive(sender.link, disk, qemu.into(), &ropts, sender.wire_stats) {
         Ok((report, _)) => Ok((report, sender.started, disk_description)),
         Err(e) => {
-            closing.fail(&format!("receiver: {e}"));
-            bail!("{e}\n  the connection to the destination QEMU is closed: its migration fails");
+            bail!("receiver: {e}\n  the connection to the destination QEMU is closed: its migration fails")
         }
     }
 }

@@ -342,7 +342,8 @@ pub fn hello_as_sender(
     let ours = Hello::for_vm(vm);
     let r = send_hello(s, &ours, stats)
         .and_then(|()| read_hello(s, stats, timeout))
-        .and_then(|frame| peer_hello(&ours, frame));
+        .and_then(|frame| peer_hello(&ours, frame))
+        .map(|(session, _)| session);
     with_tls_cause(s, r)
 }
 
@@ -365,18 +366,18 @@ pub fn hello_as_receiver<T>(
         r => r,
     };
     let r = frame.and_then(|frame| {
-        let session = peer_hello(&ours, frame.clone());
-        let admitted = match (&session, &frame) {
-            (Ok(_), Frame::Hello(peer)) => admit(peer).map_err(LinkError::Refused),
-            _ => Err(LinkError::HelloClosed),
-        };
-        match (session, admitted) {
-            (Ok(session), Ok(t)) => {
+        // A hello that settles the session, then `admit`'s verdict on it.
+        let judged = peer_hello(&ours, frame).and_then(|(session, peer)| {
+            let t = admit(&peer).map_err(LinkError::Refused)?;
+            Ok((session, t))
+        });
+        match judged {
+            Ok(got) => {
                 send_hello(s, &ours, stats)?;
-                Ok((session, t))
+                Ok(got)
             }
             // Told why, the sender can say so (a closed link would only say "closed").
-            (Err(e), _) | (Ok(_), Err(e)) => {
+            Err(e) => {
                 let message = match &e {
                     LinkError::Refused(why) => why.clone(),
                     e => e.to_string(),
@@ -432,11 +433,12 @@ fn read_hello(
 }
 
 /// What the peer's first frame means for the session, given `ours`: its hello settles the
-/// session parameters; an error frame or any other frame refuses the session. The part of
-/// the hello exchange that judges untrusted bytes, without a socket (fuzz/receiver_wire).
-pub fn peer_hello(ours: &Hello, frame: Frame) -> Result<Session, LinkError> {
+/// session parameters (returned with the hello, for the receiver to judge the VM it names);
+/// an error frame or any other frame refuses the session. The part of the hello exchange
+/// that judges untrusted bytes, without a socket (fuzz/receiver_wire).
+pub fn peer_hello(ours: &Hello, frame: Frame) -> Result<(Session, Hello), LinkError> {
     match frame {
-        Frame::Hello(peer) => Ok(ours.negotiate(&peer)?),
+        Frame::Hello(peer) => Ok((ours.negotiate(&peer)?, peer)),
         Frame::Error { message, .. } => Err(LinkError::RefusedByReceiver(
             crate::sanitize::sanitize(message.as_bytes()),
         )),

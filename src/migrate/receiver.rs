@@ -333,15 +333,19 @@ pub fn receive(
         }
     });
     drop(irx);
+    // The first failure, taken before the shutdown below makes the reader fail as well.
+    let emitted = emitted.map_err(|e| lock(&failure).take().unwrap_or(e));
     if emitted.is_err() {
-        let _ = link.shutdown(Shutdown::Both);
+        // The reader may be blocked on the link: shut down for reading only, which wakes
+        // it, and leaves the sending side open for the caller's `Error` frame
+        // ([`Closing::fail`]).
+        let _ = link.shutdown(Shutdown::Read);
     }
     let mut report = match emitted {
         Ok(r) => r,
-        Err(e) => {
+        Err(first) => {
             let _ = restorer.join();
             let _ = reader.join();
-            let first = lock(&failure).take().unwrap_or(e);
             // Under TLS, a link closed or broken has its cause in the TLS session.
             return Err(match (first, link.tls_failure()) {
                 (RecvError::Closed | RecvError::Wire(WireError::Io(_)), Some(why)) => {

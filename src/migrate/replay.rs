@@ -378,9 +378,13 @@ pub fn synthetic_stream(bytes: u64, content: Content) -> Result<Vec<u8>> {
     Ok(s)
 }
 
-/// xorshift64*: reproducible pseudo-random numbers (synthetic pages here, test bytes
-/// elsewhere in the crate).
-pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+/// xorshift64* (a xorshift generator with a multiplying output step): a deterministic
+/// stream of pseudo-random `u64`s, the same for the same `seed` on every run and machine
+/// (the seed's lowest bit is forced to 1, so that 0 is a usable seed). For synthetic,
+/// incompressible test data: the synthetic pages here, test bytes elsewhere in the crate
+/// and in its integration tests. Not for cryptography, nor for anything that must not be
+/// predicted.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
     let mut x = seed | 1;
     move || {
         x ^= x >> 12;

@@ -274,7 +274,7 @@ impl Service {
                 started,
             },
             disk,
-            &vm.qemu(),
+            &vm.qemu,
             None,
             &self.receiver,
         );

@@ -41,13 +41,8 @@ pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
     out
 }
 
-/// xorshift64*: reproducible pseudo-random numbers (garbage, incompressible pages).
+/// xorshift64*: reproducible pseudo-random numbers (garbage, incompressible pages); the
+/// crate's own generator, [`pct::migrate::replay::xorshift`].
 pub fn rng(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed | 1;
-    move || {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
+    pct::migrate::replay::xorshift(seed)
 }

@@ -33,39 +33,78 @@ fn default_hello_timeout() -> u64 {
     30
 }
 
-/// One `[[vm]]` table.
+/// One `[[vm]]` table, checked on its own (its name, and exactly one destination QEMU).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawVm")]
 pub struct VmConfig {
     /// The name senders give (`pct-migrate --vm NAME`).
     pub name: String,
-    /// The destination QEMU's QMP socket (QEMU started with `-incoming defer`): pct drives
-    /// the incoming migration.
-    pub qmp: Option<PathBuf>,
-    /// Or where a VM manager's destination QEMU listens for the stream, HOST:PORT.
-    pub incoming: Option<String>,
+    /// Its destination QEMU, as the receiver reaches it: in the table, either
+    /// `qmp = "/path/to/qmp.sock"` (QEMU started with `-incoming defer`: pct drives the
+    /// incoming migration, [`DestinationQemu::Qmp`]) or `incoming = "HOST:PORT"` (where a
+    /// VM manager's destination QEMU listens for the stream, [`DestinationQemu::Incoming`]).
+    pub qemu: DestinationQemu,
     /// The destination's copy of this VM's disk: every page restored for this VM is read
     /// from it, and only from it.
     pub disk: PathBuf,
     /// raw, qcow2 or auto (the default: qcow2 if the file starts with qcow2's magic; say
     /// raw for an untrusted guest's raw disk).
-    #[serde(default)]
     pub disk_format: DiskFormat,
     /// Who may migrate this VM: names from the senders' certificates (common name, DNS
     /// name or IP address), as `pct-migrate keygen` writes them.
-    #[serde(default)]
     pub senders: Vec<String>,
 }
 
-impl VmConfig {
-    /// Its destination QEMU, as the receiver reaches it.
-    pub fn qemu(&self) -> DestinationQemu {
-        match (&self.qmp, &self.incoming) {
-            (Some(p), _) => DestinationQemu::Qmp(p.clone()),
-            (None, Some(a)) => DestinationQemu::Incoming(a.clone()),
-            // `load` refuses a VM with neither.
-            (None, None) => DestinationQemu::Incoming(String::new()),
+/// A `[[vm]]` table as written, before [`VmConfig`] checks it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    name: String,
+    qmp: Option<PathBuf>,
+    incoming: Option<String>,
+    disk: PathBuf,
+    #[serde(default)]
+    disk_format: DiskFormat,
+    #[serde(default)]
+    senders: Vec<String>,
+}
+
+impl TryFrom<RawVm> for VmConfig {
+    type Error = String;
+
+    fn try_from(raw: RawVm) -> Result<VmConfig, String> {
+        if !valid_vm_name(&raw.name) {
+            return Err(format!(
+                "VM name {:?}: use 1 to {MAX_VM_NAME} letters, digits, `.`, `_` or `-`, not \
+                 starting with `.` or `-`",
+                raw.name
+            ));
         }
+        let qemu = match (raw.qmp, raw.incoming) {
+            (Some(p), None) => DestinationQemu::Qmp(p),
+            (None, Some(a)) => DestinationQemu::Incoming(a),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "VM `{}`: give `qmp` or `incoming`, not both",
+                    raw.name
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "VM `{}`: give its destination QEMU, `qmp = \"/path/to/qmp.sock\"` (QEMU \
+                     started with -incoming defer) or `incoming = \"HOST:PORT\"` (where a VM \
+                     manager's QEMU listens)",
+                    raw.name
+                ))
+            }
+        };
+        Ok(VmConfig {
+            name: raw.name,
+            qemu,
+            disk: raw.disk,
+            disk_format: raw.disk_format,
+            senders: raw.senders,
+        })
     }
 }
 
@@ -89,28 +128,10 @@ impl ServiceConfig {
             bail!("no [[vm]] table: name at least one VM this receiver may feed");
         }
         let mut names = HashSet::new();
+        // Each VM's name and destination QEMU are checked as its table is read (`RawVm`).
         for vm in &self.vms {
-            if !valid_vm_name(&vm.name) {
-                bail!(
-                    "VM name {:?}: use 1 to {MAX_VM_NAME} letters, digits, `.`, `_` or `-`, not \
-                     starting with `.` or `-`",
-                    vm.name
-                );
-            }
             if !names.insert(vm.name.as_str()) {
                 bail!("VM `{}` is named twice", vm.name);
-            }
-            match (&vm.qmp, &vm.incoming) {
-                (Some(_), Some(_)) => {
-                    bail!("VM `{}`: give `qmp` or `incoming`, not both", vm.name)
-                }
-                (None, None) => bail!(
-                    "VM `{}`: give its destination QEMU, `qmp = \"/path/to/qmp.sock\"` (QEMU \
-                     started with -incoming defer) or `incoming = \"HOST:PORT\"` (where a VM \
-                     manager's QEMU listens)",
-                    vm.name
-                ),
-                _ => {}
             }
             if vm.senders.is_empty() && !self.insecure_plaintext {
                 bail!(
@@ -159,11 +180,11 @@ senders = ["src-a", "10.0.0.5"]
         let c = ServiceConfig::parse(GOOD).unwrap();
         assert_eq!(c.vms.len(), 2);
         assert!(matches!(
-            c.vm("web-1").unwrap().qemu(),
+            c.vm("web-1").unwrap().qemu,
             DestinationQemu::Qmp(_)
         ));
         assert!(matches!(
-            c.vm("db.2").unwrap().qemu(),
+            c.vm("db.2").unwrap().qemu,
             DestinationQemu::Incoming(_)
         ));
         assert_eq!(c.vm("db.2").unwrap().disk_format, DiskFormat::Raw);
@@ -178,8 +199,16 @@ senders = ["src-a", "10.0.0.5"]
             (GOOD.replace("db.2", "../etc"), "VM name"),
             (
                 GOOD.replace("incoming = \"127.0.0.1:49152\"\n", ""),
-                "give its destination QEMU",
+                "VM `db.2`: give its destination QEMU, `qmp = ",
             ),
+            (
+                GOOD.replace(
+                    "name = \"db.2\"\n",
+                    "name = \"db.2\"\nqmp = \"/run/db.qmp\"\n",
+                ),
+                "VM `db.2`: give `qmp` or `incoming`, not both",
+            ),
+            (GOOD.replace("disk_format", "disk_fromat"), "unknown field"),
             (
                 GOOD.replace("\"raw\"", "\"vmdk\""),
                 "unknown variant `vmdk`",

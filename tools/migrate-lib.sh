@@ -69,8 +69,34 @@ ml_qemu_version() {
 	"$bin" --version | awk 'NR == 1 {sub(/\(.*/, "", $4); print $4}'
 }
 
+# ml_reap: removes what an earlier run left behind when it was killed (SIGKILL skips its
+# EXIT trap): guest RAM files /dev/shm/pct-*-PID and namespace pairs pXPID-a/b whose PID is
+# gone, unless a process still maps the file or runs in the namespace.
+ml_reap() {
+	local f ns pid
+	for f in /dev/shm/pct-*-[0-9]*; do
+		[ -e "$f" ] || continue
+		pid=${f##*-}
+		[[ $pid =~ ^[0-9]+$ ]] || continue
+		kill -0 "$pid" 2>/dev/null && continue
+		grep -qsF -- "$f" /proc/[0-9]*/maps && continue
+		echo "ml_reap: removing $f, left by process $pid, which is gone" >&2
+		rm -f -- "$f"
+	done
+	for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
+		[[ $ns =~ ^p[a-z]([0-9]+)-a$ ]] || continue
+		pid=${BASH_REMATCH[1]}
+		kill -0 "$pid" 2>/dev/null && continue
+		[ -z "$(ip netns pids "$ns" 2>/dev/null)" ] || continue
+		[ -z "$(ip netns pids "${ns%-a}-b" 2>/dev/null)" ] || continue
+		echo "ml_reap: removing namespaces ${ns%-a}-a/b, left by process $pid, which is gone" >&2
+		bash tools/netns.sh down "${ns%-a}"
+	done
+}
+
 ml_start() {
 	bash tools/lab/ensure-host.sh
+	ml_reap
 	# The kernel is fetched here, outside the namespaces: inside them there is no network.
 	bash tools/lab/fetch-kernel.sh cloud-amd64 >/dev/null
 	[ -n "$PROFILE" ] || PROFILE=$(bash tools/lab/lab-profile.sh cloud-amd64)

@@ -114,15 +114,13 @@ pub fn find_vmcoreinfo(mem: &GuestMemory) -> Result<Option<(VmcoreInfo, LocatedB
         Some((VmcoreInfo { found_at, ..info }, LocatedBy::VmcoreinfoInRam))
     };
     let marker = vmcoreinfo::NOTE_MARKER;
-    for piece in mem.pieces() {
-        let (gpa, bytes) = piece?;
-        for at in (12..bytes.len()).step_by(4096) {
-            if bytes[at..].starts_with(marker) {
-                if let Some(info) = usable(&bytes[at..]) {
-                    return Ok(in_ram(gpa, at, info));
-                }
-            }
-        }
+    let aligned = mem.find_page_with_prefix(12, marker, |page| {
+        // The note's text is looked for up to 64 KiB past its name.
+        let note = mem.read_upto(page + 12, 12 + 64 * 1024)?;
+        Ok(usable(&note).and_then(|info| in_ram(page, 12, info)))
+    })?;
+    if aligned.is_some() {
+        return Ok(aligned);
     }
     for piece in mem.pieces() {
         let (gpa, bytes) = piece?;

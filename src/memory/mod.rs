@@ -457,6 +457,65 @@ impl GuestMemory {
         Ok(u64::from_le_bytes(b.try_into().expect("8-byte slice")))
     }
 
+    /// Calls `f` with the guest-physical address of each 4 KiB page, ascending, whose
+    /// bytes at `at` (an offset in the page) start with `prefix`, until it returns a value:
+    /// a scan that looks at one spot per page. An on-demand view reads those spots only
+    /// (1024 per system call), not the pages.
+    pub fn find_page_with_prefix<T>(
+        &self,
+        at: u64,
+        prefix: &[u8],
+        mut f: impl FnMut(u64) -> Result<Option<T>, MemError>,
+    ) -> Result<Option<T>, MemError> {
+        const PAGE: u64 = 4096;
+        let need = at + prefix.len() as u64;
+        for r in &self.regions {
+            let end = r.gpa + r.len;
+            let pages: Vec<u64> = (r.gpa.next_multiple_of(PAGE)..end)
+                .step_by(PAGE as usize)
+                .take_while(|p| p + need <= end)
+                .collect();
+            match &self.backing {
+                Backing::Mapped(_) => {
+                    for p in pages {
+                        if self.slice(p + at, prefix.len() as u64)? == prefix {
+                            if let Some(found) = f(p)? {
+                                return Ok(Some(found));
+                            }
+                        }
+                    }
+                }
+                Backing::OnDemand(d) => {
+                    const BATCH: usize = 16 * 1024;
+                    let mut buf = vec![0; BATCH.min(pages.len()) * prefix.len()];
+                    for part in pages.chunks(BATCH) {
+                        let offsets: Vec<u64> =
+                            part.iter().map(|p| r.offset + (p - r.gpa) + at).collect();
+                        let buf = &mut buf[..part.len() * prefix.len()];
+                        d.process()
+                            .gather(&offsets, prefix.len(), buf)
+                            .map_err(|e| {
+                                d.process()
+                                    .read_error(part[0] + at, (part.len() as u64) * PAGE, e)
+                            })?;
+                        let hits: Vec<u64> = part
+                            .iter()
+                            .zip(buf.chunks(prefix.len()))
+                            .filter(|(_, spot)| *spot == prefix)
+                            .map(|(p, _)| *p)
+                            .collect();
+                        for p in hits {
+                            if let Some(found) = f(p)? {
+                                return Ok(Some(found));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Every present region's bytes in address order, for scans over all of RAM, as
     /// `(gpa, bytes)` pieces. A mapping gives each region whole, without copying. An
     /// on-demand view reads each region in pieces of 8 MiB into a fresh buffer and keeps

@@ -26,6 +26,7 @@ const PAGE: u64 = 4096;
 /// `/proc/PID/mem` into buffers of the caller's.
 pub struct ProcessMem {
     mem: File,
+    pid: u32,
     path: PathBuf,
     base: u64,
     len: u64,
@@ -41,6 +42,7 @@ impl ProcessMem {
         })?;
         Ok(ProcessMem {
             mem,
+            pid,
             path,
             base,
             len,
@@ -78,6 +80,69 @@ impl ProcessMem {
             std::io::Error::other(format!("host address {:#x}+{offset:#x}", self.base))
         })?;
         self.mem.read_exact_at(buf, at)
+    }
+
+    /// Reads `each` bytes at every one of `offsets` into successive `each`-byte parts of
+    /// `out`, many spots per system call (`process_vm_readv`): for scans that look at one
+    /// spot per page. A short read is an error.
+    pub fn gather(&self, offsets: &[u64], each: usize, out: &mut [u8]) -> std::io::Result<()> {
+        /// Spots per call: the kernel's limit on iovecs (UIO_MAXIOV).
+        const BATCH: usize = 1024;
+        if out.len() != offsets.len() * each {
+            return Err(std::io::Error::other("gather: output size mismatch"));
+        }
+        for (offs, out) in offsets.chunks(BATCH).zip(out.chunks_mut(BATCH * each)) {
+            let mut remote = Vec::with_capacity(offs.len());
+            for &o in offs {
+                let in_range = o.checked_add(each as u64).is_some_and(|e| e <= self.len);
+                let at = self
+                    .base
+                    .checked_add(o)
+                    .filter(|_| in_range)
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!("{o:#x}+{each:#x} is past the guest RAM"))
+                    })?;
+                remote.push(libc::iovec {
+                    iov_base: at as *mut libc::c_void,
+                    iov_len: each,
+                });
+            }
+            let local = libc::iovec {
+                iov_base: out.as_mut_ptr().cast(),
+                iov_len: out.len(),
+            };
+            // SAFETY: `local` describes `out`, a live, exclusively borrowed buffer of exactly
+            // `iov_len` bytes, which the kernel writes at most; the `remote` iovecs are only
+            // addresses in the other process, which the kernel checks (a bad one is an error,
+            // never a read of our memory). Both vectors outlive the call, and their counts
+            // are their lengths (at most BATCH, within the kernel's limit).
+            let n = unsafe {
+                libc::process_vm_readv(
+                    self.pid as libc::pid_t,
+                    &local,
+                    1,
+                    remote.as_ptr(),
+                    remote.len() as libc::c_ulong,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if n as usize != out.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("process_vm_readv read {n} of {} bytes", out.len()),
+                ));
+            }
+        }
+        // process_vm_readv names the process by its pid, which a new process could have
+        // taken if QEMU exited meanwhile; `mem` still refers to QEMU's own memory. A read
+        // through it succeeding now means QEMU was there all along.
+        if let Some(&o) = offsets.first() {
+            self.read_at(o, &mut [0; 1])?;
+        }
+        Ok(())
     }
 
     /// The error for a failed read of `len` bytes at guest-physical `gpa`.
@@ -309,10 +374,49 @@ mod tests {
     }
 
     #[test]
-    fn finds_a_vmcoreinfo_note_that_crosses_the_end_of_a_piece() {
+    fn looks_at_one_spot_per_page_like_a_mapping() {
+        // More pages than one batch of spots (16 Ki).
+        let (mut buf, mem) = own_memory(20_000);
+        for p in [0usize, 1023, 1024, 16_383, 16_384, 19_999] {
+            buf[p * PAGE as usize + 12..][..4].copy_from_slice(b"MARK");
+        }
+        // Not at the spot: must not count.
+        buf[77 * PAGE as usize + 13..][..4].copy_from_slice(b"MARK");
+        let mut copy = memmap2::MmapMut::map_anon(buf.len()).expect("anon map");
+        copy.copy_from_slice(&buf);
+        let mapped =
+            GuestMemory::from_map(copy.make_read_only().expect("ro"), "copy").expect("view");
+        let want: Vec<u64> = [0u64, 1023, 1024, 16_383, 16_384, 19_999]
+            .iter()
+            .map(|p| p * PAGE)
+            .collect();
+        let all = |m: &GuestMemory| {
+            let mut hits = Vec::new();
+            let none = m.find_page_with_prefix(12, b"MARK", |p| {
+                hits.push(p);
+                Ok(None::<()>)
+            });
+            assert!(none.expect("scan").is_none());
+            hits
+        };
+        assert_eq!(all(&mapped), want);
+        assert_eq!(all(&mem), want);
+        let third = mem.find_page_with_prefix(12, b"MARK", |p| Ok((p > 1023 * PAGE).then_some(p)));
+        assert_eq!(
+            third.expect("scan"),
+            Some(1024 * PAGE),
+            "stops at the first answer"
+        );
+        assert_eq!(mem.copied_bytes(), Some(0), "spots are read, not pages");
+    }
+
+    #[test]
+    fn finds_an_unaligned_vmcoreinfo_note_across_pieces() {
         let (mut buf, mem) = own_memory(4096);
-        // In the last page of the first piece, its text running on into the next page.
-        let at = 2047 * PAGE as usize + 12;
+        // Not 12 bytes into a page (as before 4.13: in the image's .bss), so the full scan
+        // finds it; in the last page of the first piece, its text running on into the next
+        // page, so only the second piece holds it whole.
+        let at = 2047 * PAGE as usize + 100;
         let mut note =
             b"VMCOREINFO\0\0OSRELEASE=6.1.0-test\nKERNELOFFSET=0\nNUMBER(phys_base)=0\n".to_vec();
         while note.len() < 6000 {

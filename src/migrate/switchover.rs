@@ -526,33 +526,18 @@ fn hash_process(process: &ProcessRam, pages: usize, scope: String, t: Instant) -
     };
     const PIECE_PAGES: usize = 2048;
     let in_block = pages.min((mem.len() / PAGE) as usize);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let per_thread = in_block.div_ceil(threads).max(1);
-    let mem_ref = &mem;
-    let parts: Vec<std::io::Result<(Vec<u64>, Duration)>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..in_block)
-            .step_by(per_thread)
-            .map(|first| {
-                let part = first..(first + per_thread).min(in_block);
-                s.spawn(move || {
-                    let mut buf = vec![0; PIECE_PAGES * PAGE as usize];
-                    let (mut out, mut read) = (Vec::with_capacity(part.len()), Duration::ZERO);
-                    for start in part.clone().step_by(PIECE_PAGES) {
-                        let n = PIECE_PAGES.min(part.end - start);
-                        let bytes = &mut buf[..n * PAGE as usize];
-                        let r = Instant::now();
-                        mem_ref.read_at(start as u64 * PAGE, bytes)?;
-                        read += r.elapsed();
-                        out.extend(bytes.chunks(PAGE as usize).map(page_hash));
-                    }
-                    Ok((out, read))
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+    let parts = on_threads(0..in_block, |part| {
+        let mut buf = vec![0; PIECE_PAGES * PAGE as usize];
+        let (mut out, mut read) = (Vec::with_capacity(part.len()), Duration::ZERO);
+        for start in part.clone().step_by(PIECE_PAGES) {
+            let n = PIECE_PAGES.min(part.end - start);
+            let bytes = &mut buf[..n * PAGE as usize];
+            let r = Instant::now();
+            mem.read_at(start as u64 * PAGE, bytes)?;
+            read += r.elapsed();
+            out.extend(bytes.chunks(PAGE as usize).map(page_hash));
+        }
+        Ok::<_, std::io::Error>((out, read))
     });
     let (mut hashes, mut read_time) = (Vec::with_capacity(pages), Duration::ZERO);
     for part in parts {
@@ -673,6 +658,26 @@ fn live_page_hash(ram: &GuestMemory, i: usize) -> u64 {
     ram.live_block_page(i as u64 * PAGE).map_or(0, page_hash)
 }
 
+/// Splits the pages `range` into one part per thread, as many threads as the host has cores
+/// (up to 8: the guest's vCPUs are stopped when it matters), runs `work` on each part, and
+/// returns the results in page order.
+fn on_threads<T: Send>(range: Range<usize>, work: impl Fn(Range<usize>) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let per_thread = range.len().div_ceil(threads).max(1);
+    let work = &work;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = range
+            .clone()
+            .step_by(per_thread)
+            .map(|first| s.spawn(move || work(first..(first + per_thread).min(range.end))))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
 /// The hash of each of the live block's pages in `range`, hashed on up to 8 threads;
 /// `known(i)` gives page `i`'s hash without reading it, where it can. With the hashes, how
 /// many pages were read and hashed. `None` if `stop` was set before the end.
@@ -682,34 +687,19 @@ fn hash_block(
     known: &(dyn Fn(usize) -> Option<u64> + Sync),
     stop: &AtomicBool,
 ) -> Option<(Vec<u64>, u64)> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let chunk = range.len().div_ceil(threads).max(1);
-    let parts: Vec<Option<(Vec<u64>, u64)>> = std::thread::scope(|s| {
-        let workers: Vec<_> = range
-            .clone()
-            .step_by(chunk)
-            .map(|first| {
-                let part = first..(first + chunk).min(range.end);
-                s.spawn(move || {
-                    let (mut out, mut hashed) = (Vec::with_capacity(part.len()), 0);
-                    for i in part {
-                        // Often enough to stop within a millisecond, rarely enough to cost nothing.
-                        if i % 1024 == 0 && stop.load(Ordering::Relaxed) {
-                            return None;
-                        }
-                        out.push(known(i).unwrap_or_else(|| {
-                            hashed += 1;
-                            live_page_hash(ram, i)
-                        }));
-                    }
-                    Some((out, hashed))
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+    let parts = on_threads(range, |part| {
+        let (mut out, mut hashed) = (Vec::with_capacity(part.len()), 0);
+        for i in part {
+            // Often enough to stop within a millisecond, rarely enough to cost nothing.
+            if i % 1024 == 0 && stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            out.push(known(i).unwrap_or_else(|| {
+                hashed += 1;
+                live_page_hash(ram, i)
+            }));
+        }
+        Some((out, hashed))
     });
     let parts = parts.into_iter().collect::<Option<Vec<_>>>()?;
     let hashed = parts.iter().map(|(_, n)| n).sum();

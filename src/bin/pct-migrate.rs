@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 use pct::disk::DiskFormat;
 use pct::migrate::destination::{self, DestinationOptions, DestinationQemu};
-use pct::migrate::flow::parse_rate;
+use pct::migrate::flow::{parse_rate, TokenBucket};
 use pct::migrate::inspect::{inspect, InspectOptions};
 use pct::migrate::link::Security;
 use pct::migrate::proxy::{self, ProxyOptions};
@@ -184,7 +184,7 @@ struct SenderArgs {
     to: Option<String>,
     #[command(flatten)]
     link: LinkArgs,
-    /// Cap pct's sending rate, e.g. 50mbit, 6MB/s.
+    /// Cap pct's sending rate, e.g. 50mbit, 6MB/s (for `evacuate`: all its VMs together).
     #[arg(long, value_name = "RATE")]
     bandwidth: Option<String>,
     /// The source's copy of the guest disk (raw image, block device or qcow2): metadata
@@ -252,7 +252,9 @@ impl SenderArgs {
     fn sender_options(&mut self) -> Result<SenderOptions> {
         let bandwidth = self.bandwidth.as_deref().map(parse_rate).transpose();
         Ok(SenderOptions {
-            bandwidth: bandwidth.map_err(|e| anyhow!(e))?,
+            bandwidth: bandwidth
+                .map_err(|e| anyhow!(e))?
+                .map(|rate| Arc::new(TokenBucket::new(rate))),
             zstd_level: if self.no_compress { None } else { Some(1) },
             record: self.record_stream.take(),
             ..SenderOptions::default()

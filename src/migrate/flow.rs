@@ -233,11 +233,20 @@ impl Window {
     }
 }
 
-/// Token bucket: `rate` bytes per second, bursts of at most `burst` bytes.
+/// Token bucket: `rate` bytes per second, bursts of at most `burst` bytes. Senders on
+/// several threads may share one (an evacuation's VMs do): their sum is then capped, and
+/// they are served in the order they asked, each taking its bytes as a debt that it sleeps
+/// off after those before it.
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
+    state: Mutex<Tokens>,
+}
+
+#[derive(Debug)]
+struct Tokens {
+    /// Negative: bytes taken ahead of time, to be paid back at `rate`.
     tokens: f64,
     last: Instant,
 }
@@ -250,20 +259,26 @@ impl TokenBucket {
         TokenBucket {
             rate,
             burst,
-            tokens: burst,
-            last: Instant::now(),
+            state: Mutex::new(Tokens {
+                tokens: burst,
+                last: Instant::now(),
+            }),
         }
     }
 
     /// Waits until `n` bytes may be sent, and takes them.
-    pub fn take(&mut self, n: usize) {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        self.tokens -= n as f64;
-        if self.tokens < 0.0 {
-            std::thread::sleep(Duration::from_secs_f64(-self.tokens / self.rate));
+    pub fn take(&self, n: usize) {
+        let wait = {
+            let mut t = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            t.tokens =
+                (t.tokens + now.duration_since(t.last).as_secs_f64() * self.rate).min(self.burst);
+            t.last = now;
+            t.tokens -= n as f64;
+            (t.tokens < 0.0).then(|| Duration::from_secs_f64(-t.tokens / self.rate))
+        };
+        if let Some(wait) = wait {
+            std::thread::sleep(wait);
         }
     }
 }
@@ -311,6 +326,47 @@ mod tests {
         assert_eq!(parse_rate("1000").unwrap(), 1000);
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("0").is_err());
+    }
+
+    /// Four senders sharing one bucket get the bucket's rate between them, not each, and
+    /// in about equal shares.
+    #[test]
+    fn a_shared_bucket_caps_the_sum_and_shares_it() {
+        const RATE: u64 = 4_000_000;
+        let bucket = TokenBucket::new(RATE);
+        let start = Instant::now();
+        let run = Duration::from_millis(1500);
+        let taken: Vec<u64> = std::thread::scope(|s| {
+            let senders: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut n = 0u64;
+                        while start.elapsed() < run {
+                            bucket.take(16 * 1024);
+                            n += 16 * 1024;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            senders
+                .into_iter()
+                .map(|t| t.join().expect("sender"))
+                .collect()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        let sum: u64 = taken.iter().sum();
+        let rate = sum as f64 / secs;
+        // The first burst and each sender's last frame come on top of the rate.
+        let allowance = (bucket.burst + 4.0 * 16.0 * 1024.0) / secs;
+        assert!(
+            rate <= RATE as f64 + allowance,
+            "{rate:.0} B/s from {taken:?}"
+        );
+        assert!(rate >= 0.8 * RATE as f64, "{rate:.0} B/s from {taken:?}");
+        let (min, max) = (taken.iter().min(), taken.iter().max());
+        let fair = *min.expect("four") as f64 / *max.expect("four") as f64;
+        assert!(fair >= 0.5, "shares {taken:?}");
     }
 
     #[test]

@@ -52,8 +52,9 @@ pub struct SenderOptions {
     /// The end-to-end window: pages of stream sent but not yet given to the destination
     /// QEMU, at most ([`Window`]).
     pub window_pages: u64,
-    /// Cap on pct's own sending rate, bytes per second.
-    pub bandwidth: Option<u64>,
+    /// Cap on pct's own sending rate. Clones share it: the migrations started from clones
+    /// of one `SenderOptions` (an evacuation's VMs) are capped together.
+    pub bandwidth: Option<Arc<TokenBucket>>,
     /// Pages per reference run at most (one hash per run when the receiver agrees).
     pub max_run_pages: usize,
     /// Read size on QEMU's socket.
@@ -326,13 +327,13 @@ where
     let writer = {
         let mut link = link.try_clone().map_err(io("cloning the link"))?;
         let shared = shared.clone();
-        let mut bucket = opts.bandwidth.map(TokenBucket::new);
+        let bucket = opts.bandwidth.clone();
         std::thread::Builder::new()
             .name("pct-send-writer".into())
             .spawn(move || -> Result<Option<f64>, io::Error> {
                 let mut last = None;
                 while let Some(b) = shared.outbox.pop() {
-                    if let Some(tb) = bucket.as_mut() {
+                    if let Some(tb) = &bucket {
                         tb.take(b.len());
                     }
                     if let Err(e) = link.write_all(&b) {

@@ -48,6 +48,16 @@ pub struct Evacuation {
     pub peak_rss_anon: Option<u64>,
 }
 
+/// One VM's migration under way, for the RSS sampler's count: over when dropped, once,
+/// whether the migration ended or its thread unwound.
+struct Migrating<'a>(&'a AtomicUsize);
+
+impl Drop for Migrating<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// How often [`evacuate`] samples [`rss_anon`].
 pub const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
@@ -80,9 +90,10 @@ pub fn evacuate(
                     ..base.clone()
                 };
                 s.spawn(move || {
+                    let migrating = Migrating(running);
                     let tell = |n: Notice<'_>| notify(Event::Vm(&vm.name, n));
                     let result = Source::for_migration(opts, &tell).and_then(|src| src.migrate(to));
-                    running.fetch_sub(1, Ordering::Release);
+                    drop(migrating);
                     let done = Evacuated {
                         vm: vm.name.clone(),
                         result,
@@ -97,13 +108,10 @@ pub fn evacuate(
             .into_iter()
             .zip(vms)
             .map(|(t, vm)| {
-                t.join().unwrap_or_else(|_| {
-                    running.fetch_sub(1, Ordering::Release);
-                    Evacuated {
-                        vm: vm.name.clone(),
-                        result: Err(anyhow::anyhow!("the migration's thread panicked")),
-                        elapsed: start.elapsed(),
-                    }
+                t.join().unwrap_or_else(|_| Evacuated {
+                    vm: vm.name.clone(),
+                    result: Err(anyhow::anyhow!("the migration's thread panicked")),
+                    elapsed: start.elapsed(),
                 })
             })
             .collect();
